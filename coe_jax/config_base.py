@@ -1,0 +1,121 @@
+"""The config schema: every key with its default, and builders for networks.
+
+Every config starts from `base_config()` and changes what it needs, so all
+configs have the same keys and command-line overrides work on any of them.
+"""
+
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def stage(features: int, depth: int, kernel: int, expansion: float, stride: int,
+          se_ratio: float = 0.25, activation: str = "") -> dict[str, Any]:
+  """One MBConv stage: `depth` blocks, the first with `stride`.
+
+  An empty `activation` means the network's default activation.
+  """
+  return dict(features=features, depth=depth, kernel=kernel, expansion=expansion,
+              stride=stride, se_ratio=se_ratio, activation=activation)
+
+
+def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features: int,
+            classifier_features: int = 0, activation: str = "hard_swish",
+            stem_stride: int = 2, condconv_kernels: int = 0,
+            condconv_from_stage: int = 0) -> ml_collections.ConfigDict:
+  """An MBConv network: stem, stages, 1x1 head conv, pooling, classifier.
+
+  Args:
+    stem_features: channels of the stem's 3x3 convolution.
+    stages: `stage(...)` entries, applied in order.
+    head_features: channels of the 1x1 convolution before global pooling.
+    classifier_features: width of the hidden dense layer after pooling (as in
+      MobileNetV3); 0 for none.
+    activation: relu | hard_swish | swish | pwlu.
+    stem_stride: stride of the stem convolution.
+    condconv_kernels: CondConv kernels per convolution; 0 disables CondConv.
+    condconv_from_stage: CondConv is used from this stage index on.
+  """
+  return ml_collections.ConfigDict(dict(
+      stem_features=stem_features,
+      stem_kernel=3,
+      stem_stride=stem_stride,
+      stages=tuple(stages),
+      head_features=head_features,
+      classifier_features=classifier_features,
+      activation=activation,
+      width_multiplier=1.0,
+      depth_multiplier=1.0,
+      dropout_rate=0.0,
+      condconv_kernels=condconv_kernels,
+      condconv_from_stage=condconv_from_stage,
+      pwlu_intervals=16,
+      pwlu_per_channel=False,
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with defaults; `delegator` and `expert` are set by each config."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_experts = 4
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits",        # digits | image_folder | any TFDS name (imagenet2012, ...)
+      path="",              # image_folder root (DIR/train/<class>/*, DIR/test/<class>/*)
+      tfds_data_dir="",     # TFDS data dir; empty = TFDS default / $TFDS_DATA_DIR
+      image_size=32,        # training and evaluation resolution (square)
+      channels=3,
+      shuffle_buffer=10_000,
+      cache=True,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128,       # global batch, split over the mesh's data axis
+      num_steps=1000,
+      # Stage lengths as fractions of num_steps, run in this order:
+      # warmup (plain classifiers), coadapt (WGM + LGM + VCM), delegator (frozen experts).
+      stages=ml_collections.ConfigDict(dict(warmup=0.2, coadapt=0.8, delegator=0.0)),
+      optimizer="rmsprop",  # rmsprop | sgd | adamw
+      learning_rate=0.016,  # peak learning rate
+      warmup_steps=100,     # linear learning-rate warm-up, then cosine decay
+      weight_decay=1e-5,
+      momentum=0.9,
+      ema_decay=0.0,        # 0 disables the parameter EMA used for evaluation
+      compute_dtype="float32",  # float32 | bfloat16
+      pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
+      checkpoint_every_steps=500,
+      keep_checkpoints=3,
+      log_every_steps=50,
+      eval_every_steps=0,   # 0 = evaluate at the end only
+  ))
+
+  c.wgm = ml_collections.ConfigDict(dict(
+      off_portion_weight=0.2,  # alpha: an expert's loss weight outside its portion
+      sinkhorn_epsilon=0.05,
+      sinkhorn_max_iterations=200,
+      sinkhorn_threshold=1e-3,
+  ))
+  c.lgm = ml_collections.ConfigDict(dict(rule="balanced", temperature=1.0))  # argmax | balanced | soft
+  c.vcm = ml_collections.ConfigDict(dict(enabled=True))
+  c.loss = ml_collections.ConfigDict(dict(
+      selection_weight=1.0,  # lambda_sel
+      delegator_weight=1.0,  # lambda_D
+      label_smoothing=0.1,
+      distill_weight=0.0,    # delegator distillation towards the selected expert
+      distill_temperature=1.0,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      threshold=config_dict.placeholder(float),          # None = calibrate on held-out data
+      target_mean_flops=config_dict.placeholder(float),  # calibrate tau to this budget
+      batch_size=256,
+  ))
+  c.routing = ml_collections.ConfigDict(dict(
+      mode="exact",          # exact (C = group size) | serving (C from capacity_factor)
+      capacity_factor=1.25,
+      expert_loop="vmap",    # vmap | unroll
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))  # -1 = all remaining devices
+  return c

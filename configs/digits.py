@@ -1,0 +1,36 @@
+"""CoE on scikit-learn's bundled handwritten digits: the embedded default.
+
+A tiny delegator and 4 tiny experts on 8x8 digits upsampled to 32x32 px.
+Runs on a laptop CPU; `make demo` uses it.
+
+    python -m coe_jax.main --config=configs/digits.py --workdir=runs/digits
+
+Expected (measured here, 2-core CPU): see README.md, "Results on digits".
+"""
+
+import ml_collections
+
+from coe_jax import config_base as common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.num_experts = 4
+  c.data.name = "digits"
+  c.data.image_size = 32
+  c.delegator = common.network(
+      stem_features=8, stem_stride=2, head_features=64, activation="hard_swish",
+      stages=[common.stage(8, 1, 3, 1, 1), common.stage(16, 1, 3, 3, 2)])
+  c.expert = common.network(
+      stem_features=16, stem_stride=1, head_features=128, activation="hard_swish",
+      stages=[common.stage(16, 1, 3, 1, 1), common.stage(24, 2, 3, 4, 2),
+              common.stage(40, 2, 5, 4, 2)])
+  c.train.batch_size = 128
+  c.train.num_steps = 1200
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 3e-3
+  c.train.weight_decay = 1e-4
+  c.train.warmup_steps = 50
+  c.train.checkpoint_every_steps = 400
+  c.eval.batch_size = 256
+  return c

@@ -1,0 +1,34 @@
+"""coe-jax: Collaboration of Experts in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="coe-jax",
+    version="0.1.0",
+    description="Collaboration of Experts (delegator + N experts with early exit) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["coe_jax", "coe_jax.*", "benchmarks"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "clu>=0.0.12",
+        "tensorboard>=2.21.0",  # clu's metric writers import it.
+        "ml-collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        "tensorflow-cpu>=2.21.0",
+        "ott-jax>=0.6.0",
+        "scikit-learn>=1.9.1",
+        "matplotlib>=3.11.2",
+        "Pillow>=13.0.0",
+        "absl-py>=2.5.1",
+        "numpy>=2.4.6",
+    ],
+    extras_require={
+        "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "scipy>=1.17.1", "nbclient>=0.11.0"],
+        "serve": ["ai-edge-litert>=2.3.0", "numpy>=2.4.6", "Pillow>=13.0.0"],
+    },
+)
