@@ -18,7 +18,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m coe_jax.demo --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m coe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_data_dir="",     # TFDS data dir; empty = TFDS default / $TFDS_DATA_DIR
       image_size=32,        # training and evaluation resolution (square)
       channels=3,
+      # Classes of the data set; the trainer takes the number from the data and
+      # checks it against this when set. The FLOPs tool reads it.
+      num_classes=config_dict.placeholder(int),
+      holdout_fraction=0.1,  # share of train held out (never trained on) to calibrate tau; 0 = none
       shuffle_buffer=10_000,
       cache=True,
   ))
@@ -89,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       log_every_steps=50,
       eval_every_steps=0,   # 0 = evaluate at the end only
+      nonfinite="stop",     # stop | skip: what a non-finite loss or gradient does
+      profile_steps=0,      # >0: profile this many steps early in training (clu Profile)
   ))
 
   c.wgm = ml_collections.ConfigDict(dict(
@@ -119,3 +125,52 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))  # -1 = all remaining devices
   return c
+
+
+def mobilenet_v3_large_stages(se_ratio: float = 0.25) -> list[dict[str, Any]]:
+  """MobileNetV3-Large's stages (Howard et al. 2019), one expansion ratio per stage."""
+  return [
+      stage(16, 1, 3, 1, 1, se_ratio=0.0, activation="relu"),
+      stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
+      stage(40, 3, 5, 3, 2, se_ratio=se_ratio, activation="relu"),
+      stage(80, 4, 3, 2.5, 2, se_ratio=0.0),
+      stage(112, 2, 3, 6, 1, se_ratio=se_ratio),
+      stage(160, 3, 5, 6, 2, se_ratio=se_ratio),
+  ]
+
+
+def small_delegator(width_multiplier: float) -> ml_collections.ConfigDict:
+  """A MobileNetV3-Small-like delegator for 224 px inputs."""
+  net = network(
+      stem_features=16, head_features=576, classifier_features=1024,
+      stages=[stage(16, 1, 3, 1, 2, activation="relu"),
+              stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
+              stage(40, 3, 5, 4, 2),
+              stage(48, 2, 5, 3, 1),
+              stage(96, 3, 5, 6, 2)])
+  net.width_multiplier = width_multiplier
+  return net
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
+  """ImageNet data and an EfficientNet-style training recipe, at batch 4096."""
+  c.data.name = "imagenet2012"
+  c.data.image_size = 224
+  c.data.num_classes = 1000
+  c.data.cache = False
+  c.train.batch_size = 4096
+  c.train.num_steps = 93_800           # 300 epochs of 1,281,167 images
+  c.train.stages.warmup = 0.1
+  c.train.stages.coadapt = 0.85
+  c.train.stages.delegator = 0.05
+  c.train.optimizer = "rmsprop"
+  c.train.learning_rate = 0.016 * 4096 / 256
+  c.train.warmup_steps = 1560          # 5 epochs
+  c.train.weight_decay = 1e-5
+  c.train.ema_decay = 0.9999
+  c.train.compute_dtype = "bfloat16"
+  c.train.checkpoint_every_steps = 2000
+  c.train.log_every_steps = 100
+  c.train.eval_every_steps = 10_000
+  c.loss.label_smoothing = 0.1
+  c.eval.batch_size = 1024

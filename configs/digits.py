@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_experts = 4
   c.data.name = "digits"
   c.data.image_size = 32
+  c.data.num_classes = 10
   c.delegator = common.network(
       stem_features=8, stem_stride=2, head_features=64, activation="hard_swish",
       stages=[common.stage(8, 1, 3, 1, 1), common.stage(16, 1, 3, 3, 2)])

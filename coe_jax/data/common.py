@@ -1,0 +1,94 @@
+"""What every data source shares: the data set summary and argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from coe_jax.errors import require
+
+if TYPE_CHECKING:
+  import ml_collections
+
+# Evaluation centre crop of TFDS data sets, as in the Inception and MobileNet papers.
+TFDS_CROP_FRACTION = 0.875
+# What `eval_batches` can pass over: the evaluation split, or the examples held
+# out of the training split to calibrate tau.
+EVAL_SPLITS = ("test", "holdout")
+# Above this the calibration would cost more training data than it is worth, and
+# a small class could lose all its training examples.
+_MAX_HOLDOUT_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """A data set's summary.
+
+  Attributes:
+    num_classes: K, the number of classes; labels are 0..K-1.
+    class_names: K names, index = label.
+    num_train: examples trained on: the training split less the hold-out.
+    num_holdout: examples of the training split held out to calibrate tau
+      (`data.holdout_fraction`); 0 when there is no hold-out.
+    num_test: examples in the evaluation split.
+  """
+  num_classes: int
+  class_names: list[str]
+  num_train: int
+  num_holdout: int
+  num_test: int
+
+
+def check_image_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `data.image_size` and `data.channels`."""
+  require(config.data.image_size > 0, "data.image_size", config.data.image_size,
+          "expected a positive size in pixels")
+  require(config.data.channels in (1, 3), "data.channels", config.data.channels,
+          "expected 1 (grey) or 3 (RGB)")
+
+
+def check_eval_split(split: str) -> None:
+  """Checks the `split` argument of `eval_batches`."""
+  require(split in EVAL_SPLITS, "split", split, f"expected one of {EVAL_SPLITS}")
+
+
+def holdout_fraction(config: ml_collections.ConfigDict) -> float:
+  """`data.holdout_fraction`, checked to lie in [0, 0.5]."""
+  fraction = config.data.holdout_fraction
+  require(0 <= fraction <= _MAX_HOLDOUT_FRACTION, "data.holdout_fraction", fraction,
+          f"expected a share of the training split in [0, {_MAX_HOLDOUT_FRACTION}] "
+          "(0 = no hold-out)")
+  return float(fraction)
+
+
+def holdout_size(fraction: float, num_examples: int) -> int:
+  """How many of `num_examples` training examples to hold out: round(fraction * num_examples).
+
+  Raises:
+    CoEError: if a positive fraction holds out no example.
+  """
+  size = round(fraction * num_examples)
+  require(size > 0 or fraction == 0, "data.holdout_fraction", fraction,
+          f"holds out no example of the {num_examples} training examples; raise it, or set 0 "
+          "to calibrate on the test split")
+  return size
+
+
+def local_batch_size(key: str, global_batch_size: int, process_index: int,
+                     process_count: int) -> int:
+  """This process's share of a global batch: `global_batch_size // process_count`.
+
+  Args:
+    key: the config key of the global batch size, for the error message.
+    global_batch_size: the batch over all processes.
+    process_index: this process, 0..process_count-1.
+    process_count: number of processes (hosts).
+
+  Raises:
+    CoEError: unless the global batch splits evenly over the processes.
+  """
+  require(process_count >= 1 and 0 <= process_index < process_count, "process_index",
+          process_index, f"expected 0 <= process_index < process_count={process_count}")
+  require(global_batch_size > 0 and global_batch_size % process_count == 0, key,
+          global_batch_size, f"expected a positive multiple of the {process_count} processes")
+  return global_batch_size // process_count

@@ -1,0 +1,226 @@
+"""The CoE training objective of each stage, its config checks and schedule.
+
+Axis letters: B batch, N experts, K classes.
+
+From the paper: experts are trained on WGM-re-weighted losses over portions
+given by a balanced transportation of the delegator's selection; the
+delegator learns expert selection from LGM's labels and makes a rough
+prediction; VCM is named (v1) but not defined.
+
+This project's reading (docs section 3): `L = L_E + lambda_sel * L_sel +
+lambda_D * L_D`, in three stages run in this order, each a fraction of
+`train.num_steps` (`train.stages`):
+- `warmup`: experts and delegator are plain classifiers. Every expert weighs
+  every sample by 1, there is no selection loss and no distillation, and the
+  selection logits are not read at all.
+- `coadapt`: WGM weights for `L_E`, LGM targets and VCM weights for `L_sel`,
+  and `L_D` with optional distillation towards the expert the delegator
+  selects (argmax of g).
+- `delegator`: the experts are frozen. No `L_E` and no gradient to the
+  expert logits; `L_sel` (still with LGM and VCM) and `L_D` train the
+  delegator.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from coe_jax import lgm, losses, vcm, wgm
+from coe_jax.errors import require
+
+STAGES = ("warmup", "coadapt", "delegator")
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys the objective and its schedule read.
+
+  Raises:
+    CoEError: one line naming the first bad key and its value.
+  """
+  alpha = config.wgm.off_portion_weight
+  require(_is_real(alpha) and 0 <= alpha <= 1, "wgm.off_portion_weight", alpha,
+          "expected a weight in [0, 1]")
+  epsilon = config.wgm.sinkhorn_epsilon
+  require(_is_real(epsilon) and epsilon > 0, "wgm.sinkhorn_epsilon", epsilon,
+          "expected a positive number")
+  iterations = config.wgm.sinkhorn_max_iterations
+  require(isinstance(iterations, int) and iterations >= 1, "wgm.sinkhorn_max_iterations",
+          iterations, "expected a positive integer")
+  threshold = config.wgm.sinkhorn_threshold
+  require(_is_real(threshold) and threshold > 0, "wgm.sinkhorn_threshold", threshold,
+          "expected a positive number")
+  require(config.lgm.rule in lgm.RULES, "lgm.rule", config.lgm.rule,
+          f"expected one of {', '.join(lgm.RULES)}")
+  temperature = config.lgm.temperature
+  require(_is_real(temperature) and temperature > 0, "lgm.temperature", temperature,
+          "expected a positive number")
+  for key in ("selection_weight", "delegator_weight", "distill_weight"):
+    value = config.loss[key]
+    require(_is_real(value) and value >= 0, f"loss.{key}", value,
+            "expected a finite, non-negative coefficient")
+  smoothing = config.loss.label_smoothing
+  require(_is_real(smoothing) and 0 <= smoothing < 1, "loss.label_smoothing", smoothing,
+          "expected a value in [0, 1)")
+  temperature = config.loss.distill_temperature
+  require(_is_real(temperature) and temperature > 0, "loss.distill_temperature", temperature,
+          "expected a positive number")
+  fractions = dict(config.train.stages.items())
+  for name, fraction in fractions.items():
+    require(name in STAGES, f"train.stages.{name}", fraction,
+            f"unknown stage; expected one of {', '.join(STAGES)}")
+    require(_is_real(fraction) and fraction >= 0, f"train.stages.{name}", fraction,
+            "expected a non-negative fraction of train.num_steps")
+  total = sum(fractions.values())
+  require(abs(total - 1) <= 1e-6, "train.stages", fractions,
+          f"expected fractions that sum to 1 (they sum to {total:g})")
+
+
+def stage_boundaries(config: ml_collections.ConfigDict) -> tuple[tuple[str, int, int], ...]:
+  """The non-empty stages as `(name, first_step, end_step)`, in training order.
+
+  Ends are the cumulative fractions of `train.num_steps`, rounded, and the
+  last stage with a positive fraction ends at `num_steps`, so the stages tile
+  `[0, num_steps)` exactly whatever the float rounding of the fractions.
+  """
+  num_steps = config.train.num_steps
+  require(isinstance(num_steps, int) and num_steps > 0, "train.num_steps", num_steps,
+          "expected a positive integer")
+  fractions = [config.train.stages.get(name, 0.0) for name in STAGES]
+  require(any(f > 0 for f in fractions), "train.stages", dict(config.train.stages.items()),
+          "expected at least one stage with a positive fraction")
+  last = max(i for i, fraction in enumerate(fractions) if fraction > 0)
+  bounds, start, cumulative = [], 0, 0.0
+  for i, (name, fraction) in enumerate(zip(STAGES[:last + 1], fractions)):
+    cumulative += fraction
+    end = num_steps if i == last else min(round(cumulative * num_steps), num_steps)
+    if end > start:
+      bounds.append((name, start, end))
+      start = end
+  return tuple(bounds)
+
+
+def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
+  """The stage that trains step `step` (0-based); the last stage from num_steps on."""
+  require(step >= 0, "step", step, "expected a non-negative step")
+  bounds = stage_boundaries(config)
+  for name, _, end in bounds:
+    if step < end:
+      return name
+  return bounds[-1][0]
+
+
+def _solver_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(epsilon=config.wgm.sinkhorn_epsilon,
+              max_iterations=config.wgm.sinkhorn_max_iterations,
+              threshold=config.wgm.sinkhorn_threshold)
+
+
+def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
+                  expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
+                  stage: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The total loss of one stage, and metrics.
+
+  Args:
+    class_logits: the delegator's class logits z_D [B, K].
+    selection_logits: the delegator's selection logits g [B, N].
+    expert_logits: every expert on every sample, z [N, B, K].
+    labels: [B] int class labels.
+    config: the run's config (read at trace time; `validate_config` it first).
+    stage: `warmup`, `coadapt` or `delegator` (static).
+
+  Returns:
+    The scalar loss and a dict of float32 scalars, the same keys in every
+    stage so they can be logged and averaged alike; terms a stage does not
+    compute are 0 (Sinkhorn convergence 1):
+    - `loss`, `expert_loss`, `selection_loss`, `delegator_loss`: the total
+      and its terms, unweighted.
+    - `load_gap`: max - min WGM portion size, in samples (0 or 1 by design).
+    - `selection_load_gap`: the same for the delegator's argmax selection.
+    - `selection_agreement`: fraction of samples where argmax g is the
+      argmax of the LGM target.
+    - `own_portion_accuracy`, `off_portion_accuracy`: expert accuracy on
+      (sample, expert) pairs inside, and outside, the expert's WGM portion.
+    - `routed_accuracy`: accuracy of the expert at argmax g (CoE without
+      early exit).
+    - `delegator_accuracy`: accuracy of z_D.
+    - `sinkhorn_iterations`, `sinkhorn_converged`: WGM's solver;
+      `lgm_sinkhorn_iterations`, `lgm_sinkhorn_converged`: LGM's (`balanced`).
+  """
+  require(stage in STAGES, "stage", stage, f"expected one of {', '.join(STAGES)}")
+  num_experts, batch = expert_logits.shape[:2]
+  # Losses and the solvers' scores in float32 whatever the compute dtype: the
+  # [B, K] and [N, B, K] casts are cheap, bfloat16 log-probabilities are not
+  # precise enough to rank experts.
+  class_logits, selection_logits, expert_logits = (
+      x.astype(jnp.float32) for x in (class_logits, selection_logits, expert_logits))
+  if stage == "delegator":
+    # Frozen experts: nothing below, distillation included, may train them.
+    expert_logits = jax.lax.stop_gradient(expert_logits)  # [N, B, K]
+  expert_correct = (jnp.argmax(expert_logits, axis=-1) == labels[None, :])  # [N, B]
+  expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
+  zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+  metrics = dict(
+      expert_loss=zero, selection_loss=zero, load_gap=zero, selection_load_gap=zero,
+      selection_agreement=zero, own_portion_accuracy=zero, off_portion_accuracy=zero,
+      routed_accuracy=zero, sinkhorn_iterations=zero, sinkhorn_converged=one,
+      lgm_sinkhorn_iterations=zero, lgm_sinkhorn_converged=one)
+
+  if stage == "warmup":
+    expert_loss = losses.weighted_expert_loss(
+        expert_logits, labels, jnp.ones((batch, num_experts), expert_logits.dtype))
+    delegator_loss = losses.delegator_loss(class_logits, labels,
+                                           label_smoothing=config.loss.label_smoothing)
+    total = expert_loss + config.loss.delegator_weight * delegator_loss
+    metrics["expert_loss"] = expert_loss
+  else:
+    targets, lgm_info = lgm.selection_targets(
+        expert_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
+        **_solver_kwargs(config))  # [B, N]
+    sample_weights = vcm.selection_sample_weights(
+        expert_logits, labels, enabled=config.vcm.enabled)  # [B]
+    selection_loss = losses.selection_loss(selection_logits, targets, sample_weights)
+    selected = jnp.argmax(selection_logits, axis=-1)  # [B]
+    selected_logits = expert_logits[selected, jnp.arange(batch)]  # [B, K]
+    delegator_loss = losses.delegator_loss(
+        class_logits, labels, label_smoothing=config.loss.label_smoothing,
+        distill_logits=selected_logits if config.loss.distill_weight > 0 else None,
+        distill_weight=config.loss.distill_weight,
+        distill_temperature=config.loss.distill_temperature)
+    total = (config.loss.selection_weight * selection_loss +
+             config.loss.delegator_weight * delegator_loss)
+    selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
+    metrics.update(
+        selection_loss=selection_loss,
+        selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
+        selection_agreement=jnp.mean(selected == jnp.argmax(targets, axis=-1)),
+        routed_accuracy=jnp.mean(expert_correct[selected, jnp.arange(batch)]))
+    if lgm_info:
+      metrics.update(lgm_sinkhorn_iterations=lgm_info["sinkhorn_iterations"],
+                     lgm_sinkhorn_converged=lgm_info["sinkhorn_converged"])
+    if stage == "coadapt":
+      weights, portion, wgm_info = wgm.expert_loss_weights(
+          selection_logits, off_portion_weight=config.wgm.off_portion_weight,
+          **_solver_kwargs(config))  # [B, N], [B]
+      expert_loss = losses.weighted_expert_loss(expert_logits, labels, weights)
+      total = total + expert_loss
+      own = jax.nn.one_hot(portion, num_experts, dtype=jnp.float32).T  # [N, B]
+      off_pairs = max(batch * (num_experts - 1), 1)
+      metrics.update(
+          expert_loss=expert_loss,
+          load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
+          own_portion_accuracy=jnp.sum(own * expert_correct) / batch,
+          off_portion_accuracy=jnp.sum((1 - own) * expert_correct) / off_pairs,
+          sinkhorn_iterations=wgm_info["sinkhorn_iterations"],
+          sinkhorn_converged=wgm_info["sinkhorn_converged"])
+
+  metrics.update(
+      loss=total, delegator_loss=delegator_loss,
+      delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
+  return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}

@@ -1,0 +1,48 @@
+"""WGM, the weight generation module: which samples each expert focuses on.
+
+Axis letters: B batch, N experts.
+
+From the paper: WGM partitions the training data into portions, one per
+expert, from the delegator's selection by solving a balanced transportation
+problem, and makes each expert focus on its portion by re-weighting the
+experts' losses.
+
+This project's reading (the paper gives neither the scores nor the weights):
+the transportation benefit is `G = log_softmax(g)`, the delegator's
+log-probability of selecting each expert, with the gradient stopped; the
+partition is the balanced assignment of `coe_jax.transport`; expert j weighs
+sample i by 1 inside its portion and by `alpha` (`wgm.off_portion_weight`)
+elsewhere, so that experts still see, less strongly, the samples they are not
+responsible for.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from coe_jax import transport
+
+
+def expert_loss_weights(selection_logits: jax.Array, *, off_portion_weight: float,
+                        **solver_kwargs: Any) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """Per-sample, per-expert loss weights from the delegator's selection.
+
+  Args:
+    selection_logits: the delegator's selection logits g [B, N]. No gradient
+      flows from the outputs back to them.
+    off_portion_weight: alpha, an expert's weight on samples outside its
+      portion, in [0, 1].
+    **solver_kwargs: `epsilon`, `max_iterations` and `threshold` of
+      `transport.balanced_assignment`.
+
+  Returns:
+    weights: [B, N], 1 where sample i is in expert j's portion, else alpha.
+    assignment: [B] int32, the expert whose portion holds each sample.
+    info: the solver's info (Sinkhorn iterations and convergence, loads).
+  """
+  log_selection = jax.nn.log_softmax(jax.lax.stop_gradient(selection_logits), axis=-1)  # [B, N]
+  assignment, info = transport.balanced_assignment(log_selection, **solver_kwargs)  # [B]
+  own = jax.nn.one_hot(assignment, selection_logits.shape[-1], dtype=jnp.bool_)  # [B, N]
+  weights = jnp.where(own, 1.0, off_portion_weight).astype(log_selection.dtype)  # [B, N]
+  return weights, assignment, info

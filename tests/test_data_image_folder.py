@@ -1,0 +1,204 @@
+"""The image_folder source: layout, conversion, resizing, hold-out and every error case."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coe_jax import config_base, data
+from coe_jax.errors import CoEError
+
+# Class -> constant pixel each of its images has, in the mode its files use.
+_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)), "zebra": ("RGBA", (10, 120, 250, 0))}
+
+
+def _save(path, mode, value, size):
+  image = Image.new(mode, size, value)
+  if path.endswith(".jpg"):
+    image.convert("RGB" if mode == "RGBA" else mode).save(path, quality=100)
+  else:
+    image.save(path)
+
+
+def _make_folder(root, splits=("train", "test"), classes=_CLASSES, per_class=3):
+  for split in splits:
+    for name, (mode, value) in classes.items():
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(per_class):
+        ext = ".jpg" if i == 1 else ".png"  # Both formats in every class.
+        _save(os.path.join(root, split, name, f"{i}{ext}"), mode, value, (12 + 5 * i, 20))
+  return str(root)
+
+
+def _make_id_folder(root, counts):
+  """A folder whose image i (train 0.., then test) is grey with value i, so it stays known."""
+  ids = iter(range(256))
+  for split in ("train", "test"):
+    for name, count in counts.items():
+      os.makedirs(os.path.join(root, split, name))
+      for _ in range(count):
+        i = next(ids)
+        _save(os.path.join(root, split, name, f"{i:03d}.png"), "L", i, (6, 6))
+  return str(root)
+
+
+def _config(path, channels=3, image_size=8, holdout_fraction=0.1, seed=0):
+  config = config_base.base_config()
+  config.seed = seed
+  config.data.name = "image_folder"
+  config.data.path = path
+  config.data.holdout_fraction = holdout_fraction
+  config.data.image_size = image_size
+  config.data.channels = channels
+  config.train.batch_size = 4
+  config.eval.batch_size = 4
+  return config
+
+
+def _eval_pass(config, split="test"):
+  batches = list(data.eval_batches(config, split=split))
+  return {key: np.concatenate([b[key] for b in batches]) for key in ("image", "label", "mask")}
+
+
+@pytest.fixture
+def folder(tmp_path):
+  root = _make_folder(tmp_path)
+  with open(os.path.join(root, "train", "cat", "notes.txt"), "w") as f:
+    f.write("not an image")  # Ignored: not .png/.jpg/.jpeg.
+  _save(os.path.join(root, "train", "cat", ".hidden.png"), "L", 0, (4, 4))  # Ignored.
+  return root
+
+
+def test_classes_labels_and_sizes(folder):
+  info = data.get_info(_config(folder))
+  assert info.class_names == ["cat", "dog", "zebra"] and info.num_classes == 3
+  assert (info.num_train, info.num_holdout, info.num_test) == (8, 1, 9)
+  batch = _eval_pass(_config(folder))
+  np.testing.assert_array_equal(batch["label"][batch["mask"]], np.repeat([0, 1, 2], 3))
+  assert batch["image"].shape == (12, 8, 8, 3) and batch["image"].dtype == np.uint8
+  assert batch["mask"].sum() == 9 and not batch["image"][~batch["mask"]].any()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_mode_converts_to_the_model_channels(folder, channels):
+  batch = _eval_pass(_config(folder, channels=channels))
+  images = batch["image"][batch["mask"]].astype(int)  # [9, 8, 8, C]
+  for label, (mode, value) in enumerate(_CLASSES.values()):
+    pixel = Image.new(mode, (1, 1), value).convert("L" if channels == 1 else "RGB")
+    expected = np.asarray(pixel).reshape(channels)
+    # JPEG round-trips colours to within a few levels.
+    assert np.abs(images[3 * label:3 * label + 3] - expected).max() <= 3
+
+
+def test_training_batches(folder):
+  config = _config(folder, channels=1, image_size=6)
+  batches = list(itertools.islice(data.train_batches(config, start_step=2), 3))
+  assert batches[0]["image"].shape == (4, 6, 6, 1) and batches[0]["label"].dtype == np.int32
+  again = list(itertools.islice(data.train_batches(config), 5))[2:]
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_holdout_is_stratified_fixed_and_apart_from_training(tmp_path):
+  root = _make_id_folder(tmp_path, {"a": 5, "b": 4, "c": 3})  # Train ids 0-4, 5-8, 9-11.
+  config = _config(root, channels=1, image_size=4, holdout_fraction=0.25)
+  info = data.get_info(config)
+  assert (info.num_train, info.num_holdout, info.num_test) == (9, 3, 12)
+  # Two processes, global batch 4: the 3 held-out ids once each, the padding masked.
+  passes = [list(data.eval_batches(config, p, 2, split="holdout")) for p in range(2)]
+  assert [len(batches) for batches in passes] == [1, 1]
+  batches = [b for batches in passes for b in batches]
+  assert sum(b["mask"].sum() for b in batches) == 3
+  assert not any(b["image"][~b["mask"]].any() for b in batches)
+  held = np.concatenate([b["image"][b["mask"], 0, 0, 0] for b in batches]).astype(int)
+  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(labels, np.searchsorted([5, 9], held, side="right"))
+  assert sorted(labels) == [0, 1, 2]  # One per class: quotas 1.25, 1, 0.75.
+  # Training never sees them: one epoch is exactly the other 9 train ids (the
+  # translation's edge fill keeps a constant image constant).
+  config.train.batch_size = 9
+  trained = next(data.train_batches(config))["image"][:, 0, 0, 0].astype(int)
+  assert sorted(np.concatenate([held, trained])) == list(range(12))
+  # The same examples whatever the seed.
+  other = _eval_pass(_config(root, channels=1, image_size=4, holdout_fraction=0.25, seed=7),
+                     split="holdout")
+  np.testing.assert_array_equal(other["image"][other["mask"], 0, 0, 0], held)
+
+
+def test_fraction_zero_holds_out_nothing(tmp_path):
+  root = _make_id_folder(tmp_path, {"a": 2, "b": 2})
+  config = _config(root, channels=1, image_size=4, holdout_fraction=0)
+  info = data.get_info(config)
+  assert (info.num_train, info.num_holdout) == (4, 0)
+  assert not list(data.eval_batches(config, split="holdout"))
+  trained = next(data.train_batches(config))["image"][:, 0, 0, 0]
+  assert sorted(trained) == [0, 1, 2, 3]
+
+
+def _error(config):
+  with pytest.raises(CoEError) as error:
+    data.get_info(config)
+  message = str(error.value)
+  assert "\n" not in message
+  return message
+
+
+def test_missing_path(tmp_path):
+  assert "data.path=''" in _error(_config(""))
+  missing = str(tmp_path / "nowhere")
+  assert missing in _error(_config(missing)) and "is not a folder" in _error(_config(missing))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_missing_split(tmp_path, split):
+  other = {"train": "test", "test": "train"}[split]
+  root = _make_folder(tmp_path, splits=(other,))
+  message = _error(_config(root))
+  assert root in message and f"no {split}/ folder" in message
+
+
+def test_no_classes(tmp_path):
+  os.makedirs(tmp_path / "train")
+  os.makedirs(tmp_path / "test")
+  assert "has no class folders" in _error(_config(str(tmp_path)))
+
+
+def test_empty_class(tmp_path):
+  root = _make_folder(tmp_path)
+  empty = os.path.join(root, "test", "yak")
+  os.makedirs(empty)
+  assert empty in _error(_config(root))
+
+
+def test_classes_differ(tmp_path):
+  root = _make_folder(tmp_path)
+  os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "wolf"))
+  message = _error(_config(root))
+  assert "only in train ['dog']" in message and "only in test ['wolf']" in message
+
+
+@pytest.mark.parametrize("per_class, fraction, match", [
+    (1, 0.5, "holding out 2 of the 3 training examples would leave a class with no training"),
+    (3, 0.05, "holds out no example of the 9 training examples"),
+    (3, 0.51, "expected a share of the training split in"),
+])
+def test_bad_holdout(tmp_path, per_class, fraction, match):
+  root = _make_folder(tmp_path, per_class=per_class)
+  message = _error(_config(root, holdout_fraction=fraction))
+  assert f"data.holdout_fraction={fraction}" in message and match in message
+
+
+def test_corrupt_files_fail_naming_the_first_and_counting(tmp_path):
+  root = _make_folder(tmp_path)
+  bad = [os.path.join(root, "train", "cat", "broken.png"),
+         os.path.join(root, "train", "dog", "truncated.jpg")]
+  with open(bad[0], "wb") as f:
+    f.write(b"definitely not a png")
+  with open(os.path.join(root, "train", "dog", "1.jpg"), "rb") as f:
+    head = f.read(200)
+  with open(bad[1], "wb") as f:
+    f.write(head)
+  message = _error(_config(root))
+  assert "2 of 11 image files cannot be read" in message and bad[0] in message

@@ -1,0 +1,219 @@
+"""The staged CoE objective: gradient routing, stages, loss terms, config checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coe_jax import losses, objective
+from coe_jax.config_base import base_config
+from coe_jax.errors import CoEError
+
+B, N, K = 16, 4, 5
+METRICS = {"loss", "expert_loss", "selection_loss", "delegator_loss", "load_gap",
+           "selection_load_gap", "selection_agreement", "own_portion_accuracy",
+           "off_portion_accuracy", "routed_accuracy", "sinkhorn_iterations",
+           "sinkhorn_converged", "lgm_sinkhorn_iterations", "lgm_sinkhorn_converged",
+           "delegator_accuracy"}
+
+
+def make_config(**loss):
+  config = base_config()
+  config.loss.update(dict(distill_weight=0.5, **loss))
+  return config
+
+
+CONFIG = make_config()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  shifted = x - x.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def inputs(seed: int = 0) -> tuple[jax.Array, ...]:
+  k = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(k[0], (B, K)), jax.random.normal(k[1], (B, N)),
+          2.0 * jax.random.normal(k[2], (N, B, K)), jax.random.randint(k[3], (B,), 0, K))
+
+
+def is_zero(x: jax.Array) -> bool:
+  return bool(jnp.all(x == 0))
+
+
+@pytest.fixture(scope="module")
+def coadapt() -> tuple[jax.Array, dict[str, jax.Array], dict[str, tuple[jax.Array, ...]]]:
+  """Loss, metrics, and each loss term's gradient w.r.t. (class, selection,
+  expert) logits, from one compilation."""
+  config = make_config(selection_weight=0.7, delegator_weight=0.3)
+
+  def terms(*args):
+    _, metrics = objective.coe_objective(*args, config, "coadapt")
+    return {key: metrics[key] for key in ("expert_loss", "selection_loss", "delegator_loss")}
+
+  def run(*args):
+    return (*objective.coe_objective(*args, config, "coadapt"),
+            jax.jacrev(terms, argnums=(0, 1, 2))(*args))
+
+  return jax.jit(run)(*inputs())
+
+
+def test_expert_loss_trains_experts_only(coadapt):
+  to_class, to_selection, to_experts = coadapt[2]["expert_loss"]
+  assert is_zero(to_selection)  # WGM weights carry no gradient into g
+  assert is_zero(to_class)
+  assert not is_zero(to_experts)
+
+
+def test_selection_loss_trains_selection_only(coadapt):
+  to_class, to_selection, to_experts = coadapt[2]["selection_loss"]
+  assert is_zero(to_experts)  # LGM targets and VCM weights are constants
+  assert is_zero(to_class)
+  assert not is_zero(to_selection)
+
+
+def test_delegator_loss_distils_without_training_the_teacher(coadapt):
+  to_class, to_selection, to_experts = coadapt[2]["delegator_loss"]
+  assert is_zero(to_experts) and is_zero(to_selection)
+  assert not is_zero(to_class)
+
+
+def test_coadapt_total_and_metrics(coadapt):
+  total, metrics, _ = coadapt
+  class_logits, _, _, labels = inputs()
+  assert set(metrics) == METRICS
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
+  np.testing.assert_allclose(total, metrics["expert_loss"] + 0.7 * metrics["selection_loss"]
+                             + 0.3 * metrics["delegator_loss"], rtol=1e-6)
+  assert float(metrics["load_gap"]) == 0  # B divisible by N
+  assert float(metrics["sinkhorn_iterations"]) > 0
+  assert float(metrics["lgm_sinkhorn_iterations"]) > 0  # base config's rule is balanced
+  assert 0 <= float(metrics["selection_agreement"]) <= 1
+  correct = np.argmax(class_logits, axis=-1) == labels
+  np.testing.assert_allclose(metrics["delegator_accuracy"], np.mean(correct))
+
+
+def test_warmup_ignores_selection_logits():
+  class_logits, selection_logits, expert_logits, labels = inputs()
+  warmup = jax.jit(lambda g: objective.coe_objective(
+      class_logits, g, expert_logits, labels, CONFIG, "warmup"))
+  loss, metrics = warmup(selection_logits)
+  other_loss, other_metrics = warmup(-3.0 * selection_logits)
+  assert float(loss) == float(other_loss)
+  assert all(float(metrics[k]) == float(other_metrics[k]) for k in metrics)
+  assert set(metrics) == METRICS
+  assert is_zero(jax.jit(jax.grad(lambda g: warmup(g)[0]))(selection_logits))
+  # Plain classifiers: every expert's mean cross-entropy, summed.
+  ce = -log_softmax(np.asarray(expert_logits))[:, np.arange(B), labels]  # [N, B]
+  np.testing.assert_allclose(metrics["expert_loss"], np.sum(np.mean(ce, axis=1)), rtol=1e-5)
+
+
+def test_delegator_stage_freezes_experts():
+  def loss(*args):
+    return objective.coe_objective(*args, CONFIG, "delegator")
+
+  (total, metrics), (to_selection, to_experts) = jax.jit(
+      jax.value_and_grad(loss, argnums=(1, 2), has_aux=True))(*inputs())
+  assert is_zero(to_experts)
+  assert not is_zero(to_selection)
+  assert float(metrics["expert_loss"]) == 0
+  assert set(metrics) == METRICS and float(total) > 0
+
+
+def test_weighted_expert_loss_formula():
+  expert_logits = np.random.default_rng(1).normal(size=(2, 3, K)).astype(np.float32)
+  labels = np.array([0, 1, 2])
+  weights = np.array([[1.0, 0.5], [0.0, 1.0], [1.0, 0.0]], np.float32)  # expert 1 skips sample 2
+  ce = -log_softmax(expert_logits)[:, np.arange(3), labels]  # [N, B]
+  expected = ((ce[0, 0] + ce[0, 2]) / 2) + ((0.5 * ce[1, 0] + ce[1, 1]) / 1.5)
+  np.testing.assert_allclose(losses.weighted_expert_loss(expert_logits, labels, weights),
+                             expected, rtol=1e-6)
+  assert float(losses.weighted_expert_loss(expert_logits, labels, np.zeros((3, 2)))) == 0
+
+
+def test_delegator_loss_smoothing_and_distillation():
+  rng = np.random.default_rng(2)
+  logits, teacher = rng.normal(size=(2, 4, K)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3])
+  smooth = 0.9 * np.eye(K)[labels] + 0.1 / K
+  ce = -np.mean(np.sum(smooth * log_softmax(logits), axis=-1))
+  np.testing.assert_allclose(losses.delegator_loss(logits, labels, label_smoothing=0.1), ce,
+                             rtol=1e-6)
+  t = 2.0
+  log_p = log_softmax(teacher / t)
+  kl = np.mean(np.sum(np.exp(log_p) * (log_p - log_softmax(logits / t)), axis=-1))
+  got = losses.delegator_loss(logits, labels, label_smoothing=0.1, distill_logits=teacher,
+                              distill_weight=0.5, distill_temperature=t)
+  np.testing.assert_allclose(got, ce + 0.5 * t**2 * kl, rtol=1e-5)
+
+
+def test_selection_loss_is_weighted_cross_entropy():
+  g = np.random.default_rng(4).normal(size=(3, N)).astype(np.float32)
+  targets = np.eye(N, dtype=np.float32)[[0, 1, 3]]
+  weights = np.array([0.0, 1.0, 2.0], np.float32)
+  ce = -log_softmax(g)[np.arange(3), [0, 1, 3]]
+  np.testing.assert_allclose(losses.selection_loss(g, targets, weights),
+                             (ce[1] + 2 * ce[2]) / 3, rtol=1e-6)
+
+
+def _set(config, key, value):
+  section, name = key.split(".")
+  config[section][name] = value
+
+
+@pytest.mark.parametrize("key,value", [
+    ("wgm.off_portion_weight", 1.5), ("wgm.off_portion_weight", -0.1),
+    ("lgm.temperature", 0.0), ("lgm.temperature", -1.0),
+    ("loss.selection_weight", -1.0), ("loss.delegator_weight", float("inf")),
+    ("loss.distill_weight", float("nan")), ("loss.label_smoothing", 1.0),
+    ("loss.label_smoothing", -0.1), ("lgm.rule", "best"), ("wgm.sinkhorn_epsilon", 0.0),
+])
+def test_bad_config_values(key, value):
+  config = base_config()
+  _set(config, key, value)
+  with pytest.raises(CoEError) as error:
+    objective.validate_config(config)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"{key}={value!r}: "), message
+
+
+def test_bad_rule_message():
+  config = base_config()
+  config.lgm.rule = "best"
+  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, soft$"):
+    objective.validate_config(config)
+
+
+@pytest.mark.parametrize("stages,key", [
+    (dict(warmup=0.2, coadapt=0.9, delegator=0.0), "train.stages"),
+    (dict(warmup=-0.2, coadapt=1.2, delegator=0.0), "train.stages.warmup"),
+    (dict(warmup=0.2, coadapt=0.7, finetune=0.1), "train.stages.finetune"),
+])
+def test_bad_stages(stages, key):
+  config = base_config()
+  config.train.stages = stages
+  with pytest.raises(CoEError, match=rf"^{key}=[^\n]*$"):
+    objective.validate_config(config)
+
+
+def test_base_config_is_valid():
+  objective.validate_config(base_config())
+
+
+def test_stage_schedule():
+  config = base_config()
+  config.train.num_steps = 1001
+  config.train.stages = dict(warmup=0.1, coadapt=0.0, delegator=0.9)
+  assert objective.stage_boundaries(config) == (("warmup", 0, 100), ("delegator", 100, 1001))
+  assert [objective.stage_at(config, s) for s in (0, 99, 100, 1000, 5000)] == [
+      "warmup", "warmup", "delegator", "delegator", "delegator"]
+  config.train.stages = dict(warmup=0.2, coadapt=0.8, delegator=0.0)
+  config.train.num_steps = 10
+  assert objective.stage_boundaries(config) == (("warmup", 0, 2), ("coadapt", 2, 10))
+
+
+def test_unknown_stage():
+  with pytest.raises(CoEError, match=r"^stage='finetune': "):
+    objective.coe_objective(*inputs(), CONFIG, "finetune")
