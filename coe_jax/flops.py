@@ -1,0 +1,106 @@
+"""Analytic FLOPs of the delegator and the experts, in multiply-adds.
+
+FLOPs here means multiply-adds, as in the mobile-network literature
+(MobileNetV3, EfficientNet, the CoE paper). The count walks the same
+`NetworkSpec` the Flax modules are built from, layer by layer:
+
+- convolutions: H_out * W_out * k * k * (C_in / groups) * C_out;
+- dense layers (squeeze-excitation, classifier, heads): C_in * C_out;
+- CondConv adds its routing layer and the per-example kernel mixture
+  (num_kernels multiply-adds per kernel weight);
+- BatchNorm (folded into the convolutions at serving time), activations,
+  pooling and residual additions are not counted.
+
+    python -m coe_jax.flops --config=configs/imagenet_coe_194m.py
+    {"delegator_flops": ..., "expert_flops": ..., "max_flops": ...}
+"""
+
+import json
+import math
+import sys
+
+import ml_collections
+from absl import app
+from ml_collections import config_flags
+
+from coe_jax.errors import CoEError
+from coe_jax.models.spec import NetworkSpec, make_divisible
+
+
+def _conv_macs(size: int, kernel: int, in_features: int, out_features: int, groups: int = 1,
+               condconv_kernels: int = 0) -> int:
+  """Multiply-adds of one convolution producing a size x size map."""
+  weights = kernel * kernel * (in_features // groups) * out_features
+  macs = size * size * weights
+  if condconv_kernels:
+    macs += condconv_kernels * weights  # Mixing the per-example kernel.
+  return macs
+
+
+def network_macs(spec: NetworkSpec, image_size: int, in_channels: int, num_outputs: int) -> int:
+  """Multiply-adds of one forward pass of one image.
+
+  Args:
+    spec: the network.
+    image_size: input resolution (square).
+    in_channels: image channels.
+    num_outputs: total width of the output heads (classes, plus experts for the delegator).
+  """
+  size = math.ceil(image_size / spec.stem_stride)
+  macs = _conv_macs(size, spec.stem_kernel, in_channels, spec.stem_features)
+  features = spec.stem_features
+  for stage in spec.stages:
+    for block in range(stage.depth):
+      stride = stage.stride if block == 0 else 1
+      hidden = make_divisible(features * stage.expansion) if stage.expansion > 1 else features
+      k = stage.condconv_kernels
+      if k:
+        macs += features * k  # Routing: pooled input -> kernel weights, once per block.
+      if hidden != features:
+        macs += _conv_macs(size, 1, features, hidden, condconv_kernels=k)
+      size = math.ceil(size / stride)
+      macs += _conv_macs(size, stage.kernel, hidden, hidden, groups=hidden, condconv_kernels=k)
+      if stage.se_ratio > 0:
+        squeeze = max(1, int(features * stage.se_ratio))
+        macs += 2 * hidden * squeeze
+      macs += _conv_macs(size, 1, hidden, stage.features, condconv_kernels=k)
+      features = stage.features
+  macs += _conv_macs(size, 1, features, spec.head_features)
+  features = spec.head_features
+  if spec.classifier_features:
+    macs += features * spec.classifier_features
+    features = spec.classifier_features
+  return macs + features * num_outputs
+
+
+def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> dict[str, int]:
+  """FLOPs (multiply-adds) per image of the delegator, one expert, and both.
+
+  `num_classes` defaults to `config.data.num_classes`, set by each config for
+  its data set (the heads are a small share of the total).
+  """
+  num_classes = num_classes or config.data.num_classes
+  if not num_classes:
+    raise CoEError("data.num_classes=None: set it to count the classifier heads' FLOPs")
+  size, channels = config.data.image_size, config.data.channels
+  delegator = network_macs(NetworkSpec.from_config(config.delegator, "delegator"), size, channels,
+                           num_classes + config.num_experts)
+  expert = network_macs(NetworkSpec.from_config(config.expert, "expert"), size, channels,
+                        num_classes)
+  return {"delegator_flops": delegator, "expert_flops": expert, "max_flops": delegator + expert}
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+
+
+def main(argv):
+  del argv
+  try:
+    print(json.dumps(count(_CONFIG.value)))
+  except CoEError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

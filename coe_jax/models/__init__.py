@@ -1,0 +1,1 @@
+"""Flax Linen networks and layers of coe-jax."""

@@ -1,0 +1,103 @@
+"""MBConv blocks (MobileNetV2/V3, EfficientNet) with optional CondConv and PWLU.
+
+Axis letters: B batch, H height, W width, C channels (channels last).
+
+A block is 1x1 expand -> depthwise k x k -> squeeze-excitation -> 1x1 project,
+BatchNorm after each convolution, an activation after the first two, and a
+residual connection when input and output shapes match. With CondConv, the
+block computes its routing weights once from its input and shares them with
+all three convolutions (CondConv paper, section 3).
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coe_jax.models.condconv import CondConv, CondConvRouting
+from coe_jax.models.pwlu import PWLU
+from coe_jax.models.spec import make_divisible
+
+# TensorFlow's mobile-network defaults: these BatchNorm settings train well at
+# the small per-expert batch sizes CoE sees.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-3)
+
+
+class Activation(nn.Module):
+  """relu | hard_swish | swish | pwlu (a learnable PWLU per use)."""
+  kind: str
+  pwlu_intervals: int = 16
+  pwlu_per_channel: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind == "pwlu":
+      return PWLU(num_intervals=self.pwlu_intervals, per_channel=self.pwlu_per_channel)(x, train)
+    return {"relu": nn.relu, "hard_swish": nn.hard_swish, "swish": nn.swish}[self.kind](x)
+
+
+class SqueezeExcite(nn.Module):
+  """Channel gating from globally pooled features."""
+  squeeze_features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = jnp.mean(x, axis=(1, 2))  # [B, C]
+    s = nn.relu(nn.Dense(self.squeeze_features, dtype=self.dtype, name="reduce")(s))
+    s = nn.sigmoid(nn.Dense(x.shape[-1], dtype=self.dtype, name="expand")(s))  # [B, C]
+    return x * s[:, None, None, :]
+
+
+class MBConv(nn.Module):
+  """One inverted-residual block."""
+  features: int
+  kernel_size: int
+  strides: int
+  expansion: float
+  se_ratio: float
+  activation: str
+  condconv_kernels: int = 0
+  pwlu_intervals: int = 16
+  pwlu_per_channel: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    in_features = x.shape[-1]  # x: [B, H, W, C]
+    hidden = make_divisible(in_features * self.expansion) if self.expansion > 1 else in_features
+    conv = self._conv_factory(x)
+    act = functools.partial(Activation, self.activation, self.pwlu_intervals, self.pwlu_per_channel)
+
+    y = x
+    if hidden != in_features:
+      y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
+      y = act(name="expand_act")(BatchNorm(use_running_average=not train, name="expand_bn")(y), train)
+    y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True, name="depthwise")(y)
+    y = act(name="depthwise_act")(BatchNorm(use_running_average=not train, name="depthwise_bn")(y),
+                                   train)  # [B, H/s, W/s, hidden]
+    if self.se_ratio > 0:
+      y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), dtype=self.dtype, name="se")(y)
+    y = conv(self.features, 1, name="project")(y)  # [B, H/s, W/s, features]
+    y = BatchNorm(use_running_average=not train, name="project_bn")(y)
+    if self.strides == 1 and in_features == self.features:
+      y = y + x
+    return y
+
+  def _conv_factory(self, x: jax.Array) -> Callable[..., Callable[[jax.Array], jax.Array]]:
+    """Returns `conv(features, kernel, strides=1, depthwise=False, name=...)` -> layer."""
+    if self.condconv_kernels:
+      routing = CondConvRouting(self.condconv_kernels, name="routing")(x)  # [B, num_kernels]
+
+      def condconv(features, kernel, strides=1, depthwise=False, name=None):
+        layer = CondConv(features=features, kernel_size=kernel, num_kernels=self.condconv_kernels,
+                         strides=strides, depthwise=depthwise, name=name)
+        return lambda y: layer(y, routing)
+      return condconv
+
+    def conv(features, kernel, strides=1, depthwise=False, name=None):
+      return nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False,
+                     feature_group_count=features if depthwise else 1, dtype=self.dtype, name=name)
+    return conv

@@ -1,0 +1,86 @@
+"""The delegator and expert networks, built from one `NetworkSpec`.
+
+Axis letters: B batch, H height, W width, C channels, F pooled features,
+K classes, N experts.
+
+Networks take images as the data pipelines deliver them, values 0-255 of any
+dtype, [B, H, W, C], and normalise on the device: the host ships uint8, a
+quarter of the bytes of float32, and exported models need no separate step.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from coe_jax.models.mbconv import Activation, BatchNorm, MBConv
+from coe_jax.models.spec import NetworkSpec
+
+
+def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """Maps 0-255 pixel values to [-1, 1]."""
+  return (images.astype(dtype) - 127.5) / 127.5
+
+
+class Backbone(nn.Module):
+  """Stem, MBConv stages, 1x1 head convolution, global pooling, classifier."""
+  spec: NetworkSpec
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    spec = self.spec
+    act = lambda name: Activation(spec.activation, spec.pwlu_intervals, spec.pwlu_per_channel,
+                                  name=name)
+    x = normalize_images(images, self.dtype)  # [B, H, W, C]
+    x = nn.Conv(spec.stem_features, (spec.stem_kernel,) * 2, strides=spec.stem_stride,
+                padding="SAME", use_bias=False, dtype=self.dtype, name="stem")(x)
+    x = act("stem_act")(BatchNorm(use_running_average=not train, name="stem_bn")(x), train)
+    for s, stage in enumerate(spec.stages):
+      for b in range(stage.depth):
+        x = MBConv(features=stage.features, kernel_size=stage.kernel,
+                   strides=stage.stride if b == 0 else 1, expansion=stage.expansion,
+                   se_ratio=stage.se_ratio, activation=stage.activation,
+                   condconv_kernels=stage.condconv_kernels, pwlu_intervals=spec.pwlu_intervals,
+                   pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
+                   name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]
+    x = nn.Conv(spec.head_features, (1, 1), use_bias=False, dtype=self.dtype, name="head")(x)
+    x = act("head_act")(BatchNorm(use_running_average=not train, name="head_bn")(x), train)
+    x = jnp.mean(x, axis=(1, 2))  # [B, F]
+    if spec.classifier_features:
+      x = nn.Dense(spec.classifier_features, dtype=self.dtype, name="pre_logits")(x)
+      x = act("pre_logits_act")(x, train)
+    return nn.Dropout(spec.dropout_rate, deterministic=not train)(x)  # [B, F]
+
+
+class Expert(nn.Module):
+  """One expert: a whole classifier. Returns class logits [B, K] in float32."""
+  spec: NetworkSpec
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
+    return logits.astype(jnp.float32)  # [B, K]
+
+
+class Delegator(nn.Module):
+  """The delegator: one backbone, two heads.
+
+  Returns class logits [B, K] (the rough prediction that may exit early) and
+  selection logits [B, N] (which expert should answer), both float32.
+  """
+  spec: NetworkSpec
+  num_classes: int
+  num_experts: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
+    class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
+    selection_logits = nn.Dense(self.num_experts, dtype=self.dtype, name="selector")(features)
+    return class_logits.astype(jnp.float32), selection_logits.astype(jnp.float32)

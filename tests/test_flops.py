@@ -1,0 +1,77 @@
+"""The analytic FLOPs count, cross-checked against XLA, and the configs' budgets."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from coe_jax import config_base, flops
+from coe_jax.config_loading import load_config
+from coe_jax.models.networks import Expert
+from coe_jax.models.spec import NetworkSpec
+from tests.tiny import REPO, config_path
+
+
+def test_count_matches_xla_cost_analysis():
+  """On a plain network (no squeeze-excitation): XLA counts 2 FLOPs per multiply-add,
+  plus the elementwise work (BatchNorm, activations) that the analytic count leaves out."""
+  se_ratio = 0.0
+  net = config_base.network(
+      stem_features=16, head_features=96, classifier_features=64, activation="relu",
+      stages=[config_base.stage(16, 1, 3, 1, 1, se_ratio=se_ratio),
+              config_base.stage(24, 2, 3, 4, 2, se_ratio=se_ratio),
+              config_base.stage(32, 2, 5, 4, 2, se_ratio=se_ratio)])
+  spec = NetworkSpec.from_config(net, "expert")
+  module = Expert(spec, num_classes=10)
+  images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+  variables = module.init(jax.random.key(0), images)
+  compiled = jax.jit(lambda v, x: module.apply(v, x)).lower(variables, images).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  xla_macs = analysis["flops"] / 2
+  ours = flops.network_macs(spec, 64, 3, 10)
+  assert abs(ours - xla_macs) / xla_macs < 0.10, (ours, xla_macs)
+
+
+def test_condconv_adds_mixing_cost():
+  plain = config_base.network(16, [config_base.stage(16, 1, 3, 4, 1)], 32)
+  cond = config_base.network(16, [config_base.stage(16, 1, 3, 4, 1)], 32, condconv_kernels=4)
+  spec_plain = NetworkSpec.from_config(plain, "expert")
+  spec_cond = NetworkSpec.from_config(cond, "expert")
+  extra = flops.network_macs(spec_cond, 32, 3, 10) - flops.network_macs(spec_plain, 32, 3, 10)
+  hidden = 64
+  mixing = 4 * (16 * hidden + 9 * hidden + hidden * 16)  # expand, depthwise, project weights
+  assert extra == mixing + 16 * 4  # plus the routing layer
+
+
+@pytest.mark.parametrize("name,low,high", [("imagenet_coe_194m", 150e6, 194e6),
+                                           ("imagenet_coe_100m", 75e6, 100e6)])
+def test_imagenet_configs_meet_their_budgets(name, low, high):
+  counts = flops.count(load_config(config_path(name)))
+  assert low <= counts["max_flops"] <= high, counts
+  assert counts["max_flops"] == counts["delegator_flops"] + counts["expert_flops"]
+  assert counts["delegator_flops"] < counts["expert_flops"] / 3
+
+
+def test_cli_prints_one_json_line():
+  out = subprocess.run([sys.executable, "-m", "coe_jax.flops",
+                        f"--config={config_path('imagenet_coe_194m')}"],
+                       cwd=REPO, capture_output=True, text=True, check=True).stdout
+  lines = out.strip().splitlines()
+  assert len(lines) == 1
+  counts = json.loads(lines[0])
+  assert set(counts) == {"delegator_flops", "expert_flops", "max_flops"}
+  assert 150e6 <= counts["max_flops"] <= 194e6
+
+
+def test_cli_names_a_bad_key():
+  result = subprocess.run([sys.executable, "-m", "coe_jax.flops",
+                           f"--config={config_path('digits')}", "--config.expert.stem_kernel=2"],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: expert.stem_kernel=2: expected an odd kernel size")
+  assert "Traceback" not in result.stderr

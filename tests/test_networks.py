@@ -1,0 +1,139 @@
+"""The delegator, the experts and their stacking on the expert axis."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coe_jax.errors import CoEError
+from coe_jax.models.coe import CoE
+from coe_jax.models.mbconv import MBConv
+from tests.tiny import tiny_config
+
+
+def _images(rng, shape):
+  return jax.random.randint(rng, shape, 0, 256).astype(jnp.uint8)
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+  model = CoE(tiny_config(num_experts=3), num_classes=10)
+  return model, model.init(jax.random.key(0))
+
+
+def test_delegator_has_two_heads(model_and_variables):
+  model, variables = model_and_variables
+  class_logits, selection_logits = model.delegator(variables, _images(jax.random.key(1), (5, 16, 16, 3)))
+  assert class_logits.shape == (5, 10) and selection_logits.shape == (5, 3)
+
+
+def test_expert_variables_are_stacked_and_distinct(model_and_variables):
+  model, variables = model_and_variables
+  for collection in ("params", "batch_stats"):
+    leaves = jax.tree.leaves(variables[collection]["experts"])
+    assert leaves and all(leaf.shape[0] == 3 for leaf in leaves)
+  stem = variables["params"]["experts"]["backbone"]["stem"]["kernel"]  # [N, 3, 3, 3, 8]
+  assert not np.allclose(stem[0], stem[1]) and not np.allclose(stem[1], stem[2])
+
+
+@pytest.mark.parametrize("loop", ["vmap", "unroll"])
+def test_stacked_experts_equal_each_expert_alone(model_and_variables, loop):
+  model, variables = model_and_variables
+  images = _images(jax.random.key(2), (4, 16, 16, 3))
+  shared = model.experts(variables, images, shared_input=True, loop=loop)  # [N, B, K]
+  buffers = jnp.stack([images, images[::-1], images])  # [N, C, H, W, 3]
+  per_buffer = model.experts(variables, buffers, shared_input=False, loop=loop)
+  for j in range(3):
+    np.testing.assert_allclose(shared[j], model.expert(variables, j, images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(per_buffer[j], model.expert(variables, j, buffers[j]), rtol=1e-5,
+                               atol=1e-5)
+  assert not np.allclose(shared[0], shared[1])
+
+
+def test_training_mode_updates_stacked_batch_stats(model_and_variables):
+  model, variables = model_and_variables
+  images = _images(jax.random.key(3), (8, 16, 16, 3))
+  logits, stats = model.experts(variables, images, shared_input=True, train=True,
+                                rng=jax.random.key(4))
+  assert logits.shape == (3, 8, 10)
+  old = variables["batch_stats"]["experts"]["backbone"]["stem_bn"]["mean"]
+  new = stats["backbone"]["stem_bn"]["mean"]
+  assert new.shape == old.shape and not np.allclose(new, old)
+  (_, _), delegator_stats = model.delegator(variables, images, train=True, rng=jax.random.key(5))
+  assert jax.tree.structure(delegator_stats) == jax.tree.structure(
+      variables["batch_stats"]["delegator"])
+
+
+def test_inference_is_per_sample(model_and_variables):
+  """BatchNorm in inference mode: a sample's output does not depend on its batch."""
+  model, variables = model_and_variables
+  images = _images(jax.random.key(6), (6, 16, 16, 3))
+  together = model.expert(variables, 1, images)
+  alone = jnp.concatenate([model.expert(variables, 1, images[i:i + 1]) for i in range(6)])
+  np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "hard_swish", "swish", "pwlu"])
+def test_every_activation_builds_and_runs(activation):
+  model = CoE(tiny_config(num_experts=2, activation=activation), num_classes=4)
+  variables = model.init(jax.random.key(0))
+  logits = model.experts(variables, _images(jax.random.key(1), (2, 16, 16, 3)), shared_input=True)
+  assert logits.shape == (2, 2, 4) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_condconv_stages_only_where_configured():
+  model = CoE(tiny_config(num_experts=2, condconv_kernels=3), num_classes=4)
+  variables = model.init(jax.random.key(0))
+  backbone = variables["params"]["experts"]["backbone"]
+  assert "routing" not in backbone["stage0_block0"]
+  assert backbone["stage1_block0"]["expand"]["kernel"].shape[:2] == (2, 3)  # [N, kernels, ...]
+  logits = model.experts(variables, _images(jax.random.key(1), (2, 16, 16, 3)), shared_input=True)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("strides,features,residual", [(1, 8, True), (2, 8, False), (1, 16, False)])
+def test_mbconv_residual_only_when_shapes_match(strides, features, residual):
+  block = MBConv(features=features, kernel_size=3, strides=strides, expansion=2, se_ratio=0.25,
+                 activation="relu")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  variables = block.init(jax.random.key(1), x, train=False)
+  y = block.apply(variables, x, train=False)
+  assert y.shape == (2, 8 // strides, 8 // strides, features)
+  # Zeroing the projection removes the block's own contribution: what is left is the shortcut.
+  zeroed = jax.tree.map(lambda v: v, variables)
+  zeroed["params"]["project"]["kernel"] = jnp.zeros_like(variables["params"]["project"]["kernel"])
+  y0 = block.apply(zeroed, x, train=False)
+  bn = variables["params"]["project_bn"]
+  offset = bn["bias"] - variables["batch_stats"]["project_bn"]["mean"] * bn["scale"] / jnp.sqrt(
+      variables["batch_stats"]["project_bn"]["var"] + 1e-3)
+  expected = (x if residual else 0) + offset
+  np.testing.assert_allclose(y0, jnp.broadcast_to(expected, y0.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("expert.width_multiplier", 0.0, "expert.width_multiplier=0.0"),
+    ("expert.activation", "gelu", "expert.activation='gelu'"),
+    ("delegator.stem_features", -4, "delegator.stem_features=-4"),
+    ("num_experts", 0, "num_experts=0"),
+])
+def test_bad_network_configs_name_key_and_value(key, value, fragment):
+  config = tiny_config()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(CoEError) as error:
+    CoE(config, num_classes=10)
+  assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("kernel", 4, "expert.stages[1].kernel=4"),
+    ("depth", 0, "expert.stages[1].depth=0"),
+    ("features", -8, "expert.stages[1].features=-8"),
+])
+def test_bad_stage_configs_name_stage_and_value(field, value, fragment):
+  config = tiny_config()
+  stages = [dict(s) for s in config.expert.stages]
+  stages[1][field] = value
+  config.expert.stages = tuple(stages)
+  with pytest.raises(CoEError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    CoE(config, num_classes=10)
