@@ -1,0 +1,173 @@
+"""Evaluation: per-sample outputs, the threshold sweep, calibration and results.
+
+Axis letters: M evaluated examples, N experts, K classes.
+
+One pass over an evaluation split records, per example, the delegator's
+confidence and answer, its expert choice and every expert's answer. Because
+routing is exact here (every expert has room for every sample), the CoE
+answer at any threshold tau follows from these arrays: that is how tau is
+swept and calibrated without re-running the networks. The reported figures
+then come from the jitted router itself at the chosen tau (`coe_jax.routing`).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from coe_jax import routing
+from coe_jax.models.coe import CoE
+
+
+@dataclasses.dataclass
+class EvalOutputs:
+  """What one pass over a split records; all arrays are over the M real examples."""
+  labels: np.ndarray                # [M] int
+  confidence: np.ndarray            # [M] delegator's max probability
+  delegator_prediction: np.ndarray  # [M] int
+  selected_expert: np.ndarray       # [M] int, argmax of the selection logits
+  expert_predictions: np.ndarray    # [N, M] int, every expert on every example
+
+  @property
+  def routed_prediction(self) -> np.ndarray:
+    """[M]: each example's answer from its selected expert (no early exit)."""
+    return np.take_along_axis(self.expert_predictions, self.selected_expert[None], axis=0)[0]
+
+
+def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]],
+                    out_sharding: Optional[jax.sharding.Sharding] = None) -> EvalOutputs:
+  """Runs the delegator and every expert over `batches` (masked padding dropped).
+
+  `batches` hold arrays ready for the device (global arrays under a mesh);
+  `out_sharding` (replicated) lets every process read the outputs on a pod.
+  """
+
+  @functools.partial(jax.jit, out_shardings=out_sharding)
+  def forward(variables, batch):
+    class_logits, selection_logits = model.delegator(variables, batch["image"])  # [B, K], [B, N]
+    expert_logits = model.experts(variables, batch["image"], shared_input=True)  # [N, B, K]
+    return dict(label=batch["label"], mask=batch["mask"],
+                confidence=routing.confidence(class_logits),
+                delegator=jnp.argmax(class_logits, -1), selected=jnp.argmax(selection_logits, -1),
+                experts=jnp.argmax(expert_logits, -1))
+
+  parts = []
+  for batch in batches:
+    out = jax.device_get(forward(variables, batch))
+    mask = np.asarray(out["mask"], bool)
+    parts.append((out["label"][mask], out["confidence"][mask], out["delegator"][mask],
+                  out["selected"][mask], out["experts"][:, mask]))
+  labels, conf, delegator, selected, experts = (np.concatenate(p, axis=-1) for p in zip(*parts))
+  return EvalOutputs(labels.astype(np.int64), conf.astype(np.float64), delegator, selected, experts)
+
+
+@dataclasses.dataclass
+class Sweep:
+  """Accuracy and cost of CoE as tau sweeps over every distinct operating point."""
+  thresholds: np.ndarray   # [P] ascending
+  accuracy: np.ndarray     # [P]
+  exit_rate: np.ndarray    # [P]
+  mean_flops: np.ndarray   # [P]
+
+
+def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> Sweep:
+  """Every distinct tau: the examples' confidences, plus one above them all (no exits)."""
+  delegator_correct = outputs.delegator_prediction == outputs.labels  # [M]
+  routed_correct = outputs.routed_prediction == outputs.labels        # [M]
+  order = np.argsort(-outputs.confidence, kind="stable")
+  conf = outputs.confidence[order]
+  # With k exits (the k most confident examples), accuracy is the delegator's
+  # on those plus the experts' on the rest.
+  exit_correct = np.concatenate([[0], np.cumsum(delegator_correct[order])])
+  routed_rest = np.concatenate([[0], np.cumsum(routed_correct[order][::-1])])[::-1]
+  m = len(conf)
+  # tau = conf[k-1] lets exactly the first k exit only where conf[k-1] > conf[k].
+  distinct = np.concatenate([conf[:-1] > conf[1:], [True]])
+  ks = np.concatenate([[0], np.nonzero(distinct)[0] + 1])           # exits per operating point
+  thresholds = np.concatenate([[np.nextafter(conf[0], np.inf)], conf[ks[1:] - 1]])
+  accuracy = (exit_correct[ks] + routed_rest[ks]) / m
+  exit_rate = ks / m
+  mean_flops = delegator_flops + (1 - exit_rate) * expert_flops
+  ascending = np.argsort(thresholds, kind="stable")
+  return Sweep(thresholds[ascending], accuracy[ascending], exit_rate[ascending],
+               mean_flops[ascending])
+
+
+def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, str]:
+  """(tau, how it was chosen).
+
+  With a FLOPs target: the most accurate tau whose mean FLOPs meet it (the
+  cheapest tau if none does). Without: the most accurate tau, ties going to
+  the cheaper one.
+  """
+  if target_mean_flops is not None:
+    feasible = curve.mean_flops <= target_mean_flops
+    if not feasible.any():
+      logging.warning("no threshold reaches eval.target_mean_flops=%s; using the cheapest",
+                      target_mean_flops)
+      return float(curve.thresholds[np.argmin(curve.mean_flops)]), "cheapest"
+    index = np.flatnonzero(feasible)[np.argmax(np.where(feasible, curve.accuracy, -1)[feasible])]
+    return float(curve.thresholds[index]), "target_mean_flops"
+  best = np.flatnonzero(curve.accuracy == curve.accuracy.max())
+  index = best[np.argmin(curve.mean_flops[best])]
+  return float(curve.thresholds[index]), "max_accuracy"
+
+
+def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: int,
+            delegator_flops: float, expert_flops: float) -> dict[str, Any]:
+  """The figures of `results.json` at `threshold`, from the recorded outputs."""
+  exits = outputs.confidence >= threshold
+  prediction = np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
+  routed = outputs.selected_expert[~exits]
+  load = np.bincount(routed, minlength=num_experts) / max(len(routed), 1)
+  exit_rate = float(exits.mean())
+  return {
+      "top1": float((prediction == outputs.labels).mean()),
+      "top1_no_early_exit": float((outputs.routed_prediction == outputs.labels).mean()),
+      "delegator_top1": float((outputs.delegator_prediction == outputs.labels).mean()),
+      "expert_top1": [float(x) for x in (outputs.expert_predictions == outputs.labels).mean(1)],
+      "oracle_top1": float((outputs.expert_predictions == outputs.labels).any(0).mean()),
+      "early_exit_rate": exit_rate,
+      "threshold": float(threshold),
+      "mean_flops": float(delegator_flops + (1 - exit_rate) * expert_flops),
+      "delegator_flops": int(delegator_flops),
+      "expert_flops": int(expert_flops),
+      "expert_load": [float(x) for x in load],
+      "num_test_examples": int(len(outputs.labels)),
+  }
+
+
+def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
+                   config: Any, *, expected_exit_rate: float,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
+  """Top-1, exits and loads of the jitted router at `threshold` over `batches`.
+
+  Routing runs as in serving, with `routing.mode` and its overflow policy; in
+  exact mode it must agree with `summary` on the same split.
+  """
+  num_groups = mesh.shape[routing.DATA_AXIS] if mesh is not None else 1
+  correct = exits = total = to_expert = to_delegator = 0
+  load = np.zeros(model.num_experts, np.int64)
+  for batch in batches:
+    out = routing.route_and_predict(
+        model, variables, batch["image"], threshold, mode=config.routing.mode,
+        capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
+        num_groups=num_groups, expert_loop=config.routing.expert_loop, mesh=mesh)
+    out = jax.device_get({"pred": jnp.argmax(out["logits"], -1), "early_exit": out["early_exit"],
+                          "expert": out["expert"], "label": batch["label"],
+                          "mask": batch["mask"]})
+    mask = np.asarray(out["mask"], bool)
+    correct += int(np.sum((out["pred"] == out["label"]) & mask))
+    exits += int(np.sum(out["early_exit"] & mask))
+    total += int(mask.sum())
+    answered = out["expert"][mask]
+    load += np.bincount(answered[answered >= 0], minlength=model.num_experts)
+    to_delegator += int(np.sum(mask & ~out["early_exit"] & (out["expert"] < 0)))
+  routed = max(int(load.sum()), 1)
+  return {"top1": correct / total, "early_exit_rate": exits / total,
+          "expert_load": [float(x) for x in load / routed], "routing_mode": config.routing.mode,
+          "overflow_to_delegator": to_delegator}

@@ -1,0 +1,58 @@
+"""The device mesh and how arrays are laid out on it.
+
+Mesh axes: `data` (the batch is split along it) and `expert` (the stacked
+experts' leading axis is split along it when it is larger than one). Every
+other array is replicated. On a pod, the mesh spans all hosts' devices.
+"""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from coe_jax.errors import require
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """A `data` x `expert` mesh; `mesh.data = -1` takes all devices left over."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  num_devices = devices.size
+  expert = config.mesh.expert
+  require(isinstance(expert, int) and expert >= 1 and num_devices % expert == 0, "mesh.expert",
+          expert, f"expected a positive divisor of the {num_devices} devices")
+  require(config.num_experts % expert == 0, "mesh.expert", expert,
+          f"expected a divisor of num_experts={config.num_experts}")
+  data = config.mesh.data if config.mesh.data != -1 else num_devices // expert
+  require(data >= 1 and data * expert == num_devices, "mesh.data", config.mesh.data,
+          f"expected -1 or {num_devices // expert} (devices / mesh.expert)")
+  require(config.train.batch_size % data == 0, "train.batch_size", config.train.batch_size,
+          f"expected a multiple of the mesh's data axis ({data})")
+  return Mesh(devices.reshape(data, expert), ("data", "expert"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over `data`, replicated over `expert`."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def state_shardings(tree: Any, mesh: Mesh, num_experts: int) -> Any:
+  """Shardings for a tree of model state (params, batch stats, optimizer state).
+
+  Leaves found under an "experts" key whose leading axis is the expert axis
+  are split over the mesh's `expert` axis; everything else is replicated.
+  """
+  expert_sharding = NamedSharding(mesh, P("expert"))
+
+  def sharding(path, leaf):
+    stacked = any(getattr(k, "key", None) == "experts" for k in path)
+    shape = getattr(leaf, "shape", ())
+    if stacked and len(shape) >= 1 and shape[0] == num_experts and mesh.shape["expert"] > 1:
+      return expert_sharding
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(sharding, tree)

@@ -1,0 +1,330 @@
+"""The trainer: `train_and_evaluate(config, workdir)`.
+
+One loop, jitted with shardings on a `data` x `expert` mesh:
+
+1. Build the model, the optimizer and the sharded train state; resume from
+   the newest readable checkpoint in `workdir/checkpoints` if there is one
+   (the data pipeline is deterministic in the step, so a resumed run sees
+   the batches an uninterrupted one would have seen).
+2. Train through the stages of `train.stages` (warmup, coadapt, delegator),
+   one compiled step per stage; PWLU layers switch from phase I to II at
+   `train.pwlu_realign_fraction`. Metrics go to TensorBoard, the console and
+   `workdir/metrics.jsonl`; checkpoints are saved every
+   `train.checkpoint_every_steps`, at the end, and on SIGTERM (preemption).
+3. Evaluate: calibrate the early-exit threshold, route the test split at it,
+   and write `workdir/results.json` plus PNG plots.
+"""
+
+import json
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from coe_jax import checkpointing, data, evaluation, flops, objective, optim, plots, routing
+from coe_jax import sharding as sharding_lib
+from coe_jax.errors import CoEError, require
+from coe_jax.models import pwlu
+from coe_jax.models.coe import CoE
+from coe_jax.train_step import TrainState, create_train_state, make_train_step
+
+NONFINITE_POLICIES = ("stop", "skip")
+LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends scalars to `metrics.jsonl`, one JSON object per step: easy to load anywhere.
+
+  Local workdirs only: object stores (gs://) cannot append; TensorBoard
+  summaries cover those.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write_scalars(self, step, scalars):
+    with open(self._path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def write_summaries(self, step, values, metadata=None): pass
+  def write_images(self, step, images): pass
+  def write_videos(self, step, videos): pass
+  def write_audios(self, step, audios, *, sample_rate): pass
+  def write_texts(self, step, texts): pass
+  def write_histograms(self, step, arrays, num_buckets=None): pass
+  def write_hparams(self, hparams): pass
+  def flush(self): pass
+  def close(self): pass
+
+
+class _Preemption:
+  """Notes SIGTERM so the loop can save a checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys the trainer reads; networks and objective check their own."""
+  train = config.train
+  require(isinstance(train.batch_size, int) and train.batch_size > 0, "train.batch_size",
+          train.batch_size, "expected a positive integer")
+  require(isinstance(train.num_steps, int) and train.num_steps > 0, "train.num_steps",
+          train.num_steps, "expected a positive integer")
+  require(train.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
+          train.checkpoint_every_steps, "expected a positive integer")
+  require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints,
+          "expected at least 1")
+  require(train.log_every_steps > 0, "train.log_every_steps", train.log_every_steps,
+          "expected a positive integer")
+  require(train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", train.nonfinite,
+          f"expected one of {', '.join(NONFINITE_POLICIES)}")
+  require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "expected a value in [0, 1)")
+  require(0 <= train.pwlu_realign_fraction < 1, "train.pwlu_realign_fraction",
+          train.pwlu_realign_fraction, "expected a fraction in [0, 1)")
+  threshold = config.eval.threshold
+  require(threshold is None or 0 <= threshold <= 1, "eval.threshold", threshold,
+          "expected None (calibrate) or a value in [0, 1]")
+  target = config.eval.target_mean_flops
+  require(target is None or target > 0, "eval.target_mean_flops", target,
+          "expected None or a positive number of multiply-adds")
+  require(config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
+          "expected a positive integer")
+  objective.validate_config(config)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise CoEError(f"workdir={workdir!r}: not writable ({e.strerror or e})") from None
+
+
+class Trainer:
+  """The pieces of one run that training and evaluation share."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    validate_config(config)
+    self.config = config
+    self.workdir = workdir
+    self.info = data.get_info(config)
+    if config.data.num_classes is not None:
+      require(config.data.num_classes == self.info.num_classes, "data.num_classes",
+              config.data.num_classes, f"but the data set has {self.info.num_classes} classes")
+    self.model = CoE(config, self.info.num_classes)
+    self.mesh = sharding_lib.make_mesh(config)
+    self.optimizer = optim.make_optimizer(config)
+    self.flops = flops.count(config, self.info.num_classes)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.replicated = sharding_lib.replicated(self.mesh)
+    abstract = jax.eval_shape(lambda: create_train_state(
+        self.model, self.optimizer, config, jax.random.key(0)))
+    self.state_sharding = sharding_lib.state_shardings(abstract, self.mesh, config.num_experts)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+
+  def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's share of a batch -> global arrays split over `data`."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def init_state(self) -> TrainState:
+    init = jax.jit(lambda rng: create_train_state(self.model, self.optimizer, self.config, rng),
+                   out_shardings=self.state_sharding)
+    return init(jax.random.key(self.config.seed))
+
+  def compile_step(self, stage: str):
+    step = make_train_step(self.model, self.optimizer, self.config, stage)
+    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+
+  def realign_pwlu(self, state: TrainState) -> TrainState:
+    """PWLU phase I -> II: bounds from the running statistics, ReLU-shaped heights."""
+    def realign(state):
+      variables = pwlu.realign({"params": state.params, "batch_stats": state.batch_stats})
+      ema = state.ema_params
+      if ema is not None:
+        ema = pwlu.realign({"params": ema, "batch_stats": state.batch_stats})["params"]
+      return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                           ema_params=ema)
+    return jax.jit(realign, out_shardings=self.state_sharding, donate_argnums=0)(state)
+
+
+def _write_run_files(trainer: Trainer) -> None:
+  config, workdir = trainer.config, trainer.workdir
+  checkpointing.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  checkpointing.write_json(os.path.join(workdir, "run.json"), {
+      "class_names": trainer.info.class_names, "num_classes": trainer.info.num_classes,
+      "num_train_examples": trainer.info.num_train, "num_test_examples": trainer.info.num_test,
+      **trainer.flops})
+
+
+def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tuple[int, str]]:
+  for step, metrics in history:
+    if not metrics["finite"]:
+      bad = [t for t in LOSS_TERMS if not np.isfinite(metrics[t])]
+      return step, (bad[0] if bad else "gradient")
+  return None
+
+
+def train(trainer: Trainer) -> Optional[TrainState]:
+  """Runs (or resumes) training; returns the final state, or None when preempted."""
+  config, workdir = trainer.config, trainer.workdir
+  num_steps = config.train.num_steps
+  is_chief = jax.process_index() == 0
+  checkpointer = checkpointing.Checkpointer(
+      workdir, keep=config.train.keep_checkpoints,
+      fingerprint=checkpointing.shape_fingerprint(config, trainer.info.num_classes))
+  restored = checkpointer.restore_latest(trainer.abstract_state)
+  if restored is None:
+    start_step, state = 0, trainer.init_state()
+    logging.info("starting a new run in %s", workdir)
+  else:
+    start_step, state = restored
+    logging.info("resuming %s from step %d", workdir, start_step)
+  if is_chief:
+    _write_run_files(trainer)
+
+  writer = metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, just_logging=not is_chief),
+      *([JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+        if is_chief and "://" not in workdir else [])])
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.train.log_every_steps)]
+  if config.train.profile_steps and is_chief:
+    hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
+                                          logdir=workdir, first_profile=min(10, num_steps)))
+  steps = {}
+  realign_step = int(config.train.pwlu_realign_fraction * num_steps)
+  rng = jax.random.key(config.seed + 1)
+  batches = data.train_batches(config, start_step=start_step, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  preemption = _Preemption()
+  history, skipped = [], 0
+  try:
+    for step in range(start_step, num_steps):
+      if step == realign_step:
+        state = trainer.realign_pwlu(state)
+      stage = objective.stage_at(config, step)
+      if stage not in steps:
+        logging.info("step %d: stage %s", step, stage)
+        steps[stage] = trainer.compile_step(stage)
+      state, metrics = steps[stage](state, trainer.global_batch(next(batches)), rng)
+      history.append((step, metrics))
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      if done % config.train.log_every_steps == 0 or done == num_steps:
+        history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+        bad = _first_nonfinite(history)
+        if bad is not None and config.train.nonfinite == "stop":
+          raise CoEError(f"step={bad[0]}: non-finite {bad[1]}; training stopped, the last good "
+                         f"state is in {checkpointer.directory} (train.nonfinite='skip' skips "
+                         "such steps instead)")
+        skipped += sum(1 for _, m in history if not m["finite"])
+        means = {k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
+                 for k in history[-1][1]}
+        writer.write_scalars(done, {**means, "skipped_steps": skipped})
+        history = []
+      preempted = preemption.requested or checkpointer.reached_preemption(done)
+      if done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted:
+        checkpointer.save(done, state, force=True)
+      if preempted:
+        checkpointer.wait()
+        logging.warning("preempted at step %d; run the same command again to resume", done)
+        return None
+      if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 \
+          and done < num_steps:
+        results = evaluate(trainer, state, write_files=False)
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()
+                                    if isinstance(v, float)})
+    checkpointer.wait()
+  finally:
+    preemption.restore()
+    writer.flush()
+    checkpointer.close()
+  return state
+
+
+def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
+             extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Calibrates tau on the hold-out split, then evaluates on the test split.
+
+  Writes `results.json` and the plots unless `write_files` is False.
+  """
+  config = trainer.config
+  variables = state.eval_variables()
+  f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
+
+  def batches(split):
+    return (trainer.global_batch(b) for b in data.eval_batches(
+        config, process_index=jax.process_index(), process_count=jax.process_count(),
+        split=split))
+
+  def outputs_of(split):
+    return evaluation.collect_outputs(trainer.model, variables, batches(split),
+                                      out_sharding=trainer.replicated)
+
+  test = outputs_of("test")
+  test_curve = evaluation.sweep(test, f_d, f_e)
+  if config.eval.threshold is not None:
+    threshold, how = config.eval.threshold, "fixed"
+  else:
+    if trainer.info.num_holdout:
+      calibration_curve = evaluation.sweep(outputs_of("holdout"), f_d, f_e)
+    else:
+      logging.warning("data.holdout_fraction=0: calibrating the threshold on the test split")
+      calibration_curve = test_curve
+    threshold, how = evaluation.calibrate(calibration_curve, config.eval.target_mean_flops)
+  results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
+  results["threshold_rule"] = how
+  routed = evaluation.routed_figures(trainer.model, variables, batches("test"), threshold, config,
+                                     expected_exit_rate=results["early_exit_rate"],
+                                     mesh=trainer.mesh)
+  if config.routing.mode == "exact" and abs(routed["top1"] - results["top1"]) > 1e-9:
+    # The router and the recorded outputs compute the same answers: a gap is a bug.
+    logging.error("routed top-1 %.5f differs from the recorded outputs' %.5f",
+                  routed["top1"], results["top1"])
+  results.update(routed, **(extra or {}))
+  results["mean_flops"] = f_d + (1 - results["early_exit_rate"]) * f_e
+  if write_files and jax.process_index() == 0:
+    workdir = trainer.workdir
+    checkpointing.write_json(os.path.join(workdir, "results.json"), results)
+    plots.accuracy_vs_flops(test_curve, results, os.path.join(workdir, "accuracy_vs_flops.png"))
+    plots.expert_load(results, os.path.join(workdir, "expert_load.png"))
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict[str, Any]]:
+  """Trains (or resumes) and evaluates; returns the results, or None if preempted."""
+  _check_workdir(workdir)
+  trainer = Trainer(config, workdir)
+  logging.info("devices: %s; mesh %s; FLOPs %s", jax.devices(), dict(trainer.mesh.shape),
+               trainer.flops)
+  started = time.time()
+  state = train(trainer)
+  if state is None:
+    return None
+  return evaluate(trainer, state, extra={"train_seconds": time.time() - started})

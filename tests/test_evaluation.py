@@ -1,0 +1,61 @@
+"""The threshold sweep and calibration, against a brute-force reference."""
+
+import numpy as np
+import pytest
+
+from coe_jax import evaluation
+
+
+def _outputs(seed=0, m=200, n=4, k=5, ties=False):
+  rng = np.random.default_rng(seed)
+  conf = rng.uniform(0.2, 1.0, m)
+  if ties:
+    conf = np.round(conf, 1)
+  return evaluation.EvalOutputs(
+      labels=rng.integers(0, k, m), confidence=conf,
+      delegator_prediction=rng.integers(0, k, m), selected_expert=rng.integers(0, n, m),
+      expert_predictions=rng.integers(0, k, (n, m)))
+
+
+def _brute_force(outputs, tau, f_d, f_e):
+  exits = outputs.confidence >= tau
+  pred = np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
+  return (pred == outputs.labels).mean(), f_d + (1 - exits.mean()) * f_e
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_sweep_matches_brute_force_at_every_point(ties):
+  outputs = _outputs(ties=ties)
+  curve = evaluation.sweep(outputs, 10.0, 100.0)
+  assert np.all(np.diff(curve.thresholds) > 0)
+  assert curve.exit_rate[-1] == 0  # The largest tau lets nothing exit.
+  assert curve.exit_rate[0] == np.mean(outputs.confidence >= curve.thresholds[0])
+  for tau, acc, flops in zip(curve.thresholds, curve.accuracy, curve.mean_flops):
+    ref_acc, ref_flops = _brute_force(outputs, tau, 10.0, 100.0)
+    assert acc == pytest.approx(ref_acc) and flops == pytest.approx(ref_flops)
+  # Every distinct operating point is present: one per distinct confidence, plus "no exit".
+  assert len(curve.thresholds) == len(np.unique(outputs.confidence)) + 1
+
+
+def test_calibrate_maximises_accuracy_then_prefers_cheaper():
+  curve = evaluation.Sweep(thresholds=np.array([0.2, 0.5, 0.8, 1.1]),
+                           accuracy=np.array([0.7, 0.9, 0.9, 0.85]),
+                           exit_rate=np.array([0.9, 0.6, 0.3, 0.0]),
+                           mean_flops=np.array([20.0, 50.0, 80.0, 110.0]))
+  assert evaluation.calibrate(curve, None) == (0.5, "max_accuracy")
+  assert evaluation.calibrate(curve, 45.0) == (0.2, "target_mean_flops")
+  assert evaluation.calibrate(curve, 100.0) == (0.5, "target_mean_flops")
+  assert evaluation.calibrate(curve, 5.0) == (0.2, "cheapest")
+
+
+def test_summary_figures():
+  outputs = _outputs(seed=1)
+  curve = evaluation.sweep(outputs, 10.0, 100.0)
+  tau = float(np.median(outputs.confidence))
+  results = evaluation.summary(outputs, curve, tau, 4, 10.0, 100.0)
+  acc, flops = _brute_force(outputs, tau, 10.0, 100.0)
+  assert results["top1"] == pytest.approx(acc) and results["mean_flops"] == pytest.approx(flops)
+  assert sum(results["expert_load"]) == pytest.approx(1.0)
+  assert results["expert_top1"][2] == pytest.approx(
+      np.mean(outputs.expert_predictions[2] == outputs.labels))
+  assert results["num_test_examples"] == 200
