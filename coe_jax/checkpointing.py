@@ -130,9 +130,10 @@ def read_json(path: str) -> Any:
 def load_for_inference(workdir: str):
   """(config, eval variables, meta) of a run, for the predictor and the exporter.
 
-  `meta` has `class_names`, `num_classes` and `threshold` (the calibrated tau
+  `meta` has `class_names`, `num_classes`, `threshold` (the calibrated tau
   from results.json; before the run has been evaluated, `eval.threshold` or,
-  if unset, 1.0, which sends every sample to an expert).
+  if unset, infinity: no early exit) and `expected_exit_rate` (the test exit
+  rate at that tau, which sizes serving-mode expert buffers; 0 before).
   """
   from coe_jax import optim, train_step  # pylint: disable=g-import-not-at-top
   from coe_jax.models.coe import CoE  # pylint: disable=g-import-not-at-top
@@ -141,7 +142,10 @@ def load_for_inference(workdir: str):
   if not epath.Path(config_path).is_file():
     raise CoEError(f"workdir={workdir!r}: no config.json; is this the workdir of a training run?")
   config = ml_collections.ConfigDict(read_json(config_path))
-  run = read_json(os.path.join(workdir, "run.json"))
+  run_path = os.path.join(workdir, "run.json")
+  if not epath.Path(run_path).is_file():
+    raise CoEError(f"workdir={workdir!r}: no run.json; the run has not started training")
+  run = read_json(run_path)
   model = CoE(config, run["num_classes"])
   optimizer = optim.make_optimizer(config)
   abstract = jax.eval_shape(
@@ -157,9 +161,11 @@ def load_for_inference(workdir: str):
   _, state = restored
   results_path = os.path.join(workdir, "results.json")
   if epath.Path(results_path).is_file():
-    threshold = read_json(results_path)["threshold"]
+    results = read_json(results_path)
+    threshold, exit_rate = results["threshold"], results["early_exit_rate"]
   else:
-    threshold = config.eval.threshold if config.eval.threshold is not None else 1.0
+    threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
+    exit_rate = 0.0
   meta = {"class_names": run["class_names"], "num_classes": run["num_classes"],
-          "threshold": threshold}
+          "threshold": threshold, "expected_exit_rate": exit_rate}
   return config, state.eval_variables(), meta

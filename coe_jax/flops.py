@@ -90,10 +90,6 @@ def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> 
   return {"delegator_flops": delegator, "expert_flops": expert, "max_flops": delegator + expert}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
-
-
 def main(argv):
   del argv
   try:
@@ -103,4 +99,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so other entry points can import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                            lock_config=True)
   app.run(main)

@@ -1,0 +1,259 @@
+r"""Inference throughput of routed CoE against networks of equal FLOPs.
+
+    python -m benchmarks.inference --config=configs/digits.py --json=bench.json \
+        [--batch-size=64] [--threshold=0.5 | --workdir=runs/demo] [--steps=5] [--rounds=3]
+
+Measured in one run, on the default device, after warm-up, on random uint8
+images of the config's size, interleaved round by round so that a change in
+the machine's load hits every variant alike (each variant's best round is
+reported):
+
+  coe_routed            `coe_jax.routing.route_and_predict` in serving mode:
+                        delegator, early exit, the rest dispatched into
+                        per-expert buffers of static capacity C, combine.
+  dense_equal_flops     one plain network: the expert's architecture with its
+                        width (and, to fill the gaps that channel rounding
+                        leaves, depth) multiplier set so that its FLOPs match
+                        CoE's mean FLOPs per image.
+  condconv_equal_flops  the same with CondConv (4 kernels) in the later half of
+                        the stages, scaled likewise.
+  all_experts           the delegator and every expert on the whole batch, then
+                        the early exit or the selected expert's answer is picked.
+
+FLOPs are multiply-adds per image (`coe_jax.flops`). For CoE, `flops_per_image`
+is the method's mean cost F_D + (1 - rho) F_E at the exit rate rho measured on
+the benchmark images; `executed_flops_per_image` is F_D + (N C / B) F_E, what
+the static buffers compute (empty slots included). Serving mode plans C with
+expected_exit_rate = rho and the config's `routing.capacity_factor`.
+
+The threshold: --threshold if given; else with --workdir the run's calibrated
+one (on random images the exit rate then says little about real data); else the
+median delegator confidence on the benchmark images, so about half of them exit.
+
+Both expert loops (vmap, unroll) are timed for coe_routed and all_experts; the
+ratios use the config's `routing.expert_loop`.
+"""
+
+import argparse
+import functools
+import json
+import platform
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from coe_jax import checkpointing, flops, routing
+from coe_jax.config_loading import load_config
+from coe_jax.errors import CoEError
+from coe_jax.models.coe import EXPERT_LOOPS, CoE
+from coe_jax.models.networks import Expert
+from coe_jax.models.spec import NetworkSpec
+
+CONDCONV_KERNELS = 4
+DEPTH_MULTIPLIERS = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0)  # Closest to 1 first.
+
+
+def _scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
+                     channels: int, num_classes: int) -> tuple[dict[str, float], NetworkSpec, int]:
+  """The network's multipliers, spec and FLOPs whose FLOPs come closest to `target`.
+
+  Channels are rounded to multiples of 8, so FLOPs move in coarse steps with
+  the width alone (on digits the nearest width misses CoE's mean by ~20%);
+  depth multipliers fill the gaps. Ties go to the depth closest to 1.
+  """
+  best = None
+  for depth in DEPTH_MULTIPLIERS:
+    for width in np.arange(0.05, 4.0, 0.01):
+      candidate = network.copy_and_resolve_references()
+      candidate.width_multiplier, candidate.depth_multiplier = float(width), depth
+      spec = NetworkSpec.from_config(candidate, "expert")
+      macs = flops.network_macs(spec, image_size, channels, num_classes)
+      if best is None or abs(macs - target) < abs(best[2] - target):
+        best = (dict(width=round(float(width), 2), depth=depth), spec, macs)
+  return best
+
+
+def _condconv_network(expert: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The expert's architecture with CondConv, unless it already has it."""
+  network = expert.copy_and_resolve_references()
+  if not network.condconv_kernels:
+    network.condconv_kernels = CONDCONV_KERNELS
+    network.condconv_from_stage = len(network.stages) // 2  # CondConv in the later stages only.
+  return network
+
+
+def _time_rounds(variants: dict[str, Callable[[], Any]], steps: int,
+                 rounds: int) -> dict[str, float]:
+  """Seconds per call of each variant in its best round; rounds interleave the variants.
+
+  On a shared machine other work only ever slows a round down, so the best
+  round is the steadiest estimate of what the variant itself costs.
+  """
+  for fn in variants.values():  # Compile and warm up.
+    for _ in range(2):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in variants}
+  for _ in range(rounds):
+    for name, fn in variants.items():
+      start = time.perf_counter()
+      for _ in range(steps):
+        jax.block_until_ready(fn())
+      times[name].append((time.perf_counter() - start) / steps)
+  return {name: min(t) for name, t in times.items()}
+
+
+def _plain_network(spec: NetworkSpec, num_classes: int, images: jax.Array
+                   ) -> Callable[[], jax.Array]:
+  """A jitted forward pass of one network with fresh variables on `images`."""
+  net = Expert(spec, num_classes)
+  variables = jax.jit(net.init)(jax.random.key(1), images[:1])
+  apply = jax.jit(net.apply)
+  return lambda: apply(variables, images)
+
+
+def _all_experts(model: CoE, loop: str) -> Callable[..., jax.Array]:
+  """Delegator and every expert on the whole batch; then one answer is picked."""
+
+  @jax.jit
+  def run(variables, images, threshold):
+    class_logits, selection_logits = model.delegator(variables, images)  # [B, K], [B, N]
+    expert_logits = model.experts(variables, images, shared_input=True, loop=loop)  # [N, B, K]
+    choice = routing.expert_choice(selection_logits)  # [B]
+    chosen = jnp.take_along_axis(expert_logits, choice[None, :, None], axis=0)[0]  # [B, K]
+    return jnp.where(routing.exit_mask(class_logits, threshold)[:, None], class_logits, chosen)
+
+  return run
+
+
+def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[float],
+        workdir: Optional[str], steps: int, rounds: int) -> dict[str, Any]:
+  """Measures every variant; returns the JSON report."""
+  if workdir:
+    config, variables, meta = checkpointing.load_for_inference(workdir)
+    num_classes = meta["num_classes"]
+    model = CoE(config, num_classes)
+  else:
+    num_classes = config.data.num_classes
+    if not num_classes:
+      raise CoEError("data.num_classes=None: set it in the config")
+    model = CoE(config, num_classes)
+    variables = jax.jit(model.init)(jax.random.key(0))
+  size, channels, num_experts = config.data.image_size, config.data.channels, model.num_experts
+  images = jnp.asarray(np.random.default_rng(0).integers(
+      0, 256, (batch_size, size, size, channels), dtype=np.uint8))  # [B, S, S, C]
+
+  class_logits, _ = jax.jit(model.delegator)(variables, images)  # [B, K]
+  confidence = np.asarray(routing.confidence(class_logits))  # [B]
+  if threshold is not None:
+    source = "given (--threshold)"
+  elif workdir:
+    threshold, source = float(meta["threshold"]), f"calibrated ({workdir})"
+  else:
+    threshold = float(np.median(confidence))
+    source = "median delegator confidence on the benchmark images (~50% exits)"
+  exit_rate = float(np.mean(confidence >= threshold))
+  cost = flops.count(config, num_classes)
+  f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
+  mean_flops = f_d + (1 - exit_rate) * f_e
+  # Serving mode plans with an exit rate below 1; at 0.99 C is 1 slot anyway.
+  expected_exit_rate = min(exit_rate, 0.99)
+  capacity_factor = config.routing.capacity_factor
+  capacity = routing.capacity("serving", batch_size, num_experts, capacity_factor,
+                              expected_exit_rate)
+
+  dense_scale, dense_spec, dense_flops = _scaled_to_flops(
+      config.expert, mean_flops, size, channels, num_classes)
+  condconv_scale, condconv_spec, condconv_flops = _scaled_to_flops(
+      _condconv_network(config.expert), mean_flops, size, channels, num_classes)
+  routed = {loop: functools.partial(routing.route_and_predict, model, variables, images,
+                                    threshold, mode="serving", capacity_factor=capacity_factor,
+                                    expected_exit_rate=expected_exit_rate, expert_loop=loop)
+            for loop in EXPERT_LOOPS}
+  variants = {
+      **{f"coe_routed[{loop}]": fn for loop, fn in routed.items()},
+      **{f"all_experts[{loop}]": functools.partial(_all_experts(model, loop), variables, images,
+                                                   threshold) for loop in EXPERT_LOOPS},
+      "dense_equal_flops": _plain_network(dense_spec, num_classes, images),
+      "condconv_equal_flops": _plain_network(condconv_spec, num_classes, images),
+  }
+  seconds = _time_rounds(variants, steps, rounds)
+
+  flops_of = {  # (method's FLOPs per image, FLOPs the device executes per image)
+      "coe_routed": (mean_flops, f_d + num_experts * capacity / batch_size * f_e),
+      "all_experts": (f_d + num_experts * f_e,) * 2,
+      "dense_equal_flops": (dense_flops,) * 2,
+      "condconv_equal_flops": (condconv_flops,) * 2,
+  }
+  results = {}
+  for name, s in seconds.items():
+    method, executed = flops_of[name.split("[")[0]]
+    results[name] = dict(images_per_s=batch_size / s, flops_per_image=float(method),
+                         executed_flops_per_image=float(executed))
+  loop = config.routing.expert_loop
+  speed = lambda name: results[name]["images_per_s"]
+  routed_speed = speed(f"coe_routed[{loop}]")
+  metrics = jax.device_get(routed[loop]()["metrics"])
+  return dict(
+      benchmark="inference", backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+      cpu=platform.processor(), batch_size=batch_size, steps=steps, rounds=rounds,
+      num_experts=num_experts, threshold=threshold, threshold_source=source,
+      exit_rate=exit_rate, capacity=capacity, capacity_factor=capacity_factor,
+      overflow_to_expert=int(metrics["overflow_to_expert"]),
+      overflow_to_delegator=int(metrics["overflow_to_delegator"]),
+      delegator_flops=f_d, expert_flops=f_e, expert_loop=loop,
+      multipliers={"dense_equal_flops": dense_scale, "condconv_equal_flops": condconv_scale},
+      results=results,
+      ratios={
+          "coe_routed / dense_equal_flops": routed_speed / speed("dense_equal_flops"),
+          "coe_routed / condconv_equal_flops": routed_speed / speed("condconv_equal_flops"),
+          "coe_routed / all_experts": routed_speed / speed(f"all_experts[{loop}]"),
+      },
+      expert_loop_speed={
+          "coe_routed unroll / vmap": speed("coe_routed[unroll]") / speed("coe_routed[vmap]"),
+          "all_experts unroll / vmap": speed("all_experts[unroll]") / speed("all_experts[vmap]"),
+      },
+  )
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The report as a table with its ratios."""
+  lines = [f"batch {report['batch_size']} on {report['backend']} ({report['device']}); "
+           f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
+           f"exit rate {report['exit_rate']:.2f}; capacity C={report['capacity']} per expert",
+           f"{'variant':<24} {'images/s':>10} {'MFLOPs/image':>13} {'executed':>9}"]
+  for name, r in report["results"].items():
+    lines.append(f"{name:<24} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
+                 f"{r['executed_flops_per_image'] / 1e6:>9.3f}")
+  lines += [f"{name}: width x{m['width']:.2f}, depth x{m['depth']}"
+            for name, m in report["multipliers"].items()]
+  lines += [f"{k}: {v:.2f}" for k, v in {**report["ratios"], **report["expert_loop_speed"]}.items()]
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="config file, e.g. configs/digits.py")
+  parser.add_argument("--json", required=True, help="where to write the report")
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--threshold", type=float, default=None)
+  parser.add_argument("--workdir", default=None, help="a trained run: its variables and threshold")
+  parser.add_argument("--steps", type=int, default=5, help="batches per variant and round")
+  parser.add_argument("--rounds", type=int, default=5)
+  args = parser.parse_args()
+  try:
+    report = run(load_config(args.config), args.batch_size, args.threshold, args.workdir,
+                 args.steps, args.rounds)
+  except CoEError as e:
+    raise SystemExit(f"error: {e}") from None
+  report["config"] = args.config
+  with open(args.json, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(format_table(report))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,134 @@
+"""Predicting with a trained CoE from images as a user holds them.
+
+    p = Predictor.load("runs/demo")
+    out = p(images)             # uint8 [B, H, W] or [B, H, W, C], any size
+    out["logits"], out["early_exit"], out["expert"]
+    class_logits, selection_logits = p.delegator(images)
+    expert_logits = p.expert(2, images)
+
+Axis letters: B batch, K classes, N experts, S the model's image size.
+
+Images go through the evaluation preprocessing of the run's data set
+(`coe_jax.data.preprocess_images`), then the jitted router
+(`coe_jax.routing.route_and_predict`), one group, on the default device. Each
+function compiles once per batch shape; the threshold is traced, so changing
+it does not recompile. Results are numpy arrays.
+
+The threshold tau: a sample exits early when the delegator's max class
+probability is >= tau. Any tau >= 0 is accepted: 0 makes every sample exit,
+and a tau above 1 (e.g. `float("inf")`) switches early exit off; calibration
+may store a tau just above 1 for "no sample exits". Negative, NaN or
+non-numeric values raise `CoEError`.
+"""
+
+import math
+import numbers
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from coe_jax import checkpointing, routing
+from coe_jax.data import eval_crop_fraction, preprocess_images
+from coe_jax.errors import require
+from coe_jax.models.coe import CoE
+
+
+def _check_threshold(threshold: Any) -> float:
+  is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+  require(is_number and not math.isnan(threshold) and threshold >= 0, "threshold", threshold,
+          "expected a number >= 0 (a probability in [0, 1]; above 1 turns early exit off)")
+  return float(threshold)
+
+
+class Predictor:
+  """A trained CoE with its preprocessing, class names and calibrated threshold."""
+
+  def __init__(self, model: CoE, variables: dict[str, Any], *, image_size: int, channels: int,
+               class_names: Sequence[str], threshold: float,
+               routing_config: Mapping[str, Any], crop_fraction: float = 1.0):
+    """Builds a predictor from a model and its variables.
+
+    Args:
+      model: the CoE.
+      variables: its (evaluation) variables.
+      image_size: S, the model's input size (`config.data.image_size`).
+      channels: the model's input channels (`config.data.channels`).
+      class_names: K names, in label order.
+      threshold: the default tau (the calibrated one).
+      routing_config: `config.routing` (mode, capacity_factor, expert_loop,
+        and optionally expected_exit_rate, else 0 for serving-mode capacity).
+      crop_fraction: the evaluation centre crop (`coe_jax.data.eval_crop_fraction`).
+    """
+    require(len(class_names) == model.num_classes, "class_names", len(class_names),
+            f"expected {model.num_classes} names, one per class")
+    self.model = model
+    self.variables = variables
+    self.image_size = image_size
+    self.channels = channels
+    self.crop_fraction = crop_fraction
+    self.class_names = list(class_names)
+    self.threshold = _check_threshold(threshold)
+    self.num_experts = model.num_experts
+    self._routing = dict(mode=routing_config["mode"],
+                         capacity_factor=routing_config["capacity_factor"],
+                         expected_exit_rate=routing_config.get("expected_exit_rate", 0.0),
+                         expert_loop=routing_config["expert_loop"], num_groups=1)
+    routing.check_settings(self._routing["mode"], self._routing["capacity_factor"],
+                           self._routing["expected_exit_rate"], self._routing["expert_loop"])
+    self._delegator = jax.jit(model.delegator)
+    self._expert = jax.jit(model.expert)
+
+  @classmethod
+  def load(cls, workdir: str) -> "Predictor":
+    """The predictor of a training run's latest checkpoint and calibrated threshold."""
+    config, variables, meta = checkpointing.load_for_inference(workdir)
+    model = CoE(config, len(meta["class_names"]))
+    return cls(model, variables, image_size=config.data.image_size,
+               channels=config.data.channels, class_names=meta["class_names"],
+               threshold=meta["threshold"],
+               routing_config={**config.routing, "expected_exit_rate": meta["expected_exit_rate"]},
+               crop_fraction=eval_crop_fraction(config))
+
+  def preprocess(self, images: Any) -> np.ndarray:
+    """User images ([B, H, W] or [B, H, W, C], any size) to model input uint8 [B, S, S, C]."""
+    images = np.asarray(images)
+    require(images.ndim in (3, 4) and images.shape[0] >= 1, "images.shape", images.shape,
+            "expected a non-empty batch [B, H, W] or [B, H, W, C]")
+    # A batch of grey images 1, 3 or 4 pixels wide is far less likely than one
+    # [H, W, C] image without its batch axis.
+    require(images.ndim == 4 or images.shape[-1] not in (1, 3, 4), "images.shape", images.shape,
+            "looks like one [H, W, C] image; add a batch axis (images[None])")
+    return preprocess_images(images, self.image_size, self.channels, self.crop_fraction)
+
+  def __call__(self, images: Any, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
+    """CoE's answers.
+
+    Args:
+      images: [B, H, W] or [B, H, W, C] (C = 1, 3 or 4), uint8 0-255 (or
+        integers 0-255, floats 0-1), any size.
+      threshold: tau; None uses the calibrated one.
+
+    Returns:
+      logits: float32 [B, K].
+      early_exit: bool [B], True where the delegator answered alone.
+      expert: int [B], the expert that answered; -1 where the delegator did
+        (an early exit, or in serving mode a sample that found every expert full).
+    """
+    tau = self.threshold if threshold is None else _check_threshold(threshold)
+    out = routing.route_and_predict(self.model, self.variables, self.preprocess(images), tau,
+                                    **self._routing)
+    return {key: np.asarray(out[key]) for key in ("logits", "early_exit", "expert")}
+
+  def delegator(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The delegator alone: (class_logits [B, K], selection_logits [B, N])."""
+    class_logits, selection_logits = self._delegator(self.variables, self.preprocess(images))
+    return np.asarray(class_logits), np.asarray(selection_logits)
+
+  def expert(self, j: int, images: Any) -> np.ndarray:
+    """Expert j alone on every image: logits [B, K]."""
+    valid = isinstance(j, numbers.Integral) and not isinstance(j, bool)
+    require(valid and 0 <= j < self.num_experts, "j", j,
+            f"expected an expert index in [0, {self.num_experts - 1}]")
+    return np.asarray(self._expert(self.variables, int(j), self.preprocess(images)))
+

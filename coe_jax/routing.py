@@ -1,0 +1,350 @@
+"""CoE inference: early exit, expert routing, dispatch and combine.
+
+Axis letters:
+  B   batch: the caller's images.
+  G   groups: the batch is cut into G equal groups (one per device's share of
+      the batch) and every group is routed on its own.
+  S   samples per group; B is padded up to G * S and the padding masked.
+  N   experts.
+  C   capacity: slots in each expert's buffer, per group.
+  K   classes.
+  H, W, Ch  image height, width and channels.
+
+Per sample, the answer is (coe-method.md, section 2): the delegator's class
+logits when their max softmax reaches the threshold tau (an early exit), else
+the logits of the expert with the largest selection logit. Batched, with
+static shapes, per group:
+
+  1. The delegator runs on every sample: exit mask and ranked preferences.
+  2. `assign` gives each sample that did not exit an (expert, slot) pair in
+     its group's buffers. In serving mode a sample whose expert is full falls
+     back to its next-best expert with room, else to the delegator's answer.
+  3. `dispatch` gathers the images into the buffers by index.
+  4. The buffers [G, N, C, ...] are transposed to [N, G * C, ...], so the
+     expert axis can be sharded on the mesh's `expert` axis, and all experts
+     run at once (vmapped or unrolled over N). Under a mesh, each device runs
+     its own experts on its own buffers (see `_run_experts`).
+  5. `combine` gathers each sample's logits back into batch order. Empty slots
+     are never read, and BatchNorm runs in inference mode, so each slot is
+     computed on its own: padding cannot change a real sample's answer.
+
+Capacity C per group: S in `exact` mode (no sample can overflow), and
+ceil(capacity_factor * S * (1 - expected_exit_rate) / N) in `serving` mode.
+
+Entry points, both jitted: `route_and_predict` (answers at one threshold) and
+`all_outputs` (everything needed to answer at any threshold, for sweeping tau
+afterwards with `answer_at`).
+"""
+
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from coe_jax.errors import require
+from coe_jax.models.coe import EXPERT_LOOPS, CoE
+
+MODES = ("exact", "serving")
+DATA_AXIS = "data"      # Mesh axis the batch (and so the groups) is sharded on.
+EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are sharded on.
+NO_EXPERT = -1          # `expert` of a sample answered by the delegator.
+
+Variables = dict[str, Any]
+
+
+def confidence(class_logits: jax.Array) -> jax.Array:
+  """The delegator's max class probability: [..., K] -> [...]."""
+  return jnp.max(jax.nn.softmax(class_logits, axis=-1), axis=-1)
+
+
+def exit_mask(class_logits: jax.Array, threshold: jax.Array | float) -> jax.Array:
+  """True where the delegator answers alone: max softmax >= threshold. [..., K] -> [...].
+
+  A threshold above 1 disables early exit; 0 makes every sample exit.
+  """
+  return confidence(class_logits) >= threshold
+
+
+def expert_preferences(selection_logits: jax.Array) -> jax.Array:
+  """Experts ranked best first: [..., N] -> int32 [..., N].
+
+  Ties go to the lower expert index, as in `jnp.argmax`, so the first column
+  is `expert_choice`.
+  """
+  return jnp.argsort(-selection_logits, axis=-1, stable=True).astype(jnp.int32)
+
+
+def expert_choice(selection_logits: jax.Array) -> jax.Array:
+  """The selected expert: [..., N] -> int32 [...]."""
+  return jnp.argmax(selection_logits, axis=-1).astype(jnp.int32)
+
+
+def capacity(mode: str, group_size: int, num_experts: int, capacity_factor: float,
+             expected_exit_rate: float) -> int:
+  """Slots per expert buffer and group (C), between 1 and the group size S."""
+  require(mode in MODES, "routing.mode", mode, f"expected one of {', '.join(MODES)}")
+  if mode == "exact":
+    return group_size
+  require(capacity_factor > 0, "routing.capacity_factor", capacity_factor,
+          "expected a positive number")
+  require(0 <= expected_exit_rate < 1, "expected_exit_rate", expected_exit_rate,
+          "expected a rate in [0, 1)")
+  slots = capacity_factor * group_size * (1 - expected_exit_rate) / num_experts
+  # The small tolerance keeps float noise (e.g. 2.0000000000000004) from adding a slot.
+  return min(group_size, max(1, math.ceil(slots - 1e-9)))
+
+
+def check_settings(mode: str, capacity_factor: float, expected_exit_rate: float,
+                   expert_loop: str) -> None:
+  """Fails in one line (`CoEError`) naming a bad routing setting."""
+  capacity(mode, 1, 1, capacity_factor, expected_exit_rate)
+  require(expert_loop in EXPERT_LOOPS, "routing.expert_loop", expert_loop,
+          f"expected one of {', '.join(EXPERT_LOOPS)}")
+
+
+def assign(preferences: jax.Array, active: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Places one group's active samples into expert buffers of `capacity` slots.
+
+  Samples are served best choice first: every sample's first choice is
+  granted in sample order while its buffer has room; the samples left over
+  then try their second choice, and so on. A sample no expert can take keeps
+  `NO_EXPERT` (the delegator answers it).
+
+  Args:
+    preferences: int [S, N], each sample's experts ranked best first.
+    active: bool [S], the samples an expert should answer (not exited, not padding).
+    capacity: C, the slots in each expert's buffer.
+
+  Returns:
+    expert: int32 [S], the buffer each sample went to, or `NO_EXPERT`.
+    slot: int32 [S], its slot in that buffer (0 where `expert` is `NO_EXPERT`).
+  """
+  num_samples, num_experts = preferences.shape
+  # With a slot for every sample in every buffer, first choices always fit.
+  num_rounds = 1 if capacity >= num_samples else num_experts
+  expert = jnp.full((num_samples,), NO_EXPERT, jnp.int32)  # [S]
+  slot = jnp.zeros((num_samples,), jnp.int32)  # [S]
+  load = jnp.zeros((num_experts,), jnp.int32)  # [N] slots already taken
+  for rank in range(num_rounds):
+    waiting = active & (expert == NO_EXPERT)  # [S]
+    candidate = preferences[:, rank]  # [S]
+    requests = jax.nn.one_hot(candidate, num_experts, dtype=jnp.int32) * waiting[:, None]  # [S, N]
+    # The slot each request would get: after the slots taken in earlier rounds,
+    # in sample order among this round's requests for the same expert.
+    position = jnp.sum((jnp.cumsum(requests, axis=0) - 1 + load) * requests, axis=1)  # [S]
+    granted = waiting & (position < capacity)  # [S]
+    expert = jnp.where(granted, candidate, expert)  # [S]
+    slot = jnp.where(granted, position, slot)  # [S]
+    load = jnp.minimum(load + jnp.sum(requests, axis=0), capacity)  # [N]
+  return expert, slot
+
+
+def dispatch(images: jax.Array, expert: jax.Array, slot: jax.Array, num_experts: int,
+             capacity: int) -> jax.Array:
+  """Gathers one group's samples into per-expert buffers: [S, ...] -> [N, C, ...].
+
+  Empty slots hold zeros.
+  """
+  num_samples = images.shape[0]
+  num_slots = num_experts * capacity
+  # Each sample's flat slot; samples no expert runs point past the end and are dropped.
+  target = jnp.where(expert == NO_EXPERT, num_slots, expert * capacity + slot)  # [S]
+  # The sample in each slot; an empty slot points past the end and reads the fill value.
+  source = jnp.full((num_slots,), num_samples, jnp.int32).at[target].set(
+      jnp.arange(num_samples, dtype=jnp.int32), mode="drop")  # [N * C]
+  buffers = jnp.take(images, source, axis=0, mode="fill", fill_value=0)  # [N * C, H, W, Ch]
+  return buffers.reshape(num_experts, capacity, *images.shape[1:])  # [N, C, H, W, Ch]
+
+
+def combine(expert_logits: jax.Array, fallback_logits: jax.Array, expert: jax.Array,
+            slot: jax.Array) -> jax.Array:
+  """Each sample's answer in sample order: its expert's slot, else the fallback.
+
+  Args:
+    expert_logits: [N, C, K], the experts' outputs on their buffers.
+    fallback_logits: [S, K], the delegator's class logits.
+    expert: int [S], from `assign`.
+    slot: int [S], from `assign`.
+
+  Returns:
+    [S, K]. Only slots that hold a sample are read.
+  """
+  num_experts, capacity, num_classes = expert_logits.shape
+  flat = expert_logits.reshape(num_experts * capacity, num_classes)  # [N * C, K]
+  answered = expert != NO_EXPERT  # [S]
+  index = jnp.where(answered, expert * capacity + slot, 0)  # [S]
+  return jnp.where(answered[:, None], jnp.take(flat, index, axis=0), fallback_logits)  # [S, K]
+
+
+def _constrain(x: jax.Array, mesh: Optional[Mesh], *spec: Optional[str]) -> jax.Array:
+  """Pins x's sharding on `mesh` (leading axes as in `spec`); no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
+  """The mesh must split the experts and the groups evenly."""
+  for axis in (DATA_AXIS, EXPERT_AXIS):
+    require(axis in mesh.axis_names, "mesh.axis_names", mesh.axis_names,
+            f"expected a {axis!r} axis")
+  require(num_experts % mesh.shape[EXPERT_AXIS] == 0, "num_experts", num_experts,
+          f"expected a multiple of the mesh's expert axis ({mesh.shape[EXPERT_AXIS]})")
+  require(num_groups % mesh.shape[DATA_AXIS] == 0, "num_groups", num_groups,
+          f"expected a multiple of the mesh's data axis ({mesh.shape[DATA_AXIS]})")
+
+
+def _run_experts(model: CoE, variables: Variables, buffers: jax.Array, expert_loop: str,
+                 mesh: Optional[Mesh]) -> jax.Array:
+  """Each expert on its own buffer: [N, G * C, H, W, Ch] -> logits [N, G * C, K]."""
+  if mesh is None:
+    return model.experts(variables, buffers, shared_input=False, loop=expert_loop)
+  # Under a mesh each device runs its own experts on its own buffers. This is
+  # not left to XLA's partitioner: with the kernels sharded on the vmapped
+  # expert axis it miscompiles vmapped 1x1 convolutions (jax 0.10.2, Shardy
+  # and GSPMD alike, on CPU), and CoE.experts expects all N experts.
+  experts = {collection: tree["experts"] for collection, tree in variables.items()}
+  split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
+
+  def run_local(experts: Variables, buffers: jax.Array) -> jax.Array:
+    # experts: leaves [N / E, ...]; buffers: [N / E, G * C / D, H, W, Ch].
+    if expert_loop == "vmap":
+      return jax.vmap(model.expert_net.apply)(experts, buffers)  # [N / E, G * C / D, K]
+    return jnp.stack([model.expert_net.apply(jax.tree.map(lambda v: v[j], experts), buffers[j])
+                      for j in range(buffers.shape[0])])  # [N / E, G * C / D, K]
+
+  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(EXPERT_AXIS), split),
+                       out_specs=split)(experts, buffers)
+
+
+def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
+           mode: str, capacity_factor: float, expected_exit_rate: float, num_groups: int,
+           expert_loop: str, mesh: Optional[Mesh]) -> dict[str, Any]:
+  """The traced body of `route_and_predict` and `all_outputs`."""
+  require(isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
+          "expected a positive integer")
+  check_settings(mode, capacity_factor, expected_exit_rate, expert_loop)
+  require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, Ch]")
+  num_images, num_experts = images.shape[0], model.num_experts
+  if mesh is not None:
+    _check_mesh(mesh, num_experts, num_groups)
+  group_size = -(-num_images // num_groups)  # S
+  slots = capacity(mode, group_size, num_experts, capacity_factor, expected_exit_rate)  # C
+  padded = num_groups * group_size
+  images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * S, H, W, Ch]
+  images = _constrain(images, mesh, DATA_AXIS)
+  to_groups = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])
+
+  class_logits, selection_logits = model.delegator(variables, images)  # [G * S, K], [G * S, N]
+  class_logits, selection_logits = to_groups(class_logits), to_groups(selection_logits)
+  valid = to_groups(jnp.arange(padded) < num_images)  # [G, S]
+  early_exit = exit_mask(class_logits, threshold) & valid  # [G, S]
+  preferences = expert_preferences(selection_logits)  # [G, S, N]
+  expert, slot = jax.vmap(assign, in_axes=(0, 0, None))(
+      preferences, valid & ~early_exit, slots)  # [G, S], [G, S]
+
+  group_dispatch = functools.partial(dispatch, num_experts=num_experts, capacity=slots)
+  buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, C, H, W, Ch]
+  buffers = buffers.swapaxes(0, 1).reshape(
+      num_experts, num_groups * slots, *images.shape[1:])  # [N, G * C, H, W, Ch]
+  expert_logits = _run_experts(model, variables, buffers, expert_loop, mesh)  # [N, G * C, K]
+  expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, C, K]
+  expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, C, K]
+  logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, S, K]
+
+  answered = expert != NO_EXPERT  # [G, S]
+  from_batch = lambda x: x.reshape(padded, *x.shape[2:])[:num_images]  # [G, S, ...] -> [B, ...]
+  metrics = dict(
+      exit_rate=jnp.sum(early_exit) / num_images,
+      expert_load=jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=(0, 1)),
+      overflow_to_expert=jnp.sum(answered & (expert != preferences[..., 0])),
+      overflow_to_delegator=jnp.sum(valid & ~early_exit & ~answered),
+  )
+  return dict(logits=from_batch(logits), early_exit=from_batch(early_exit),
+              expert=from_batch(expert), class_logits=from_batch(class_logits),
+              selection_logits=from_batch(selection_logits), metrics=metrics)
+
+
+_STATIC = ("model", "mode", "capacity_factor", "expected_exit_rate", "num_groups", "expert_loop",
+           "mesh")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
+                      threshold: jax.Array | float, *, mode: str = "exact",
+                      capacity_factor: float = 1.25, expected_exit_rate: float = 0.0,
+                      num_groups: int = 1, expert_loop: str = "vmap",
+                      mesh: Optional[Mesh] = None) -> dict[str, Any]:
+  """CoE's answer on a batch, routed with static shapes; jitted.
+
+  `threshold` is traced, so sweeping it reuses one compilation; any real value
+  works (above 1: no early exit). Everything after it is static.
+
+  Args:
+    model: the CoE.
+    variables: its variables (under a mesh, the experts' leaves may be
+      sharded on `EXPERT_AXIS`).
+    images: [B, H, W, Ch], values 0-255 (under a mesh, sharded on `DATA_AXIS`).
+    threshold: tau, a scalar.
+    mode: "exact" (C = S) or "serving" (C from `capacity_factor`).
+    capacity_factor: serving mode's slack over a balanced load.
+    expected_exit_rate: serving mode's planned early-exit rate rho.
+    num_groups: G; each group routes its own samples. Under a mesh, a multiple
+      of the `DATA_AXIS` size, so each device routes its own share.
+    expert_loop: "vmap" or "unroll" (`CoE.experts`).
+    mesh: when given (with `DATA_AXIS` and `EXPERT_AXIS` axes), the groups are
+      routed on their `DATA_AXIS` devices, the buffers are split over
+      `EXPERT_AXIS` x `DATA_AXIS` (XLA moves the samples between devices), and
+      each device runs its own experts on its own buffers.
+
+  Returns:
+    logits: [B, K], the answers.
+    early_exit: bool [B].
+    expert: int32 [B], the expert that answered; -1 where the delegator did
+      (an early exit, or in serving mode an overflow with no expert free).
+    class_logits, selection_logits: the delegator's outputs, [B, K] and [B, N].
+    metrics: exit_rate (fraction of B), expert_load (int [N], samples each
+      expert answered), overflow_to_expert (samples answered by an expert other
+      than their first choice), overflow_to_delegator (samples that should
+      have gone to an expert but found every buffer full).
+  """
+  return _route(model, variables, images, jnp.asarray(threshold, jnp.float32), mode=mode,
+                capacity_factor=capacity_factor, expected_exit_rate=expected_exit_rate,
+                num_groups=num_groups, expert_loop=expert_loop, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_groups", "expert_loop", "mesh"))
+def all_outputs(model: CoE, variables: Variables, images: jax.Array, *, num_groups: int = 1,
+                expert_loop: str = "vmap", mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
+  """Everything needed to answer at any threshold, computed once; jitted.
+
+  Exact-mode routing with early exit off, so the selected expert runs on every
+  sample. `answer_at` then gives the routed answer at any tau without
+  re-running the networks.
+
+  Returns:
+    class_logits: [B, K], the delegator's rough prediction.
+    selection_logits: [B, N].
+    confidence: [B], the delegator's max class probability.
+    expert: int32 [B], the selected expert.
+    expert_logits: [B, K], that expert's logits on the sample.
+  """
+  routed = _route(model, variables, images, jnp.float32(jnp.inf), mode="exact",
+                  capacity_factor=1.0, expected_exit_rate=0.0, num_groups=num_groups,
+                  expert_loop=expert_loop, mesh=mesh)
+  return dict(class_logits=routed["class_logits"], selection_logits=routed["selection_logits"],
+              confidence=confidence(routed["class_logits"]), expert=routed["expert"],
+              expert_logits=routed["logits"])
+
+
+def answer_at(outputs: dict[str, Any], threshold: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+  """(logits [B, K], early_exit [B]) at `threshold`, from `all_outputs`' results.
+
+  Equals exact-mode `route_and_predict` at the same threshold.
+  """
+  early_exit = outputs["confidence"] >= threshold  # [B]
+  logits = jnp.where(early_exit[:, None], outputs["class_logits"], outputs["expert_logits"])
+  return logits, early_exit  # [B, K], [B]

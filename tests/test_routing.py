@@ -1,0 +1,291 @@
+"""Routing: early exit, dispatch into expert buffers, overflow, and a device mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from coe_jax import routing
+from coe_jax.errors import CoEError
+from coe_jax.models.coe import CoE
+from tests.tiny import tiny_config
+
+NUM_EXPERTS = 4
+NUM_CLASSES = 10
+
+
+def _images(seed: int, batch: int) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8)
+
+
+def random_variables(model: CoE, seed: int = 0):
+  """Random variables of `model`, without compiling `model.init`.
+
+  Compiling the init of even a tiny CoE takes ~20 s on a busy 2-core CPU.
+  Kernels are N(0, 1 / fan_in), BatchNorm scales and variances near 1, biases
+  and means near 0. The delegator's heads are then centred and scaled on a
+  batch of random images: a tiny random backbone's pooled features barely
+  differ between images, so its raw confidences would all sit near 1/K and
+  its expert choices would hinge on rounding.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, stacked = path[-1].key, path[1].key == "experts"
+    if name == "kernel":  # [(N,) kernel dims..., fan-in, out]
+      fan_in = int(np.prod(leaf.shape[int(stacked):-1]))
+      value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = rng.normal(0, 0.1, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0)))
+  heads = variables["params"]["delegator"]
+  logits = model.delegator(variables, _images(seed + 1000, 32))  # ([32, K], [32, N])
+  for head, head_logits in zip(("classifier", "selector"), logits):
+    centred = head_logits - heads[head]["bias"]  # [32, K or N], without the bias.
+    scale = 2.0 / jnp.mean(jnp.std(centred, axis=0))  # Logits spread ~2 across images.
+    heads[head] = dict(kernel=heads[head]["kernel"] * scale,
+                       bias=-jnp.mean(centred, axis=0) * scale)
+  return variables
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+  model = CoE(tiny_config(num_experts=NUM_EXPERTS), num_classes=NUM_CLASSES)
+  return model, random_variables(model)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(model_and_variables):
+  """Jitted delegator and single expert, to compute answers sample by sample."""
+  model, _ = model_and_variables
+  return jax.jit(model.delegator), jax.jit(model.expert)
+
+
+@pytest.fixture(scope="module")
+def per_sample(model_and_variables, one_at_a_time):
+  """The definition, one sample at a time: delegator outputs and the chosen expert's logits."""
+  _, variables = model_and_variables
+  delegator, expert = one_at_a_time
+  images = _images(1, 13)
+  class_logits, choice, expert_logits = [], [], []
+  for image in images:
+    z, g = delegator(variables, image[None])
+    j = int(jnp.argmax(g[0]))
+    class_logits.append(z[0])
+    choice.append(j)
+    expert_logits.append(expert(variables, j, image[None])[0])
+  return images, np.stack(class_logits), np.array(choice), np.stack(expert_logits)
+
+
+def _reference(per_sample, threshold):
+  """(logits, early_exit, expert) by the per-sample definition."""
+  _, class_logits, choice, expert_logits = per_sample
+  exits = np.asarray(jax.nn.softmax(class_logits)).max(-1) >= threshold
+  return (np.where(exits[:, None], class_logits, expert_logits), exits,
+          np.where(exits, routing.NO_EXPERT, choice))
+
+
+def _thresholds(per_sample):
+  """0 (all exit), a value between two confidences near the median, 1.5 (none exit)."""
+  confidences = np.sort(np.asarray(jax.nn.softmax(per_sample[1])).max(-1))
+  middle = len(confidences) // 2
+  return [0.0, float(confidences[middle - 1] + confidences[middle]) / 2, 1.5]
+
+
+def test_per_sample_reference_is_not_degenerate(per_sample):
+  _, _, choice, _ = per_sample
+  assert len(set(choice.tolist())) >= 3
+  mid = _thresholds(per_sample)[1]
+  assert 0.3 < np.mean(_reference(per_sample, mid)[1]) < 0.7
+
+
+@pytest.mark.parametrize("num_groups,expert_loop", [(3, "vmap"), (4, "unroll")])
+def test_routed_output_equals_per_sample_definition(model_and_variables, per_sample, num_groups,
+                                                    expert_loop):
+  model, variables = model_and_variables
+  images = per_sample[0]  # 13 images: 3 and 4 groups need padding.
+  compilations = routing.route_and_predict._cache_size()
+  for threshold in _thresholds(per_sample):
+    out = routing.route_and_predict(model, variables, images, threshold, num_groups=num_groups,
+                                    expert_loop=expert_loop)
+    logits, exits, expert = _reference(per_sample, threshold)
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out["early_exit"], exits)
+    np.testing.assert_array_equal(out["expert"], expert)
+    metrics = out["metrics"]
+    assert float(metrics["exit_rate"]) == pytest.approx(exits.mean())
+    np.testing.assert_array_equal(metrics["expert_load"],
+                                  np.bincount(expert[expert >= 0], minlength=NUM_EXPERTS))
+    assert int(metrics["overflow_to_expert"]) == int(metrics["overflow_to_delegator"]) == 0
+  # The threshold is traced: one compilation served all three.
+  assert routing.route_and_predict._cache_size() - compilations <= 1
+
+
+def test_all_outputs_answer_every_threshold(model_and_variables, per_sample):
+  model, variables = model_and_variables
+  outputs = routing.all_outputs(model, variables, per_sample[0], num_groups=2)
+  np.testing.assert_array_equal(outputs["expert"], per_sample[2])
+  np.testing.assert_allclose(outputs["expert_logits"], per_sample[3], rtol=1e-4, atol=1e-4)
+  for threshold in _thresholds(per_sample):
+    logits, exits = routing.answer_at(outputs, threshold)
+    ref_logits, ref_exits, _ = _reference(per_sample, threshold)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(exits, ref_exits)
+
+
+def _assign_reference(preferences, active, capacity):
+  """The overflow policy as plain loops: first choices in sample order, then second choices, ..."""
+  num_samples, num_experts = preferences.shape
+  expert, slot, load = [-1] * num_samples, [0] * num_samples, [0] * num_experts
+  for rank in range(num_experts):
+    for i in range(num_samples):
+      j = preferences[i, rank]
+      if active[i] and expert[i] < 0 and load[j] < capacity:
+        expert[i], slot[i], load[j] = j, load[j], load[j] + 1
+  return np.array(expert), np.array(slot)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 12])
+def test_assign_follows_ranked_preferences(capacity):
+  rng = np.random.default_rng(capacity)
+  preferences = np.stack([rng.permutation(NUM_EXPERTS) for _ in range(12)])
+  for row in preferences[:7]:  # Crowd expert 0 so that its buffer overflows.
+    row[:] = np.concatenate([[0], row[row != 0]])
+  active = rng.random(12) < 0.8
+  expert, slot = routing.assign(jnp.asarray(preferences), jnp.asarray(active), capacity)
+  ref_expert, ref_slot = _assign_reference(preferences, active, capacity)
+  np.testing.assert_array_equal(expert, ref_expert)
+  np.testing.assert_array_equal(slot, ref_slot)
+
+
+def test_dispatch_and_combine_use_only_filled_slots():
+  images = jnp.arange(1, 6, dtype=jnp.float32)[:, None] * jnp.ones((5, 2))  # [S=5, 2]
+  expert = jnp.array([1, -1, 0, 1, 2])
+  slot = jnp.array([0, 0, 0, 1, 0])
+  buffers = routing.dispatch(images, expert, slot, num_experts=3, capacity=2)  # [3, 2, 2]
+  np.testing.assert_array_equal(buffers[:, :, 0], [[3, 0], [1, 4], [5, 0]])
+  # The experts' outputs on empty slots are poisoned; no sample may read them.
+  outputs = jnp.where(buffers[..., :1] > 0, buffers * 10, jnp.nan)  # [3, 2, K=2]
+  fallback = -jnp.ones((5, 2))
+  combined = routing.combine(outputs, fallback, expert, slot)
+  np.testing.assert_array_equal(combined[:, 0], [10, -1, 30, 40, 50])
+
+
+def test_exit_at_the_threshold_and_ranked_preferences():
+  logits = jnp.array([[2.0, 0.0], [0.0, 0.0]])  # Max probabilities ~0.88 and exactly 0.5.
+  np.testing.assert_array_equal(routing.exit_mask(logits, 0.5), [True, True])
+  np.testing.assert_array_equal(routing.exit_mask(logits, 0.6), [True, False])
+  np.testing.assert_array_equal(routing.exit_mask(logits, 1.5), [False, False])
+  selection = jnp.array([[1.0, 3.0, 3.0, 0.0]])  # A tie goes to the lower index, as in argmax.
+  np.testing.assert_array_equal(routing.expert_preferences(selection), [[1, 2, 0, 3]])
+  np.testing.assert_array_equal(routing.expert_choice(selection), [1])
+
+
+def test_capacity():
+  assert routing.capacity("exact", 16, 4, 1.25, 0.5) == 16
+  assert routing.capacity("serving", 16, 4, 1.25, 0.5) == 3  # ceil(2.5)
+  assert routing.capacity("serving", 16, 4, 1.0, 0.0) == 4
+  assert routing.capacity("serving", 16, 4, 0.01, 0.0) == 1
+  assert routing.capacity("serving", 16, 4, 100.0, 0.0) == 16
+  with pytest.raises(CoEError, match="routing.mode='fast'"):
+    routing.capacity("fast", 16, 4, 1.0, 0.0)
+  with pytest.raises(CoEError, match="routing.capacity_factor=0"):
+    routing.capacity("serving", 16, 4, 0, 0.0)
+
+
+def test_bad_expert_loop_is_named(model_and_variables):
+  model, variables = model_and_variables
+  with pytest.raises(CoEError, match="routing.expert_loop='scan'"):
+    routing.route_and_predict(model, variables, _images(0, 4), 0.5, expert_loop="scan")
+
+
+def _all_prefer_in_order(variables):
+  """Every sample ranks the experts 0, 1, 2, 3: expert 0's buffer must overflow."""
+  params = jax.tree.map(lambda x: x, variables["params"])
+  selector = params["delegator"]["selector"]
+  selector["kernel"] = jnp.zeros_like(selector["kernel"])
+  selector["bias"] = jnp.arange(NUM_EXPERTS, 0, -1, dtype=jnp.float32)
+  return {**variables, "params": params}
+
+
+def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_variables,
+                                                                  one_at_a_time):
+  model, variables = model_and_variables
+  variables = _all_prefer_in_order(variables)
+  images = _images(2, 15)  # 2 groups of S = 8, the last slot padding.
+  # C = ceil(0.5 * 8 * (1 - 0) / 4) = 1 slot per expert and group.
+  out = routing.route_and_predict(model, variables, images, 1.5, mode="serving",
+                                  capacity_factor=0.5, num_groups=2)
+  # Per group, samples take experts 0, 1, 2, 3 in order; the rest get the delegator.
+  expected = np.array([0, 1, 2, 3, -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1])
+  np.testing.assert_array_equal(out["expert"], expected)
+  assert not np.any(out["early_exit"])
+  metrics = out["metrics"]
+  np.testing.assert_array_equal(metrics["expert_load"], [2, 2, 2, 2])
+  assert int(metrics["overflow_to_expert"]) == 6
+  assert int(metrics["overflow_to_delegator"]) == 7
+
+  delegator, expert = one_at_a_time
+  for i, j in enumerate(expected):
+    image = images[i:i + 1]
+    want = delegator(variables, image)[0][0] if j < 0 else expert(variables, int(j), image)[0]
+    np.testing.assert_allclose(out["logits"][i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
+  """Exited samples take no slots; with a slot per expert the rest overflow in order."""
+  model, variables = model_and_variables
+  variables = _all_prefer_in_order(variables)
+  images = per_sample[0]
+  threshold = _thresholds(per_sample)[1]
+  exits = _reference(per_sample, threshold)[1]
+  # One group of 13: C = ceil(0.3 * 13 / 4) = 1.
+  out = routing.route_and_predict(model, variables, images, threshold, mode="serving",
+                                  capacity_factor=0.3)
+  expected = np.full(13, -1)
+  expected[np.flatnonzero(~exits)[:NUM_EXPERTS]] = np.arange(NUM_EXPERTS)
+  np.testing.assert_array_equal(out["early_exit"], exits)
+  np.testing.assert_array_equal(out["expert"], expected)
+  assert int(out["metrics"]["overflow_to_expert"]) == NUM_EXPERTS - 1
+  assert int(out["metrics"]["overflow_to_delegator"]) == (~exits).sum() - NUM_EXPERTS
+
+
+@pytest.mark.parametrize("mode,expert_loop", [("exact", "vmap"), ("serving", "unroll")])
+def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loop):
+  """Data 4 x expert 2: each device routes its group; experts run where their variables live."""
+  model, variables = model_and_variables
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
+  images = _images(3, 16)
+  kwargs = dict(mode=mode, capacity_factor=1.0, num_groups=4, expert_loop=expert_loop)
+  no_exit = routing.route_and_predict(model, variables, images, 1.5, **kwargs)
+  threshold = float(np.median(routing.confidence(no_exit["class_logits"])))
+  single = routing.route_and_predict(model, variables, images, threshold, **kwargs)
+  assert len(set(single["expert"].tolist()) - {-1}) >= 2
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_expert = NamedSharding(mesh, PartitionSpec(routing.EXPERT_AXIS))
+  sharded_variables = {
+      collection: {"delegator": jax.device_put(tree["delegator"], replicated),
+                   "experts": jax.device_put(tree["experts"], by_expert)}
+      for collection, tree in variables.items()}
+  sharded_images = jax.device_put(images, NamedSharding(mesh, PartitionSpec(routing.DATA_AXIS)))
+  sharded = routing.route_and_predict(model, sharded_variables, sharded_images, threshold,
+                                      mesh=mesh, **kwargs)
+  assert len(sharded["logits"].sharding.device_set) == 8
+  np.testing.assert_allclose(sharded["logits"], single["logits"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(sharded["expert"], single["expert"])
+  np.testing.assert_array_equal(sharded["early_exit"], single["early_exit"])
+  for key, value in single["metrics"].items():
+    np.testing.assert_allclose(sharded["metrics"][key], value)
+
+
+def test_mesh_must_split_experts_and_groups(model_and_variables):
+  model, variables = model_and_variables
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
+  with pytest.raises(CoEError, match="num_groups=2: expected a multiple of the mesh's data axis"):
+    routing.route_and_predict(model, variables, _images(0, 8), 0.5, num_groups=2, mesh=mesh)
