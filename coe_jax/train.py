@@ -124,7 +124,7 @@ def _check_workdir(workdir: str) -> None:
 class Trainer:
   """The pieces of one run that training and evaluation share."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     validate_config(config)
     self.config = config
     self.workdir = workdir
@@ -133,7 +133,13 @@ class Trainer:
       require(config.data.num_classes == self.info.num_classes, "data.num_classes",
               config.data.num_classes, f"but the data set has {self.info.num_classes} classes")
     self.model = CoE(config, self.info.num_classes)
-    self.mesh = sharding_lib.make_mesh(config)
+    self.mesh = sharding_lib.make_mesh(config, devices)
+    # XLA (jax 0.10.2) miscompiles vmapped 1x1 convolutions whose kernels are
+    # sharded on the vmapped axis: refuse rather than train on wrong logits.
+    require(config.routing.expert_loop == "unroll" or self.mesh.shape["expert"] == 1,
+            "routing.expert_loop", config.routing.expert_loop,
+            f"'vmap' gives wrong results with mesh.expert={self.mesh.shape['expert']}; "
+            "use 'unroll'")
     self.optimizer = optim.make_optimizer(config)
     self.flops = flops.count(config, self.info.num_classes)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
@@ -189,8 +195,14 @@ def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tu
   return None
 
 
-def train(trainer: Trainer) -> Optional[TrainState]:
-  """Runs (or resumes) training; returns the final state, or None when preempted."""
+def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainState]:
+  """Runs (or resumes) training; returns the final state, or None when stopped early.
+
+  Args:
+    trainer: the run.
+    stop_at: stop after this step, with a checkpoint, as a preemption would
+      (for notebooks and tests: the next call resumes from there).
+  """
   config, workdir = trainer.config, trainer.workdir
   num_steps = config.train.num_steps
   is_chief = jax.process_index() == 0
@@ -248,12 +260,13 @@ def train(trainer: Trainer) -> Optional[TrainState]:
                  for k in history[-1][1]}
         writer.write_scalars(done, {**means, "skipped_steps": skipped})
         history = []
-      preempted = preemption.requested or checkpointer.reached_preemption(done)
+      preempted = (preemption.requested or done == stop_at
+                   or checkpointer.reached_preemption(done))
       if done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted:
         checkpointer.save(done, state, force=True)
       if preempted:
         checkpointer.wait()
-        logging.warning("preempted at step %d; run the same command again to resume", done)
+        logging.warning("stopped at step %d; run the same command again to resume", done)
         return None
       if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 \
           and done < num_steps:

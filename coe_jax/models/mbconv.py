@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from coe_jax.models.condconv import CondConv, CondConvRouting
+from coe_jax.models.depthwise import DepthwiseConv
 from coe_jax.models.pwlu import PWLU
 from coe_jax.models.spec import make_divisible
 
@@ -98,6 +99,8 @@ class MBConv(nn.Module):
       return condconv
 
     def conv(features, kernel, strides=1, depthwise=False, name=None):
+      if depthwise:
+        return DepthwiseConv(kernel, strides, dtype=self.dtype, name=name)
       return nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False,
-                     feature_group_count=features if depthwise else 1, dtype=self.dtype, name=name)
+                     dtype=self.dtype, name=name)
     return conv

@@ -1,0 +1,185 @@
+"""The trainer end to end: results, plots, prediction, resuming, meshes, data sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from coe_jax import train
+from coe_jax.errors import CoEError
+from coe_jax.inference import Predictor
+from tests import test_data_image_folder, test_data_tfds
+from tests.tiny import REPO, tiny_config
+
+RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate",
+               "threshold", "mean_flops", "expert_load", "num_test_examples"}
+
+
+def _config(num_steps=6, **kwargs):
+  config = tiny_config(num_experts=2, **kwargs)
+  config.train.num_steps = num_steps
+  config.train.warmup_steps = 1
+  config.train.stages.warmup = 0.5
+  config.train.stages.coadapt = 0.5
+  config.train.checkpoint_every_steps = 3
+  config.train.log_every_steps = 3
+  config.mesh.data = 1
+  return config
+
+
+def _single_device_trainer(config, workdir):
+  """A trainer on the first device only (the tests run with 8 fake devices)."""
+  config.mesh.data = 1
+  return train.Trainer(config, workdir, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  trainer = _single_device_trainer(_config(), workdir)
+  state = train.train(trainer)
+  results = train.evaluate(trainer, state)
+  return workdir, results
+
+
+def test_results_have_every_key_and_consistent_figures(digits_run):
+  workdir, results = digits_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert RESULT_KEYS <= set(saved) and saved["top1"] == results["top1"]
+  assert saved["num_test_examples"] == 360
+  assert len(saved["expert_top1"]) == 2 and len(saved["expert_load"]) == 2
+  assert sum(saved["expert_load"]) == pytest.approx(1.0) or saved["early_exit_rate"] == 1.0
+  expected_flops = (saved["delegator_flops"]
+                    + (1 - saved["early_exit_rate"]) * saved["expert_flops"])
+  assert saved["mean_flops"] == pytest.approx(expected_flops)
+  for name in ("accuracy_vs_flops.png", "expert_load.png", "metrics.jsonl", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  losses = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in losses] == [3, 6]
+  assert all(np.isfinite(m["loss"]) for m in losses)
+
+
+def test_predictor_loads_the_run(digits_run):
+  workdir, results = digits_run
+  predictor = Predictor.load(workdir)
+  assert predictor.threshold == results["threshold"]
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+  out = predictor(images)
+  assert out["logits"].shape == (5, 10)
+  exited = out["early_exit"]
+  np.testing.assert_array_equal(out["expert"][exited], -1)
+  class_logits, _ = predictor.delegator(images)
+  np.testing.assert_allclose(out["logits"][exited], class_logits[exited], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_cli_on_the_run(digits_run, tmp_path):
+  workdir, _ = digits_run
+  path = str(tmp_path / "digit.png")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+  result = subprocess.run([sys.executable, "-m", "coe_jax.predict", f"--workdir={workdir}", path],
+                          capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = result.stdout.strip().splitlines()[-1]
+  assert line.startswith(f"{path}:") and "p=" in line
+
+
+def _params(state):
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  config = _config(num_steps=4)
+  config.train.checkpoint_every_steps = 100  # Only the stop and the end save.
+  straight = train.train(_single_device_trainer(config, str(tmp_path / "straight")))
+  legs = str(tmp_path / "legs")
+  assert train.train(_single_device_trainer(config, legs), stop_at=2) is None
+  assert sorted(os.listdir(os.path.join(legs, "checkpoints"))) == ["2"]
+  resumed = train.train(_single_device_trainer(config, legs))
+  assert int(resumed.step) == int(straight.step) == 4
+  for a, b in zip(_params(straight), _params(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _first_losses(config, devices, steps=2):
+  trainer = train.Trainer(config, "/tmp/unused", devices=devices)
+  state = trainer.init_state()
+  step = trainer.compile_step("coadapt")
+  batches = train.data.train_batches(config)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, trainer.global_batch(next(batches)), jax.random.key(0))
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+def test_eight_device_mesh_matches_one_device():
+  config = _config()
+  config.mesh.data, config.mesh.expert = 4, 2
+  sharded = _first_losses(config, jax.devices())
+  config.mesh.data, config.mesh.expert = 1, 1
+  single = _first_losses(config, jax.devices()[:1])
+  np.testing.assert_allclose(sharded, single, rtol=2e-4)
+
+
+def test_image_folder_end_to_end(tmp_path):
+  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=6)
+  config = _config(num_steps=2)
+  config.data.name, config.data.path = "image_folder", root
+  config.data.num_classes = None
+  config.eval.batch_size = 8
+  trainer = _single_device_trainer(config, str(tmp_path / "run"))
+  results = train.evaluate(trainer, train.train(trainer))
+  assert RESULT_KEYS <= set(results)
+  assert results["num_test_examples"] == 6 * len(test_data_image_folder._CLASSES)
+
+
+def test_tfds_imagenet_end_to_end(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  test_data_tfds._write_prepared(data_dir, "imagenet2012", test_data_tfds._IMAGENET,
+                                 test_data_tfds._imagenet_example)
+  config = _config(num_steps=2)
+  config.data.name, config.data.tfds_data_dir = "imagenet2012", data_dir
+  config.data.num_classes = 1000
+  config.train.batch_size = 8
+  config.eval.batch_size = 8
+  trainer = _single_device_trainer(config, str(tmp_path / "run"))
+  results = train.evaluate(trainer, train.train(trainer))
+  assert RESULT_KEYS <= set(results)
+  assert results["num_test_examples"] == test_data_tfds._IMAGENET["validation"]
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("train.batch_size", 0, "train.batch_size=0"),
+    ("eval.threshold", 1.5, "eval.threshold=1.5"),
+    ("data.name", "cifar11", "cifar11"),
+    ("num_experts", -1, "num_experts=-1"),
+])
+def test_bad_config_values_name_key_and_value(tmp_path, key, value, fragment):
+  config = _config()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(CoEError, match=fragment):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_vmapped_experts_are_refused_on_a_sharded_expert_axis(tmp_path):
+  config = _config()
+  config.mesh.data, config.mesh.expert = 4, 2
+  config.routing.expert_loop = "vmap"
+  with pytest.raises(CoEError, match="routing.expert_loop='vmap'"):
+    train.Trainer(config, str(tmp_path), devices=jax.devices())
+
+
+def test_batch_size_must_divide_over_the_data_axis(tmp_path):
+  config = _config()
+  config.train.batch_size, config.mesh.data = 30, 4
+  with pytest.raises(CoEError, match="train.batch_size=30"):
+    train.Trainer(config, str(tmp_path), devices=jax.devices()[:4])
