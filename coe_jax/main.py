@@ -6,12 +6,21 @@ r"""Trains and evaluates CoE; resumes from the workdir's checkpoints.
 Writes `WORKDIR/results.json`, plots and TensorBoard summaries. On a TPU pod,
 run the same command on every host with COE_DISTRIBUTED=1 (launch/tpu_pod.sh
 does); `jax.distributed` then finds the other hosts.
+
+Bad input (config values, data, workdir, an unknown --config.KEY, a missing
+config file) is reported in one line, `error: KEY=VALUE: ...`, with exit
+status 1. A run stopped by SIGTERM saves a checkpoint and exits with status
+143 (128 + SIGTERM), so that schedulers see it did not finish; the same
+command resumes it.
 """
 
+import logging as pylogging
 import os
+import re
+import signal
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from coe_jax.errors import CoEError
@@ -22,9 +31,63 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.KEY` reported in one line.
+
+  absl turns bad flag values into one-line errors itself, but ml_collections
+  raises a bare KeyError or AttributeError, with a traceback, for an override
+  of a key the config does not have.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"error: {_unknown_key(argv, e)}")
+
+
+def _unknown_key(argv: list[str], error: Exception) -> str:
+  """Names the override that failed; ml_collections names only the missing part."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # AttributeError(KeyError("'name'\nDid you mean ...?"))
+  lines = str(error.args[0] if error.args else error).splitlines() or [""]
+  missing = lines[0].strip("'\"")
+  overrides = [arg.lstrip("-").split("=", 1)[0] for arg in argv[1:]
+               if re.match(r"--?config\.", arg)]
+  key = next((o for o in overrides if missing in o.split(".")[1:]), f"config.{missing}")
+  hint = " ".join(line.strip() for line in lines[1:])
+  return f"--{key}: the config has no such key" + (f" ({hint})" if hint else "")
+
+
+def _loaded_config():
+  """The --config value; CoEError if its file could not be loaded.
+
+  config_flags defers a load failure (a missing file) to the config's first
+  use, and then raises it with a traceback and a multi-line message.
+  """
+  config = _CONFIG.value
+  try:
+    config.keys()
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise CoEError(f"config={flags.FLAGS['config'].config_filename!r}: cannot load it "
+                   f"({reason})") from None
+  return config
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops the checkpoint library's routine INFO lines; its warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    config = _loaded_config()  # Before the slow imports below.
+  except CoEError as e:
+    sys.exit(f"error: {e}")
   # TensorFlow only feeds data on the host; it must not take accelerator memory.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
@@ -32,12 +95,14 @@ def main(argv):
     jax.distributed.initialize()
   from coe_jax import report, train  # pylint: disable=g-import-not-at-top
   try:
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = train.train_and_evaluate(config, _WORKDIR.value)
   except CoEError as e:
     sys.exit(f"error: {e}")
-  if results is not None and jax.process_index() == 0:
+  if results is None:  # Stopped by SIGTERM, with a checkpoint.
+    sys.exit(128 + signal.SIGTERM)
+  if jax.process_index() == 0:
     print(report.format_results(results, _WORKDIR.value), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

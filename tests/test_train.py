@@ -120,6 +120,24 @@ def _first_losses(config, devices, steps=2):
   return losses
 
 
+def test_coadaptation_steps_decrease_the_loss():
+  """A few co-adaptation steps on one batch: every loss term goes down."""
+  config = _config(num_steps=100)  # A schedule still near its peak over these steps.
+  config.train.learning_rate = 1e-2
+  trainer = _single_device_trainer(config, "/tmp/unused")
+  state = trainer.init_state()
+  step = trainer.compile_step("coadapt")
+  batch = trainer.global_batch(next(train.data.train_batches(config)))
+  history = []
+  for _ in range(8):
+    state, metrics = step(state, batch, jax.random.key(0))
+    history.append({k: float(v) for k, v in metrics.items()})
+  assert history[-1]["loss"] < 0.9 * history[0]["loss"]
+  for term in ("expert_loss", "delegator_loss"):
+    assert history[-1][term] < history[0][term], (term, history[0][term], history[-1][term])
+  assert all(m["load_gap"] <= 1 for m in history)
+
+
 def test_eight_device_mesh_matches_one_device():
   config = _config()
   config.mesh.data, config.mesh.expert = 4, 2

@@ -1,0 +1,111 @@
+r"""How much of a CoE train step WGM, LGM and VCM take.
+
+    python -m benchmarks.train_step --config=configs/digits.py --batch-size=256 \
+        [--num-experts=4] [--json=FILE]
+
+Measured in one run, after warm-up, on the default backend:
+- `train_step`: the whole jitted co-adaptation step (delegator + N experts
+  forward and backward, objective, optimizer update);
+- `warmup_step`: the same step in the warm-up stage (plain classifiers, no
+  WGM/LGM/VCM), for reference;
+- `wgm_lgm_vcm`: WGM's balanced partition and weights, LGM's labels and VCM's
+  weights, jitted on their own, on the same [N, B, K] expert logits.
+
+It prints one JSON line and a table; the figure of interest is
+`share = wgm_lgm_vcm / train_step` (goal: at most 5%).
+"""
+
+import argparse
+import json
+import platform
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coe_jax import lgm, optim, vcm, wgm
+from coe_jax.config_loading import load_config
+from coe_jax.models.coe import CoE
+from coe_jax.train_step import create_train_state, make_train_step
+
+
+def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `fn` (already compiled), blocking on its outputs."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--num-experts", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  config.num_experts = args.num_experts
+  config.train.batch_size = args.batch_size
+  num_classes = config.data.num_classes or 10
+  model = CoE(config, num_classes)
+  optimizer = optim.make_optimizer(config)
+  state = create_train_state(model, optimizer, config, jax.random.key(0))
+  size, channels = config.data.image_size, config.data.channels
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch_size, size, size, channels)),
+                                jnp.uint8),
+           "label": jnp.asarray(rng.integers(0, num_classes, args.batch_size), jnp.int32)}
+  key = jax.random.key(1)
+
+  timings = {}
+  for stage, name in (("coadapt", "train_step"), ("warmup", "warmup_step")):
+    step = jax.jit(make_train_step(model, optimizer, config, stage))
+    timings[name] = _seconds_per_call(lambda: step(state, batch, key), args.repeats)
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  class_logits, selection_logits = model.delegator(variables, batch["image"])
+  expert_logits = model.experts(variables, batch["image"], shared_input=True)  # [N, B, K]
+  solver = dict(epsilon=config.wgm.sinkhorn_epsilon,
+                max_iterations=config.wgm.sinkhorn_max_iterations,
+                threshold=config.wgm.sinkhorn_threshold)
+
+  @jax.jit
+  def modules(selection_logits, expert_logits, labels):
+    weights, _, _ = wgm.expert_loss_weights(
+        selection_logits, off_portion_weight=config.wgm.off_portion_weight, **solver)
+    targets, _ = lgm.selection_targets(expert_logits, labels, rule=config.lgm.rule,
+                                       temperature=config.lgm.temperature, **solver)
+    sample_weights = vcm.selection_sample_weights(expert_logits, labels,
+                                                  enabled=config.vcm.enabled)
+    return weights, targets, sample_weights
+
+  timings["wgm_lgm_vcm"] = _seconds_per_call(
+      lambda: modules(selection_logits, expert_logits, batch["label"]), args.repeats)
+  del class_logits
+
+  report = {
+      "config": args.config, "batch_size": args.batch_size, "num_experts": args.num_experts,
+      "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+      "machine": platform.processor() or platform.machine(),
+      **{f"{k}_ms": 1e3 * v for k, v in timings.items()},
+      "share": timings["wgm_lgm_vcm"] / timings["train_step"],
+  }
+  print(json.dumps(report))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  print(f"\n{'part':<14}{'ms':>10}{'share of train step':>24}")
+  for name in ("train_step", "warmup_step", "wgm_lgm_vcm"):
+    print(f"{name:<14}{1e3 * timings[name]:>10.2f}{timings[name] / timings['train_step']:>23.1%}")
+
+
+if __name__ == "__main__":
+  main()
