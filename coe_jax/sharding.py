@@ -27,8 +27,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   data = config.mesh.data if config.mesh.data != -1 else num_devices // expert
   require(data >= 1 and data * expert == num_devices, "mesh.data", config.mesh.data,
           f"expected -1 or {num_devices // expert} (devices / mesh.expert)")
-  require(config.train.batch_size % data == 0, "train.batch_size", config.train.batch_size,
-          f"expected a multiple of the mesh's data axis ({data})")
+  for key in ("train.batch_size", "eval.batch_size"):
+    section, name = key.split(".")
+    size = config[section][name]
+    require(size % data == 0, key, size, f"expected a multiple of the mesh's data axis ({data})")
   return Mesh(devices.reshape(data, expert), ("data", "expert"))
 
 
