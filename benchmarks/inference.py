@@ -2,6 +2,8 @@ r"""Inference throughput of routed CoE against networks of equal FLOPs.
 
     python -m benchmarks.inference --config=configs/digits.py --json=bench.json \
         [--batch-size=64] [--threshold=0.5 | --workdir=runs/demo] [--steps=5] [--rounds=3]
+    python -m benchmarks.inference --config=configs/digits.py --json=bench.json --backend=litert \
+        [--threads=2] [--fma-units=2] [--threshold=... | --workdir=...]
 
 Measured in one run, on the default device, after warm-up, on random uint8
 images of the config's size, interleaved round by round so that a change in
@@ -32,12 +34,35 @@ median delegator confidence on the benchmark images, so about half of them exit.
 
 Both expert loops (vmap, unroll) are timed for coe_routed and all_experts; the
 ratios use the config's `routing.expert_loop`.
+
+--backend=litert exports the CoE (float32, `coe_jax.export`) and measures the
+CPU serving path instead, on 32 images, with rates of multiply-adds against
+the CPU's peak:
+
+  litert_coe_routed[batch=1]   `coe_jax.serving.LiteRTPredictor` called on one
+                               image at a time (host routing per call).
+  litert_coe_routed[batch=32]  the same on the batch of 32: the delegator on
+                               every image, then each expert on its group.
+  litert_dense_equal_flops     the dense_equal_flops network, exported, on the 32.
+  jax_coe_routed               coe_routed above at batch 32 (serving mode, the
+                               config's expert loop): the reference.
+
+`macs_per_s` is images/s x the method's multiply-adds per image (for CoE the
+mean F_D + (1 - rho) F_E, which host routing executes exactly: no empty
+slots). The peak is cores x FMA units per core x fp32 lanes per vector x clock:
+cores and clock ("cpu MHz", the nominal clock the kernel reports; turbo may
+run faster) and the vector width (avx512f: 16 lanes, avx2: 8, else 4) come
+from /proc/cpuinfo; FMA units per core are not there, so --fma-units gives
+them (default 2: AMD Zen 5, CPU family 26, the machines this project is built
+on, has two 512-bit FMA pipes per core; Zen 4 has 1 at 512 bits).
 """
 
 import argparse
 import functools
 import json
+import os
 import platform
+import tempfile
 import time
 from typing import Any, Callable, Optional
 
@@ -54,6 +79,7 @@ from coe_jax.models.networks import Expert
 from coe_jax.models.spec import NetworkSpec
 
 CONDCONV_KERNELS = 4
+LITERT_BATCH = 32
 DEPTH_MULTIPLIERS = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0)  # Closest to 1 first.
 
 
@@ -129,23 +155,29 @@ def _all_experts(model: CoE, loop: str) -> Callable[..., jax.Array]:
   return run
 
 
-def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[float],
-        workdir: Optional[str], steps: int, rounds: int) -> dict[str, Any]:
-  """Measures every variant; returns the JSON report."""
+def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[str],
+                         compute_dtype: Optional[str] = None):
+  """(config, model, variables, meta): a trained run's, or the config's with random variables.
+
+  `compute_dtype` overrides `train.compute_dtype` of the model (not of the variables).
+  """
+  meta = None
   if workdir:
     config, variables, meta = checkpointing.load_for_inference(workdir)
-    num_classes = meta["num_classes"]
-    model = CoE(config, num_classes)
-  else:
-    num_classes = config.data.num_classes
-    if not num_classes:
-      raise CoEError("data.num_classes=None: set it in the config")
-    model = CoE(config, num_classes)
+  elif not config.data.num_classes:
+    raise CoEError("data.num_classes=None: set it in the config")
+  if compute_dtype:
+    config = config.copy_and_resolve_references()
+    config.train.compute_dtype = compute_dtype
+  model = CoE(config, meta["num_classes"] if meta else config.data.num_classes)
+  if not workdir:
     variables = jax.jit(model.init)(jax.random.key(0))
-  size, channels, num_experts = config.data.image_size, config.data.channels, model.num_experts
-  images = jnp.asarray(np.random.default_rng(0).integers(
-      0, 256, (batch_size, size, size, channels), dtype=np.uint8))  # [B, S, S, C]
+  return config, model, variables, meta
 
+
+def _threshold(model: CoE, variables: Any, images: jax.Array, threshold: Optional[float],
+               workdir: Optional[str], meta: Optional[dict[str, Any]]) -> tuple[float, str, float]:
+  """(tau, where it came from, exit rate on `images`); see the module docstring."""
   class_logits, _ = jax.jit(model.delegator)(variables, images)  # [B, K]
   confidence = np.asarray(routing.confidence(class_logits))  # [B]
   if threshold is not None:
@@ -155,7 +187,23 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   else:
     threshold = float(np.median(confidence))
     source = "median delegator confidence on the benchmark images (~50% exits)"
-  exit_rate = float(np.mean(confidence >= threshold))
+  return threshold, source, float(np.mean(confidence >= threshold))
+
+
+def _random_images(batch_size: int, config: ml_collections.ConfigDict) -> np.ndarray:
+  size, channels = config.data.image_size, config.data.channels
+  return np.random.default_rng(0).integers(0, 256, (batch_size, size, size, channels),
+                                           dtype=np.uint8)  # [B, S, S, C]
+
+
+def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[float],
+        workdir: Optional[str], steps: int, rounds: int) -> dict[str, Any]:
+  """Measures every variant; returns the JSON report."""
+  config, model, variables, meta = _model_and_variables(config, workdir)
+  num_classes, num_experts = model.num_classes, model.num_experts
+  size, channels = config.data.image_size, config.data.channels
+  images = jnp.asarray(_random_images(batch_size, config))  # [B, S, S, C]
+  threshold, source, exit_rate = _threshold(model, variables, images, threshold, workdir, meta)
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
   mean_flops = f_d + (1 - exit_rate) * f_e
@@ -219,6 +267,118 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   )
 
 
+def cpu_peak(fma_units: int) -> dict[str, Any]:
+  """The CPU's peak fp32 multiply-adds/s: cores x FMA units x lanes x clock (/proc/cpuinfo)."""
+  fields: dict[str, list[str]] = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), []).append(value.strip())
+  except OSError:
+    raise CoEError("/proc/cpuinfo: unreadable; the CPU peak needs it (Linux only)") from None
+  first = lambda key, default: fields.get(key, [default])[0]
+  flags = set(first("flags", "").split())
+  lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 per vector
+  # Physical cores: logical CPUs share FMA units with their SMT siblings.
+  cores = len(set(zip(fields.get("physical id", []), fields.get("core id", [])))) or os.cpu_count()
+  ghz = float(first("cpu MHz", "0")) / 1e3
+  macs = cores * fma_units * lanes * ghz * 1e9
+  return dict(cpu=first("model name", platform.processor()), cpu_family=first("cpu family", "?"),
+              cores=cores, fma_units_per_core=fma_units, fp32_lanes=lanes, ghz=ghz,
+              macs_per_s=macs,
+              derivation=f"{cores} cores x {fma_units} FMA units x {lanes} fp32 lanes x "
+                         f"{ghz:.3f} GHz = {macs / 1e9:.1f} G multiply-adds/s")
+
+
+def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
+               workdir: Optional[str], steps: int, rounds: int, threads: Optional[int],
+               fma_units: int) -> dict[str, Any]:
+  """Measures the LiteRT serving path against the JAX router; returns the JSON report."""
+  # TensorFlow and the LiteRT runtime are needed by this backend only.
+  from coe_jax import export, serving  # pylint: disable=g-import-not-at-top
+
+  # The exported models compute in float32, so the JAX reference does too
+  # (ImageNet configs train in bfloat16 for TPUs).
+  config, model, variables, meta = _model_and_variables(config, workdir, "float32")
+  num_classes, num_experts = model.num_classes, model.num_experts
+  size, channels = config.data.image_size, config.data.channels
+  images = _random_images(LITERT_BATCH, config)  # [32, S, S, C]
+  threshold, source, exit_rate = _threshold(model, variables, images, threshold, workdir, meta)
+  cost = flops.count(config, num_classes)
+  f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
+  mean_flops = f_d + (1 - exit_rate) * f_e
+  _, dense_spec, dense_flops = _scaled_to_flops(config.expert, mean_flops, size, channels,
+                                                num_classes)
+  expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
+  jax_routed = functools.partial(
+      routing.route_and_predict, model, variables, jnp.asarray(images), threshold, mode="serving",
+      capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
+      expert_loop=config.routing.expert_loop)
+
+  with tempfile.TemporaryDirectory() as serve_dir:
+    export.export_coe(model, variables, serve_dir, class_names=[str(k) for k in range(num_classes)],
+                      threshold=threshold, crop_fraction=1.0, model_flops=cost)
+    predictor = serving.LiteRTPredictor.load(serve_dir, num_threads=threads)
+    dense_net = Expert(dense_spec, num_classes)
+    dense_variables = jax.device_get(jax.jit(dense_net.init)(jax.random.key(1), images[:1]))
+    dense_path = os.path.join(serve_dir, "dense.tflite")
+    with open(dense_path, "wb") as f:
+      f.write(export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
+                             model.image_shape))
+    dense = serving.Network(dense_path, {"sha256": serving.sha256(dense_path),
+                                         "outputs": {"logits": [1, num_classes]}},
+                            model.image_shape, threads or serving.default_threads(dense_flops))
+
+  one_at_a_time = lambda: [predictor.route(images[i:i + 1], threshold) for i in range(len(images))]
+  variants = {
+      "litert_coe_routed[batch=1]": one_at_a_time,
+      f"litert_coe_routed[batch={LITERT_BATCH}]": lambda: predictor.route(images, threshold),
+      "litert_dense_equal_flops": lambda: dense(images),
+      "jax_coe_routed": jax_routed,
+  }
+  seconds = _time_rounds(variants, steps, rounds)
+  peak = cpu_peak(fma_units)
+  results = {}
+  for name, s in seconds.items():
+    per_image = dense_flops if name == "litert_dense_equal_flops" else mean_flops
+    images_per_s = LITERT_BATCH / s
+    results[name] = dict(images_per_s=images_per_s, flops_per_image=float(per_image),
+                         macs_per_s=images_per_s * per_image,
+                         percent_of_peak=100 * images_per_s * per_image / peak["macs_per_s"])
+  speed = lambda name: results[name]["images_per_s"]
+  batched = f"litert_coe_routed[batch={LITERT_BATCH}]"
+  return dict(
+      benchmark="inference", backend="litert", cpu=peak["cpu"], peak=peak,
+      threads={"coe (delegator, experts)": predictor.threads, "dense": dense.threads},
+      delegates=predictor.delegates, batch_size=LITERT_BATCH, steps=steps, rounds=rounds,
+      num_experts=num_experts, threshold=threshold, threshold_source=source, exit_rate=exit_rate,
+      delegator_flops=f_d, expert_flops=f_e, load_average=os.getloadavg(), results=results,
+      ratios={
+          f"{batched} / jax_coe_routed": speed(batched) / speed("jax_coe_routed"),
+          "litert_coe_routed[batch=1] / jax_coe_routed":
+              speed("litert_coe_routed[batch=1]") / speed("jax_coe_routed"),
+          f"{batched} / litert_dense_equal_flops":
+              speed(batched) / speed("litert_dense_equal_flops"),
+      },
+  )
+
+
+def format_litert_table(report: dict[str, Any]) -> str:
+  """The LiteRT report as a table with its ratios."""
+  lines = [f"LiteRT ({'/'.join(sorted(set(report['delegates'])))}; threads {report['threads']}) "
+           f"on {report['cpu']}; "
+           f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
+           f"exit rate {report['exit_rate']:.2f}",
+           f"peak: {report['peak']['derivation']}",
+           f"{'variant':<30} {'images/s':>10} {'MFLOPs/image':>13} {'GMAC/s':>8} {'% peak':>7}"]
+  for name, r in report["results"].items():
+    lines.append(f"{name:<30} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
+                 f"{r['macs_per_s'] / 1e9:>8.2f} {r['percent_of_peak']:>7.1f}")
+  lines += [f"{k}: {v:.2f}" for k, v in report["ratios"].items()]
+  return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any]) -> str:
   """The report as a table with its ratios."""
   lines = [f"batch {report['batch_size']} on {report['backend']} ({report['device']}); "
@@ -243,16 +403,27 @@ def main() -> None:
   parser.add_argument("--workdir", default=None, help="a trained run: its variables and threshold")
   parser.add_argument("--steps", type=int, default=5, help="batches per variant and round")
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--backend", choices=("jax", "litert"), default="jax",
+                      help="jax: the variants above; litert: the exported serving path")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="LiteRT interpreter threads (litert backend; default: "
+                           "coe_jax.serving's choice per network)")
+  parser.add_argument("--fma-units", type=int, default=2,
+                      help="FMA units per core, for the CPU's peak (litert backend)")
   args = parser.parse_args()
   try:
-    report = run(load_config(args.config), args.batch_size, args.threshold, args.workdir,
-                 args.steps, args.rounds)
+    if args.backend == "litert":
+      report = run_litert(load_config(args.config), args.threshold, args.workdir, args.steps,
+                          args.rounds, args.threads, args.fma_units)
+    else:
+      report = run(load_config(args.config), args.batch_size, args.threshold, args.workdir,
+                   args.steps, args.rounds)
   except CoEError as e:
     raise SystemExit(f"error: {e}") from None
   report["config"] = args.config
   with open(args.json, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
-  print(format_table(report))
+  print(format_litert_table(report) if args.backend == "litert" else format_table(report))
 
 
 if __name__ == "__main__":

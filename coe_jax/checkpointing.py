@@ -5,29 +5,41 @@ A run's workdir holds:
     config.json      the config the run was started with
     run.json         facts about the data (class names)
     checkpoints/<step>/{state,meta}   orbax checkpoints, the last few kept
+    unreadable_checkpoints/<step>     checkpoints found unreadable, set aside
     results.json     the final evaluation, with the calibrated threshold
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a killed save never becomes the latest checkpoint. A latest
-checkpoint that cannot be read is reported in one line and the previous one is
-used; nothing is deleted. Checkpoints are read through orbax only (no pickle).
+checkpoint that cannot be read (truncated or missing files) is reported in one
+line and the previous one is used; a training run moves the unreadable one to
+`unreadable_checkpoints/`, so that it can save that step again, and deletes
+nothing. When no checkpoint can be read the run stops with an error rather
+than start afresh. Checkpoints are read through orbax only (no pickle).
 """
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from coe_jax.errors import CoEError
 
-# Config keys that fix the shapes of the saved state: a checkpoint written with
-# other values cannot be restored into this run.
-SHAPE_KEYS = ("num_experts", "delegator", "expert", "data.image_size", "data.channels")
+# Config keys that fix the structure and shapes of the saved state: a checkpoint
+# written with other values cannot be restored into this run. The optimizer
+# fixes the layout of the optimizer state.
+SHAPE_KEYS = ("num_experts", "delegator", "expert", "data.image_size", "data.channels",
+              "train.optimizer")
+# Where a training run moves checkpoints it cannot read, beside `checkpoints/`.
+UNREADABLE_DIR = "unreadable_checkpoints"
+# Longest reason quoted for an unreadable checkpoint; tensorstore's run to kilobytes.
+_MAX_REASON_CHARS = 300
 
 
 def _lookup(config: Any, dotted: str) -> Any:
@@ -42,8 +54,11 @@ def _plain(value: Any) -> Any:
 
 
 def shape_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """The config values that fix the saved state's structure, saved with every checkpoint."""
   fingerprint = {key: _plain(_lookup(config, key)) for key in SHAPE_KEYS}
   fingerprint["num_classes"] = num_classes
+  # The state holds EMA parameters only when the EMA is on; its decay may change.
+  fingerprint["ema (train.ema_decay > 0)"] = config.train.ema_decay > 0
   return fingerprint
 
 
@@ -78,33 +93,112 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def latest_step(self) -> Optional[int]:
+    """The newest checkpoint's step (its save may still be finishing), or None."""
+    return self.manager.latest_step()
+
   def close(self) -> None:
     self.manager.close()
 
-  def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any]]:
+  def restore_latest(self, abstract_state: Any, *,
+                     set_aside_unreadable: bool = False) -> Optional[tuple[int, Any]]:
     """(step, state) of the newest readable checkpoint, or None if there is none.
 
-    `abstract_state` carries shapes, dtypes and shardings (from
-    `jax.eval_shape` plus the state's shardings), so arrays land where the
-    train step expects them.
+    Newer checkpoints that cannot be read are skipped, each reported in one
+    line.
+
+    Args:
+      abstract_state: shapes, dtypes and shardings (from `jax.eval_shape` plus
+        the state's shardings), so arrays land where the train step expects them.
+      set_aside_unreadable: move the skipped checkpoints to `UNREADABLE_DIR`
+        (training does, so it can save those steps again; readers leave them).
+
+    Raises:
+      CoEError: if the checkpoints were written with another config, or if
+        there are checkpoints and none can be read.
     """
+    _ignore_abandoned_reads()
+    unreadable = []  # (step, reason), newest first.
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike.
-        logging.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
-                        self.directory, step, _first_line(e))
+        unreadable.append((step, _reason(e)))
         continue
       check_fingerprint(meta, self.fingerprint, self.directory)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001
-        logging.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
-                        self.directory, step, _first_line(e))
+        unreadable.append((step, _reason(e)))
         continue
-      return step, restored["state"]
-    return None
+      break
+    else:
+      if unreadable:
+        newest, reason = unreadable[0]
+        raise CoEError(f"checkpoints={self.directory!r}: none of the {len(unreadable)} "
+                       f"checkpoints can be read, the newest ({newest}) because: {reason}; "
+                       "move the folder away to start afresh")
+      return None
+    moved = self._set_aside([s for s, _ in unreadable]) if set_aside_unreadable else {}
+    for bad, reason in unreadable:
+      where = f"moved to {moved[bad]}" if bad in moved else "left in place"
+      logging.warning("checkpoint %s/%d cannot be read (%s); resuming from step %d instead; "
+                      "%s", self.directory, bad, reason, step, where)
+    return step, restored["state"]
+
+  def _set_aside(self, steps: list[int]) -> dict[int, str]:
+    """Moves these checkpoints to `UNREADABLE_DIR` on every host; step -> new path."""
+    if not steps:
+      return {}
+    target_dir = epath.Path(self.directory).parent / UNREADABLE_DIR
+    moved = {}
+    for step in steps:
+      target = target_dir / str(step)
+      copies = 1
+      while target.exists():  # The same step can turn out unreadable twice.
+        copies += 1
+        target = target_dir / f"{step}.{copies}"
+      moved[step] = str(target)
+    if jax.process_count() > 1:  # Every host names the targets before any is moved.
+      multihost_utils.sync_global_devices("coe_jax: naming unreadable checkpoints")
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      for step, target in moved.items():
+        (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("coe_jax: unreadable checkpoints set aside")
+    self.manager.reload()  # Forget the moved steps, so that they can be saved again.
+    return moved
+
+
+def _ignore_abandoned_reads() -> None:
+  """Silences the stray tracebacks of failed restores' abandoned reads, from now on.
+
+  When one array of a checkpoint cannot be read, orbax gives up and closes its
+  event loop while tensorstore finishes the other reads; each of those then
+  reports "RuntimeError: Event loop is closed" through `sys.unraisablehook`:
+  about a hundred tracebacks on stderr for one skipped checkpoint, some after
+  the restore has returned, hence a hook that stays. Other reports pass on.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "ignores_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.ignores_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def _reason(error: Exception) -> str:
+  """The gist of why a checkpoint cannot be read, short and on one line."""
+  text = f"{type(error).__name__}: {_first_line(error).split(' [tensorstore_spec', 1)[0]}"
+  return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS - 3] + "..."
 
 
 def _first_line(error: Exception) -> str:

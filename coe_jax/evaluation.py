@@ -141,17 +141,34 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
   }
 
 
+@dataclasses.dataclass
+class Routing:
+  """Where the jitted router sent the test examples at one threshold, for the figures."""
+  class_by_expert: np.ndarray       # [K, N] int: examples of class k that expert j answered
+  delegator_by_class: np.ndarray    # [K] int: examples of class k the delegator answered
+  examples: list[np.ndarray]        # N arrays [E_j, H, W, C] uint8: expert j's first images
+  example_labels: list[np.ndarray]  # N arrays [E_j] int: their classes
+
+
 def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
                    config: Any, *, expected_exit_rate: float,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
-  """Top-1, exits and loads of the jitted router at `threshold` over `batches`.
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   examples_per_expert: int = 0) -> tuple[dict[str, Any], Routing]:
+  """Top-1, exits and loads of the jitted router at `threshold` over `batches`, and its routing.
 
   Routing runs as in serving, with `routing.mode` and its overflow policy; in
-  exact mode it must agree with `summary` on the same split.
+  exact mode it must agree with `summary` on the same split. The returned
+  `Routing` counts classes by the expert (or delegator) that answered them
+  and keeps up to `examples_per_expert` images per expert, so the figures
+  need no second pass and little memory.
   """
   num_groups = mesh.shape[routing.DATA_AXIS] if mesh is not None else 1
-  correct = exits = total = to_expert = to_delegator = 0
-  load = np.zeros(model.num_experts, np.int64)
+  num_experts, num_classes = model.num_experts, model.num_classes
+  correct = exits = total = to_delegator = 0
+  class_by_expert = np.zeros((num_classes, num_experts), np.int64)  # [K, N]
+  delegator_by_class = np.zeros(num_classes, np.int64)  # [K]
+  examples = [[] for _ in range(num_experts)]
+  example_labels = [[] for _ in range(num_experts)]
   for batch in batches:
     out = routing.route_and_predict(
         model, variables, batch["image"], threshold, mode=config.routing.mode,
@@ -164,10 +181,26 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
     correct += int(np.sum((out["pred"] == out["label"]) & mask))
     exits += int(np.sum(out["early_exit"] & mask))
     total += int(mask.sum())
-    answered = out["expert"][mask]
-    load += np.bincount(answered[answered >= 0], minlength=model.num_experts)
+    expert, label = out["expert"][mask], out["label"][mask]
+    by_expert = expert >= 0
+    np.add.at(class_by_expert, (label[by_expert], expert[by_expert]), 1)
+    delegator_by_class += np.bincount(label[~by_expert], minlength=num_classes)
     to_delegator += int(np.sum(mask & ~out["early_exit"] & (out["expert"] < 0)))
+    wanted = [examples_per_expert - sum(len(x) for x in kept) for kept in examples]
+    if max(wanted) > 0:
+      # Images are fetched from the device only while some expert still lacks examples.
+      images = np.asarray(jax.device_get(batch["image"]))[mask]  # [b, H, W, C]
+      for j in range(num_experts):
+        rows = np.flatnonzero(expert == j)[:wanted[j]]
+        examples[j].append(images[rows])
+        example_labels[j].append(label[rows])
+  load = class_by_expert.sum(0)  # [N]
   routed = max(int(load.sum()), 1)
-  return {"top1": correct / total, "early_exit_rate": exits / total,
-          "expert_load": [float(x) for x in load / routed], "routing_mode": config.routing.mode,
-          "overflow_to_delegator": to_delegator}
+  figures = {"top1": correct / total, "early_exit_rate": exits / total,
+             "expert_load": [float(x) for x in load / routed],
+             "routing_mode": config.routing.mode, "overflow_to_delegator": to_delegator}
+  image_shape = model.image_shape
+  stacked = [np.concatenate(x) if x else np.zeros((0, *image_shape), np.uint8) for x in examples]
+  labels = [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
+            for x in example_labels]
+  return figures, Routing(class_by_expert, delegator_by_class, stacked, labels)

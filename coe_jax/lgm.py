@@ -13,6 +13,9 @@ a target distribution over experts by one of three rules (`lgm.rule`):
 - `balanced`: one-hot of the balanced transportation over `s` (the same solver
   as WGM), so that no expert is starved of selections;
 - `soft`: `softmax(s_i / T)` with `T = lgm.temperature`.
+
+`random` (`RANDOM_RULE`) is LGM switched off, for ablations: one-hot labels
+drawn uniformly, whatever the experts score.
 """
 
 from typing import Any
@@ -24,6 +27,7 @@ from coe_jax import transport
 from coe_jax.errors import require
 
 RULES = ("argmax", "balanced", "soft")
+RANDOM_RULE = "random"  # No LGM: not one of RULES, which score the experts.
 
 
 def expert_scores(expert_logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -42,6 +46,27 @@ def expert_scores(expert_logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.take_along_axis(log_probs, true_class, axis=-1)[..., 0].T  # [B, N]
 
 
+def random_targets(expert_logits: jax.Array) -> jax.Array:
+  """One-hot selection labels drawn uniformly at random: LGM switched off.
+
+  The objective has no rng argument, so the draw is seeded by a hash of the
+  logits' bits: it changes with every batch and step, and the PRNG makes it
+  independent of which expert is right.
+
+  Args:
+    expert_logits: [N, B, K].
+
+  Returns:
+    targets: [B, N], one-hot.
+  """
+  experts, batch = expert_logits.shape[:2]
+  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(expert_logits).astype(jnp.float32),
+                                      jnp.uint32)  # [N, B, K]
+  key = jax.random.key(jnp.sum(bits, dtype=jnp.uint32))  # The sum wraps around: a hash.
+  labels = jax.random.randint(key, (batch,), 0, experts)  # [B]
+  return jax.nn.one_hot(labels, experts, dtype=jnp.float32)  # [B, N]
+
+
 def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
                       temperature: float = 1.0,
                       **solver_kwargs: Any) -> tuple[jax.Array, dict[str, Any]]:
@@ -50,7 +75,7 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
   Args:
     expert_logits: [N, B, K]. No gradient flows from the targets back to them.
     labels: [B] int class labels.
-    rule: `argmax`, `balanced` or `soft` (static).
+    rule: `argmax`, `balanced`, `soft`, or `random` for no LGM (static).
     temperature: T of the `soft` rule, > 0.
     **solver_kwargs: `epsilon`, `max_iterations` and `threshold` of
       `transport.balanced_assignment`, used by the `balanced` rule.
@@ -59,7 +84,10 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
     targets: [B, N], a probability distribution over experts per sample.
     info: the solver's info for `balanced`, else empty.
   """
-  require(rule in RULES, "lgm.rule", rule, f"expected one of {', '.join(RULES)}")
+  require(rule in RULES or rule == RANDOM_RULE, "lgm.rule", rule,
+          f"expected one of {', '.join(RULES)}")
+  if rule == RANDOM_RULE:
+    return random_targets(expert_logits), {}  # [B, N]
   scores = expert_scores(expert_logits, labels)  # [B, N]
   experts = scores.shape[1]
   if rule == "soft":

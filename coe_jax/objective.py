@@ -56,8 +56,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   threshold = config.wgm.sinkhorn_threshold
   require(_is_real(threshold) and threshold > 0, "wgm.sinkhorn_threshold", threshold,
           "expected a positive number")
-  require(config.lgm.rule in lgm.RULES, "lgm.rule", config.lgm.rule,
-          f"expected one of {', '.join(lgm.RULES)}")
+  # `random` (no LGM) is an ablation, accepted but not advertised among the rules.
+  require(config.lgm.rule in lgm.RULES or config.lgm.rule == lgm.RANDOM_RULE, "lgm.rule",
+          config.lgm.rule, f"expected one of {', '.join(lgm.RULES)}")
   temperature = config.lgm.temperature
   require(_is_real(temperature) and temperature > 0, "lgm.temperature", temperature,
           "expected a positive number")

@@ -1,13 +1,17 @@
-"""Classifies image files with a trained CoE run.
+"""Classifies image files with a trained CoE run, or with its LiteRT export.
 
     python -m coe_jax.predict --workdir=runs/demo digit.png other.jpg
+    python -m coe_jax.predict --serving-dir=runs/demo/serving digit.png other.jpg
     digit.png: 7  p=0.981  early exit
     other.jpg: 3  p=0.874  expert 2
 
 Per image: the class name, its probability, and who answered (the delegator
 alone on an early exit, else the expert; "delegator, experts full" is a
 serving-mode overflow). Uses the run's calibrated threshold unless
---threshold is given. A missing or undecodable image, or a bad workdir, is
+--threshold is given. --workdir runs the JAX `Predictor` on the latest
+checkpoint; --serving-dir runs `coe_jax.serving.LiteRTPredictor` on a
+directory written by `python -m coe_jax.export`, without importing JAX. A
+missing or undecodable image, or a bad workdir or serving directory, is
 reported in one line and the exit status is 1.
 """
 
@@ -19,7 +23,6 @@ import numpy as np
 from PIL import Image
 
 from coe_jax.errors import CoEError
-from coe_jax.inference import Predictor
 
 
 def read_image(path: str) -> Image.Image:
@@ -40,10 +43,28 @@ def _answered_by(early_exit: bool, expert: int) -> str:
   return f"expert {expert}" if expert >= 0 else "delegator, experts full"
 
 
-def predict(workdir: str, paths: Sequence[str], threshold: Optional[float] = None) -> list[str]:
-  """One result line per image; raises CoEError on bad input."""
+def _load(workdir: Optional[str], serving_dir: Optional[str]):
+  """The JAX predictor of a workdir, or the LiteRT one of a serving directory.
+
+  Imported here, so that serving imports neither JAX nor TensorFlow.
+  """
+  # pylint: disable=g-import-not-at-top
+  if serving_dir is not None:
+    from coe_jax.serving import LiteRTPredictor
+    return LiteRTPredictor.load(serving_dir)
+  from coe_jax.inference import Predictor
+  return Predictor.load(workdir)
+
+
+def predict(workdir: Optional[str], paths: Sequence[str], threshold: Optional[float] = None,
+            serving_dir: Optional[str] = None) -> list[str]:
+  """One result line per image; raises CoEError on bad input.
+
+  Exactly one of `workdir` (a training run) and `serving_dir` (its export) is used;
+  `serving_dir` wins if both are given.
+  """
   images = [read_image(path) for path in paths]  # Bad files fail before the slow model load.
-  p = Predictor.load(workdir)
+  p = _load(workdir, serving_dir)
   lines = []
   for path, image in zip(paths, images):
     pixels = np.asarray(image.convert("L" if p.channels == 1 else "RGB"))  # [H, W] or [H, W, 3]
@@ -60,13 +81,16 @@ def predict(workdir: str, paths: Sequence[str], threshold: Optional[float] = Non
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m coe_jax.predict",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="the training run's workdir")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="the training run's workdir (JAX)")
+  source.add_argument("--serving-dir",
+                      help="a directory written by python -m coe_jax.export (LiteRT)")
   parser.add_argument("--threshold", type=float, default=None,
                       help="early-exit threshold tau (default: the run's calibrated one)")
   parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, ...)")
   args = parser.parse_args(argv)
   try:
-    lines = predict(args.workdir, args.images, args.threshold)
+    lines = predict(args.workdir, args.images, args.threshold, serving_dir=args.serving_dir)
   except CoEError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -66,11 +66,19 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 class _Preemption:
-  """Notes SIGTERM so the loop can save a checkpoint and stop cleanly."""
+  """Notes SIGTERM so the loop can save a checkpoint and stop cleanly.
+
+  In a single process only. With several, JAX's preemption service takes
+  SIGTERM (from `jax.distributed.initialize`) and `reached_preemption` stops
+  every process at the same step; a handler here would take the signal from it
+  and let each process stop at its own step, to hang in the collective save.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._installed = jax.process_count() == 1
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -78,11 +86,18 @@ class _Preemption:
     self.requested = True
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:
+      # None: the previous handler was not set from Python; the default is the nearest.
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the keys the trainer reads; networks and objective check their own."""
+  """Checks the keys the trainer reads; networks and objective check their own.
+
+  Runs before any data is loaded or anything compiled, so bad values fail at once.
+  """
+  require(isinstance(config.num_experts, int) and config.num_experts >= 1, "num_experts",
+          config.num_experts, "expected a positive integer")
   train = config.train
   require(isinstance(train.batch_size, int) and train.batch_size > 0, "train.batch_size",
           train.batch_size, "expected a positive integer")
@@ -188,9 +203,14 @@ def _write_run_files(trainer: Trainer) -> None:
 
 
 def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tuple[int, str]]:
+  """(step, what) of the first step whose loss or gradient was not finite, or None.
+
+  `what` is the first non-finite loss term (expert, selection, delegator), else
+  the weighted total `loss` (a sum can overflow), else `gradient`.
+  """
   for step, metrics in history:
     if not metrics["finite"]:
-      bad = [t for t in LOSS_TERMS if not np.isfinite(metrics[t])]
+      bad = [t for t in (*LOSS_TERMS, "loss") if not np.isfinite(metrics[t])]
       return step, (bad[0] if bad else "gradient")
   return None
 
@@ -209,7 +229,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   checkpointer = checkpointing.Checkpointer(
       workdir, keep=config.train.keep_checkpoints,
       fingerprint=checkpointing.shape_fingerprint(config, trainer.info.num_classes))
-  restored = checkpointer.restore_latest(trainer.abstract_state)
+  restored = checkpointer.restore_latest(trainer.abstract_state, set_aside_unreadable=True)
   if restored is None:
     start_step, state = 0, trainer.init_state()
     logging.info("starting a new run in %s", workdir)
@@ -248,21 +268,27 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       done = step + 1
       for hook in hooks:
         hook(done)
-      if done % config.train.log_every_steps == 0 or done == num_steps:
+      preempted = (preemption.requested or done == stop_at
+                   or checkpointer.reached_preemption(done))
+      save = done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted
+      log = done % config.train.log_every_steps == 0 or done == num_steps
+      if log or save:
+        # Also before every save: under "stop", no checkpoint holds a state past a bad step.
         history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
         bad = _first_nonfinite(history)
         if bad is not None and config.train.nonfinite == "stop":
-          raise CoEError(f"step={bad[0]}: non-finite {bad[1]}; training stopped, the last good "
-                         f"state is in {checkpointer.directory} (train.nonfinite='skip' skips "
-                         "such steps instead)")
+          last = checkpointer.latest_step()
+          kept = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
+                  if last is not None else "no checkpoint had been saved yet")
+          raise CoEError(f"step={bad[0]}: non-finite {bad[1]}; training stopped, {kept} "
+                         "(train.nonfinite='skip' skips such steps instead)")
+      if log:
         skipped += sum(1 for _, m in history if not m["finite"])
         means = {k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
                  for k in history[-1][1]}
         writer.write_scalars(done, {**means, "skipped_steps": skipped})
         history = []
-      preempted = (preemption.requested or done == stop_at
-                   or checkpointer.reached_preemption(done))
-      if done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted:
+      if save:
         checkpointer.save(done, state, force=True)
       if preempted:
         checkpointer.wait()
@@ -285,7 +311,9 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
              extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Calibrates tau on the hold-out split, then evaluates on the test split.
 
-  Writes `results.json` and the plots unless `write_files` is False.
+  Writes `results.json`, `early_exit_curve.json` and the plots unless
+  `write_files` is False: accuracy vs FLOPs, expert load, the early-exit
+  curve, and the routing (test images per expert, classes by expert).
   """
   config = trainer.config
   variables = state.eval_variables()
@@ -313,9 +341,10 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
     threshold, how = evaluation.calibrate(calibration_curve, config.eval.target_mean_flops)
   results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
   results["threshold_rule"] = how
-  routed = evaluation.routed_figures(trainer.model, variables, batches("test"), threshold, config,
-                                     expected_exit_rate=results["early_exit_rate"],
-                                     mesh=trainer.mesh)
+  routed, routes = evaluation.routed_figures(
+      trainer.model, variables, batches("test"), threshold, config,
+      expected_exit_rate=results["early_exit_rate"], mesh=trainer.mesh,
+      examples_per_expert=plots.GRID_EXAMPLES if write_files else 0)
   if config.routing.mode == "exact" and abs(routed["top1"] - results["top1"]) > 1e-9:
     # The router and the recorded outputs compute the same answers: a gap is a bug.
     logging.error("routed top-1 %.5f differs from the recorded outputs' %.5f",
@@ -327,6 +356,13 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
     checkpointing.write_json(os.path.join(workdir, "results.json"), results)
     plots.accuracy_vs_flops(test_curve, results, os.path.join(workdir, "accuracy_vs_flops.png"))
     plots.expert_load(results, os.path.join(workdir, "expert_load.png"))
+    plots.early_exit_curve(test_curve, results, os.path.join(workdir, "early_exit_curve.png"))
+    # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
+    checkpointing.write_json(os.path.join(workdir, "early_exit_curve.json"),
+                             {k: v.tolist() for k, v in vars(test_curve).items()})
+    class_names = trainer.info.class_names
+    plots.routing_grid(routes, class_names, os.path.join(workdir, "routing_grid.png"))
+    plots.class_by_expert(routes, class_names, os.path.join(workdir, "class_by_expert.png"))
   return results
 
 

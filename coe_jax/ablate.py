@@ -1,0 +1,293 @@
+r"""Ablations: does each part of CoE earn its place, and does CoE beat one network of its cost?
+
+    python -m coe_jax.ablate --config=configs/digits.py --workdir=runs/ablate [--seeds=3] \
+        [--variants=coe,single] [--config.train.num_steps=800 ...]
+
+Trains each variant below with the ordinary trainer, once per seed (`seed`,
+`seed + 1`, ...), each run in `WORKDIR/<variant>/seed<s>`: running the same
+command again resumes unfinished runs and reuses finished ones (a run
+directory that holds another config's run is refused). Compiled
+programs are cached in `WORKDIR/jax_cache`, since the variants and seeds share
+most of them. Writes `WORKDIR/ablation.md` (a Markdown table, also printed)
+and `WORKDIR/ablation.png` (top-1 vs mean FLOPs).
+
+Variants:
+- `coe`: the config as given.
+- `no_wgm`: `wgm.off_portion_weight=1`: every expert weighs every sample alike.
+- `no_lgm`: `lgm.rule=random`: the delegator's selection learns random labels.
+- `no_vcm`: `vcm.enabled=False`: every sample weighs 1 in the selection loss.
+- `single`: one network of the experts' architecture with its width and
+  depth multipliers scaled so that its FLOPs come as close as the
+  multipliers allow to full CoE's mean FLOPs (averaged over seeds), trained
+  alone as a plain classifier (`num_experts=1`, warm-up stage only; the
+  delegator trained alongside is not used). Its cost is the network alone.
+- `ensemble`: the N experts trained independently as plain classifiers
+  (warm-up stage only: same batches, own initialisations); the answer is the mean of their probabilities, at N x
+  expert FLOPs.
+
+CoE variants report top-1 at the tau the trainer calibrates (`eval.*` as
+configured), their mean FLOPs and early-exit rate.
+"""
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from etils import epath
+from ml_collections import config_flags
+
+from coe_jax import checkpointing, data, flops, lgm, plots, train
+from coe_jax.errors import CoEError
+from coe_jax.models.spec import NetworkSpec
+from coe_jax.train_step import TrainState
+
+VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single", "ensemble")
+DESCRIPTIONS = {
+    "coe": "full CoE: WGM + LGM + VCM, early exit",
+    "no_wgm": "without WGM: uniform expert weights (wgm.off_portion_weight=1)",
+    "no_lgm": "without LGM: selection trained on random labels (lgm.rule=random)",
+    "no_vcm": "without VCM (vcm.enabled=False)",
+    "single": "one network of CoE's mean FLOPs, trained alone",
+    "ensemble": "N independent experts, probabilities averaged",
+}
+# Multipliers tried to size `single`; depth multipliers act through ceil(depth * m).
+WIDTHS = tuple(round(0.05 + 0.01 * i, 2) for i in range(396))  # 0.05 .. 4.00
+DEPTHS = (1.0, 1.5, 2.0, 3.0)
+RUN_FILE = "ablation_run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EqualFlops:
+  """The expert multipliers that size `single`, and how close they get."""
+  width_multiplier: float
+  depth_multiplier: float
+  flops: int
+  target: float
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int,
+                   equal_flops: Optional[EqualFlops] = None) -> ml_collections.ConfigDict:
+  """The config of one variant at one seed; `single` needs `equal_flops`."""
+  if variant not in VARIANTS:
+    raise CoEError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)}")
+  config = copy.deepcopy(config)
+  config.seed = seed
+  if variant == "no_wgm":
+    config.wgm.off_portion_weight = 1.0
+  elif variant == "no_lgm":
+    config.lgm.rule = lgm.RANDOM_RULE
+  elif variant == "no_vcm":
+    config.vcm.enabled = False
+  elif variant in ("single", "ensemble"):
+    # Warm-up alone: every expert weighs every sample by 1 and no selection is
+    # learned, so the experts train as independent plain classifiers.
+    config.train.stages = ml_collections.ConfigDict({"warmup": 1.0})
+    if variant == "single":
+      if equal_flops is None:
+        raise CoEError("variant='single': needs the multipliers from full CoE's mean FLOPs")
+      config.num_experts = 1
+      config.mesh.expert = 1
+      config.expert.width_multiplier = equal_flops.width_multiplier
+      config.expert.depth_multiplier = equal_flops.depth_multiplier
+  return config
+
+
+def equal_flops_multipliers(config: ml_collections.ConfigDict, num_classes: int,
+                            target: float) -> EqualFlops:
+  """The expert width and depth multipliers whose FLOPs come closest to `target`.
+
+  Closest in ratio; ties go to the unchanged depth, then to the width nearest
+  the config's. Multipliers apply on top of the config's own.
+  """
+  if not target > 0:
+    raise CoEError(f"target mean FLOPs={target!r}: expected a positive number")
+  expert = copy.deepcopy(config.expert)
+  base_width, base_depth = expert.width_multiplier, expert.depth_multiplier
+  best = None
+  for depth in DEPTHS:
+    for width in WIDTHS:
+      expert.width_multiplier, expert.depth_multiplier = base_width * width, base_depth * depth
+      macs = flops.network_macs(NetworkSpec.from_config(expert, "expert"), config.data.image_size,
+                                config.data.channels, num_classes)
+      key = (round(abs(math.log(macs / target)), 9), depth != 1.0, abs(width - 1.0))
+      if best is None or key < best[0]:
+        best = (key, EqualFlops(base_width * width, base_depth * depth, macs, float(target)))
+  return best[1]
+
+
+def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
+  """Test top-1 of the mean of the N experts' probabilities."""
+  model, config = trainer.model, trainer.config
+
+  @functools.partial(jax.jit, out_shardings=trainer.replicated)
+  def hits(variables, batch):
+    logits = model.experts(variables, batch["image"], shared_input=True,
+                           loop=config.routing.expert_loop)  # [N, B, K]
+    probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)  # [B, K]
+    correct = (jnp.argmax(probs, axis=-1) == batch["label"]) & batch["mask"]  # [B]
+    return jnp.sum(correct), jnp.sum(batch["mask"])
+
+  variables = state.eval_variables()
+  correct = total = 0
+  for batch in data.eval_batches(config, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    c, t = jax.device_get(hits(variables, trainer.global_batch(batch)))
+    correct, total = correct + int(c), total + int(t)
+  return correct / total
+
+
+def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) one variant's run and returns its row figures.
+
+  A finished run's figures are read back from `workdir/ablation_run.json`.
+
+  Raises:
+    CoEError: when `workdir` holds a run of another config, or training was
+      stopped (SIGTERM) before the end.
+  """
+  saved_config = epath.Path(workdir) / "config.json"
+  if saved_config.exists() and checkpointing.read_json(str(saved_config)) != json.loads(
+      config.to_json()):
+    raise CoEError(f"workdir={workdir!r}: holds a run of another config (other overrides?); "
+                   "use a new --workdir")
+  run_file = epath.Path(workdir) / RUN_FILE
+  if run_file.exists():
+    return checkpointing.read_json(str(run_file))
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  trainer = train.Trainer(config, workdir)
+  state = train.train(trainer)
+  if state is None:
+    raise CoEError(f"workdir={workdir!r}: training stopped early; run the same command again "
+                   "to resume")
+  results = train.evaluate(trainer, state)
+  if variant == "single":
+    row = dict(top1=results["expert_top1"][0], mean_flops=results["expert_flops"],
+               early_exit_rate=None, top1_no_early_exit=None)
+  elif variant == "ensemble":
+    row = dict(top1=ensemble_top1(trainer, state),
+               mean_flops=config.num_experts * results["expert_flops"],
+               early_exit_rate=None, top1_no_early_exit=None)
+  else:
+    row = {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
+  row.update(expert_flops=results["expert_flops"], seconds=time.time() - started)
+  checkpointing.write_json(str(run_file), row)
+  return row
+
+
+def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+  values = [scale * v for v in values]
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return f"{mean:.{digits}f}"
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], equal_flops: Optional[EqualFlops],
+                 command: str) -> str:
+  """The Markdown report: the command, the table and how `single` was sized."""
+  seeds = len(rows[0]["runs"])
+  lines = [
+      "# CoE ablations", "", f"Command: `{command}`", "",
+      f"Top-1 on the test split, mean ± sample sd over {seeds} seed(s), then each seed. "
+      "Mean FLOPs are multiply-adds per image, averaged over the test split (CoE variants at "
+      "their calibrated tau).", "",
+      "| variant | what | top-1 (%) | per seed (%) | top-1, no early exit (%) | "
+      "mean FLOPs (M) | early exits (%) |",
+      "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    runs = row["runs"]
+    per_seed = ", ".join(f"{100 * r['top1']:.2f}" for r in runs)
+    coe = runs[0]["early_exit_rate"] is not None
+    no_exit = _mean_sd([r["top1_no_early_exit"] for r in runs]) if coe else "—"
+    exits = _mean_sd([r["early_exit_rate"] for r in runs], digits=1) if coe else "—"
+    flops = _mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
+    lines.append(f"| {row['name']} | {DESCRIPTIONS[row['name']]} | "
+                 f"{_mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | {flops} | "
+                 f"{exits} |")
+  if equal_flops is not None:
+    lines += ["", f"`single` is the expert network at width x{equal_flops.width_multiplier:g}, "
+              f"depth x{equal_flops.depth_multiplier:g}: {equal_flops.flops / 1e6:.4f}M "
+              f"multiply-adds, {100 * (equal_flops.flops / equal_flops.target - 1):+.1f}% from "
+              f"full CoE's mean of {equal_flops.target / 1e6:.4f}M."]
+  return "\n".join(lines) + "\n"
+
+
+def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
+                 variants: Sequence[str] = VARIANTS, command: str = "") -> str:
+  """Runs the variants over the seeds and writes the table and plot; returns the table.
+
+  `single` needs full CoE's mean FLOPs, so `coe` always runs with it.
+  """
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise CoEError(f"variants={','.join(variants)!r}: expected some of {', '.join(VARIANTS)}")
+  if not isinstance(seeds, int) or seeds < 1:
+    raise CoEError(f"seeds={seeds!r}: expected a positive integer")
+  variants = [v for v in VARIANTS if v in variants or (v == "coe" and "single" in variants)]
+  jobs = len(variants) * seeds
+  rows, equal_flops = [], None
+  for variant in variants:
+    if variant == "single":
+      coe_runs = rows[0]["runs"]
+      target = sum(r["mean_flops"] for r in coe_runs) / len(coe_runs)
+      equal_flops = equal_flops_multipliers(config, data.get_info(config).num_classes, target)
+    runs = []
+    for s in range(seeds):
+      run_dir = os.path.join(workdir, variant, f"seed{s}")
+      print(f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: {run_dir}",
+            flush=True)
+      run = run_variant(variant_config(config, variant, config.seed + s, equal_flops), variant,
+                        run_dir)
+      exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
+               if run["early_exit_rate"] is not None else "")
+      print(f"    top-1 {100 * run['top1']:.2f}%, mean FLOPs {run['mean_flops'] / 1e6:.4f}M"
+            f"{exits} ({run['seconds']:.0f} s)", flush=True)
+      runs.append(run)
+    rows.append({"name": variant, "runs": runs})
+
+  table = format_table(rows, equal_flops, command)
+  epath.Path(workdir, "ablation.md").write_text(table)
+  curve_path = os.path.join(workdir, "coe", "seed0", "early_exit_curve.json")
+  curve = checkpointing.read_json(curve_path) if epath.Path(curve_path).exists() else None
+  plot_rows = [{"name": row["name"], "top1": [r["top1"] for r in row["runs"]],
+                "mean_flops": sum(r["mean_flops"] for r in row["runs"]) / seeds} for row in rows]
+  plots.ablation(plot_rows, os.path.join(workdir, "ablation.png"), curve=curve)
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  command = " ".join(["python -m coe_jax.ablate", *sys.argv[1:]])
+  try:
+    table = run_ablation(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _VARIANTS.value, command)
+  except CoEError as e:
+    sys.exit(f"error: {e}")
+  print("\n" + table, flush=True)
+  print(f"table: {_WORKDIR.value}/ablation.md\nplot:  {_WORKDIR.value}/ablation.png", flush=True)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so other entry points can import this module.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the ablation's runs and report.")
+  _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per variant: seed, seed + 1, ...")
+  _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
+                                "Variants to run (coe runs too when single does).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

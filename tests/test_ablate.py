@@ -1,0 +1,195 @@
+"""The ablation command on a tiny config, its variants, and LGM's `random` rule."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from coe_jax import ablate, flops, lgm, objective
+from coe_jax.config_base import base_config
+from coe_jax.config_loading import load_config
+from coe_jax.errors import CoEError
+from tests.tiny import REPO, config_path
+
+# The digits config shrunk on the command line: 2 experts, 4 steps, 1 seed.
+# tau = 1 lets (almost) nothing exit, so CoE's mean FLOPs are delegator +
+# expert, a cost the equal-FLOPs network can match. The variants without WGM,
+# LGM or VCM only switch config keys (checked below) and each compiles its own
+# training step, so the command runs the three whose figures differ in kind.
+VARIANTS = ("coe", "single", "ensemble")
+OVERRIDES = (f"--variants={','.join(VARIANTS)}", "--config.num_experts=2",
+             "--config.train.num_steps=4", "--config.train.warmup_steps=1",
+             "--config.train.batch_size=32",
+             "--config.train.log_every_steps=2", "--config.eval.threshold=1.0")
+
+
+def _ablate(workdir: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             # One CPU device (not the suite's 8 fake ones), and quick compilation
+             # for programs that run a few steps.
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  return subprocess.run(
+      [sys.executable, "-m", "coe_jax.ablate", f"--config={config_path('digits')}",
+       f"--workdir={workdir}", "--seeds=1", *OVERRIDES],
+      capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+
+
+def _read(workdir: str, *parts: str):
+  with open(os.path.join(workdir, *parts)) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ablation"))
+  result = _ablate(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+  rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+  return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}  # Skip the header.
+
+
+def test_table_plot_and_progress(ablation):
+  workdir, stdout = ablation
+  with open(os.path.join(workdir, "ablation.md")) as f:
+    table = f.read()
+  assert tuple(_table_rows(table)) == VARIANTS
+  assert table in stdout  # Printed as well.
+  with open(os.path.join(workdir, "ablation.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  for i, variant in enumerate(VARIANTS):
+    assert f"[{i + 1}/3] {variant}, seed 0:" in stdout
+  assert "--config.train.num_steps=4" in table  # The command that made it.
+
+
+def test_rows_carry_each_runs_figures(ablation):
+  workdir, _ = ablation
+  with open(os.path.join(workdir, "ablation.md")) as f:
+    rows = _table_rows(f.read())
+  run = {v: _read(workdir, v, "seed0", ablate.RUN_FILE) for v in VARIANTS}
+  results = {v: _read(workdir, v, "seed0", "results.json") for v in VARIANTS}
+  assert run["coe"]["top1"] == results["coe"]["top1"]
+  assert run["coe"]["mean_flops"] == results["coe"]["mean_flops"]
+  assert rows["coe"][2] == f"{100 * results['coe']['top1']:.2f}"
+  assert rows["coe"][6] == f"{100 * results['coe']['early_exit_rate']:.1f}"
+  # The ensemble costs N experts; the single network is the run's only expert.
+  expert_flops = flops.count(_config_of(workdir, "coe"))["expert_flops"]
+  assert run["ensemble"]["mean_flops"] == 2 * expert_flops
+  assert rows["ensemble"][5] == f"{2 * expert_flops / 1e6:.3f}"
+  assert run["single"]["mean_flops"] == results["single"]["expert_flops"]
+  assert run["single"]["top1"] == results["single"]["expert_top1"][0]
+  assert run["single"]["mean_flops"] == pytest.approx(run["coe"]["mean_flops"], rel=0.15)
+  assert rows["single"][6] == rows["ensemble"][6] == "—"
+  assert all(0 <= run[v]["top1"] <= 1 for v in VARIANTS)
+
+
+def _config_of(workdir: str, variant: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(_read(workdir, variant, "seed0", "config.json"))
+
+
+def test_each_variant_switches_what_it_says():
+  config = load_config(config_path("digits"))
+  single_size = ablate.EqualFlops(0.5, 2.0, 1, 1.0)
+  configs = {v: ablate.variant_config(config, v, seed=3, equal_flops=single_size)
+             for v in ablate.VARIANTS}
+  assert all(c.seed == 3 for c in configs.values())
+  assert configs["coe"].to_dict() == {**config.to_dict(), "seed": 3}
+  assert configs["no_wgm"].wgm.off_portion_weight == 1.0
+  assert configs["no_lgm"].lgm.rule == "random"
+  assert not configs["no_vcm"].vcm.enabled
+  for variant in ("single", "ensemble"):
+    assert dict(configs[variant].train.stages) == {"warmup": 1.0}  # Plain classifiers.
+  assert configs["single"].num_experts == 1 and configs["ensemble"].num_experts == 4
+  assert (configs["single"].expert.width_multiplier,
+          configs["single"].expert.depth_multiplier) == (0.5, 2.0)
+  assert config.wgm.off_portion_weight == 0.2 and config.seed == 0  # The input is untouched.
+
+
+def test_the_runs_write_the_routing_figures(ablation):
+  workdir, _ = ablation
+  for name in ("routing_grid.png", "class_by_expert.png", "early_exit_curve.png",
+               "early_exit_curve.json"):
+    assert os.path.getsize(os.path.join(workdir, "coe", "seed0", name)) > 0
+
+
+def test_a_finished_run_is_reused_not_retrained(ablation):
+  workdir, _ = ablation
+  run_dir = os.path.join(workdir, "coe", "seed0")
+  # Returns before building a trainer: a finished run is read back.
+  assert ablate.run_variant(_config_of(workdir, "coe"), "coe", run_dir) == _read(
+      run_dir, ablate.RUN_FILE)
+
+
+def test_a_workdir_of_another_config_is_refused(ablation):
+  workdir, _ = ablation
+  config = ablate.variant_config(_config_of(workdir, "coe"), "coe", seed=0)
+  config.train.num_steps = 5
+  with pytest.raises(CoEError, match="holds a run of another config"):
+    ablate.run_variant(config, "coe", os.path.join(workdir, "coe", "seed0"))
+
+
+def test_equal_flops_multipliers_come_close():
+  config = load_config(config_path("digits"))
+  expert = flops.count(config)["expert_flops"]
+  for target in (0.3 * expert, 0.5 * expert, 1.0 * expert, 1.7 * expert):
+    found = ablate.equal_flops_multipliers(config, 10, target)
+    assert found.flops == pytest.approx(target, rel=0.15)
+  same = ablate.equal_flops_multipliers(config, 10, expert)
+  assert (same.width_multiplier, same.depth_multiplier, same.flops) == (1.0, 1.0, expert)
+
+
+def test_bad_variants_and_seeds_are_refused(tmp_path):
+  config = base_config()
+  with pytest.raises(CoEError, match=r"^variant='single': needs"):
+    ablate.variant_config(config, "single", seed=0)
+  with pytest.raises(CoEError, match=r"^variants='coe,best'"):
+    ablate.run_ablation(config, str(tmp_path), 1, ["coe", "best"])
+  with pytest.raises(CoEError, match=r"^seeds=0"):
+    ablate.run_ablation(config, str(tmp_path), 0)
+
+
+B, N, K = 256, 4, 5
+random_targets = jax.jit(lgm.random_targets)
+
+
+def test_random_lgm_labels_are_uniform_one_hot_and_ignore_the_experts():
+  labels = jnp.arange(B) % K
+  # Expert 0 is by far the best on every sample: LGM's argmax would always pick it.
+  expert_logits = 5.0 * jax.nn.one_hot(labels, K)[None] * (jnp.arange(N) == 0)[:, None, None]
+  expert_logits = expert_logits + 0.01 * jax.random.normal(jax.random.key(0), (N, B, K))
+  targets = random_targets(expert_logits)
+  np.testing.assert_array_equal(targets.sum(axis=1), np.ones(B))
+  assert set(np.unique(targets)) == {0.0, 1.0}
+  counts = np.bincount(np.argmax(targets, axis=1), minlength=N)
+  assert counts.min() > B / N / 2  # Every expert drawn, about evenly.
+  other = random_targets(expert_logits + 1e-3)  # Another batch or step: another draw.
+  assert np.mean(np.argmax(targets, 1) == np.argmax(other, 1)) < 0.5
+  targets_via_rule, info = lgm.selection_targets(expert_logits, labels, rule="random")
+  np.testing.assert_array_equal(targets_via_rule, targets)
+  assert info == {}
+  grad = jax.grad(lambda z: jnp.sum(random_targets(z) * jnp.arange(N)))(expert_logits)
+  np.testing.assert_array_equal(grad, np.zeros_like(grad))
+
+
+def test_random_rule_passes_validation_and_trains_the_selection():
+  config = base_config()
+  config.lgm.rule = "random"
+  objective.validate_config(config)
+  k = jax.random.split(jax.random.key(1), 4)
+  args = (jax.random.normal(k[0], (16, K)), jax.random.normal(k[1], (16, N)),
+          jax.random.normal(k[2], (N, 16, K)), jax.random.randint(k[3], (16,), 0, K))
+  grad = jax.jit(jax.grad(lambda g: objective.coe_objective(
+      args[0], g, args[2], args[3], config, "coadapt")[1]["selection_loss"]))(args[1])
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+  config.lgm.rule = "randm"
+  with pytest.raises(CoEError, match=r"^lgm.rule='randm'"):
+    objective.validate_config(config)

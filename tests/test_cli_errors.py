@@ -1,0 +1,161 @@
+"""Bad input on the command line: exit status 1, one `error:` line naming the key or file.
+
+Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.predict`), in
+a subprocess, and checks its stderr: exactly one `error: ...` line that names
+the offending key or file, and no Python traceback. Logging from absl,
+TensorFlow and XLA may share stderr; only the error line has to be one line.
+Every case fails before anything is compiled, so none of them trains, and
+none writes a checkpoint.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coe_jax import train
+from coe_jax.config_loading import load_config
+from coe_jax.errors import CoEError
+from tests import test_data_image_folder
+from tests.tiny import REPO, config_path
+
+DIGITS = config_path("digits")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """This process's environment for a CLI run, plus `extra`.
+
+  conftest gives the test process 8 fake CPU devices; a CLI run gets the one
+  CPU device a user's laptop has, and no probing for accelerators, so that it
+  runs alike on every machine.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in flag)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(extra)
+  return env
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, its output captured."""
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        cwd=REPO, env=subprocess_env(), timeout=300)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a failed run; fails on a traceback or a zero exit."""
+  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
+
+
+def _main(workdir, *overrides: str, config: str = DIGITS) -> subprocess.CompletedProcess:
+  return run_module("coe_jax.main", f"--config={config}", f"--workdir={workdir}", *overrides)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.num_experts=-3", "num_experts=-3: expected a positive integer"),
+    ("--config.eval.threshold=1.5", "eval.threshold=1.5: expected None"),
+    ("--config.train.batch_size=0", "train.batch_size=0: expected a positive integer"),
+    ("--config.data.name=cifar11", "data.name='cifar11': unknown data set"),
+])
+def test_bad_config_value(tmp_path, override, fragment):
+  workdir = tmp_path / "run"
+  assert fragment in error_line(_main(workdir, override))
+  # Validation comes before any training: nothing was saved.
+  assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_experts", 0), ("eval.threshold", -0.1), ("train.batch_size", -8)])
+def test_other_bad_values_fail_the_same_check(key, value):
+  """The other side of each range, in-process: the CLI reports these checks' messages."""
+  config = load_config(DIGITS)
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(CoEError, match=f"^{key}={value}: expected"):
+    train.validate_config(config)
+
+
+def test_missing_data_path(tmp_path):
+  missing = str(tmp_path / "nowhere")
+  line = error_line(_main(tmp_path / "run", "--config.data.name=image_folder",
+                          f"--config.data.path={missing}"))
+  assert f"data.path={missing!r}" in line and "does not exist" in line
+
+
+def _folder_error(tmp_path, root) -> str:
+  return error_line(_main(tmp_path / "run", "--config.data.name=image_folder",
+                          f"--config.data.path={root}"))
+
+
+def test_image_folder_without_classes(tmp_path):
+  root = tmp_path / "folder"
+  (root / "train").mkdir(parents=True)
+  (root / "test").mkdir()
+  assert "has no class folders" in _folder_error(tmp_path, root)
+
+
+def test_image_folder_with_an_empty_class(tmp_path):
+  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=1)
+  empty = os.path.join(root, "train", "yak")
+  os.makedirs(empty)
+  line = _folder_error(tmp_path, root)
+  assert empty in line and "has no .png/.jpg/.jpeg files" in line
+
+
+def test_image_folder_with_other_classes_in_test(tmp_path):
+  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=1)
+  os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "wolf"))
+  line = _folder_error(tmp_path, root)
+  assert "only in train ['dog']" in line and "only in test ['wolf']" in line
+
+
+def test_corrupt_image_fails_naming_the_file(tmp_path):
+  """The choice made for corrupt files: fail naming the first, never train on fewer."""
+  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=2)
+  broken = os.path.join(root, "test", "cat", "broken.png")
+  with open(broken, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n truncated")
+  line = _folder_error(tmp_path, root)
+  assert broken in line and "1 of 7 image files cannot be read" in line
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("a regular file, so nothing can be created under it")
+  workdir = str(blocker / "run")
+  line = error_line(_main(workdir))
+  assert f"workdir={workdir!r}: not writable" in line
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.train.bach_size=8",
+     '--config.train.bach_size: the config has no such key (Did you mean "batch_size"'),
+    ("--config.nosuch.key=1", "--config.nosuch.key: the config has no such key"),
+])
+def test_unknown_config_key(tmp_path, override, fragment):
+  assert fragment in error_line(_main(tmp_path / "run", override))
+
+
+def test_missing_config_file(tmp_path):
+  missing = str(tmp_path / "no_such_config.py")
+  line = error_line(_main(tmp_path / "run", config=missing))
+  assert f"config={missing!r}: cannot load it" in line and "No such file" in line
+
+
+def test_predict_on_an_undecodable_file(tmp_path):
+  """Image files are checked before the model is loaded, so any workdir will do."""
+  good = str(tmp_path / "good.png")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
+  bad = str(tmp_path / "notes.png")
+  with open(bad, "w") as f:
+    f.write("not an image")
+  line = error_line(run_module("coe_jax.predict", f"--workdir={tmp_path / 'run'}", good, bad))
+  assert f"image={bad!r}: cannot decode it as an image" in line
