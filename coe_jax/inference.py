@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from coe_jax import checkpointing, routing
-from coe_jax.data import eval_crop_fraction, preprocess_images
+from coe_jax.data import eval_crop_fraction
+from coe_jax.data.images import preprocess_user_batch
 from coe_jax.errors import require
 from coe_jax.models.coe import CoE
 
@@ -92,14 +93,7 @@ class Predictor:
 
   def preprocess(self, images: Any) -> np.ndarray:
     """User images ([B, H, W] or [B, H, W, C], any size) to model input uint8 [B, S, S, C]."""
-    images = np.asarray(images)
-    require(images.ndim in (3, 4) and images.shape[0] >= 1, "images.shape", images.shape,
-            "expected a non-empty batch [B, H, W] or [B, H, W, C]")
-    # A batch of grey images 1, 3 or 4 pixels wide is far less likely than one
-    # [H, W, C] image without its batch axis.
-    require(images.ndim == 4 or images.shape[-1] not in (1, 3, 4), "images.shape", images.shape,
-            "looks like one [H, W, C] image; add a batch axis (images[None])")
-    return preprocess_images(images, self.image_size, self.channels, self.crop_fraction)
+    return preprocess_user_batch(images, self.image_size, self.channels, self.crop_fraction)
 
   def __call__(self, images: Any, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
     """CoE's answers.

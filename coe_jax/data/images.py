@@ -11,6 +11,8 @@ dropped), crop the centred square of side `crop_fraction * min(H, W)`, resize
 it to `image_size` x `image_size` with (antialiased) bilinear filtering.
 """
 
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -105,3 +107,24 @@ def preprocess_images(images: np.ndarray, image_size: int, channels: int,
   for i, image in enumerate(images):
     out[i] = prepare_image(Image.fromarray(image), image_size, channels, crop_fraction)
   return out
+
+
+def preprocess_user_batch(images: Any, image_size: int, channels: int,
+                          crop_fraction: float = 1.0) -> np.ndarray:
+  """`preprocess_images` for a predictor's caller: checks the batch layout first.
+
+  Args:
+    images: [B, H, W] or [B, H, W, C], as a user holds them.
+    image_size: S. channels: the model's C. crop_fraction: the eval centre crop.
+
+  Returns:
+    uint8 [B, S, S, C].
+  """
+  images = np.asarray(images)
+  require(images.ndim in (3, 4) and images.shape[0] >= 1, "images.shape", images.shape,
+          "expected a non-empty batch [B, H, W] or [B, H, W, C]")
+  # A batch of grey images 1, 3 or 4 pixels wide is far less likely than one
+  # [H, W, C] image without its batch axis.
+  require(images.ndim == 4 or images.shape[-1] not in (1, 3, 4), "images.shape", images.shape,
+          "looks like one [H, W, C] image; add a batch axis (images[None])")
+  return preprocess_images(images, image_size, channels, crop_fraction)
