@@ -19,8 +19,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   train = config.train
   require(train.learning_rate > 0, "train.learning_rate", train.learning_rate,
           "expected a positive learning rate")
-  require(0 <= train.warmup_steps <= train.num_steps, "train.warmup_steps", train.warmup_steps,
-          f"expected between 0 and train.num_steps={train.num_steps}")
+  require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps", train.warmup_steps,
+          f"expected at least 0 and below train.num_steps={train.num_steps}")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
       decay_steps=train.num_steps, end_value=0.0)

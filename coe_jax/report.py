@@ -22,6 +22,7 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
   width = max(len(name) for name, _ in rows)
   lines = [f"  {name:<{width}}  {value}" for name, value in rows]
   lines += ["", f"  results: {workdir}/results.json",
-            f"  plots:   {workdir}/accuracy_vs_flops.png, {workdir}/expert_load.png",
+            f"  plots:   {workdir}/accuracy_vs_flops.png, early_exit_curve.png, expert_load.png,",
+            "           routing_grid.png, class_by_expert.png",
             f"  metrics: tensorboard --logdir={workdir}"]
   return "\n".join(["", "CoE results", *lines, ""])
