@@ -28,6 +28,9 @@ the benchmark images; `executed_flops_per_image` is F_D + (N C / B) F_E, what
 the static buffers compute (empty slots included). Serving mode plans C with
 expected_exit_rate = rho and the config's `routing.capacity_factor`.
 
+Random variables (no --workdir) have their PWLUs moved to phase II
+(`pwlu.realign`), the function a trained network computes; phase I is ReLU.
+
 The threshold: --threshold if given; else with --workdir the run's calibrated
 one (on random images the exit rate then says little about real data); else the
 median delegator confidence on the benchmark images, so about half of them exit.
@@ -44,8 +47,11 @@ the CPU's peak:
   litert_coe_routed[batch=32]  the same on the batch of 32: the delegator on
                                every image, then each expert on its group.
   litert_dense_equal_flops     the dense_equal_flops network, exported, on the 32.
-  jax_coe_routed               coe_routed above at batch 32 (serving mode, the
-                               config's expert loop): the reference.
+  jax_coe_routed[batch=1]      `coe_jax.routing.route_and_predict` (serving mode,
+                               the config's expert loop) on one image at a time:
+                               its static shapes give every expert a buffer of
+                               one slot, so every expert runs on every call.
+  jax_coe_routed[batch=32]     the same on the batch of 32 (coe_routed above).
 
 `macs_per_s` is images/s x the method's multiply-adds per image (for CoE the
 mean F_D + (1 - rho) F_E, which host routing executes exactly: no empty
@@ -74,6 +80,7 @@ import numpy as np
 from coe_jax import checkpointing, flops, routing
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.models import pwlu
 from coe_jax.models.coe import EXPERT_LOOPS, CoE
 from coe_jax.models.networks import Expert
 from coe_jax.models.spec import NetworkSpec
@@ -132,11 +139,20 @@ def _time_rounds(variants: dict[str, Callable[[], Any]], steps: int,
   return {name: min(t) for name, t in times.items()}
 
 
+def _random_variables(init: Callable[..., Any], *args: Any) -> Any:
+  """Fresh variables from a module's `init`, with every PWLU in phase II.
+
+  Phase I is exactly ReLU; a trained network's PWLUs have left it, so the
+  benchmark times the function they compute then.
+  """
+  return pwlu.realign(jax.jit(init)(*args))
+
+
 def _plain_network(spec: NetworkSpec, num_classes: int, images: jax.Array
                    ) -> Callable[[], jax.Array]:
   """A jitted forward pass of one network with fresh variables on `images`."""
   net = Expert(spec, num_classes)
-  variables = jax.jit(net.init)(jax.random.key(1), images[:1])
+  variables = _random_variables(net.init, jax.random.key(1), images[:1])
   apply = jax.jit(net.apply)
   return lambda: apply(variables, images)
 
@@ -171,7 +187,7 @@ def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[st
     config.train.compute_dtype = compute_dtype
   model = CoE(config, meta["num_classes"] if meta else config.data.num_classes)
   if not workdir:
-    variables = jax.jit(model.init)(jax.random.key(0))
+    variables = _random_variables(model.init, jax.random.key(0))
   return config, model, variables, meta
 
 
@@ -311,8 +327,9 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   _, dense_spec, dense_flops = _scaled_to_flops(config.expert, mean_flops, size, channels,
                                                 num_classes)
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
+  device_images = jnp.asarray(images)  # [32, S, S, C]
   jax_routed = functools.partial(
-      routing.route_and_predict, model, variables, jnp.asarray(images), threshold, mode="serving",
+      routing.route_and_predict, model, variables, threshold=threshold, mode="serving",
       capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
       expert_loop=config.routing.expert_loop)
 
@@ -321,7 +338,8 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                       threshold=threshold, crop_fraction=1.0, model_flops=cost)
     predictor = serving.LiteRTPredictor.load(serve_dir, num_threads=threads)
     dense_net = Expert(dense_spec, num_classes)
-    dense_variables = jax.device_get(jax.jit(dense_net.init)(jax.random.key(1), images[:1]))
+    dense_variables = jax.device_get(_random_variables(dense_net.init, jax.random.key(1),
+                                                        images[:1]))
     dense_path = os.path.join(serve_dir, "dense.tflite")
     with open(dense_path, "wb") as f:
       f.write(export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
@@ -330,12 +348,15 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                                          "outputs": {"logits": [1, num_classes]}},
                             model.image_shape, threads or serving.default_threads(dense_flops))
 
-  one_at_a_time = lambda: [predictor.route(images[i:i + 1], threshold) for i in range(len(images))]
+  one, many = "[batch=1]", f"[batch={LITERT_BATCH}]"
   variants = {
-      "litert_coe_routed[batch=1]": one_at_a_time,
-      f"litert_coe_routed[batch={LITERT_BATCH}]": lambda: predictor.route(images, threshold),
+      f"litert_coe_routed{one}":
+          lambda: [predictor.route(images[i:i + 1], threshold) for i in range(len(images))],
+      f"litert_coe_routed{many}": lambda: predictor.route(images, threshold),
       "litert_dense_equal_flops": lambda: dense(images),
-      "jax_coe_routed": jax_routed,
+      f"jax_coe_routed{one}":
+          lambda: [jax_routed(device_images[i:i + 1]) for i in range(len(images))],
+      f"jax_coe_routed{many}": lambda: jax_routed(device_images),
   }
   seconds = _time_rounds(variants, steps, rounds)
   peak = cpu_peak(fma_units)
@@ -347,7 +368,6 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                          macs_per_s=images_per_s * per_image,
                          percent_of_peak=100 * images_per_s * per_image / peak["macs_per_s"])
   speed = lambda name: results[name]["images_per_s"]
-  batched = f"litert_coe_routed[batch={LITERT_BATCH}]"
   return dict(
       benchmark="inference", backend="litert", cpu=peak["cpu"], peak=peak,
       threads={"coe (delegator, experts)": predictor.threads, "dense": dense.threads},
@@ -355,11 +375,12 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
       num_experts=num_experts, threshold=threshold, threshold_source=source, exit_rate=exit_rate,
       delegator_flops=f_d, expert_flops=f_e, load_average=os.getloadavg(), results=results,
       ratios={
-          f"{batched} / jax_coe_routed": speed(batched) / speed("jax_coe_routed"),
-          "litert_coe_routed[batch=1] / jax_coe_routed":
-              speed("litert_coe_routed[batch=1]") / speed("jax_coe_routed"),
-          f"{batched} / litert_dense_equal_flops":
-              speed(batched) / speed("litert_dense_equal_flops"),
+          f"litert_coe_routed{one} / jax_coe_routed{one}":
+              speed(f"litert_coe_routed{one}") / speed(f"jax_coe_routed{one}"),
+          f"litert_coe_routed{many} / jax_coe_routed{many}":
+              speed(f"litert_coe_routed{many}") / speed(f"jax_coe_routed{many}"),
+          f"litert_coe_routed{many} / litert_dense_equal_flops":
+              speed(f"litert_coe_routed{many}") / speed("litert_dense_equal_flops"),
       },
   )
 

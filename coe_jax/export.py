@@ -37,9 +37,11 @@ BatchNorm into the kernel and bias of the convolution before it.
 multiply or add applied to a convolution's output, and the export fails if it
 finds one. (A CondConv block has no convolution op to fold into; its BatchNorm
 stays a multiply-add after the mixed-kernel products, which the check does not
-look for.) Depthwise convolutions are traced as convolutions
-(`depthwise.formulation("conv")`), so the graph holds one DEPTHWISE_CONV_2D op
-each rather than the CPU training path's shifted products.
+look for.) Ops with several formulations are traced in the one XNNPACK runs
+best: depthwise convolutions as convolutions (`depthwise.formulation("conv")`),
+one DEPTHWISE_CONV_2D op each rather than the CPU training path's shifted
+products, and PWLU as a sum of ramps (`pwlu.formulation("ramps")`), elementwise
+ops rather than the gathers of its lookup, which XNNPACK does not run.
 
 int8: full-integer post-training quantisation with the converter's
 representative data set: training images (the training pipeline's, so with
@@ -71,7 +73,7 @@ from jax.experimental import jax2tf
 from ai_edge_litert import schema_py_generated as schema
 from coe_jax import checkpointing, data, flops, routing, serving
 from coe_jax.errors import CoEError, require
-from coe_jax.models import depthwise
+from coe_jax.models import depthwise, pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -102,7 +104,8 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
     The .tflite model, with one signature `serving.SIGNATURE` whose input is
     `serving.INPUT_NAME`.
   """
-  with depthwise.formulation("conv"), tempfile.TemporaryDirectory() as saved_model:
+  with depthwise.formulation("conv"), pwlu.formulation("ramps"), \
+      tempfile.TemporaryDirectory() as saved_model:
     spec = tf.TensorSpec((1, *image_shape), tf.uint8, serving.INPUT_NAME)
     tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
                         input_signature=[spec])
@@ -179,8 +182,7 @@ def _part(variables: Variables, part: str, index: Optional[int] = None) -> Varia
 
   Sliced here, eagerly, outside the traced function: a slice inside it would
   embed every expert's weights in each model and hide the kernels from the
-  folding. JAX arrays rather than numpy ones, which a traced index (PWLU's
-  lookup of its heights) cannot index.
+  folding.
   """
   own = {collection: tree[part] for collection, tree in variables.items()}
   if index is not None:

@@ -4,14 +4,19 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from coe_jax import export, flops, predict, routing, train
 from coe_jax.inference import Predictor
+from coe_jax.models import pwlu
+from coe_jax.models.coe import CoE
 from coe_jax.serving import LiteRTPredictor
 from tests.test_train import _config, _single_device_trainer
+from tests.tiny import tiny_config
 
 # A sample whose delegator confidence lies this close to tau may exit in one
 # runtime and not in the other: float32 sums in another order.
@@ -89,6 +94,39 @@ def test_batchnorm_is_folded_and_depthwise_convolutions_are_single_ops(fp32):
     # went into the stem), one gate per squeeze-excitation, the residual adds.
     assert ops.count("SUB") == 1 and ops.count("MUL") == ops.count("LOGISTIC"), (name, ops)
     assert not {"RSQRT", "DIV", "BROADCAST_TO", "SHAPE"} & set(ops), (name, ops)
+
+
+def _uneven_pwlu(variables, rng):
+  """Every PWLU moved to phase II, its heights no longer on the ReLU shape."""
+  variables = pwlu.realign(variables)
+  params = traverse_util.flatten_dict(variables["params"])
+  for path, value in params.items():
+    if path[-1] == "heights":
+      params[path] = value + jnp.asarray(rng.normal(0, 0.3, value.shape), value.dtype)
+  return {**variables, "params": traverse_util.unflatten_dict(params)}
+
+
+def test_pwlu_and_condconv_export_to_ops_xnnpack_runs_and_match_jax(tmp_path):
+  config = tiny_config(num_experts=2, activation="pwlu", condconv_kernels=3)
+  model = CoE(config, num_classes=4)
+  rng = np.random.default_rng(0)
+  variables = _uneven_pwlu(jax.jit(model.init)(jax.random.key(0)), rng)
+  export.export_coe(model, variables, str(tmp_path), class_names=list("abcd"), threshold=0.5,
+                    crop_fraction=1.0, model_flops=flops.count(config, 4))
+  for name in ("delegator.tflite", "expert_0.tflite"):
+    ops = export.op_names(_read(os.path.join(tmp_path, name)))
+    # PWLU's lookup would bring gathers and selects, which XNNPACK does not run.
+    assert not {"GATHER", "GATHER_ND", "SELECT", "SELECT_V2"} & set(ops), (name, ops)
+  lite = LiteRTPredictor.load(str(tmp_path))
+  assert lite.delegates == ["xnnpack"] * 3
+  images = rng.integers(0, 256, (6, 16, 16, 3), np.uint8)
+  for j in range(2):  # The JAX model computes PWLU by lookup, its training formulation.
+    expected = np.asarray(model.expert(variables, j, images))
+    np.testing.assert_allclose(lite.expert(j, images), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+  expected = np.asarray(model.delegator(variables, images)[0])
+  np.testing.assert_allclose(lite.delegator(images)[0], expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
 
 
 def test_unfolded_batchnorm_is_detected():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from coe_jax.errors import CoEError
+from coe_jax.models import pwlu
 from coe_jax.models.pwlu import PWLU, realign
 
 INTERVALS = 8
@@ -244,3 +245,33 @@ def test_realign_leaves_models_without_pwlu_alone_and_rejects_missing_statistics
   _, pwlu_vars = _init()
   with pytest.raises(CoEError, match="batch_stats"):
     realign({"params": {"act": pwlu_vars["params"]}, "batch_stats": {}})
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ramps_formulation_equals_the_lookup_in_values_and_gradients(per_channel):
+  channels = 3
+  layer, variables = _init(per_channel, channels)
+  stats_shape = (channels,) if per_channel else ()
+  variables = realign(_with_stats(variables, np.full(stats_shape, 0.4), np.full(stats_shape, 1.5)))
+  rng = np.random.default_rng(1)
+  params = dict(variables["params"])
+  heights_shape = params["heights"].shape  # [N+1] or [C, N+1]
+  params["heights"] = jnp.asarray(rng.normal(size=heights_shape), jnp.float32)
+  params["left_slope"] = params["left_slope"] - 0.3
+  params["right_slope"] = params["right_slope"] + 0.6
+  # Inside and on both sides of the range [0.4 - 3.67, 0.4 + 3.67].
+  x = jnp.asarray(rng.uniform(-6, 7, size=(256, channels)), jnp.float32)  # [B, C]
+  loss = lambda p: jnp.sum(jnp.sin(layer.apply({**variables, "params": p}, x, train=False)))
+
+  def outputs(name):
+    with pwlu.formulation(name):  # Fresh jits: the formulation is read while tracing.
+      return jax.jit(lambda p: layer.apply({**variables, "params": p}, x, train=False))(params), \
+          jax.jit(jax.grad(loss))(params)
+
+  y, grads = outputs("lookup")
+  y_ramps, grads_ramps = outputs("ramps")
+  assert float(jnp.std(y - nn.relu(x))) > 0.1  # Really phase II, far from ReLU.
+  np.testing.assert_allclose(y_ramps, y, atol=1e-5)
+  for name in grads:
+    np.testing.assert_allclose(grads_ramps[name], grads[name], rtol=1e-3, atol=1e-4,
+                               err_msg=name)

@@ -11,35 +11,21 @@ convolution, which their libraries implement well. Parameters are those of
 `nn.Conv` (`kernel` [k, k, 1, C]), so both forms share checkpoints.
 """
 
-import contextlib
-import contextvars
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-FORMULATIONS = ("auto", "conv", "taps")
-_FORMULATION = contextvars.ContextVar("depthwise_formulation", default="auto")
+from coe_jax.models.formulation import Switch
 
-
-@contextlib.contextmanager
-def formulation(name: str) -> Iterator[None]:
-  """Forces "conv" or "taps" while tracing inside the block ("auto": taps on CPU only).
-
-  Exporters use "conv" so the exported graph holds one depthwise op.
-  """
-  if name not in FORMULATIONS:
-    raise ValueError(f"depthwise formulation {name!r}: expected one of {FORMULATIONS}")
-  token = _FORMULATION.set(name)
-  try:
-    yield
-  finally:
-    _FORMULATION.reset(token)
+# "auto": taps on CPUs, the grouped convolution elsewhere. Exporters force
+# "conv" so the exported graph holds one depthwise op.
+formulation = Switch("depthwise", ("auto", "conv", "taps"), "auto")
 
 
 def _use_taps() -> bool:
-  choice = _FORMULATION.get()
+  choice = formulation.current
   return choice == "taps" or (choice == "auto" and jax.default_backend() == "cpu")
 
 

@@ -16,6 +16,18 @@ variance of the inputs. `realign` starts phase II: bounds at mean -/+ 3 std,
 heights reset to ReLU at the grid points, K_L = 0, K_R = 1, and everything is
 learnt from there. The statistics live in the `batch_stats` collection, so they
 are stacked, sharded and checkpointed with BatchNorm's.
+
+Two formulations of phase II compute the same function (`formulation`):
+  "lookup" (default)  interpolates between the two heights around x, fetched
+                      with a gather. Fastest to train under XLA (CPU,
+                      forward + backward: 2.6x the speed of "ramps" per layer,
+                      4.7x per channel).
+  "ramps"             Y_0 + K_L min(x - B_0, 0) + sum_i c_i relu(x - B_i),
+                      where c_i is the change of slope at grid point B_i:
+                      elementwise ops only, which LiteRT's XNNPACK runs (it
+                      runs no gathers), so exporters use it. Exported, it ran
+                      2.3x (per layer) and 7x (per channel) faster than
+                      "lookup" on [56, 56, 96] activations.
 """
 
 from typing import Any, Mapping
@@ -26,6 +38,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from coe_jax.errors import require
+from coe_jax.models.formulation import Switch
 
 PARAM_NAMES = ("left_bound", "right_bound", "heights", "left_slope", "right_slope")
 STAT_NAMES = ("mean", "var", "realigned")
@@ -39,6 +52,8 @@ _VAR_EPSILON = 1e-5
 # meet or cross cannot divide by zero.
 _MIN_RANGE = 1e-6
 
+formulation = Switch("PWLU", ("lookup", "ramps"), "lookup")
+
 
 def _relu_heights(left: jax.Array, right: jax.Array, num_intervals: int) -> jax.Array:
   """ReLU at the grid points of [left, right]: [...] bounds -> [..., N+1]."""
@@ -46,11 +61,19 @@ def _relu_heights(left: jax.Array, right: jax.Array, num_intervals: int) -> jax.
   return nn.relu(left[..., None] + (right - left)[..., None] * fractions)
 
 
-def _piecewise_linear(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
-                      left_slope: jax.Array, right_slope: jax.Array) -> jax.Array:
-  """The phase-II function, x [..., C]; parameters [] or [C] (heights [.., N+1])."""
+def _interval_width(left: jax.Array, right: jax.Array, num_intervals: int) -> jax.Array:
+  """(B_R - B_L) / N, [] or [C]; bounds that meet or cross still give a positive width."""
+  return jnp.maximum(right - left, _MIN_RANGE) / num_intervals
+
+
+def _lookup(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
+            left_slope: jax.Array, right_slope: jax.Array) -> jax.Array:
+  """The phase-II function by lookup, x [..., C]; parameters [] or [C] (heights [.., N+1])."""
+  # A JAX array even when the variables are numpy ones (host copies, as for
+  # export): a traced index cannot index a numpy array.
+  heights = jnp.asarray(heights)
   n = heights.shape[-1] - 1
-  width = jnp.maximum(right - left, _MIN_RANGE) / n  # [] or [C]
+  width = _interval_width(left, right, n)  # [] or [C]
   # Position on the grid in units of intervals; clipping makes points outside
   # the range take Y_0 or Y_N, and the slope terms below add the outer lines.
   position = jnp.clip((x - left) / width, 0, n)  # [..., C]
@@ -65,6 +88,24 @@ def _piecewise_linear(x: jax.Array, left: jax.Array, right: jax.Array, heights: 
   inside = lower + (position - index) * (upper - lower)
   return (inside + left_slope * jnp.minimum(x - left, 0)
           + right_slope * jnp.maximum(x - right, 0))
+
+
+def _ramps(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
+           left_slope: jax.Array, right_slope: jax.Array) -> jax.Array:
+  """The phase-II function as a sum of ramps, x [..., C]; parameters as in `_lookup`."""
+  n = heights.shape[-1] - 1
+  width = _interval_width(left, right, n)[..., None]  # [1] or [C, 1]
+  grid = left[..., None] + width * jnp.arange(n + 1)  # [N+1] or [C, N+1]: B_0..B_N
+  slopes = jnp.diff(heights, axis=-1) / width  # [.., N], one per interval
+  # Slope 0 left of B_0 (K_L enters through the min below), K_R right of B_N.
+  outer = jnp.zeros_like(slopes[..., :1]), right_slope[..., None]
+  kinks = jnp.diff(jnp.concatenate([outer[0], slopes, outer[1]], -1), axis=-1)  # [.., N+1]
+  y = heights[..., 0] + left_slope * jnp.minimum(x - left, 0)  # [..., C]
+  # One ramp at a time: a [..., C, N+1] stack of them exports as a reshape and
+  # matrix products that ran 2-4x slower than these elementwise ops.
+  for i in range(n + 1):
+    y = y + kinks[..., i] * nn.relu(x - grid[..., i])
+  return y
 
 
 class PWLU(nn.Module):
@@ -113,8 +154,9 @@ class PWLU(nn.Module):
     # A select rather than lax.cond: both sides are elementwise, so XLA fuses
     # them with the neighbouring ops, and a select is what vmap over stacked
     # experts would turn a cond into anyway.
+    phase_two_fn = {"lookup": _lookup, "ramps": _ramps}[formulation.current]
     y = jnp.where(phase_two,
-                  _piecewise_linear(x, left, right, heights, left_slope, right_slope),
+                  phase_two_fn(x, left, right, heights, left_slope, right_slope),
                   nn.relu(x))
     return y.astype(x.dtype)
 
