@@ -206,15 +206,20 @@ def _first_line(error: Exception) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-def write_json(path: str, payload: Any) -> None:
-  """Writes JSON atomically: a reader sees the old file or the new one, never half.
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes a file atomically: a reader sees the old file or the new one, never half.
 
   Paths may be local or remote (gs://...), through etils.epath.
   """
   path = epath.Path(path)
   tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  tmp.write_text(text)
   tmp.replace(path)
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Writes JSON atomically (`write_text_atomically`)."""
+  write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> Any:

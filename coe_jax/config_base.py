@@ -103,7 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
       sinkhorn_max_iterations=200,
       sinkhorn_threshold=1e-3,
   ))
-  c.lgm = ml_collections.ConfigDict(dict(rule="balanced", temperature=1.0))  # argmax | balanced | soft
+  # rule: argmax | balanced | soft, or random (LGM off, for ablations).
+  c.lgm = ml_collections.ConfigDict(dict(rule="balanced", temperature=1.0))
   c.vcm = ml_collections.ConfigDict(dict(enabled=True))
   c.loss = ml_collections.ConfigDict(dict(
       selection_weight=1.0,  # lambda_sel

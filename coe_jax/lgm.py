@@ -46,6 +46,12 @@ def expert_scores(expert_logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.take_along_axis(log_probs, true_class, axis=-1)[..., 0].T  # [B, N]
 
 
+def check_rule(rule: str) -> None:
+  """Raises a one-line `CoEError` naming `lgm.rule` unless it is a rule or `random`."""
+  require(rule in RULES or rule == RANDOM_RULE, "lgm.rule", rule,
+          f"expected one of {', '.join(RULES)} (or {RANDOM_RULE}: LGM off, for ablations)")
+
+
 def random_targets(expert_logits: jax.Array) -> jax.Array:
   """One-hot selection labels drawn uniformly at random: LGM switched off.
 
@@ -84,8 +90,7 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
     targets: [B, N], a probability distribution over experts per sample.
     info: the solver's info for `balanced`, else empty.
   """
-  require(rule in RULES or rule == RANDOM_RULE, "lgm.rule", rule,
-          f"expected one of {', '.join(RULES)}")
+  check_rule(rule)
   if rule == RANDOM_RULE:
     return random_targets(expert_logits), {}  # [B, N]
   scores = expert_scores(expert_logits, labels)  # [B, N]

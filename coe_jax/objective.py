@@ -57,8 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(_is_real(threshold) and threshold > 0, "wgm.sinkhorn_threshold", threshold,
           "expected a positive number")
   # `random` (no LGM) is an ablation, accepted but not advertised among the rules.
-  require(config.lgm.rule in lgm.RULES or config.lgm.rule == lgm.RANDOM_RULE, "lgm.rule",
-          config.lgm.rule, f"expected one of {', '.join(lgm.RULES)}")
+  lgm.check_rule(config.lgm.rule)
   temperature = config.lgm.temperature
   require(_is_real(temperature) and temperature > 0, "lgm.temperature", temperature,
           "expected a positive number")

@@ -40,6 +40,14 @@ NONFINITE_POLICIES = ("stop", "skip")
 LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
 
 
+def _logged_step(line: str) -> float:
+  """The step of a `metrics.jsonl` line; infinity for a line that is not one (cut short)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends scalars to `metrics.jsonl`, one JSON object per step: easy to load anywhere.
 
@@ -47,8 +55,18 @@ class JsonlWriter(metric_writers.MetricWriter):
   summaries cover those.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, start_step: int = 0):
+    """Appends to `path`, first dropping its lines past `start_step`.
+
+    A run resumed from step S trains the steps after S again, and logs them
+    again: their old lines (and a line cut short by a kill) are dropped, so
+    the file holds each step once, as an uninterrupted run's does.
+    """
     self._path = path
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        kept = [line for line in f if _logged_step(line) <= start_step]
+      checkpointing.write_text_atomically(path, "".join(kept))
 
   def write_scalars(self, step, scalars):
     with open(self._path, "a", encoding="utf-8") as f:
@@ -241,7 +259,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
 
   writer = metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, just_logging=not is_chief),
-      *([JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+      *([JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step)]
         if is_chief and "://" not in workdir else [])])
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every_steps)]

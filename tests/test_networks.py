@@ -137,3 +137,16 @@ def test_bad_stage_configs_name_stage_and_value(field, value, fragment):
   config.expert.stages = tuple(stages)
   with pytest.raises(CoEError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
     CoE(config, num_classes=10)
+
+
+@pytest.mark.parametrize("stages,fragment", [
+    ((1,), "delegator.stages[0]=1: expected a stage with features, depth"),
+    (({"features": 8, "depth": 1},), "delegator.stages[0]={'features': 8, 'depth': 1}"),
+    ((), "delegator.stages=(): expected a list of at least one stage"),
+])
+def test_stages_that_are_not_stage_dicts_are_refused_in_one_line(stages, fragment):
+  config = tiny_config()
+  config.delegator.stages = stages  # As `--config.delegator.stages=1` would set it.
+  with pytest.raises(CoEError) as error:
+    CoE(config, num_classes=10)
+  assert fragment in str(error.value) and "\n" not in str(error.value)

@@ -182,7 +182,8 @@ def test_bad_config_values(key, value):
 def test_bad_rule_message():
   config = base_config()
   config.lgm.rule = "best"
-  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, soft$"):
+  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, "
+                                     r"soft \(or random: LGM off, for ablations\)$"):
     objective.validate_config(config)
 
 

@@ -210,6 +210,12 @@ def _figures(workdir) -> dict:
     return {k: v for k, v in json.load(f).items() if not k.endswith("_seconds")}
 
 
+def _logged_losses(workdir) -> list:
+  """(step, loss) of each training line of metrics.jsonl, in file order."""
+  with open(workdir / "metrics.jsonl") as f:
+    return [(m["step"], m["loss"]) for m in map(json.loads, f) if "loss" in m]
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
   return _Cli(tmp_path_factory.mktemp("cli"))
@@ -303,6 +309,8 @@ def test_the_interrupted_run_ends_like_an_uninterrupted_one(interrupted, referen
   workdir, legs = interrupted
   assert legs["final"]["returncode"] == 0, legs["final"]["stderr"][-3000:]
   assert _figures(workdir) == _figures(reference)
+  # Steps trained again after the resumes are logged once, as in the reference.
+  assert _logged_losses(workdir) == _logged_losses(reference)
   interrupted_params, reference_params = _params(workdir), _params(reference)
   assert len(interrupted_params) == len(reference_params)
   for a, b in zip(interrupted_params, reference_params):

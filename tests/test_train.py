@@ -201,3 +201,13 @@ def test_batch_size_must_divide_over_the_data_axis(tmp_path):
   config.train.batch_size, config.mesh.data = 30, 4
   with pytest.raises(CoEError, match="train.batch_size=30"):
     train.Trainer(config, str(tmp_path), devices=jax.devices()[:4])
+
+
+def test_metrics_file_drops_the_steps_a_resumed_run_trains_again(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]
+  path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # The last line cut by a kill.
+  writer = train.JsonlWriter(str(path), start_step=4)
+  writer.write_scalars(6, {"loss": 0.5})
+  logged = [json.loads(line) for line in path.read_text().splitlines()]
+  assert logged == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}, {"step": 6, "loss": 0.5}]

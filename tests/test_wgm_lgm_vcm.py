@@ -107,7 +107,8 @@ def test_lgm_targets_carry_no_gradient():
 
 
 def test_lgm_unknown_rule():
-  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, soft$"):
+  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, "
+                                     r"soft \(or random: LGM off, for ablations\)$"):
     lgm.selection_targets(jnp.zeros((N, B, K)), jnp.zeros(B, jnp.int32), rule="best")
 
 

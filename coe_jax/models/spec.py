@@ -13,6 +13,8 @@ from typing import Any, Mapping
 from coe_jax.errors import require
 
 ACTIVATIONS = ("relu", "hard_swish", "swish", "pwlu")
+# The keys every entry of a network's `stages` needs (`activation` is optional).
+STAGE_FIELDS = ("features", "depth", "kernel", "expansion", "stride", "se_ratio")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -73,12 +75,15 @@ class NetworkSpec:
     condconv_kernels = config["condconv_kernels"]
     require(condconv_kernels >= 0, f"{name}.condconv_kernels", condconv_kernels,
             "expected 0 (off) or a positive number of kernels")
-    require(len(config["stages"]) >= 1, f"{name}.stages", config["stages"],
-            "expected at least one stage")
+    require(isinstance(config["stages"], (list, tuple)) and len(config["stages"]) >= 1,
+            f"{name}.stages", config["stages"], "expected a list of at least one stage")
 
     stages = []
     for index, stage in enumerate(config["stages"]):
       key = f"{name}.stages[{index}]"
+      require(isinstance(stage, Mapping) and all(field in stage for field in STAGE_FIELDS), key,
+              stage, f"expected a stage with {', '.join(STAGE_FIELDS)} "
+              "(coe_jax.config_base.stage builds one)")
       for field in ("features", "depth", "kernel", "stride"):
         require(stage[field] >= 1, f"{key}.{field}", stage[field], "expected a positive integer")
       require(stage["kernel"] % 2 == 1, f"{key}.kernel", stage["kernel"],
