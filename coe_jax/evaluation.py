@@ -15,6 +15,7 @@ import functools
 from typing import Any, Iterable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -174,9 +175,11 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
         model, variables, batch["image"], threshold, mode=config.routing.mode,
         capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
         num_groups=num_groups, expert_loop=config.routing.expert_loop, mesh=mesh)
-    out = jax.device_get({"pred": jnp.argmax(out["logits"], -1), "early_exit": out["early_exit"],
-                          "expert": out["expert"], "label": batch["label"],
-                          "mask": batch["mask"]})
+    # The whole global batch on every process: on a pod, each process holds
+    # only its own share of these arrays.
+    out = multihost_utils.process_allgather(
+        {"pred": jnp.argmax(out["logits"], -1), "early_exit": out["early_exit"],
+         "expert": out["expert"], "label": batch["label"], "mask": batch["mask"]}, tiled=True)
     mask = np.asarray(out["mask"], bool)
     correct += int(np.sum((out["pred"] == out["label"]) & mask))
     exits += int(np.sum(out["early_exit"] & mask))
@@ -189,7 +192,7 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
     wanted = [examples_per_expert - sum(len(x) for x in kept) for kept in examples]
     if max(wanted) > 0:
       # Images are fetched from the device only while some expert still lacks examples.
-      images = np.asarray(jax.device_get(batch["image"]))[mask]  # [b, H, W, C]
+      images = multihost_utils.process_allgather(batch["image"], tiled=True)[mask]  # [b, H, W, C]
       for j in range(num_experts):
         rows = np.flatnonzero(expert == j)[:wanted[j]]
         examples[j].append(images[rows])

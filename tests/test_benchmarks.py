@@ -1,4 +1,4 @@
-"""The inference benchmark runs end to end on a tiny config and its figures agree with each other."""
+"""The inference benchmark runs end to end on a tiny config; its figures agree with each other."""
 
 import pytest
 

@@ -145,3 +145,19 @@ def test_bad_shapes_are_reported():
     CondConv(CHANNELS + 1, 3, KERNELS, depthwise=True).init(jax.random.key(0), x, alpha)
   with pytest.raises(CoEError, match="routing"):
     CondConv(FEATURES, 1, KERNELS + 1).init(jax.random.key(0), x, alpha)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters(depthwise):
+  layer, params, x, alpha = _setup(depthwise, 3, 1)
+  fast = CondConv(layer.features, 3, KERNELS, 1, depthwise=depthwise, use_bias=True,
+                  dtype=jnp.bfloat16)
+  y = jax.jit(fast.apply)({"params": params}, x, alpha)
+  assert y.dtype == jnp.bfloat16
+  assert {leaf.dtype for leaf in jax.tree.leaves(fast.init(jax.random.key(1), x, alpha))} == {
+      jnp.dtype(jnp.float32)}
+  expected = _mixture(params, x, alpha, 1, depthwise)
+  scale = float(jnp.abs(expected).max())
+  np.testing.assert_allclose(y.astype(jnp.float32), expected, atol=0.03 * scale)
+  routing = CondConvRouting(KERNELS, dtype=jnp.bfloat16)
+  assert routing.apply(routing.init(jax.random.key(0), x), x).dtype == jnp.bfloat16

@@ -9,6 +9,8 @@ Axis letters: B batch, H/W input height/width, H'/W' output height/width,
 C input channels, F output channels, E CondConv kernels, K spatial kernel size.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,15 +26,17 @@ class CondConvRouting(nn.Module):
 
   Attributes:
     num_kernels: E, the number of kernels each CondConv mixes.
+    dtype: the computation dtype (parameters stay float32); None: the input's.
   """
   num_kernels: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps x [B, H, W, C] to alpha [B, E]."""
     require(x.ndim == 4, "CondConvRouting input shape", x.shape, "must be [B, H, W, C]")
     pooled = jnp.mean(x, axis=(1, 2))  # [B, C]
-    return nn.sigmoid(nn.Dense(self.num_kernels, name="router")(pooled))  # [B, E]
+    return nn.sigmoid(nn.Dense(self.num_kernels, dtype=self.dtype, name="router")(pooled))  # [B, E]
 
 
 class CondConv(nn.Module):
@@ -64,6 +68,8 @@ class CondConv(nn.Module):
     strides: spatial stride, the same on both axes.
     depthwise: one filter per input channel (feature_group_count = C).
     use_bias: add a bias, mixed by the routing like the kernel.
+    dtype: the computation dtype (parameters stay float32); None: promote the
+      input's and the parameters' dtypes, like flax layers.
   """
   features: int
   kernel_size: int
@@ -71,6 +77,7 @@ class CondConv(nn.Module):
   strides: int = 1
   depthwise: bool = False
   use_bias: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, routing: jax.Array) -> jax.Array:
@@ -94,7 +101,7 @@ class CondConv(nn.Module):
                          self.features))  # [E, K, K, C/groups, F]
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.num_kernels, self.features))
             if self.use_bias else None)  # [E, F]
-    x, kernel, routing, bias = promote_dtype(x, kernel, routing, bias)
+    x, kernel, routing, bias = promote_dtype(x, kernel, routing, bias, dtype=self.dtype)
 
     mixed = jnp.einsum("be,eklio->bklio", routing, kernel)  # [B, K, K, C/groups, F]
     (top, bottom), (left, right) = jax.lax.padtype_to_pads(

@@ -90,11 +90,12 @@ class MBConv(nn.Module):
   def _conv_factory(self, x: jax.Array) -> Callable[..., Callable[[jax.Array], jax.Array]]:
     """Returns `conv(features, kernel, strides=1, depthwise=False, name=...)` -> layer."""
     if self.condconv_kernels:
-      routing = CondConvRouting(self.condconv_kernels, name="routing")(x)  # [B, num_kernels]
+      routing = CondConvRouting(self.condconv_kernels, dtype=self.dtype,
+                                name="routing")(x)  # [B, num_kernels]
 
       def condconv(features, kernel, strides=1, depthwise=False, name=None):
         layer = CondConv(features=features, kernel_size=kernel, num_kernels=self.condconv_kernels,
-                         strides=strides, depthwise=depthwise, name=name)
+                         strides=strides, depthwise=depthwise, dtype=self.dtype, name=name)
         return lambda y: layer(y, routing)
       return condconv
 
