@@ -19,6 +19,8 @@ static shapes, per group:
   2. `assign` gives each sample that did not exit an (expert, slot) pair in
      its group's buffers. In serving mode a sample whose expert is full falls
      back to its next-best expert with room, else to the delegator's answer.
+     The least confident samples are served first: the delegator's answer,
+     their last resort, is the least likely to be right for them.
   3. `dispatch` gathers the images into the buffers by index.
   4. The buffers [G, N, C, ...] are transposed to [N, G * C, ...], so the
      expert axis can be sharded on the mesh's `expert` axis, and all experts
@@ -105,23 +107,36 @@ def check_settings(mode: str, capacity_factor: float, expected_exit_rate: float,
           f"expected one of {', '.join(EXPERT_LOOPS)}")
 
 
-def assign(preferences: jax.Array, active: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def assign(preferences: jax.Array, active: jax.Array, capacity: int,
+           priority: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Places one group's active samples into expert buffers of `capacity` slots.
 
   Samples are served best choice first: every sample's first choice is
-  granted in sample order while its buffer has room; the samples left over
-  then try their second choice, and so on. A sample no expert can take keeps
-  `NO_EXPERT` (the delegator answers it).
+  granted in order of priority (highest first, ties in sample order) while
+  its buffer has room; the samples left over then try their second choice, and
+  so on. A sample no expert can take keeps `NO_EXPERT` (the delegator answers
+  it).
 
   Args:
     preferences: int [S, N], each sample's experts ranked best first.
     active: bool [S], the samples an expert should answer (not exited, not padding).
     capacity: C, the slots in each expert's buffer.
+    priority: float [S], who is served first.
 
   Returns:
     expert: int32 [S], the buffer each sample went to, or `NO_EXPERT`.
     slot: int32 [S], its slot in that buffer (0 where `expert` is `NO_EXPERT`).
   """
+  order = jnp.argsort(-priority, stable=True)  # [S], the serving order
+  expert, slot = _assign_in_order(preferences[order], active[order], capacity)  # [S], [S]
+  # Back from serving order to sample order.
+  return (jnp.zeros_like(expert).at[order].set(expert),
+          jnp.zeros_like(slot).at[order].set(slot))
+
+
+def _assign_in_order(preferences: jax.Array, active: jax.Array,
+                     capacity: int) -> tuple[jax.Array, jax.Array]:
+  """`assign` with the samples served in their order: [S, N], [S] -> [S], [S]."""
   num_samples, num_experts = preferences.shape
   # With a slot for every sample in every buffer, first choices always fit.
   num_rounds = 1 if capacity >= num_samples else num_experts
@@ -133,7 +148,7 @@ def assign(preferences: jax.Array, active: jax.Array, capacity: int) -> tuple[ja
     candidate = preferences[:, rank]  # [S]
     requests = jax.nn.one_hot(candidate, num_experts, dtype=jnp.int32) * waiting[:, None]  # [S, N]
     # The slot each request would get: after the slots taken in earlier rounds,
-    # in sample order among this round's requests for the same expert.
+    # in serving order among this round's requests for the same expert.
     position = jnp.sum((jnp.cumsum(requests, axis=0) - 1 + load) * requests, axis=1)  # [S]
     granted = waiting & (position < capacity)  # [S]
     expert = jnp.where(granted, candidate, expert)  # [S]
@@ -243,8 +258,9 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   valid = to_groups(jnp.arange(padded) < num_images)  # [G, S]
   early_exit = exit_mask(class_logits, threshold) & valid  # [G, S]
   preferences = expert_preferences(selection_logits)  # [G, S, N]
-  expert, slot = jax.vmap(assign, in_axes=(0, 0, None))(
-      preferences, valid & ~early_exit, slots)  # [G, S], [G, S]
+  # In exact mode everyone fits and the order does not matter.
+  expert, slot = jax.vmap(assign, in_axes=(0, 0, None, 0))(
+      preferences, valid & ~early_exit, slots, -confidence(class_logits))  # [G, S], [G, S]
 
   group_dispatch = functools.partial(dispatch, num_experts=num_experts, capacity=slots)
   buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, C, H, W, Ch]

@@ -138,12 +138,13 @@ def test_all_outputs_answer_every_threshold(model_and_variables, per_sample):
     np.testing.assert_array_equal(exits, ref_exits)
 
 
-def _assign_reference(preferences, active, capacity):
-  """The overflow policy as plain loops: first choices in sample order, then second choices, ..."""
+def _assign_reference(preferences, active, capacity, priority):
+  """The overflow policy as plain loops: first choices by priority, then second choices, ..."""
   num_samples, num_experts = preferences.shape
   expert, slot, load = [-1] * num_samples, [0] * num_samples, [0] * num_experts
+  order = sorted(range(num_samples), key=lambda i: (-priority[i], i))
   for rank in range(num_experts):
-    for i in range(num_samples):
+    for i in order:
       j = preferences[i, rank]
       if active[i] and expert[i] < 0 and load[j] < capacity:
         expert[i], slot[i], load[j] = j, load[j], load[j] + 1
@@ -157,8 +158,10 @@ def test_assign_follows_ranked_preferences(capacity):
   for row in preferences[:7]:  # Crowd expert 0 so that its buffer overflows.
     row[:] = np.concatenate([[0], row[row != 0]])
   active = rng.random(12) < 0.8
-  expert, slot = routing.assign(jnp.asarray(preferences), jnp.asarray(active), capacity)
-  ref_expert, ref_slot = _assign_reference(preferences, active, capacity)
+  priority = rng.integers(0, 4, 12).astype(np.float32)  # With ties, served in sample order.
+  expert, slot = routing.assign(jnp.asarray(preferences), jnp.asarray(active), capacity,
+                                jnp.asarray(priority))
+  ref_expert, ref_slot = _assign_reference(preferences, active, capacity, priority)
   np.testing.assert_array_equal(expert, ref_expert)
   np.testing.assert_array_equal(slot, ref_slot)
 
@@ -213,6 +216,19 @@ def _all_prefer_in_order(variables):
   return {**variables, "params": params}
 
 
+def _confidence(model, variables, images):
+  return np.asarray(routing.confidence(model.delegator(variables, images)[0]))
+
+
+def _least_confident_first(confidence, active):
+  """Expected experts when every sample ranks 0, 1, 2, 3 and each buffer has one slot."""
+  expected = np.full(len(confidence), -1)
+  candidates = np.flatnonzero(active)
+  served = candidates[np.argsort(confidence[candidates], kind="stable")][:NUM_EXPERTS]
+  expected[served] = np.arange(len(served))
+  return expected
+
+
 def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_variables,
                                                                   one_at_a_time):
   model, variables = model_and_variables
@@ -221,8 +237,15 @@ def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_var
   # C = ceil(0.5 * 8 * (1 - 0) / 4) = 1 slot per expert and group.
   out = routing.route_and_predict(model, variables, images, 1.5, mode="serving",
                                   capacity_factor=0.5, num_groups=2)
-  # Per group, samples take experts 0, 1, 2, 3 in order; the rest get the delegator.
-  expected = np.array([0, 1, 2, 3, -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1])
+  # Per group, the least confident samples take experts 0, 1, 2, 3 in turn;
+  # the rest get the delegator.
+  confidence = _confidence(model, variables, images)
+  expected = np.concatenate([_least_confident_first(confidence[:8], np.ones(8, bool)),
+                             _least_confident_first(confidence[8:], np.ones(7, bool))])
+  assert sorted(expected[:8]) == [-1] * 4 + [0, 1, 2, 3]
+  assert sorted(expected[8:]) == [-1] * 3 + [0, 1, 2, 3]
+  in_sample_order = np.array([0, 1, 2, 3, -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1])
+  assert not np.array_equal(expected, in_sample_order)  # The test tells the policies apart.
   np.testing.assert_array_equal(out["expert"], expected)
   assert not np.any(out["early_exit"])
   metrics = out["metrics"]
@@ -238,7 +261,7 @@ def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_var
 
 
 def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
-  """Exited samples take no slots; with a slot per expert the rest overflow in order."""
+  """Exited samples take no slots; with a slot per expert the least confident rest are served."""
   model, variables = model_and_variables
   variables = _all_prefer_in_order(variables)
   images = per_sample[0]
@@ -247,8 +270,7 @@ def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
   # One group of 13: C = ceil(0.3 * 13 / 4) = 1.
   out = routing.route_and_predict(model, variables, images, threshold, mode="serving",
                                   capacity_factor=0.3)
-  expected = np.full(13, -1)
-  expected[np.flatnonzero(~exits)[:NUM_EXPERTS]] = np.arange(NUM_EXPERTS)
+  expected = _least_confident_first(_confidence(model, variables, images), ~exits)
   np.testing.assert_array_equal(out["early_exit"], exits)
   np.testing.assert_array_equal(out["expert"], expected)
   assert int(out["metrics"]["overflow_to_expert"]) == NUM_EXPERTS - 1
