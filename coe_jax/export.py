@@ -59,24 +59,18 @@ import tempfile
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
-
-# The converter logs every MLIR pass at INFO level; keep the command's output readable.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tensorflow as tf
+from ai_edge_litert import schema_py_generated as schema
 from jax.experimental import jax2tf
 
-from ai_edge_litert import schema_py_generated as schema
 from coe_jax import checkpointing, data, flops, routing, serving
 from coe_jax.errors import CoEError, require
 from coe_jax.models import depthwise, pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")

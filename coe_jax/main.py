@@ -88,8 +88,6 @@ def main(argv):
     config = _loaded_config()  # Before the slow imports below.
   except CoEError as e:
     sys.exit(f"error: {e}")
-  # TensorFlow only feeds data on the host; it must not take accelerator memory.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("COE_DISTRIBUTED") == "1":
     jax.distributed.initialize()

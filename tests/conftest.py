@@ -11,6 +11,5 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow only feeds data here; keep it off any accelerator.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -50,6 +50,8 @@ def error_line(result: subprocess.CompletedProcess) -> str:
   """The one `error:` line of a failed run; fails on a traceback or a zero exit."""
   assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  # No TensorFlow start-up notices around it (`coe_jax/__init__.py`).
+  assert "oneDNN" not in result.stderr and "InitializeLog" not in result.stderr, result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, result.stderr[-3000:]
   return errors[0]
