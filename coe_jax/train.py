@@ -65,8 +65,8 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._path = path
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if _logged_step(line) <= start_step]
-      checkpointing.write_text_atomically(path, "".join(kept))
+        kept = [line.rstrip("\n") for line in f if _logged_step(line) <= start_step]
+      checkpointing.write_text_atomically(path, "".join(line + "\n" for line in kept))
 
   def write_scalars(self, step, scalars):
     with open(self._path, "a", encoding="utf-8") as f:

@@ -205,9 +205,12 @@ def test_batch_size_must_divide_over_the_data_axis(tmp_path):
 
 def test_metrics_file_drops_the_steps_a_resumed_run_trains_again(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)]
-  path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # The last line cut by a kill.
-  writer = train.JsonlWriter(str(path), start_step=4)
-  writer.write_scalars(6, {"loss": 0.5})
+  lines = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (2, 4, 6))
+  path.write_text(lines + '{"step": 8, "lo')  # Killed while writing step 8.
+  train.JsonlWriter(str(path), start_step=4).write_scalars(6, {"loss": 0.5})
   logged = [json.loads(line) for line in path.read_text().splitlines()]
   assert logged == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}, {"step": 6, "loss": 0.5}]
+  # Killed just before a line's newline: the line stays, and the next starts on its own.
+  path.write_text(lines.rstrip("\n"))
+  train.JsonlWriter(str(path), start_step=6).write_scalars(8, {"loss": 0.1})
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 6, 8]

@@ -96,10 +96,12 @@ def _ramps(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
   n = heights.shape[-1] - 1
   width = _interval_width(left, right, n)[..., None]  # [1] or [C, 1]
   grid = left[..., None] + width * jnp.arange(n + 1)  # [N+1] or [C, N+1]: B_0..B_N
-  slopes = jnp.diff(heights, axis=-1) / width  # [.., N], one per interval
-  # Slope 0 left of B_0 (K_L enters through the min below), K_R right of B_N.
-  outer = jnp.zeros_like(slopes[..., :1]), right_slope[..., None]
-  kinks = jnp.diff(jnp.concatenate([outer[0], slopes, outer[1]], -1), axis=-1)  # [.., N+1]
+  inside = jnp.diff(heights, axis=-1) / width  # [.., N], the slope on each interval
+  # Slopes from left to right: 0 before B_0 (K_L enters through the min
+  # below), then the intervals', then K_R after B_N.
+  slopes = jnp.concatenate([jnp.zeros_like(inside[..., :1]), inside, right_slope[..., None]],
+                           axis=-1)  # [.., N+2]
+  kinks = jnp.diff(slopes, axis=-1)  # [.., N+1], the change of slope at each B_i
   y = heights[..., 0] + left_slope * jnp.minimum(x - left, 0)  # [..., C]
   # One ramp at a time: a [..., C, N+1] stack of them exports as a reshape and
   # matrix products that ran 2-4x slower than these elementwise ops.
