@@ -82,7 +82,8 @@ def main() -> None:
     weights, _, _ = wgm.expert_loss_weights(
         selection_logits, off_portion_weight=config.wgm.off_portion_weight, **solver)
     targets, _ = lgm.selection_targets(expert_logits, labels, rule=config.lgm.rule,
-                                       temperature=config.lgm.temperature, **solver)
+                                       temperature=config.lgm.temperature,
+                                       rng=jax.random.key(0), **solver)
     sample_weights = vcm.selection_sample_weights(expert_logits, labels,
                                                   enabled=config.vcm.enabled)
     return weights, targets, sample_weights

@@ -22,8 +22,8 @@ Variants:
   alone as a plain classifier (`num_experts=1`, warm-up stage only; the
   delegator trained alongside is not used). Its cost is the network alone.
 - `ensemble`: the N experts trained independently as plain classifiers
-  (warm-up stage only: same batches, own initialisations); the answer is the mean of their probabilities, at N x
-  expert FLOPs.
+  (warm-up stage only: same batches, own initialisations); the answer is the
+  mean of their probabilities, at N x expert FLOPs.
 
 CoE variants report top-1 at the tau the trainer calibrates (`eval.*` as
 configured), their mean FLOPs and early-exit rate.

@@ -18,7 +18,7 @@ a target distribution over experts by one of three rules (`lgm.rule`):
 drawn uniformly, whatever the experts score.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,29 +52,18 @@ def check_rule(rule: str) -> None:
           f"expected one of {', '.join(RULES)} (or {RANDOM_RULE}: LGM off, for ablations)")
 
 
-def random_targets(expert_logits: jax.Array) -> jax.Array:
+def random_targets(rng: jax.Array, batch: int, num_experts: int) -> jax.Array:
   """One-hot selection labels drawn uniformly at random: LGM switched off.
-
-  The objective has no rng argument, so the draw is seeded by a hash of the
-  logits' bits: it changes with every batch and step, and the PRNG makes it
-  independent of which expert is right.
-
-  Args:
-    expert_logits: [N, B, K].
 
   Returns:
     targets: [B, N], one-hot.
   """
-  experts, batch = expert_logits.shape[:2]
-  bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(expert_logits).astype(jnp.float32),
-                                      jnp.uint32)  # [N, B, K]
-  key = jax.random.key(jnp.sum(bits, dtype=jnp.uint32))  # The sum wraps around: a hash.
-  labels = jax.random.randint(key, (batch,), 0, experts)  # [B]
-  return jax.nn.one_hot(labels, experts, dtype=jnp.float32)  # [B, N]
+  labels = jax.random.randint(rng, (batch,), 0, num_experts)  # [B]
+  return jax.nn.one_hot(labels, num_experts, dtype=jnp.float32)  # [B, N]
 
 
 def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
-                      temperature: float = 1.0,
+                      temperature: float = 1.0, rng: Optional[jax.Array] = None,
                       **solver_kwargs: Any) -> tuple[jax.Array, dict[str, Any]]:
   """The delegator's selection target for each sample.
 
@@ -83,6 +72,7 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
     labels: [B] int class labels.
     rule: `argmax`, `balanced`, `soft`, or `random` for no LGM (static).
     temperature: T of the `soft` rule, > 0.
+    rng: the key the `random` rule draws with (the other rules ignore it).
     **solver_kwargs: `epsilon`, `max_iterations` and `threshold` of
       `transport.balanced_assignment`, used by the `balanced` rule.
 
@@ -92,7 +82,9 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
   """
   check_rule(rule)
   if rule == RANDOM_RULE:
-    return random_targets(expert_logits), {}  # [B, N]
+    require(rng is not None, "rng", rng, f"lgm.rule={RANDOM_RULE!r} draws its labels with a key")
+    num_experts, batch = expert_logits.shape[:2]
+    return random_targets(rng, batch, num_experts), {}  # [B, N]
   scores = expert_scores(expert_logits, labels)  # [B, N]
   experts = scores.shape[1]
   if rule == "soft":

@@ -22,7 +22,7 @@ lambda_D * L_D`, in three stages run in this order, each a fraction of
 """
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +124,8 @@ def _solver_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
                   expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
-                  stage: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  stage: str, rng: Optional[jax.Array] = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The total loss of one stage, and metrics.
 
   Args:
@@ -134,6 +135,7 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
     labels: [B] int class labels.
     config: the run's config (read at trace time; `validate_config` it first).
     stage: `warmup`, `coadapt` or `delegator` (static).
+    rng: a key for the draws of `lgm.rule='random'` (needed by that rule only).
 
   Returns:
     The scalar loss and a dict of float32 scalars, the same keys in every
@@ -182,7 +184,7 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
   else:
     targets, lgm_info = lgm.selection_targets(
         expert_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
-        **_solver_kwargs(config))  # [B, N]
+        rng=rng, **_solver_kwargs(config))  # [B, N]
     sample_weights = vcm.selection_sample_weights(
         expert_logits, labels, enabled=config.vcm.enabled)  # [B]
     selection_loss = losses.selection_loss(selection_logits, targets, sample_weights)

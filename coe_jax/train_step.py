@@ -65,7 +65,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
 
   def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(rng, state.step)
-    delegator_rng, experts_rng = jax.random.split(rng)
+    delegator_rng, experts_rng, selection_rng = jax.random.split(rng, 3)
     images, labels = batch["image"], batch["label"]  # [B, H, W, Ch], [B]
 
     def loss_fn(params):
@@ -80,7 +80,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
         expert_logits, expert_stats = model.experts(
             variables, images, shared_input=True, train=True, rng=experts_rng, loop=expert_loop)
       loss, metrics = objective.coe_objective(class_logits, selection_logits, expert_logits,
-                                              labels, config, stage)
+                                              labels, config, stage, selection_rng)
       return loss, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

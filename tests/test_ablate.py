@@ -158,26 +158,24 @@ def test_bad_variants_and_seeds_are_refused(tmp_path):
 
 
 B, N, K = 256, 4, 5
-random_targets = jax.jit(lgm.random_targets)
 
 
 def test_random_lgm_labels_are_uniform_one_hot_and_ignore_the_experts():
   labels = jnp.arange(B) % K
   # Expert 0 is by far the best on every sample: LGM's argmax would always pick it.
   expert_logits = 5.0 * jax.nn.one_hot(labels, K)[None] * (jnp.arange(N) == 0)[:, None, None]
-  expert_logits = expert_logits + 0.01 * jax.random.normal(jax.random.key(0), (N, B, K))
-  targets = random_targets(expert_logits)
+  rule = jax.jit(lambda z, rng: lgm.selection_targets(z, labels, rule="random", rng=rng)[0])
+  targets = rule(expert_logits, jax.random.key(0))  # [B, N]
   np.testing.assert_array_equal(targets.sum(axis=1), np.ones(B))
   assert set(np.unique(targets)) == {0.0, 1.0}
   counts = np.bincount(np.argmax(targets, axis=1), minlength=N)
   assert counts.min() > B / N / 2  # Every expert drawn, about evenly.
-  other = random_targets(expert_logits + 1e-3)  # Another batch or step: another draw.
+  other = rule(expert_logits, jax.random.key(1))  # Another step: another draw.
   assert np.mean(np.argmax(targets, 1) == np.argmax(other, 1)) < 0.5
-  targets_via_rule, info = lgm.selection_targets(expert_logits, labels, rule="random")
-  np.testing.assert_array_equal(targets_via_rule, targets)
-  assert info == {}
-  grad = jax.grad(lambda z: jnp.sum(random_targets(z) * jnp.arange(N)))(expert_logits)
+  grad = jax.grad(lambda z: jnp.sum(rule(z, jax.random.key(0)) * jnp.arange(N)))(expert_logits)
   np.testing.assert_array_equal(grad, np.zeros_like(grad))
+  with pytest.raises(CoEError, match=r"^rng=None: lgm.rule='random' draws its labels with a key"):
+    lgm.selection_targets(expert_logits, labels, rule="random")
 
 
 def test_random_rule_passes_validation_and_trains_the_selection():
@@ -188,7 +186,8 @@ def test_random_rule_passes_validation_and_trains_the_selection():
   args = (jax.random.normal(k[0], (16, K)), jax.random.normal(k[1], (16, N)),
           jax.random.normal(k[2], (N, 16, K)), jax.random.randint(k[3], (16,), 0, K))
   grad = jax.jit(jax.grad(lambda g: objective.coe_objective(
-      args[0], g, args[2], args[3], config, "coadapt")[1]["selection_loss"]))(args[1])
+      args[0], g, args[2], args[3], config, "coadapt", jax.random.key(0)
+  )[1]["selection_loss"]))(args[1])
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)
   config.lgm.rule = "randm"
   with pytest.raises(CoEError, match=r"^lgm.rule='randm'"):

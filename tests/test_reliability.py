@@ -459,9 +459,9 @@ def nonfinite_runs(cli, tmp_path_factory):
                                  start_step):
       yield {**batch, "label": np.zeros_like(batch["label"])} if step == _BAD_STEP else batch
 
-  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage):
+  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng):
     loss, metrics = coe_objective(class_logits, selection_logits, expert_logits, labels, config,
-                                  stage)
+                                  stage, rng)
     scale = jnp.where(jnp.all(labels == 0), jnp.nan, 1.0)
     return loss * scale, {**metrics, _BAD_TERM: metrics[_BAD_TERM] * scale}
 
