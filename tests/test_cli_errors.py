@@ -19,25 +19,10 @@ from PIL import Image
 from coe_jax import train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests import test_data_image_folder
+from tests.helpers import make_image_folder, subprocess_env
 from tests.tiny import REPO, config_path
 
 DIGITS = config_path("digits")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-  """This process's environment for a CLI run, plus `extra`.
-
-  conftest gives the test process 8 fake CPU devices; a CLI run gets the one
-  CPU device a user's laptop has, and no probing for accelerators, so that it
-  runs alike on every machine.
-  """
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
-                              if "xla_force_host_platform_device_count" not in flag)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.update(extra)
-  return env
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -105,7 +90,7 @@ def test_image_folder_without_classes(tmp_path):
 
 
 def test_image_folder_with_an_empty_class(tmp_path):
-  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=1)
+  root = make_image_folder(tmp_path / "folder", per_class=1)
   empty = os.path.join(root, "train", "yak")
   os.makedirs(empty)
   line = _folder_error(tmp_path, root)
@@ -113,7 +98,7 @@ def test_image_folder_with_an_empty_class(tmp_path):
 
 
 def test_image_folder_with_other_classes_in_test(tmp_path):
-  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=1)
+  root = make_image_folder(tmp_path / "folder", per_class=1)
   os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "wolf"))
   line = _folder_error(tmp_path, root)
   assert "only in train ['dog']" in line and "only in test ['wolf']" in line
@@ -121,7 +106,7 @@ def test_image_folder_with_other_classes_in_test(tmp_path):
 
 def test_corrupt_image_fails_naming_the_file(tmp_path):
   """The choice made for corrupt files: fail naming the first, never train on fewer."""
-  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=2)
+  root = make_image_folder(tmp_path / "folder", per_class=2)
   broken = os.path.join(root, "test", "cat", "broken.png")
   with open(broken, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n truncated")

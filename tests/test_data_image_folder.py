@@ -9,28 +9,7 @@ from PIL import Image
 
 from coe_jax import config_base, data
 from coe_jax.errors import CoEError
-
-# Class -> constant pixel each of its images has, in the mode its files use.
-_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)), "zebra": ("RGBA", (10, 120, 250, 0))}
-
-
-def _save(path, mode, value, size):
-  image = Image.new(mode, size, value)
-  if path.endswith(".jpg"):
-    image.convert("RGB" if mode == "RGBA" else mode).save(path, quality=100)
-  else:
-    image.save(path)
-
-
-def _make_folder(root, splits=("train", "test"), classes=_CLASSES, per_class=3):
-  for split in splits:
-    for name, (mode, value) in classes.items():
-      os.makedirs(os.path.join(root, split, name))
-      for i in range(per_class):
-        ext = ".jpg" if i == 1 else ".png"  # Both formats in every class.
-        _save(os.path.join(root, split, name, f"{i}{ext}"), mode, value, (12 + 5 * i, 20))
-  return str(root)
-
+from tests.helpers import IMAGE_FOLDER_CLASSES, make_image_folder, save_image
 
 def _make_id_folder(root, counts):
   """A folder whose image i (train 0.., then test) is grey with value i, so it stays known."""
@@ -40,7 +19,7 @@ def _make_id_folder(root, counts):
       os.makedirs(os.path.join(root, split, name))
       for _ in range(count):
         i = next(ids)
-        _save(os.path.join(root, split, name, f"{i:03d}.png"), "L", i, (6, 6))
+        save_image(os.path.join(root, split, name, f"{i:03d}.png"), "L", i, (6, 6))
   return str(root)
 
 
@@ -64,10 +43,10 @@ def _eval_pass(config, split="test"):
 
 @pytest.fixture
 def folder(tmp_path):
-  root = _make_folder(tmp_path)
+  root = make_image_folder(tmp_path)
   with open(os.path.join(root, "train", "cat", "notes.txt"), "w") as f:
     f.write("not an image")  # Ignored: not .png/.jpg/.jpeg.
-  _save(os.path.join(root, "train", "cat", ".hidden.png"), "L", 0, (4, 4))  # Ignored.
+  save_image(os.path.join(root, "train", "cat", ".hidden.png"), "L", 0, (4, 4))  # Ignored.
   return root
 
 
@@ -85,7 +64,7 @@ def test_classes_labels_and_sizes(folder):
 def test_every_mode_converts_to_the_model_channels(folder, channels):
   batch = _eval_pass(_config(folder, channels=channels))
   images = batch["image"][batch["mask"]].astype(int)  # [9, 8, 8, C]
-  for label, (mode, value) in enumerate(_CLASSES.values()):
+  for label, (mode, value) in enumerate(IMAGE_FOLDER_CLASSES.values()):
     pixel = Image.new(mode, (1, 1), value).convert("L" if channels == 1 else "RGB")
     expected = np.asarray(pixel).reshape(channels)
     # JPEG round-trips colours to within a few levels.
@@ -154,7 +133,7 @@ def test_missing_path(tmp_path):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_missing_split(tmp_path, split):
   other = {"train": "test", "test": "train"}[split]
-  root = _make_folder(tmp_path, splits=(other,))
+  root = make_image_folder(tmp_path, splits=(other,))
   message = _error(_config(root))
   assert root in message and f"no {split}/ folder" in message
 
@@ -166,14 +145,14 @@ def test_no_classes(tmp_path):
 
 
 def test_empty_class(tmp_path):
-  root = _make_folder(tmp_path)
+  root = make_image_folder(tmp_path)
   empty = os.path.join(root, "test", "yak")
   os.makedirs(empty)
   assert empty in _error(_config(root))
 
 
 def test_classes_differ(tmp_path):
-  root = _make_folder(tmp_path)
+  root = make_image_folder(tmp_path)
   os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "wolf"))
   message = _error(_config(root))
   assert "only in train ['dog']" in message and "only in test ['wolf']" in message
@@ -185,13 +164,13 @@ def test_classes_differ(tmp_path):
     (3, 0.51, "expected a share of the training split in"),
 ])
 def test_bad_holdout(tmp_path, per_class, fraction, match):
-  root = _make_folder(tmp_path, per_class=per_class)
+  root = make_image_folder(tmp_path, per_class=per_class)
   message = _error(_config(root, holdout_fraction=fraction))
   assert f"data.holdout_fraction={fraction}" in message and match in message
 
 
 def test_corrupt_files_fail_naming_the_first_and_counting(tmp_path):
-  root = _make_folder(tmp_path)
+  root = make_image_folder(tmp_path)
   bad = [os.path.join(root, "train", "cat", "broken.png"),
          os.path.join(root, "train", "dog", "truncated.jpg")]
   with open(bad[0], "wb") as f:

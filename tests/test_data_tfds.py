@@ -13,35 +13,18 @@ holds out 0..4; imagenet2012 trains on 18 examples and holds out 2.
 import io
 import itertools
 import math
-import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from coe_jax import config_base, data
 from coe_jax.errors import CoEError
+from tests.helpers import IMAGENET_SIZES, imagenet_example, write_prepared_tfds
 
 _MNIST = {"train": 50, "test": 23}
-_IMAGENET = {"train": 20, "validation": 9}
 _TEST_ID_OFFSET = 100  # mnist test ids are 100..122, train ids 0..49.
-
-
-def _write_prepared(root, name, sizes, example, shards=2):
-  """Writes a prepared TFDS data set `name` with `sizes[split]` examples."""
-  builder = tfds.builder(name, data_dir=root)
-  features = builder.info.features
-  os.makedirs(builder.data_dir)
-  for split, size in sizes.items():
-    for shard, ids in enumerate(np.array_split(np.arange(size), shards)):
-      path = os.path.join(builder.data_dir, f"{name}-{split}.tfrecord-{shard:05d}-of-{shards:05d}")
-      with tf.io.TFRecordWriter(path) as writer:
-        for i in ids:
-          writer.write(features.serialize_example(example(split, int(i))))
-  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features,
-                                     check_data=False)
 
 
 def _mnist_example(split, i):
@@ -49,22 +32,11 @@ def _mnist_example(split, i):
   return {"image": np.full((28, 28, 1), value, np.uint8), "label": i % 10}
 
 
-def _imagenet_example(split, i):
-  rng = np.random.default_rng([i, split == "validation"])
-  height, width = rng.integers(24, 60, size=2)
-  y, x = np.mgrid[0:height, 0:width]
-  frequencies = rng.uniform(0.05, 0.3, size=3)
-  image = np.stack([127 + 120 * np.sin(f * x + c) * np.cos(f * y) for c, f in
-                    enumerate(frequencies)], -1)  # [H, W, 3], smooth like a photo.
-  return {"image": image.round().astype(np.uint8), "label": i % 1000,
-          "file_name": f"{split}_{i}.JPEG"}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("tfds"))
-  _write_prepared(root, "mnist", _MNIST, _mnist_example)
-  _write_prepared(root, "imagenet2012", _IMAGENET, _imagenet_example)
+  write_prepared_tfds(root, "mnist", _MNIST, _mnist_example)
+  write_prepared_tfds(root, "imagenet2012", IMAGENET_SIZES, imagenet_example)
   return root
 
 

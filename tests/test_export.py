@@ -15,12 +15,9 @@ from coe_jax.inference import Predictor
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.serving import LiteRTPredictor
-from tests.test_train import _config, _single_device_trainer
+from tests.helpers import assert_same_answers, single_device_trainer, train_config
 from tests.tiny import tiny_config
 
-# A sample whose delegator confidence lies this close to tau may exit in one
-# runtime and not in the other: float32 sums in another order.
-NEAR_THRESHOLD = 1e-5
 # Largest |int8 - float32| logit difference, relative to the float32 logits'
 # largest magnitude per sample. Measured here on this barely trained run
 # (logits of magnitude ~0.05): 0.05-0.10; each int8 layer adds roughly 1% of
@@ -30,14 +27,14 @@ INT8_RELATIVE_ERROR = 0.2
 
 def _test_images(count=96):
   """Digits test images at model resolution: uint8 [count, 16, 16, 3]."""
-  return export.eval_split(_config(), count).images
+  return export.eval_split(train_config(), count).images
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny trained and evaluated run: 4 steps, 2 experts, a calibrated threshold."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  trainer = _single_device_trainer(_config(num_steps=4), workdir)
+  trainer = single_device_trainer(train_config(num_steps=4), workdir)
   train.evaluate(trainer, train.train(trainer))
   return workdir
 
@@ -68,7 +65,7 @@ def test_manifest_describes_the_run(run, fp32):
   assert manifest == result["manifest"]
   with open(os.path.join(run, "results.json")) as f:
     results = json.load(f)
-  config = _config()
+  config = train_config()
   assert manifest["threshold"] == results["threshold"]
   assert len(manifest["class_names"]) == 10
   assert (manifest["num_experts"], manifest["num_classes"]) == (2, 10)
@@ -142,16 +139,6 @@ def test_unfolded_batchnorm_is_detected():
   assert len(found) == 1 and found[0].startswith("MUL after CONV_2D"), found
 
 
-def _assert_same_answers(lite, ref, confidence, tau):
-  """Equal decisions away from tau; logits within 1e-4 of each sample's largest."""
-  decided = np.abs(confidence - tau) > NEAR_THRESHOLD
-  np.testing.assert_array_equal(lite["early_exit"][decided], ref["early_exit"][decided])
-  np.testing.assert_array_equal(lite["expert"][decided], ref["expert"][decided])
-  same = decided | (lite["expert"] == ref["expert"])
-  scale = np.abs(ref["logits"][same]).max(axis=-1, keepdims=True)
-  assert np.all(np.abs(lite["logits"][same] - ref["logits"][same]) <= 1e-4 * scale)
-
-
 def test_float32_round_trip_matches_the_jax_predictor(run, fp32):
   out, _ = fp32
   reference, lite = Predictor.load(run), LiteRTPredictor.load(out)
@@ -175,7 +162,7 @@ def test_float32_round_trip_matches_the_jax_predictor(run, fp32):
               float(np.quantile(confidence, 0.25))):
     ref, got = reference(images, tau), lite(images, tau)
     assert got["logits"].dtype == np.float32 and got["expert"].dtype == ref["expert"].dtype
-    _assert_same_answers(got, ref, confidence, tau)
+    assert_same_answers(got, ref, confidence, tau)
   routed = lite(images, float(np.median(confidence)))
   assert 0 < routed["early_exit"].mean() < 1
 

@@ -14,7 +14,7 @@ from coe_jax.data import preprocess_images
 from coe_jax.errors import CoEError
 from coe_jax.inference import Predictor
 from coe_jax.models.coe import CoE
-from tests.test_routing import random_variables
+from tests.helpers import random_variables
 from tests.tiny import REPO, tiny_config
 
 CLASS_NAMES = [f"digit_{k}" for k in range(10)]

@@ -5,7 +5,7 @@ import pytest
 
 from coe_jax import data, evaluation, plots
 from coe_jax.models.coe import CoE
-from tests.test_routing import random_variables
+from tests.helpers import random_variables
 from tests.tiny import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

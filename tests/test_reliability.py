@@ -30,7 +30,7 @@ from absl import logging
 from coe_jax import checkpointing, data, objective, train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.test_cli_errors import subprocess_env
+from tests.helpers import subprocess_env
 from tests.tiny import REPO
 
 # 6 steps, warm-up for steps 0-2 and co-adaptation for 3-5 (so that resumes

@@ -9,48 +9,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from coe_jax import routing
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
+from tests.helpers import random_images, random_variables
 from tests.tiny import tiny_config
 
 NUM_EXPERTS = 4
 NUM_CLASSES = 10
-
-
-def _images(seed: int, batch: int) -> jax.Array:
-  return jax.random.randint(jax.random.key(seed), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8)
-
-
-def random_variables(model: CoE, seed: int = 0):
-  """Random variables of `model`, without compiling `model.init`.
-
-  Compiling the init of even a tiny CoE takes ~20 s on a busy 2-core CPU.
-  Kernels are N(0, 1 / fan_in), BatchNorm scales and variances near 1, biases
-  and means near 0. The delegator's heads are then centred and scaled on a
-  batch of random images: a tiny random backbone's pooled features barely
-  differ between images, so its raw confidences would all sit near 1/K and
-  its expert choices would hinge on rounding.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, stacked = path[-1].key, path[1].key == "experts"
-    if name == "kernel":  # [(N,) kernel dims..., fan-in, out]
-      fan_in = int(np.prod(leaf.shape[int(stacked):-1]))
-      value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(0, 0.1, leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0)))
-  heads = variables["params"]["delegator"]
-  logits = model.delegator(variables, _images(seed + 1000, 32))  # ([32, K], [32, N])
-  for head, head_logits in zip(("classifier", "selector"), logits):
-    centred = head_logits - heads[head]["bias"]  # [32, K or N], without the bias.
-    scale = 2.0 / jnp.mean(jnp.std(centred, axis=0))  # Logits spread ~2 across images.
-    heads[head] = dict(kernel=heads[head]["kernel"] * scale,
-                       bias=-jnp.mean(centred, axis=0) * scale)
-  return variables
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +34,7 @@ def per_sample(model_and_variables, one_at_a_time):
   """The definition, one sample at a time: delegator outputs and the chosen expert's logits."""
   _, variables = model_and_variables
   delegator, expert = one_at_a_time
-  images = _images(1, 13)
+  images = random_images(1, 13)
   class_logits, choice, expert_logits = [], [], []
   for image in images:
     z, g = delegator(variables, image[None])
@@ -204,7 +167,7 @@ def test_capacity():
 def test_bad_expert_loop_is_named(model_and_variables):
   model, variables = model_and_variables
   with pytest.raises(CoEError, match="routing.expert_loop='scan'"):
-    routing.route_and_predict(model, variables, _images(0, 4), 0.5, expert_loop="scan")
+    routing.route_and_predict(model, variables, random_images(0, 4), 0.5, expert_loop="scan")
 
 
 def _all_prefer_in_order(variables):
@@ -233,7 +196,7 @@ def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_var
                                                                   one_at_a_time):
   model, variables = model_and_variables
   variables = _all_prefer_in_order(variables)
-  images = _images(2, 15)  # 2 groups of S = 8, the last slot padding.
+  images = random_images(2, 15)  # 2 groups of S = 8, the last slot padding.
   # C = ceil(0.5 * 8 * (1 - 0) / 4) = 1 slot per expert and group.
   out = routing.route_and_predict(model, variables, images, 1.5, mode="serving",
                                   capacity_factor=0.5, num_groups=2)
@@ -282,7 +245,7 @@ def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loo
   """Data 4 x expert 2: each device routes its group; experts run where their variables live."""
   model, variables = model_and_variables
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
-  images = _images(3, 16)
+  images = random_images(3, 16)
   kwargs = dict(mode=mode, capacity_factor=1.0, num_groups=4, expert_loop=expert_loop)
   no_exit = routing.route_and_predict(model, variables, images, 1.5, **kwargs)
   threshold = float(np.median(routing.confidence(no_exit["class_logits"])))
@@ -310,4 +273,4 @@ def test_mesh_must_split_experts_and_groups(model_and_variables):
   model, variables = model_and_variables
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
   with pytest.raises(CoEError, match="num_groups=2: expected a multiple of the mesh's data axis"):
-    routing.route_and_predict(model, variables, _images(0, 8), 0.5, num_groups=2, mesh=mesh)
+    routing.route_and_predict(model, variables, random_images(0, 8), 0.5, num_groups=2, mesh=mesh)

@@ -15,8 +15,7 @@ from coe_jax.errors import CoEError
 from coe_jax.inference import Predictor
 from coe_jax.models.coe import CoE
 from coe_jax.serving import LiteRTPredictor
-from tests.test_export import _assert_same_answers
-from tests.test_routing import random_variables
+from tests.helpers import assert_same_answers, random_variables
 from tests.tiny import REPO, tiny_config
 
 CLASS_NAMES = [f"digit_{k}" for k in range(10)]
@@ -61,7 +60,7 @@ def test_routes_like_the_jax_predictor(served):
   confidence = np.asarray(routing.confidence(class_logits))
   for tau in (0.0, float(np.quantile(confidence, 0.3)), float(np.median(confidence)),
               float(np.quantile(confidence, 0.8)), float("inf")):
-    _assert_same_answers(p(images, tau), reference(images, tau), confidence, tau)
+    assert_same_answers(p(images, tau), reference(images, tau), confidence, tau)
   out = p(images, float(np.median(confidence)))
   assert len(np.unique(out["expert"][~out["early_exit"]])) >= 2  # Several groups, not one.
 

@@ -13,35 +13,19 @@ from PIL import Image
 from coe_jax import train
 from coe_jax.errors import CoEError
 from coe_jax.inference import Predictor
-from tests import test_data_image_folder, test_data_tfds
-from tests.tiny import REPO, tiny_config
+from tests.helpers import (IMAGE_FOLDER_CLASSES, IMAGENET_SIZES, imagenet_example,
+                           make_image_folder, single_device_trainer, train_config,
+                           write_prepared_tfds)
+from tests.tiny import REPO
 
 RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate",
                "threshold", "mean_flops", "expert_load", "num_test_examples"}
 
 
-def _config(num_steps=6, **kwargs):
-  config = tiny_config(num_experts=2, **kwargs)
-  config.train.num_steps = num_steps
-  config.train.warmup_steps = 1
-  config.train.stages.warmup = 0.5
-  config.train.stages.coadapt = 0.5
-  config.train.checkpoint_every_steps = 3
-  config.train.log_every_steps = 3
-  config.mesh.data = 1
-  return config
-
-
-def _single_device_trainer(config, workdir):
-  """A trainer on the first device only (the tests run with 8 fake devices)."""
-  config.mesh.data = 1
-  return train.Trainer(config, workdir, devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits_run"))
-  trainer = _single_device_trainer(_config(), workdir)
+  trainer = single_device_trainer(train_config(), workdir)
   state = train.train(trainer)
   results = train.evaluate(trainer, state)
   return workdir, results
@@ -96,13 +80,13 @@ def _params(state):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  config = _config(num_steps=4)
+  config = train_config(num_steps=4)
   config.train.checkpoint_every_steps = 100  # Only the stop and the end save.
-  straight = train.train(_single_device_trainer(config, str(tmp_path / "straight")))
+  straight = train.train(single_device_trainer(config, str(tmp_path / "straight")))
   legs = str(tmp_path / "legs")
-  assert train.train(_single_device_trainer(config, legs), stop_at=2) is None
+  assert train.train(single_device_trainer(config, legs), stop_at=2) is None
   assert sorted(os.listdir(os.path.join(legs, "checkpoints"))) == ["2"]
-  resumed = train.train(_single_device_trainer(config, legs))
+  resumed = train.train(single_device_trainer(config, legs))
   assert int(resumed.step) == int(straight.step) == 4
   for a, b in zip(_params(straight), _params(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -122,9 +106,9 @@ def _first_losses(config, devices, steps=2):
 
 def test_coadaptation_steps_decrease_the_loss():
   """A few co-adaptation steps on one batch: every loss term goes down."""
-  config = _config(num_steps=100)  # A schedule still near its peak over these steps.
+  config = train_config(num_steps=100)  # A schedule still near its peak over these steps.
   config.train.learning_rate = 1e-2
-  trainer = _single_device_trainer(config, "/tmp/unused")
+  trainer = single_device_trainer(config, "/tmp/unused")
   state = trainer.init_state()
   step = trainer.compile_step("coadapt")
   batch = trainer.global_batch(next(train.data.train_batches(config)))
@@ -139,7 +123,7 @@ def test_coadaptation_steps_decrease_the_loss():
 
 
 def test_eight_device_mesh_matches_one_device():
-  config = _config()
+  config = train_config()
   config.mesh.data, config.mesh.expert = 4, 2
   sharded = _first_losses(config, jax.devices())
   config.mesh.data, config.mesh.expert = 1, 1
@@ -148,30 +132,29 @@ def test_eight_device_mesh_matches_one_device():
 
 
 def test_image_folder_end_to_end(tmp_path):
-  root = test_data_image_folder._make_folder(tmp_path / "folder", per_class=6)
-  config = _config(num_steps=2)
+  root = make_image_folder(tmp_path / "folder", per_class=6)
+  config = train_config(num_steps=2)
   config.data.name, config.data.path = "image_folder", root
   config.data.num_classes = None
   config.eval.batch_size = 8
-  trainer = _single_device_trainer(config, str(tmp_path / "run"))
+  trainer = single_device_trainer(config, str(tmp_path / "run"))
   results = train.evaluate(trainer, train.train(trainer))
   assert RESULT_KEYS <= set(results)
-  assert results["num_test_examples"] == 6 * len(test_data_image_folder._CLASSES)
+  assert results["num_test_examples"] == 6 * len(IMAGE_FOLDER_CLASSES)
 
 
 def test_tfds_imagenet_end_to_end(tmp_path):
   data_dir = str(tmp_path / "tfds")
-  test_data_tfds._write_prepared(data_dir, "imagenet2012", test_data_tfds._IMAGENET,
-                                 test_data_tfds._imagenet_example)
-  config = _config(num_steps=2)
+  write_prepared_tfds(data_dir, "imagenet2012", IMAGENET_SIZES, imagenet_example)
+  config = train_config(num_steps=2)
   config.data.name, config.data.tfds_data_dir = "imagenet2012", data_dir
   config.data.num_classes = 1000
   config.train.batch_size = 8
   config.eval.batch_size = 8
-  trainer = _single_device_trainer(config, str(tmp_path / "run"))
+  trainer = single_device_trainer(config, str(tmp_path / "run"))
   results = train.evaluate(trainer, train.train(trainer))
   assert RESULT_KEYS <= set(results)
-  assert results["num_test_examples"] == test_data_tfds._IMAGENET["validation"]
+  assert results["num_test_examples"] == IMAGENET_SIZES["validation"]
 
 
 @pytest.mark.parametrize("key,value,fragment", [
@@ -181,7 +164,7 @@ def test_tfds_imagenet_end_to_end(tmp_path):
     ("num_experts", -1, "num_experts=-1"),
 ])
 def test_bad_config_values_name_key_and_value(tmp_path, key, value, fragment):
-  config = _config()
+  config = train_config()
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(CoEError, match=fragment):
@@ -189,7 +172,7 @@ def test_bad_config_values_name_key_and_value(tmp_path, key, value, fragment):
 
 
 def test_vmapped_experts_are_refused_on_a_sharded_expert_axis(tmp_path):
-  config = _config()
+  config = train_config()
   config.mesh.data, config.mesh.expert = 4, 2
   config.routing.expert_loop = "vmap"
   with pytest.raises(CoEError, match="routing.expert_loop='vmap'"):
@@ -197,7 +180,7 @@ def test_vmapped_experts_are_refused_on_a_sharded_expert_axis(tmp_path):
 
 
 def test_batch_size_must_divide_over_the_data_axis(tmp_path):
-  config = _config()
+  config = train_config()
   config.train.batch_size, config.mesh.data = 30, 4
   with pytest.raises(CoEError, match="train.batch_size=30"):
     train.Trainer(config, str(tmp_path), devices=jax.devices()[:4])

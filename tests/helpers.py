@@ -1,0 +1,158 @@
+"""What several test files share: configs, trainers, random variables, fake data, checks.
+
+Each helper lives here once it serves more than one test file; a helper that
+one file alone uses stays in that file. The trainer, TensorFlow and TFDS are
+imported inside the helpers that use them, so that a test file that needs only
+the light helpers (`random_variables`, `make_image_folder`) starts without
+loading TensorFlow.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from coe_jax.models.coe import CoE
+from tests.tiny import tiny_config
+
+# A sample whose delegator confidence lies this close to tau may exit in one
+# runtime and not in the other: float32 sums in another order.
+NEAR_THRESHOLD = 1e-5
+
+# Class -> constant pixel each of its images has, in the mode its files use.
+IMAGE_FOLDER_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)),
+                        "zebra": ("RGBA", (10, 120, 250, 0))}
+
+# Examples per split of the fake imagenet2012 that `write_prepared_tfds` writes.
+IMAGENET_SIZES = {"train": 20, "validation": 9}
+
+
+def train_config(num_steps=6, **kwargs):
+  config = tiny_config(num_experts=2, **kwargs)
+  config.train.num_steps = num_steps
+  config.train.warmup_steps = 1
+  config.train.stages.warmup = 0.5
+  config.train.stages.coadapt = 0.5
+  config.train.checkpoint_every_steps = 3
+  config.train.log_every_steps = 3
+  config.mesh.data = 1
+  return config
+
+
+def single_device_trainer(config, workdir):
+  """A trainer on the first device only (the tests run with 8 fake devices)."""
+  from coe_jax import train  # pylint: disable=g-import-not-at-top
+  config.mesh.data = 1
+  return train.Trainer(config, workdir, devices=jax.devices()[:1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """This process's environment for a CLI run, plus `extra`.
+
+  conftest gives the test process 8 fake CPU devices; a CLI run gets the one
+  CPU device a user's laptop has, and no probing for accelerators, so that it
+  runs alike on every machine.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in flag)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.update(extra)
+  return env
+
+
+def random_images(seed: int, batch: int) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, 16, 16, 3), 0, 256).astype(jnp.uint8)
+
+
+def random_variables(model: CoE, seed: int = 0):
+  """Random variables of `model`, without compiling `model.init`.
+
+  Compiling the init of even a tiny CoE takes ~20 s on a busy 2-core CPU.
+  Kernels are N(0, 1 / fan_in), BatchNorm scales and variances near 1, biases
+  and means near 0. The delegator's heads are then centred and scaled on a
+  batch of random images: a tiny random backbone's pooled features barely
+  differ between images, so its raw confidences would all sit near 1/K and
+  its expert choices would hinge on rounding.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, stacked = path[-1].key, path[1].key == "experts"
+    if name == "kernel":  # [(N,) kernel dims..., fan-in, out]
+      fan_in = int(np.prod(leaf.shape[int(stacked):-1]))
+      value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = rng.normal(0, 0.1, leaf.shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, jax.random.key(0)))
+  heads = variables["params"]["delegator"]
+  logits = model.delegator(variables, random_images(seed + 1000, 32))  # ([32, K], [32, N])
+  for head, head_logits in zip(("classifier", "selector"), logits):
+    centred = head_logits - heads[head]["bias"]  # [32, K or N], without the bias.
+    scale = 2.0 / jnp.mean(jnp.std(centred, axis=0))  # Logits spread ~2 across images.
+    heads[head] = dict(kernel=heads[head]["kernel"] * scale,
+                       bias=-jnp.mean(centred, axis=0) * scale)
+  return variables
+
+
+def assert_same_answers(lite, ref, confidence, tau):
+  """Equal decisions away from tau; logits within 1e-4 of each sample's largest."""
+  decided = np.abs(confidence - tau) > NEAR_THRESHOLD
+  np.testing.assert_array_equal(lite["early_exit"][decided], ref["early_exit"][decided])
+  np.testing.assert_array_equal(lite["expert"][decided], ref["expert"][decided])
+  same = decided | (lite["expert"] == ref["expert"])
+  scale = np.abs(ref["logits"][same]).max(axis=-1, keepdims=True)
+  assert np.all(np.abs(lite["logits"][same] - ref["logits"][same]) <= 1e-4 * scale)
+
+
+def save_image(path, mode, value, size):
+  image = Image.new(mode, size, value)
+  if path.endswith(".jpg"):
+    image.convert("RGB" if mode == "RGBA" else mode).save(path, quality=100)
+  else:
+    image.save(path)
+
+
+def make_image_folder(root, splits=("train", "test"), classes=IMAGE_FOLDER_CLASSES, per_class=3):
+  for split in splits:
+    for name, (mode, value) in classes.items():
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(per_class):
+        ext = ".jpg" if i == 1 else ".png"  # Both formats in every class.
+        save_image(os.path.join(root, split, name, f"{i}{ext}"), mode, value, (12 + 5 * i, 20))
+  return str(root)
+
+
+def write_prepared_tfds(root, name, sizes, example, shards=2):
+  """Writes a prepared TFDS data set `name` with `sizes[split]` examples."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=root)
+  features = builder.info.features
+  os.makedirs(builder.data_dir)
+  for split, size in sizes.items():
+    for shard, ids in enumerate(np.array_split(np.arange(size), shards)):
+      path = os.path.join(builder.data_dir, f"{name}-{split}.tfrecord-{shard:05d}-of-{shards:05d}")
+      with tf.io.TFRecordWriter(path) as writer:
+        for i in ids:
+          writer.write(features.serialize_example(example(split, int(i))))
+  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features,
+                                     check_data=False)
+
+
+def imagenet_example(split, i):
+  rng = np.random.default_rng([i, split == "validation"])
+  height, width = rng.integers(24, 60, size=2)
+  y, x = np.mgrid[0:height, 0:width]
+  frequencies = rng.uniform(0.05, 0.3, size=3)
+  image = np.stack([127 + 120 * np.sin(f * x + c) * np.cos(f * y) for c, f in
+                    enumerate(frequencies)], -1)  # [H, W, 3], smooth like a photo.
+  return {"image": image.round().astype(np.uint8), "label": i % 1000,
+          "file_name": f"{split}_{i}.JPEG"}
