@@ -56,7 +56,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   threshold = config.wgm.sinkhorn_threshold
   require(_is_real(threshold) and threshold > 0, "wgm.sinkhorn_threshold", threshold,
           "expected a positive number")
-  # `random` (no LGM) is an ablation, accepted but not advertised among the rules.
+  # `random` (no LGM) is an ablation: accepted, and named apart from the rules.
   lgm.check_rule(config.lgm.rule)
   temperature = config.lgm.temperature
   require(_is_real(temperature) and temperature > 0, "lgm.temperature", temperature,
