@@ -249,6 +249,11 @@ def load_for_inference(workdir: str):
   optimizer = optim.make_optimizer(config)
   abstract = jax.eval_shape(
       lambda: train_step.create_train_state(model, optimizer, config, jax.random.key(0)))
+  # Onto this process's first device, whatever devices the run was saved from:
+  # a checkpoint written by a pod or a multi-device mesh loads on a laptop.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
   checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
                               fingerprint=shape_fingerprint(config, run["num_classes"]))
   try:

@@ -7,6 +7,7 @@ the light helpers (`random_variables`, `make_image_folder`) starts without
 loading TensorFlow.
 """
 
+import json
 import os
 
 import jax
@@ -41,11 +42,37 @@ def train_config(num_steps=6, **kwargs):
   return config
 
 
+def pod_config():
+  """The run of tests/test_pod.py: `train_config` for 4 steps on a data 2 x expert 2 mesh."""
+  config = train_config(num_steps=4)
+  config.mesh.data, config.mesh.expert = 2, 2
+  return config
+
+
 def single_device_trainer(config, workdir):
   """A trainer on the first device only (the tests run with 8 fake devices)."""
   from coe_jax import train  # pylint: disable=g-import-not-at-top
   config.mesh.data = 1
   return train.Trainer(config, workdir, devices=jax.devices()[:1])
+
+
+def results_figures(workdir) -> dict:
+  """A run's results.json but the timings (`train_seconds`, ...), which measure the machine."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    return {k: v for k, v in json.load(f).items() if not k.endswith("_seconds")}
+
+
+def training_metrics(workdir) -> list:
+  """The training lines of a run's metrics.jsonl (those with a loss), in file order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [m for m in map(json.loads, f) if "loss" in m]
+
+
+def checkpoint_params(workdir) -> list:
+  """The latest checkpoint's evaluation variables, as a flat list of arrays."""
+  from coe_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  _, variables, _ = checkpointing.load_for_inference(str(workdir))
+  return jax.tree.leaves(jax.device_get(variables))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

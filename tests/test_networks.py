@@ -23,7 +23,8 @@ def model_and_variables():
 
 def test_delegator_has_two_heads(model_and_variables):
   model, variables = model_and_variables
-  class_logits, selection_logits = model.delegator(variables, _images(jax.random.key(1), (5, 16, 16, 3)))
+  images = _images(jax.random.key(1), (5, 16, 16, 3))
+  class_logits, selection_logits = model.delegator(variables, images)
   assert class_logits.shape == (5, 10) and selection_logits.shape == (5, 3)
 
 

@@ -30,7 +30,8 @@ from absl import logging
 from coe_jax import checkpointing, data, objective, train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.helpers import subprocess_env
+from tests.helpers import (checkpoint_params, results_figures, subprocess_env,
+                           training_metrics)
 from tests.tiny import REPO
 
 # 6 steps, warm-up for steps 0-2 and co-adaptation for 3-5 (so that resumes
@@ -198,22 +199,8 @@ def _files(directory) -> list[str]:
                 for parent, _, names in os.walk(directory) for name in names)
 
 
-def _params(workdir):
-  """The final (latest) checkpoint's evaluation variables, as a flat list of arrays."""
-  _, variables, _ = checkpointing.load_for_inference(str(workdir))
-  return jax.tree.leaves(jax.device_get(variables))
-
-
-def _figures(workdir) -> dict:
-  with open(workdir / "results.json") as f:
-    # All but the timings (`train_seconds`, ...), which measure the machine.
-    return {k: v for k, v in json.load(f).items() if not k.endswith("_seconds")}
-
-
-def _logged_losses(workdir) -> list:
-  """(step, loss) of each training line of metrics.jsonl, in file order."""
-  with open(workdir / "metrics.jsonl") as f:
-    return [(m["step"], m["loss"]) for m in map(json.loads, f) if "loss" in m]
+def _losses(workdir) -> list:
+  return [(m["step"], m["loss"]) for m in training_metrics(workdir)]
 
 
 @pytest.fixture(scope="module")
@@ -308,10 +295,10 @@ def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(interrupted)
 def test_the_interrupted_run_ends_like_an_uninterrupted_one(interrupted, reference):
   workdir, legs = interrupted
   assert legs["final"]["returncode"] == 0, legs["final"]["stderr"][-3000:]
-  assert _figures(workdir) == _figures(reference)
+  assert results_figures(workdir) == results_figures(reference)
   # Steps trained again after the resumes are logged once, as in the reference.
-  assert _logged_losses(workdir) == _logged_losses(reference)
-  interrupted_params, reference_params = _params(workdir), _params(reference)
+  assert _losses(workdir) == _losses(reference)
+  interrupted_params, reference_params = checkpoint_params(workdir), checkpoint_params(reference)
   assert len(interrupted_params) == len(reference_params)
   for a, b in zip(interrupted_params, reference_params):
     np.testing.assert_array_equal(a, b)
@@ -328,8 +315,8 @@ def test_a_rerun_resumes_past_an_unreadable_checkpoint_to_the_same_end(cli, refe
   assert len(reports) == 1 and "Traceback" not in result["stderr"], result["stderr"][-3000:]
   assert result["resumed_from"] == 4 and result["checkpoints"] == ["2", "4", "6"]
   assert (workdir / checkpointing.UNREADABLE_DIR / "6" / "state").is_dir()
-  assert _figures(workdir) == _figures(reference)
-  for a, b in zip(_params(workdir), _params(reference)):
+  assert results_figures(workdir) == results_figures(reference)
+  for a, b in zip(checkpoint_params(workdir), checkpoint_params(reference)):
     np.testing.assert_array_equal(a, b)
 
 

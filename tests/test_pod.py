@@ -1,0 +1,68 @@
+"""A two-process CPU 'pod' trains and evaluates like one process on the same mesh.
+
+`tests/pod_worker.py` runs each process: 2 CPU devices each, joined by
+`jax.distributed` on localhost (gloo collectives), a data 2 x expert 2 mesh
+across the 4 devices. This is the multi-host path of TPU-pod training: each
+process reads its own share of every batch, checkpoints are written together,
+the evaluation gathers outputs from both processes, the first one writes the
+results. The reference trains the same config in this process on 4 devices.
+"""
+
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from coe_jax import train
+from tests.helpers import (checkpoint_params, pod_config, results_figures, subprocess_env,
+                           training_metrics)
+from tests.tiny import REPO
+
+NUM_PROCESSES = 2
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
+  pod, port = tmp_path / "pod", _free_port()
+  workers = [subprocess.Popen(
+      [sys.executable, "-m", "tests.pod_worker", str(i), str(NUM_PROCESSES), str(port), str(pod)],
+      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(NUM_PROCESSES)]
+
+  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+
+  reference = tmp_path / "reference"  # The same run in this process, afterwards (2 cores).
+  trainer = train.Trainer(pod_config(), str(reference), devices=jax.devices()[:4])
+  train.evaluate(trainer, train.train(trainer))
+
+  # Every process ends with the same answer, which only the first one wrote.
+  top1 = [line for output in outputs for line in output.splitlines() if " top1=" in line]
+  assert sorted(top1) == [f"process {i}: top1={results_figures(pod)['top1']!r}"
+                          for i in range(NUM_PROCESSES)]
+  # Equal up to the order of float sums across processes (tau moved by 3e-6).
+  got, want = results_figures(pod), results_figures(reference)
+  assert set(got) == set(want)
+  for key, value in want.items():
+    numeric = isinstance(value, (int, float, list)) and not isinstance(value, bool)
+    assert got[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if numeric else value), key
+  # The same batches and the same steps: the logged losses agree closely.
+  # Parameters only loosely: Adam scales each gradient to a step of about the
+  # learning rate, so near-zero gradients, whose sign depends on the order of
+  # float sums, move a few BatchNorm biases by up to ~1e-3 either way.
+  got, want = training_metrics(pod), training_metrics(reference)
+  assert [m["step"] for m in got] == [m["step"] for m in want] and want
+  for g, w in zip(got, want):
+    for key in ("loss", "expert_loss", "selection_loss", "delegator_loss"):
+      assert g[key] == pytest.approx(w[key], rel=1e-4), (g["step"], key)
+  for a, b in zip(checkpoint_params(pod), checkpoint_params(reference), strict=True):
+    np.testing.assert_allclose(a, b, atol=5e-3)
