@@ -91,10 +91,6 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("COE_DISTRIBUTED") == "1":
     jax.distributed.initialize()
-    # Start the backend now, while the processes are in step: each waits at
-    # most 2 minutes for the others' devices, and the imports and data set-up
-    # below take a while on a loaded host.
-    jax.devices()
   from coe_jax import report, train  # pylint: disable=g-import-not-at-top
   try:
     results = train.train_and_evaluate(config, _WORKDIR.value)

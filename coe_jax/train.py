@@ -147,7 +147,8 @@ def _check_workdir(workdir: str) -> None:
   try:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
+    # One probe per process: on a pod every host checks the same workdir.
+    probe = path / f".write_test_{jax.process_index()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:

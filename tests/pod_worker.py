@@ -30,7 +30,6 @@ def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
                              process_id=process_id)
-  jax.devices()  # As coe_jax.main does: start the backend while the processes are in step.
   results = train.train_and_evaluate(pod_config(), workdir)
   print(f"process {process_id}: top1={results['top1']!r}", flush=True)
 
