@@ -21,8 +21,6 @@ may store a tau just above 1 for "no sample exits". Negative, NaN or
 non-numeric values raise `CoEError`.
 """
 
-import math
-import numbers
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -30,19 +28,12 @@ import numpy as np
 
 from coe_jax import checkpointing, routing
 from coe_jax.data import eval_crop_fraction
-from coe_jax.data.images import preprocess_user_batch
 from coe_jax.errors import require
 from coe_jax.models.coe import CoE
+from coe_jax.predictor_base import PredictorBase, check_threshold
 
 
-def _check_threshold(threshold: Any) -> float:
-  is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-  require(is_number and not math.isnan(threshold) and threshold >= 0, "threshold", threshold,
-          "expected a number >= 0 (a probability in [0, 1]; above 1 turns early exit off)")
-  return float(threshold)
-
-
-class Predictor:
+class Predictor(PredictorBase):
   """A trained CoE with its preprocessing, class names and calibrated threshold."""
 
   def __init__(self, model: CoE, variables: dict[str, Any], *, image_size: int, channels: int,
@@ -69,7 +60,7 @@ class Predictor:
     self.channels = channels
     self.crop_fraction = crop_fraction
     self.class_names = list(class_names)
-    self.threshold = _check_threshold(threshold)
+    self.threshold = check_threshold(threshold)
     self.num_experts = model.num_experts
     self._routing = dict(mode=routing_config["mode"],
                          capacity_factor=routing_config["capacity_factor"],
@@ -91,26 +82,9 @@ class Predictor:
                routing_config={**config.routing, "expected_exit_rate": meta["expected_exit_rate"]},
                crop_fraction=eval_crop_fraction(config))
 
-  def preprocess(self, images: Any) -> np.ndarray:
-    """User images ([B, H, W] or [B, H, W, C], any size) to model input uint8 [B, S, S, C]."""
-    return preprocess_user_batch(images, self.image_size, self.channels, self.crop_fraction)
-
-  def __call__(self, images: Any, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
-    """CoE's answers.
-
-    Args:
-      images: [B, H, W] or [B, H, W, C] (C = 1, 3 or 4), uint8 0-255 (or
-        integers 0-255, floats 0-1), any size.
-      threshold: tau; None uses the calibrated one.
-
-    Returns:
-      logits: float32 [B, K].
-      early_exit: bool [B], True where the delegator answered alone.
-      expert: int [B], the expert that answered; -1 where the delegator did
-        (an early exit, or in serving mode a sample that found every expert full).
-    """
-    tau = self.threshold if threshold is None else _check_threshold(threshold)
-    out = routing.route_and_predict(self.model, self.variables, self.preprocess(images), tau,
+  def route(self, pixels: np.ndarray, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
+    """`__call__` on images already at model input, uint8 [B, S, S, C]."""
+    out = routing.route_and_predict(self.model, self.variables, pixels, self.tau(threshold),
                                     **self._routing)
     return {key: np.asarray(out[key]) for key in ("logits", "early_exit", "expert")}
 
@@ -121,8 +95,5 @@ class Predictor:
 
   def expert(self, j: int, images: Any) -> np.ndarray:
     """Expert j alone on every image: logits [B, K]."""
-    valid = isinstance(j, numbers.Integral) and not isinstance(j, bool)
-    require(valid and 0 <= j < self.num_experts, "j", j,
-            f"expected an expert index in [0, {self.num_experts - 1}]")
-    return np.asarray(self._expert(self.variables, int(j), self.preprocess(images)))
+    return np.asarray(self._expert(self.variables, self.check_expert(j), self.preprocess(images)))
 

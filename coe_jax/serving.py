@@ -23,8 +23,6 @@ An interpreter is not thread-safe: use one predictor per thread.
 
 import hashlib
 import json
-import math
-import numbers
 import os
 import warnings
 from typing import Any, Optional
@@ -32,8 +30,8 @@ from typing import Any, Optional
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from coe_jax.data.images import preprocess_user_batch
 from coe_jax.errors import CoEError, require
+from coe_jax.predictor_base import PredictorBase
 
 MANIFEST = "serving.json"
 FORMAT = "coe-jax-litert"
@@ -51,14 +49,6 @@ SINGLE_THREAD_MACS = 5_000_000
 def default_threads(macs: float) -> int:
   """Interpreter threads for a network of `macs` multiply-adds per image."""
   return 1 if macs < SINGLE_THREAD_MACS else os.cpu_count() or 1
-
-
-def _check_threshold(threshold: Any) -> float:
-  """tau as a float; the same rule as `coe_jax.inference.Predictor`."""
-  is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-  require(is_number and not math.isnan(threshold) and threshold >= 0, "threshold", threshold,
-          "expected a number >= 0 (a probability in [0, 1]; above 1 turns early exit off)")
-  return float(threshold)
 
 
 def confidence(class_logits: np.ndarray) -> np.ndarray:
@@ -219,7 +209,7 @@ def _read_manifest(serve_dir: str) -> dict[str, Any]:
           "threshold": float("inf") if threshold is None else float(threshold), "macs": macs}
 
 
-class LiteRTPredictor:
+class LiteRTPredictor(PredictorBase):
   """An exported CoE: the delegator's and the experts' interpreters, routed on the host."""
 
   def __init__(self, serve_dir: str, num_threads: Optional[int] = None):
@@ -260,28 +250,9 @@ class LiteRTPredictor:
     """The predictor of an export directory (see `__init__`)."""
     return cls(serve_dir, num_threads)
 
-  def preprocess(self, images: Any) -> np.ndarray:
-    """User images ([B, H, W] or [B, H, W, C], any size) to model input uint8 [B, S, S, C]."""
-    return preprocess_user_batch(images, self.image_size, self.channels, self.crop_fraction)
-
-  def __call__(self, images: Any, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
-    """CoE's answers.
-
-    Args:
-      images: [B, H, W] or [B, H, W, C] (C = 1, 3 or 4), uint8 0-255 (or
-        integers 0-255, floats 0-1), any size.
-      threshold: tau; None uses the calibrated one.
-
-    Returns:
-      logits: float32 [B, K].
-      early_exit: bool [B], True where the delegator answered alone.
-      expert: int32 [B], the expert that answered; -1 where the delegator did.
-    """
-    return self.route(self.preprocess(images), threshold)
-
   def route(self, pixels: np.ndarray, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
     """`__call__` on images already at model input, uint8 [B, S, S, C] (e.g. eval batches)."""
-    tau = self.threshold if threshold is None else _check_threshold(threshold)
+    tau = self.tau(threshold)
     pixels = np.asarray(pixels)
     shape = (self.image_size, self.image_size, self.channels)
     require(pixels.ndim == 4 and pixels.shape[1:] == shape and pixels.dtype == np.uint8,
@@ -307,7 +278,4 @@ class LiteRTPredictor:
 
   def expert(self, j: int, images: Any) -> np.ndarray:
     """Expert j alone on every image: logits [B, K]."""
-    valid = isinstance(j, numbers.Integral) and not isinstance(j, bool)
-    require(valid and 0 <= j < self.num_experts, "j", j,
-            f"expected an expert index in [0, {self.num_experts - 1}]")
-    return self._experts[int(j)](self.preprocess(images))["logits"]
+    return self._experts[self.check_expert(j)](self.preprocess(images))["logits"]
