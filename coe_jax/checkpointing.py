@@ -231,8 +231,8 @@ def load_for_inference(workdir: str):
 
   `meta` has `class_names`, `num_classes`, `threshold` (the calibrated tau
   from results.json; before the run has been evaluated, `eval.threshold` or,
-  if unset, infinity: no early exit) and `expected_exit_rate` (the test exit
-  rate at that tau, which sizes serving-mode expert buffers; 0 before).
+  if unset, infinity: no early exit) and `expected_exit_rate` (the hold-out's
+  exit rate at that tau, which sizes serving-mode expert buffers; 0 before).
   """
   from coe_jax import optim, train_step  # pylint: disable=g-import-not-at-top
   from coe_jax.models.coe import CoE  # pylint: disable=g-import-not-at-top
@@ -266,7 +266,7 @@ def load_for_inference(workdir: str):
   results_path = os.path.join(workdir, "results.json")
   if epath.Path(results_path).is_file():
     results = read_json(results_path)
-    threshold, exit_rate = results["threshold"], results["early_exit_rate"]
+    threshold, exit_rate = results["threshold"], results["expected_exit_rate"]
   else:
     threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
     exit_rate = 0.0

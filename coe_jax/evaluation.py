@@ -12,6 +12,7 @@ then come from the jitted router itself at the chosen tau (`coe_jax.routing`).
 
 import dataclasses
 import functools
+import time
 from typing import Any, Iterable, Optional
 
 import jax
@@ -21,7 +22,12 @@ import numpy as np
 from absl import logging
 
 from coe_jax import routing
+from coe_jax import sharding as sharding_lib
 from coe_jax.models.coe import CoE
+
+# Confidences this close to tau may fall on either side of it in two
+# computations of the same network that sum floats in another order.
+NEAR_THRESHOLD = 1e-5
 
 
 @dataclasses.dataclass
@@ -39,18 +45,46 @@ class EvalOutputs:
     return np.take_along_axis(self.expert_predictions, self.selected_expert[None], axis=0)[0]
 
 
-def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]],
-                    out_sharding: Optional[jax.sharding.Sharding] = None) -> EvalOutputs:
+class Progress:
+  """Logs how far a long pass has got, at most every `every_seconds`, and when it ends."""
+
+  def __init__(self, what: str, total: Optional[int], every_seconds: float = 10.0):
+    self._what, self._total, self._every = what, total, every_seconds
+    self._start = self._last = time.monotonic()
+    self._done = 0
+
+  def update(self, count: int) -> None:
+    self._done += count
+    now = time.monotonic()
+    if now - self._last >= self._every:
+      self._last = now
+      elapsed = now - self._start
+      of = f"/{self._total}" if self._total else ""
+      eta = (f", about {(self._total - self._done) * elapsed / self._done:.0f} s left"
+             if self._total and self._done else "")
+      logging.info("%s: %d%s examples in %.0f s%s", self._what, self._done, of, elapsed, eta)
+
+  def finish(self) -> None:
+    logging.info("%s: %d examples in %.1f s", self._what, self._done,
+                 time.monotonic() - self._start)
+
+
+def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], *,
+                    expert_loop: str = "unroll", mesh: Optional[jax.sharding.Mesh] = None,
+                    progress: Optional[Progress] = None) -> EvalOutputs:
   """Runs the delegator and every expert over `batches` (masked padding dropped).
 
-  `batches` hold arrays ready for the device (global arrays under a mesh);
-  `out_sharding` (replicated) lets every process read the outputs on a pod.
+  `batches` hold arrays ready for the device (global arrays under `mesh`,
+  split over its data axis). The experts run as the router runs them
+  (`routing.run_experts`), and every process reads the whole outputs.
   """
+  out_sharding = sharding_lib.replicated(mesh) if mesh is not None else None
 
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def forward(variables, batch):
     class_logits, selection_logits = model.delegator(variables, batch["image"])  # [B, K], [B, N]
-    expert_logits = model.experts(variables, batch["image"], shared_input=True)  # [N, B, K]
+    expert_logits = routing.run_experts(model, variables, batch["image"], shared_input=True,
+                                        expert_loop=expert_loop, mesh=mesh)  # [N, B, K]
     return dict(label=batch["label"], mask=batch["mask"],
                 confidence=routing.confidence(class_logits),
                 delegator=jnp.argmax(class_logits, -1), selected=jnp.argmax(selection_logits, -1),
@@ -62,7 +96,12 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
     mask = np.asarray(out["mask"], bool)
     parts.append((out["label"][mask], out["confidence"][mask], out["delegator"][mask],
                   out["selected"][mask], out["experts"][:, mask]))
+    if progress is not None:
+      progress.update(int(mask.sum()))
+  if progress is not None:
+    progress.finish()
   labels, conf, delegator, selected, experts = (np.concatenate(p, axis=-1) for p in zip(*parts))
+  # Confidences stay float32 values (exactly), as the router compares them with tau.
   return EvalOutputs(labels.astype(np.int64), conf.astype(np.float64), delegator, selected, experts)
 
 
@@ -76,7 +115,12 @@ class Sweep:
 
 
 def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> Sweep:
-  """Every distinct tau: the examples' confidences, plus one above them all (no exits)."""
+  """Every distinct tau: the examples' confidences, plus one above them all (no exits).
+
+  The no-exit point is the next float32 above the largest confidence: the
+  router compares float32 confidences with tau, and the next float64 would
+  round back to the largest confidence there, letting its samples exit.
+  """
   delegator_correct = outputs.delegator_prediction == outputs.labels  # [M]
   routed_correct = outputs.routed_prediction == outputs.labels        # [M]
   order = np.argsort(-outputs.confidence, kind="stable")
@@ -89,7 +133,8 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
   # tau = conf[k-1] lets exactly the first k exit only where conf[k-1] > conf[k].
   distinct = np.concatenate([conf[:-1] > conf[1:], [True]])
   ks = np.concatenate([[0], np.nonzero(distinct)[0] + 1])           # exits per operating point
-  thresholds = np.concatenate([[np.nextafter(conf[0], np.inf)], conf[ks[1:] - 1]])
+  no_exit = np.nextafter(np.float32(conf[0]), np.float32(np.inf))
+  thresholds = np.concatenate([[float(no_exit)], conf[ks[1:] - 1]])
   accuracy = (exit_correct[ks] + routed_rest[ks]) / m
   exit_rate = ks / m
   mean_flops = delegator_flops + (1 - exit_rate) * expert_flops
@@ -118,11 +163,33 @@ def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, 
   return float(curve.thresholds[index]), "max_accuracy"
 
 
+def answers_at(outputs: EvalOutputs, threshold: float) -> np.ndarray:
+  """[M]: CoE's answers at `threshold` in exact mode, from the recorded outputs."""
+  exits = outputs.confidence >= threshold
+  return np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
+
+
+def check_router_agrees(outputs: EvalOutputs, threshold: float, routed: np.ndarray) -> None:
+  """Raises unless the exact-mode router gave the recorded outputs' answers.
+
+  Both compute the same networks on the same examples, with other batch
+  shapes: float sums in another order may move a confidence by a few ulps,
+  so examples within `NEAR_THRESHOLD` of tau may decide otherwise. Any other
+  difference is a bug, and every figure computed from the outputs is suspect.
+  """
+  differ = (answers_at(outputs, threshold) != routed) & (
+      np.abs(outputs.confidence - threshold) > NEAR_THRESHOLD)
+  if differ.any():
+    raise RuntimeError(
+        f"the exact-mode router and the recorded outputs disagree on {int(differ.sum())} of "
+        f"{len(routed)} examples at tau={threshold}: the evaluation is wrong, please report it")
+
+
 def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: int,
             delegator_flops: float, expert_flops: float) -> dict[str, Any]:
   """The figures of `results.json` at `threshold`, from the recorded outputs."""
   exits = outputs.confidence >= threshold
-  prediction = np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
+  prediction = answers_at(outputs, threshold)
   routed = outputs.selected_expert[~exits]
   load = np.bincount(routed, minlength=num_experts) / max(len(routed), 1)
   exit_rate = float(exits.mean())
@@ -149,12 +216,14 @@ class Routing:
   delegator_by_class: np.ndarray    # [K] int: examples of class k the delegator answered
   examples: list[np.ndarray]        # N arrays [E_j, H, W, C] uint8: expert j's first images
   example_labels: list[np.ndarray]  # N arrays [E_j] int: their classes
+  prediction: np.ndarray            # [M] int: the router's answers, in example order
 
 
 def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
                    config: Any, *, expected_exit_rate: float,
                    mesh: Optional[jax.sharding.Mesh] = None,
-                   examples_per_expert: int = 0) -> tuple[dict[str, Any], Routing]:
+                   examples_per_expert: int = 0,
+                   progress: Optional[Progress] = None) -> tuple[dict[str, Any], Routing]:
   """Top-1, exits and loads of the jitted router at `threshold` over `batches`, and its routing.
 
   Routing runs as in serving, with `routing.mode` and its overflow policy; in
@@ -170,6 +239,7 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
   delegator_by_class = np.zeros(num_classes, np.int64)  # [K]
   examples = [[] for _ in range(num_experts)]
   example_labels = [[] for _ in range(num_experts)]
+  predictions = []
   for batch in batches:
     out = routing.route_and_predict(
         model, variables, batch["image"], threshold, mode=config.routing.mode,
@@ -181,6 +251,9 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
         {"pred": jnp.argmax(out["logits"], -1), "early_exit": out["early_exit"],
          "expert": out["expert"], "label": batch["label"], "mask": batch["mask"]}, tiled=True)
     mask = np.asarray(out["mask"], bool)
+    predictions.append(out["pred"][mask])
+    if progress is not None:
+      progress.update(int(mask.sum()))
     correct += int(np.sum((out["pred"] == out["label"]) & mask))
     exits += int(np.sum(out["early_exit"] & mask))
     total += int(mask.sum())
@@ -197,6 +270,8 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
         rows = np.flatnonzero(expert == j)[:wanted[j]]
         examples[j].append(images[rows])
         example_labels[j].append(label[rows])
+  if progress is not None:
+    progress.finish()
   load = class_by_expert.sum(0)  # [N]
   routed = max(int(load.sum()), 1)
   figures = {"top1": correct / total, "early_exit_rate": exits / total,
@@ -206,4 +281,5 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
   stacked = [np.concatenate(x) if x else np.zeros((0, *image_shape), np.uint8) for x in examples]
   labels = [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
             for x in example_labels]
-  return figures, Routing(class_by_expert, delegator_by_class, stacked, labels)
+  return figures, Routing(class_by_expert, delegator_by_class, stacked, labels,
+                          np.concatenate(predictions))

@@ -124,7 +124,8 @@ def _solver_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
                   expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
-                  stage: str, rng: Optional[jax.Array] = None
+                  stage: str, rng: Optional[jax.Array] = None, *,
+                  scoring_logits: Optional[jax.Array] = None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The total loss of one stage, and metrics.
 
@@ -136,6 +137,11 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
     config: the run's config (read at trace time; `validate_config` it first).
     stage: `warmup`, `coadapt` or `delegator` (static).
     rng: a key for the draws of `lgm.rule='random'` (needed by that rule only).
+    scoring_logits: the experts' logits [N, B, K] that LGM, VCM, distillation
+      and the accuracy metrics read; `expert_logits` when None. The trainer
+      passes those of the same pass without dropout, so that the selection
+      targets do not hinge on each expert's own dropout mask; `L_E` always
+      trains on `expert_logits`.
 
   Returns:
     The scalar loss and a dict of float32 scalars, the same keys in every
@@ -160,12 +166,17 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
   # Losses and the solvers' scores in float32 whatever the compute dtype: the
   # [B, K] and [N, B, K] casts are cheap, bfloat16 log-probabilities are not
   # precise enough to rank experts.
-  class_logits, selection_logits, expert_logits = (
-      x.astype(jnp.float32) for x in (class_logits, selection_logits, expert_logits))
+  if scoring_logits is None:
+    scoring_logits = expert_logits
+  class_logits, selection_logits, expert_logits, scoring_logits = (
+      x.astype(jnp.float32)
+      for x in (class_logits, selection_logits, expert_logits, scoring_logits))
+  # Nothing reads the scores for their gradient; in the delegator stage the
+  # experts are frozen, and nothing below, distillation included, may train them.
+  scoring_logits = jax.lax.stop_gradient(scoring_logits)  # [N, B, K]
   if stage == "delegator":
-    # Frozen experts: nothing below, distillation included, may train them.
     expert_logits = jax.lax.stop_gradient(expert_logits)  # [N, B, K]
-  expert_correct = (jnp.argmax(expert_logits, axis=-1) == labels[None, :])  # [N, B]
+  expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, B]
   expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
   zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
   metrics = dict(
@@ -183,13 +194,13 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
     metrics["expert_loss"] = expert_loss
   else:
     targets, lgm_info = lgm.selection_targets(
-        expert_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
+        scoring_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
         rng=rng, **_solver_kwargs(config))  # [B, N]
     sample_weights = vcm.selection_sample_weights(
-        expert_logits, labels, enabled=config.vcm.enabled)  # [B]
+        scoring_logits, labels, enabled=config.vcm.enabled)  # [B]
     selection_loss = losses.selection_loss(selection_logits, targets, sample_weights)
     selected = jnp.argmax(selection_logits, axis=-1)  # [B]
-    selected_logits = expert_logits[selected, jnp.arange(batch)]  # [B, K]
+    selected_logits = scoring_logits[selected, jnp.arange(batch)]  # [B, K]
     delegator_loss = losses.delegator_loss(
         class_logits, labels, label_smoothing=config.loss.label_smoothing,
         distill_logits=selected_logits if config.loss.distill_weight > 0 else None,

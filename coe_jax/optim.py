@@ -1,40 +1,65 @@
-"""The optimizer: learning-rate schedule, update rule and weight decay from the config.
+"""The optimizer: learning-rate schedules, update rule and weight decay from the config.
 
-Warm-up is linear from 0 to `train.learning_rate` over `train.warmup_steps`,
-then cosine decay to 0 at `train.num_steps`. Weight decay applies to
-kernels only (not to biases, BatchNorm scales or PWLU/CondConv small
-parameters), as in mobile-network training.
+Each stage of `train.stages` has its own schedule, over its own steps: a
+linear warm-up from 0 to its peak, then cosine decay to 0 at the stage's
+end. The peak is `train.stage_schedules.<stage>.learning_rate`, else
+`train.learning_rate`; the warm-up `train.stage_schedules.<stage>.warmup_steps`,
+else `train.warmup_steps`, at most half the stage. So the last stage (the
+delegator's, with frozen experts) trains at a rate of its own choosing, not
+at the tail of one cosine over the whole run.
+
+Weight decay applies to kernels only (not to biases, BatchNorm scales, PWLU
+bounds, heights and slopes, or CondConv biases), as in mobile-network training.
 """
 
 import jax
 import ml_collections
 import optax
 
+from coe_jax import objective
 from coe_jax.errors import require
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def stage_schedule(config: ml_collections.ConfigDict, stage: str) -> tuple[float, int]:
+  """(peak learning rate, warm-up steps) of `stage`, its own settings over the defaults."""
   train = config.train
-  require(train.learning_rate > 0, "train.learning_rate", train.learning_rate,
+  own = train.stage_schedules[stage]
+  key = f"train.stage_schedules.{stage}"
+  peak = own.learning_rate if own.learning_rate is not None else train.learning_rate
+  warmup = own.warmup_steps if own.warmup_steps is not None else train.warmup_steps
+  name = f"{key}.learning_rate" if own.learning_rate is not None else "train.learning_rate"
+  require(isinstance(peak, (int, float)) and peak > 0, name, peak,
           "expected a positive learning rate")
-  require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps", train.warmup_steps,
-          f"expected at least 0 and below train.num_steps={train.num_steps}")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
-      decay_steps=train.num_steps, end_value=0.0)
+  name = f"{key}.warmup_steps" if own.warmup_steps is not None else "train.warmup_steps"
+  require(isinstance(warmup, int) and warmup >= 0, name, warmup,
+          "expected a non-negative number of steps")
+  return float(peak), warmup
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate at every step of the run: the stages' schedules joined."""
+  schedules, starts = [], []
+  for stage, start, end in objective.stage_boundaries(config):
+    peak, warmup = stage_schedule(config, stage)
+    length = end - start
+    schedules.append(optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=min(warmup, length // 2),
+        decay_steps=length, end_value=0.0))
+    starts.append(start)
+  # join_schedules hands each schedule the steps since its boundary.
+  return optax.join_schedules(schedules, boundaries=starts[1:])
 
 
 def _decay_mask(params):
-  """True for kernels (2+ axes of their own), False for biases, scales and the like.
+  """True for convolution and dense kernels, False for every other parameter.
 
-  Leaves under "experts" carry a leading expert axis that is not their own.
+  By name, not by rank: per-channel PWLU heights [C, n+1] and CondConv biases
+  [E, C] have two axes but are not kernels.
   """
-  def is_kernel(path, p):
-    stacked = any(getattr(k, "key", None) == "experts" for k in path)
-    return p.ndim - int(stacked) > 1
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coe_jax.errors import require
+from coe_jax.models.coe import under_experts
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -52,7 +53,7 @@ def state_shardings(tree: Any, mesh: Mesh, num_experts: int) -> Any:
   expert_sharding = NamedSharding(mesh, P("expert"))
 
   def sharding(path, leaf):
-    stacked = any(getattr(k, "key", None) == "experts" for k in path)
+    stacked = under_experts(path)
     shape = getattr(leaf, "shape", ())
     if stacked and len(shape) >= 1 and shape[0] == num_experts and mesh.shape["expert"] > 1:
       return expert_sharding

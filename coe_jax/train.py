@@ -133,13 +133,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   require(0 <= train.pwlu_realign_fraction < 1, "train.pwlu_realign_fraction",
           train.pwlu_realign_fraction, "expected a fraction in [0, 1)")
   threshold = config.eval.threshold
-  require(threshold is None or 0 <= threshold <= 1, "eval.threshold", threshold,
-          "expected None (calibrate) or a value in [0, 1]")
+  require(threshold is None or 0 <= threshold <= 1 or threshold == float("inf"),
+          "eval.threshold", threshold,
+          "expected None (calibrate), a value in [0, 1], or inf (never exit early)")
+  require(threshold is not None or config.data.holdout_fraction > 0, "data.holdout_fraction",
+          config.data.holdout_fraction,
+          "tau is calibrated on a hold-out of the training split, never on the test split: "
+          "hold some out, or fix tau with eval.threshold")
   target = config.eval.target_mean_flops
   require(target is None or target > 0, "eval.target_mean_flops", target,
           "expected None or a positive number of multiply-adds")
   require(config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
           "expected a positive integer")
+  routing.check_settings(config.routing.mode, config.routing.capacity_factor, 0.0,
+                         config.routing.expert_loop)
   objective.validate_config(config)
 
 
@@ -234,6 +241,29 @@ def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tu
   return None
 
 
+class TrainingProgress:
+  """Speed and time left, from the steps that have finished (not merely been dispatched).
+
+  The first window after a start includes compiling; the ETA then comes from
+  the latest window alone, which tracks the current stage's step time.
+  """
+
+  def __init__(self, start_step: int, num_steps: int, batch_size: int):
+    self._num_steps, self._batch_size = num_steps, batch_size
+    self._last_step, self._last_time = start_step, time.monotonic()
+
+  def report(self, done: int) -> dict[str, float]:
+    """Logs and returns steps/s and images/s since the last report; `done` steps have finished."""
+    now = time.monotonic()
+    steps_per_sec = (done - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = done, now
+    left = (self._num_steps - done) / steps_per_sec
+    logging.info("step %d/%d: %.2f steps/s, %.0f images/s, about %dm%02ds left", done,
+                 self._num_steps, steps_per_sec, steps_per_sec * self._batch_size,
+                 left // 60, left % 60)
+    return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self._batch_size}
+
+
 def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainState]:
   """Runs (or resumes) training; returns the final state, or None when stopped early.
 
@@ -262,8 +292,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       metric_writers.create_default_writer(workdir, just_logging=not is_chief),
       *([JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step)]
         if is_chief and "://" not in workdir else [])])
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.train.log_every_steps)]
+  hooks = []
   if config.train.profile_steps and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
                                           logdir=workdir, first_profile=min(10, num_steps)))
@@ -274,6 +303,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
                                process_count=jax.process_count())
   preemption = _Preemption()
   history, skipped = [], 0
+  progress = TrainingProgress(start_step, num_steps, config.train.batch_size)
   try:
     for step in range(start_step, num_steps):
       if step == realign_step:
@@ -305,7 +335,8 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
         skipped += sum(1 for _, m in history if not m["finite"])
         means = {k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
                  for k in history[-1][1]}
-        writer.write_scalars(done, {**means, "skipped_steps": skipped})
+        # The device_get above waited for these steps: they are finished, not dispatched.
+        writer.write_scalars(done, {**means, "skipped_steps": skipped, **progress.report(done)})
         history = []
       if save:
         checkpointer.save(done, state, force=True)
@@ -330,13 +361,17 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
              extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Calibrates tau on the hold-out split, then evaluates on the test split.
 
-  Writes `results.json`, `early_exit_curve.json` and the plots unless
-  `write_files` is False: accuracy vs FLOPs, expert load, the early-exit
-  curve, and the routing (test images per expert, classes by expert).
+  The test split never chooses anything: tau (unless `eval.threshold` fixes
+  it) and the early-exit rate that sizes serving-mode buffers
+  (`expected_exit_rate`) both come from the hold-out. Writes `results.json`,
+  `early_exit_curve.json` and the plots unless `write_files` is False:
+  accuracy vs FLOPs, expert load, the early-exit curve, and the routing (test
+  images per expert, classes by expert).
   """
   config = trainer.config
   variables = state.eval_variables()
   f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
+  sizes = {"test": trainer.info.num_test, "holdout": trainer.info.num_holdout}
 
   def batches(split):
     return (trainer.global_batch(b) for b in data.eval_batches(
@@ -344,30 +379,33 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
         split=split))
 
   def outputs_of(split):
-    return evaluation.collect_outputs(trainer.model, variables, batches(split),
-                                      out_sharding=trainer.replicated)
+    return evaluation.collect_outputs(
+        trainer.model, variables, batches(split), expert_loop=config.routing.expert_loop,
+        mesh=trainer.mesh, progress=evaluation.Progress(f"evaluating {split}", sizes[split]))
 
+  holdout = outputs_of("holdout") if sizes["holdout"] else None
+  if config.eval.threshold is not None:
+    threshold, how, source = config.eval.threshold, "fixed", "config"
+  else:
+    # validate_config refuses to calibrate without a hold-out.
+    threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d, f_e),
+                                          config.eval.target_mean_flops)
+    source = "holdout"
+  # Without a hold-out, serving-mode buffers are sized for every sample.
+  expected_exit_rate = (float(np.mean(holdout.confidence >= threshold))
+                        if holdout is not None else 0.0)
   test = outputs_of("test")
   test_curve = evaluation.sweep(test, f_d, f_e)
-  if config.eval.threshold is not None:
-    threshold, how = config.eval.threshold, "fixed"
-  else:
-    if trainer.info.num_holdout:
-      calibration_curve = evaluation.sweep(outputs_of("holdout"), f_d, f_e)
-    else:
-      logging.warning("data.holdout_fraction=0: calibrating the threshold on the test split")
-      calibration_curve = test_curve
-    threshold, how = evaluation.calibrate(calibration_curve, config.eval.target_mean_flops)
   results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
-  results["threshold_rule"] = how
+  results.update(threshold_rule=how, threshold_source=source,
+                 expected_exit_rate=expected_exit_rate)
   routed, routes = evaluation.routed_figures(
       trainer.model, variables, batches("test"), threshold, config,
-      expected_exit_rate=results["early_exit_rate"], mesh=trainer.mesh,
-      examples_per_expert=plots.GRID_EXAMPLES if write_files else 0)
-  if config.routing.mode == "exact" and abs(routed["top1"] - results["top1"]) > 1e-9:
-    # The router and the recorded outputs compute the same answers: a gap is a bug.
-    logging.error("routed top-1 %.5f differs from the recorded outputs' %.5f",
-                  routed["top1"], results["top1"])
+      expected_exit_rate=expected_exit_rate, mesh=trainer.mesh,
+      examples_per_expert=plots.GRID_EXAMPLES if write_files else 0,
+      progress=evaluation.Progress("routing test", sizes["test"]))
+  if config.routing.mode == "exact":
+    evaluation.check_router_agrees(test, threshold, routes.prediction)
   results.update(routed, **(extra or {}))
   results["mean_flops"] = f_d + (1 - results["early_exit_rate"]) * f_e
   if write_files and jax.process_index() == 0:

@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from coe_jax import objective, optim
-from coe_jax.models.coe import CoE
+from coe_jax.models.coe import CoE, under_experts
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -46,8 +46,24 @@ def create_train_state(model: CoE, optimizer: optax.GradientTransformation,
                     ema_params=params if config.train.ema_decay > 0 else None)
 
 
-def _zeros_for_experts(tree: dict[str, Any]) -> dict[str, Any]:
-  return {**tree, "experts": jax.tree.map(jnp.zeros_like, tree["experts"])}
+def ema_weight(decay: float, step: jax.Array) -> jax.Array:
+  """The weight of the old average at update `step` (1-based) of a debiased EMA.
+
+  A plain EMA started from the random initialisation keeps `decay**t` of it
+  after t updates (37% after 10,000 updates at decay 0.9999). The debiased
+  EMA is `sum_s decay**(t-s) p_s / sum_s decay**(t-s)` over the updates so
+  far, which this weight, `decay (1 - decay**(t-1)) / (1 - decay**t)`, keeps
+  exactly when applied as `ema = w ema + (1 - w) params`: the first update
+  copies the parameters, and w approaches `decay` as t grows.
+  """
+  t = step.astype(jnp.float32)
+  return decay * -jnp.expm1((t - 1) * jnp.log(decay)) / -jnp.expm1(t * jnp.log(decay))
+
+
+def _hold_experts(new: Any, old: Any) -> Any:
+  """`new` with every leaf under the stacked experts taken from `old`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, n, o: o if under_experts(path) else n, new, old)
 
 
 def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
@@ -56,7 +72,8 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
   """The (not yet jitted) step function of one stage: (state, batch, rng) -> (state, metrics).
 
   In the `delegator` stage the experts are frozen: they run in inference mode,
-  and neither their parameters nor their BatchNorm statistics change.
+  and neither their parameters, their BatchNorm statistics, their optimizer
+  state nor their EMA change.
   """
   freeze_experts = stage == "delegator"
   ema_decay = config.train.ema_decay
@@ -75,24 +92,30 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
       if freeze_experts:
         expert_logits = jax.lax.stop_gradient(model.experts(
             variables, images, shared_input=True, loop=expert_loop))  # [N, B, K]
-        expert_stats = state.batch_stats["experts"]
+        scoring_logits, expert_stats = expert_logits, state.batch_stats["experts"]
       else:
-        expert_logits, expert_stats = model.experts(
-            variables, images, shared_input=True, train=True, rng=experts_rng, loop=expert_loop)
-      loss, metrics = objective.coe_objective(class_logits, selection_logits, expert_logits,
-                                              labels, config, stage, selection_rng)
+        # Scored without dropout: LGM, VCM and distillation should not hinge
+        # on each expert's own dropout mask.
+        expert_logits, scoring_logits, expert_stats = model.experts(
+            variables, images, shared_input=True, train=True, rng=experts_rng,
+            loop=expert_loop)  # [N, B, K], [N, B, K]
+      loss, metrics = objective.coe_objective(
+          class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
+          scoring_logits=scoring_logits)
       return loss, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
 
+    # Frozen experts get zero gradients (their logits are stop_gradient-ed).
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    if freeze_experts:
-      grads = _zeros_for_experts(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    if freeze_experts:
-      updates = _zeros_for_experts(updates)  # No weight decay or momentum drift either.
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
-      ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+      w = ema_weight(ema_decay, state.step + 1)
+      ema_params = jax.tree.map(lambda e, p: w * e + (1 - w) * p, ema_params, params)
+    if freeze_experts:
+      # Zero gradients still move weights (decay), momenta and averages: hold them.
+      params, opt_state, ema_params = _hold_experts(
+          (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

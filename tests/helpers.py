@@ -15,12 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from coe_jax.evaluation import NEAR_THRESHOLD
 from coe_jax.models.coe import CoE
 from tests.tiny import tiny_config
 
-# A sample whose delegator confidence lies this close to tau may exit in one
-# runtime and not in the other: float32 sums in another order.
-NEAR_THRESHOLD = 1e-5
 
 # Class -> constant pixel each of its images has, in the mode its files use.
 IMAGE_FOLDER_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)),

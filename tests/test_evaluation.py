@@ -1,9 +1,10 @@
 """The threshold sweep and calibration, against a brute-force reference."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import evaluation
+from coe_jax import evaluation, routing
 
 
 def _outputs(seed=0, m=200, n=4, k=5, ties=False):
@@ -59,3 +60,22 @@ def test_summary_figures():
   assert results["expert_top1"][2] == pytest.approx(
       np.mean(outputs.expert_predictions[2] == outputs.labels))
   assert results["num_test_examples"] == 200
+
+
+def test_the_no_exit_point_holds_in_float32_for_saturated_samples():
+  """A confidence of exactly 1.0 (saturated softmax) must not exit at the no-exit tau."""
+  outputs = _outputs()
+  logits = jnp.array([[100.0, 0.0, 0.0]], jnp.float32)  # [1, K]
+  assert float(routing.confidence(logits)[0]) == 1.0
+  outputs.confidence[:3] = 1.0
+  curve = evaluation.sweep(outputs, 10.0, 100.0)
+  no_exit = curve.thresholds[-1]
+  assert curve.exit_rate[-1] == 0
+  assert not bool(routing.exit_mask(logits, no_exit)[0])  # As the jitted router decides.
+  assert evaluation.summary(outputs, curve, no_exit, 4, 10.0, 100.0)["early_exit_rate"] == 0
+  assert not bool(routing.exit_mask(logits, float("inf"))[0])  # eval.threshold=inf
+
+
+def test_serving_capacity_takes_an_expected_exit_rate_of_one():
+  assert routing.capacity("serving", 64, 4, 1.25, 1.0) == 1
+  assert routing.capacity("serving", 64, 4, 1.25, 0.5) == 10

@@ -54,9 +54,10 @@ def test_stacked_experts_equal_each_expert_alone(model_and_variables, loop):
 def test_training_mode_updates_stacked_batch_stats(model_and_variables):
   model, variables = model_and_variables
   images = _images(jax.random.key(3), (8, 16, 16, 3))
-  logits, stats = model.experts(variables, images, shared_input=True, train=True,
-                                rng=jax.random.key(4))
+  logits, deterministic, stats = model.experts(variables, images, shared_input=True, train=True,
+                                               rng=jax.random.key(4))
   assert logits.shape == (3, 8, 10)
+  np.testing.assert_array_equal(deterministic, logits)  # No dropout in this config.
   old = variables["batch_stats"]["experts"]["backbone"]["stem_bn"]["mean"]
   new = stats["backbone"]["stem_bn"]["mean"]
   assert new.shape == old.shape and not np.allclose(new, old)
@@ -151,3 +152,21 @@ def test_stages_that_are_not_stage_dicts_are_refused_in_one_line(stages, fragmen
   with pytest.raises(CoEError) as error:
     CoE(config, num_classes=10)
   assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_deterministic_logits_are_the_same_pass_without_dropout(model_and_variables):
+  """With dropout, the scoring logits equal a dropout-free network's on the same batch."""
+  _, variables = model_and_variables
+  images = _images(jax.random.key(6), (8, 16, 16, 3))
+  config = tiny_config(num_experts=3)
+  config.expert.dropout_rate = 0.5
+  logits, deterministic, stats = CoE(config, num_classes=10).experts(
+      variables, images, shared_input=True, train=True, rng=jax.random.key(7), loop="unroll")
+  config.expert.dropout_rate = 0.0
+  plain, plain_deterministic, plain_stats = CoE(config, num_classes=10).experts(
+      variables, images, shared_input=True, train=True, rng=jax.random.key(7), loop="unroll")
+  assert not np.allclose(logits, plain, atol=1e-3)  # Dropout acted...
+  np.testing.assert_allclose(deterministic, plain, rtol=1e-5, atol=1e-5)  # ...and not here.
+  np.testing.assert_array_equal(plain_deterministic, plain)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(plain_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import losses, objective
+from coe_jax import lgm, losses, objective
 from coe_jax.config_base import base_config
 from coe_jax.errors import CoEError
 
@@ -89,7 +89,12 @@ def test_coadapt_total_and_metrics(coadapt):
   assert float(metrics["load_gap"]) == 0  # B divisible by N
   assert float(metrics["sinkhorn_iterations"]) > 0
   assert float(metrics["lgm_sinkhorn_iterations"]) > 0  # base config's rule is balanced
-  assert 0 <= float(metrics["selection_agreement"]) <= 1
+  _, selection_logits, expert_logits, _ = inputs()
+  targets, _ = lgm.selection_targets(expert_logits, labels, rule="balanced", temperature=1.0,
+                                     epsilon=0.05, max_iterations=200, threshold=1e-3)
+  agree = np.argmax(selection_logits, axis=-1) == np.argmax(targets, axis=-1)  # [B]
+  assert 0 < agree.mean() < 1  # Inputs where the metric can be wrong either way.
+  np.testing.assert_allclose(metrics["selection_agreement"], agree.mean())
   correct = np.argmax(class_logits, axis=-1) == labels
   np.testing.assert_allclose(metrics["delegator_accuracy"], np.mean(correct))
 
@@ -218,3 +223,17 @@ def test_stage_schedule():
 def test_unknown_stage():
   with pytest.raises(CoEError, match=r"^stage='finetune': "):
     objective.coe_objective(*inputs(), CONFIG, "finetune")
+
+
+def test_experts_are_scored_on_the_scoring_logits_and_trained_on_their_own():
+  """LGM, VCM and distillation read `scoring_logits`; only L_E reads `expert_logits`."""
+  class_logits, selection_logits, expert_logits, labels = inputs()
+  scoring = inputs(seed=1)[2]  # [N, B, K], other logits
+  run = jax.jit(lambda *args, **kw: objective.coe_objective(*args, CONFIG, "coadapt", **kw)[1])
+  both = run(class_logits, selection_logits, expert_logits, labels, scoring_logits=scoring)
+  trained = run(class_logits, selection_logits, expert_logits, labels)
+  scored = run(class_logits, selection_logits, scoring, labels)
+  assert both["expert_loss"] == trained["expert_loss"]
+  for key in ("selection_loss", "delegator_loss", "selection_agreement", "routed_accuracy"):
+    assert both[key] == scored[key], key
+  assert both["selection_loss"] != trained["selection_loss"]

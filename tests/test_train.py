@@ -162,6 +162,8 @@ def test_tfds_imagenet_end_to_end(tmp_path):
     ("eval.threshold", 1.5, "eval.threshold=1.5"),
     ("data.name", "cifar11", "cifar11"),
     ("num_experts", -1, "num_experts=-1"),
+    ("routing.mode", "fast", "routing.mode='fast'"),
+    ("data.holdout_fraction", 0.0, "data.holdout_fraction=0.0: tau is calibrated on a hold-out"),
 ])
 def test_bad_config_values_name_key_and_value(tmp_path, key, value, fragment):
   config = train_config()

@@ -28,6 +28,12 @@ EXPERT_LOOPS = ("vmap", "unroll")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def under_experts(path: tuple[Any, ...]) -> bool:
+  """Whether a pytree path (from `jax.tree_util.tree_map_with_path`) runs through
+  the stacked experts: variables, their gradients, optimizer state and EMA."""
+  return any(getattr(key, "key", None) == "experts" for key in path)
+
+
 def _select(variables: Variables, part: str) -> Variables:
   """The delegator's or the stacked experts' own variables."""
   return {collection: tree[part] for collection, tree in variables.items()}
@@ -75,7 +81,11 @@ class CoE:
 
   def experts(self, variables: Variables, images: jax.Array, *, shared_input: bool,
               train: bool = False, rng: Optional[jax.Array] = None, loop: str = "vmap"):
-    """Runs all N experts; returns logits [N, B, K] (with train, also new batch_stats).
+    """Runs all N experts.
+
+    Returns logits [N, B, K]; with `train`, (logits, deterministic logits, new
+    batch_stats), where the deterministic logits are those of the same pass
+    without dropout ([N, B, K]).
 
     Args:
       variables: the CoE variables (only the experts' part is read).
@@ -93,21 +103,20 @@ class CoE:
 
     def run_one(expert_variables, expert_images, expert_rng):
       if not train:
-        return self.expert_net.apply(expert_variables, expert_images), None
-      logits, updates = self.expert_net.apply(expert_variables, expert_images, train=True,
-                                              mutable=["batch_stats"], rngs={"dropout": expert_rng})
-      return logits, updates["batch_stats"]
+        return self.expert_net.apply(expert_variables, expert_images)
+      (logits, deterministic), updates = self.expert_net.apply(
+          expert_variables, expert_images, train=True, with_deterministic=True,
+          mutable=["batch_stats"], rngs={"dropout": expert_rng})
+      return logits, deterministic, updates["batch_stats"]
 
     image_axis = None if shared_input else 0
     if loop == "vmap":
-      logits, stats = jax.vmap(run_one, in_axes=(0, image_axis, 0))(own, images, rngs)
-    else:
-      outputs = [run_one(jax.tree.map(lambda v: v[j], own),
-                         images if shared_input else images[j], rngs[j])
-                 for j in range(self.num_experts)]
-      logits = jnp.stack([out[0] for out in outputs])  # [N, B, K]
-      stats = None if not train else jax.tree.map(lambda *s: jnp.stack(s), *[o[1] for o in outputs])
-    return logits if not train else (logits, stats)
+      return jax.vmap(run_one, in_axes=(0, image_axis, 0))(own, images, rngs)
+    outputs = [run_one(jax.tree.map(lambda v: v[j], own),
+                       images if shared_input else images[j], rngs[j])
+               for j in range(self.num_experts)]
+    # Stacked on a leading expert axis: logits [N, B, K] (and the rest, in train mode).
+    return jax.tree.map(lambda *x: jnp.stack(x), *outputs)
 
   def expert(self, variables: Variables, index: int, images: jax.Array) -> jax.Array:
     """Expert `index` alone on images [B, H, W, Ch]: logits [B, K] (inference mode)."""

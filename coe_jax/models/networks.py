@@ -51,7 +51,7 @@ class Backbone(nn.Module):
     if spec.classifier_features:
       x = nn.Dense(spec.classifier_features, dtype=self.dtype, name="pre_logits")(x)
       x = act("pre_logits_act")(x, train)
-    return nn.Dropout(spec.dropout_rate, deterministic=not train)(x)  # [B, F]
+    return x  # [B, F]; the heads apply the dropout.
 
 
 class Expert(nn.Module):
@@ -61,10 +61,20 @@ class Expert(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False, with_deterministic: bool = False):
+    """Logits [B, K]; with `with_deterministic`, also those without dropout.
+
+    Dropout acts on the pooled features only, so the logits without it come
+    from the same pass (same BatchNorm batch statistics) for one extra
+    [B, F] x [F, K] product: the objective scores experts on them.
+    """
     features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
-    return logits.astype(jnp.float32)  # [B, K]
+    classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
+    dropped = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
+    logits = classifier(dropped).astype(jnp.float32)  # [B, K]
+    if not with_deterministic:
+      return logits
+    return logits, classifier(features).astype(jnp.float32)  # [B, K], [B, K]
 
 
 class Delegator(nn.Module):
@@ -81,6 +91,7 @@ class Delegator(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
+    features = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
     class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
     selection_logits = nn.Dense(self.num_experts, dtype=self.dtype, name="selector")(features)
     return class_logits.astype(jnp.float32), selection_logits.astype(jnp.float32)
