@@ -46,7 +46,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from coe_jax import checkpointing, data, flops, lgm, plots, routing, train
+from coe_jax import checkpointing, data, expert_parallel, flops, lgm, plots, train
 from coe_jax.errors import CoEError
 from coe_jax.models.spec import NetworkSpec
 from coe_jax.train_step import TrainState
@@ -131,9 +131,9 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
 
   @functools.partial(jax.jit, out_shardings=trainer.replicated)
   def hits(variables, batch):
-    logits = routing.run_experts(model, variables, batch["image"], shared_input=True,
-                                 expert_loop=config.routing.expert_loop,
-                                 mesh=trainer.mesh)  # [N, B, K]
+    logits = expert_parallel.run_experts(model, variables, batch["image"], shared_input=True,
+                                         expert_loop=config.routing.expert_loop,
+                                         mesh=trainer.mesh)  # [N, B, K]
     probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)  # [B, K]
     correct = (jnp.argmax(probs, axis=-1) == batch["label"]) & batch["mask"]  # [B]
     return jnp.sum(correct), jnp.sum(batch["mask"])

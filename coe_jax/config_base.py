@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.9,
       ema_decay=0.0,        # 0 disables the parameter EMA used for evaluation
       compute_dtype="float32",  # float32 | bfloat16
+      # Activation memory: none (save every activation for the backward pass),
+      # block (save each MBConv block's input, recompute inside), full (save
+      # only each network's input).
+      remat="none",         # none | block | full
       pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
       checkpoint_every_steps=500,
       keep_checkpoints=3,
@@ -129,11 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.routing = ml_collections.ConfigDict(dict(
       mode="exact",          # exact (C = group size) | serving (C from capacity_factor)
       capacity_factor=1.25,
-      # unroll: the experts one after another; vmap: one batched network. unroll
-      # trains 3x faster on CPUs (XLA runs vmapped convolution gradients as slow
-      # grouped convolutions) and sidesteps an XLA miscompile of vmapped 1x1
-      # convolutions whose kernels are sharded on the expert axis (jax 0.10.2).
-      expert_loop="unroll",  # unroll | vmap
+      # How each device runs its stacked experts, in training and inference:
+      # unroll (one copy of the network per expert in the program: fastest on
+      # CPUs), scan (one copy, run once per expert: the program does not grow
+      # with num_experts), vmap (one batched network), auto (unroll on CPUs,
+      # scan on accelerators).
+      expert_loop="auto",  # auto | unroll | scan | vmap
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))  # -1 = all remaining devices
   return c

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from coe_jax import routing
+from coe_jax import expert_parallel, routing
 from coe_jax import sharding as sharding_lib
 from coe_jax.models.coe import CoE
 
@@ -76,15 +76,16 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
 
   `batches` hold arrays ready for the device (global arrays under `mesh`,
   split over its data axis). The experts run as the router runs them
-  (`routing.run_experts`), and every process reads the whole outputs.
+  (`expert_parallel.run_experts`), and every process reads the whole outputs.
   """
   out_sharding = sharding_lib.replicated(mesh) if mesh is not None else None
 
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def forward(variables, batch):
     class_logits, selection_logits = model.delegator(variables, batch["image"])  # [B, K], [B, N]
-    expert_logits = routing.run_experts(model, variables, batch["image"], shared_input=True,
-                                        expert_loop=expert_loop, mesh=mesh)  # [N, B, K]
+    expert_logits = expert_parallel.run_experts(
+        model, variables, batch["image"], shared_input=True, expert_loop=expert_loop,
+        mesh=mesh)  # [N, B, K]
     return dict(label=batch["label"], mask=batch["mask"],
                 confidence=routing.confidence(class_logits),
                 delegator=jnp.argmax(class_logits, -1), selected=jnp.argmax(selection_logits, -1),

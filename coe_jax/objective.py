@@ -22,7 +22,7 @@ lambda_D * L_D`, in three stages run in this order, each a fraction of
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,16 +116,18 @@ def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
   return bounds[-1][0]
 
 
-def _solver_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _solver_kwargs(config: ml_collections.ConfigDict,
+                   replicate: Callable[[jax.Array], jax.Array]) -> dict[str, Any]:
   return dict(epsilon=config.wgm.sinkhorn_epsilon,
               max_iterations=config.wgm.sinkhorn_max_iterations,
-              threshold=config.wgm.sinkhorn_threshold)
+              threshold=config.wgm.sinkhorn_threshold, replicate=replicate)
 
 
 def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
                   expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
                   stage: str, rng: Optional[jax.Array] = None, *,
-                  scoring_logits: Optional[jax.Array] = None
+                  scoring_logits: Optional[jax.Array] = None,
+                  replicate: Callable[[jax.Array], jax.Array] = lambda x: x
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The total loss of one stage, and metrics.
 
@@ -142,6 +144,8 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
       passes those of the same pass without dropout, so that the selection
       targets do not hinge on each expert's own dropout mask; `L_E` always
       trains on `expert_logits`.
+    replicate: how the transport problems' [B, N] scores are put on every
+      device (`transport.balanced_assignment`); the identity off a mesh.
 
   Returns:
     The scalar loss and a dict of float32 scalars, the same keys in every
@@ -195,7 +199,7 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
   else:
     targets, lgm_info = lgm.selection_targets(
         scoring_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
-        rng=rng, **_solver_kwargs(config))  # [B, N]
+        rng=rng, **_solver_kwargs(config, replicate))  # [B, N]
     sample_weights = vcm.selection_sample_weights(
         scoring_logits, labels, enabled=config.vcm.enabled)  # [B]
     selection_loss = losses.selection_loss(selection_logits, targets, sample_weights)
@@ -220,7 +224,7 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
     if stage == "coadapt":
       weights, portion, wgm_info = wgm.expert_loss_weights(
           selection_logits, off_portion_weight=config.wgm.off_portion_weight,
-          **_solver_kwargs(config))  # [B, N], [B]
+          **_solver_kwargs(config, replicate))  # [B, N], [B]
       expert_loss = losses.weighted_expert_loss(expert_logits, labels, weights)
       total = total + expert_loss
       own = jax.nn.one_hot(portion, num_experts, dtype=jnp.float32).T  # [N, B]

@@ -25,7 +25,7 @@ static shapes, per group:
   4. The buffers [G, N, C, ...] are transposed to [N, G * C, ...], so the
      expert axis can be sharded on the mesh's `expert` axis, and all experts
      run at once (vmapped or unrolled over N). Under a mesh, each device runs
-     its own experts on its own buffers (see `run_experts`).
+     its own experts on its own buffers (`expert_parallel.run_experts`).
   5. `combine` gathers each sample's logits back into batch order. Empty slots
      are never read, and BatchNorm runs in inference mode, so each slot is
      computed on its own: padding cannot change a real sample's answer.
@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from coe_jax import expert_parallel
 from coe_jax.errors import require
+from coe_jax.expert_parallel import DATA_AXIS, EXPERT_AXIS
 from coe_jax.models.coe import EXPERT_LOOPS, CoE
 
 MODES = ("exact", "serving")
-DATA_AXIS = "data"      # Mesh axis the batch (and so the groups) is sharded on.
-EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are sharded on.
 NO_EXPERT = -1          # `expert` of a sample answered by the delegator.
 
 Variables = dict[str, Any]
@@ -213,37 +213,6 @@ def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
           f"expected a multiple of the mesh's data axis ({mesh.shape[DATA_AXIS]})")
 
 
-def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_input: bool,
-                expert_loop: str, mesh: Optional[Mesh]) -> jax.Array:
-  """Every expert in inference mode, on the mesh when there is one: logits [N, B, K].
-
-  `images` are [B, H, W, Ch] seen by every expert when `shared_input`, else
-  per-expert buffers [N, B, H, W, Ch]. Under a mesh each device runs its own
-  experts on its own share of the images (both axes of the output split). This
-  is not left to XLA's partitioner: with the kernels sharded on the vmapped
-  expert axis it miscompiles vmapped 1x1 convolutions (jax 0.10.2, Shardy and
-  GSPMD alike, on CPU), and `CoE.experts` expects all N experts.
-  """
-  if mesh is None:
-    return model.experts(variables, images, shared_input=shared_input, loop=expert_loop)
-  experts = {collection: tree["experts"] for collection, tree in variables.items()}
-  split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
-
-  def run_local(experts: Variables, images: jax.Array) -> jax.Array:
-    # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch] or [N / E, B / D, H, W, Ch].
-    local = jax.tree.leaves(experts)[0].shape[0]
-    apply = model.expert_net.apply
-    if expert_loop == "vmap":
-      return jax.vmap(apply, in_axes=(0, None if shared_input else 0))(experts, images)
-    return jnp.stack([apply(jax.tree.map(lambda v: v[j], experts),
-                            images if shared_input else images[j])
-                      for j in range(local)])  # [N / E, B / D, K]
-
-  image_spec = PartitionSpec(DATA_AXIS) if shared_input else split
-  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(EXPERT_AXIS), image_spec),
-                       out_specs=split)(experts, images)
-
-
 def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
            mode: str, capacity_factor: float, expected_exit_rate: float, num_groups: int,
            expert_loop: str, mesh: Optional[Mesh]) -> dict[str, Any]:
@@ -275,7 +244,7 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, C, H, W, Ch]
   buffers = buffers.swapaxes(0, 1).reshape(
       num_experts, num_groups * slots, *images.shape[1:])  # [N, G * C, H, W, Ch]
-  expert_logits = run_experts(model, variables, buffers, shared_input=False,
+  expert_logits = expert_parallel.run_experts(model, variables, buffers, shared_input=False,
                               expert_loop=expert_loop, mesh=mesh)  # [N, G * C, K]
   expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, C, K]
   expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, C, K]

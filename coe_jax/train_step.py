@@ -16,11 +16,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from coe_jax import objective, optim
+from coe_jax import expert_parallel, objective, optim
 from coe_jax.models.coe import CoE, under_experts
 
 Batch = dict[str, jax.Array]
+# Batch-leading arrays split over every device of the mesh, and arrays on every device.
+ALL_DEVICES = PartitionSpec((expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
+REPLICATED = PartitionSpec()
 Metrics = dict[str, jax.Array]
 
 
@@ -67,15 +71,25 @@ def _hold_experts(new: Any, old: Any) -> Any:
 
 
 def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, stage: str
+                    config: ml_collections.ConfigDict, stage: str, mesh: Optional[Mesh] = None
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """The (not yet jitted) step function of one stage: (state, batch, rng) -> (state, metrics).
 
   In the `delegator` stage the experts are frozen: they run in inference mode,
   and neither their parameters, their BatchNorm statistics, their optimizer
   state nor their EMA change.
+
+  Under `mesh` (`data` x `expert`), each device runs only its own experts on
+  its share of the batch (`expert_parallel`); the delegator's work is split
+  over all devices; the balanced transport problems are solved on the
+  gathered [B, N] matrices, the same on every device, with no collectives in
+  their loops. The step then trains as on one device, up to float order.
   """
   freeze_experts = stage == "delegator"
+
+  def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
   ema_decay = config.train.ema_decay
   expert_loop = config.routing.expert_loop
   schedule = optim.learning_rate_schedule(config)
@@ -88,20 +102,22 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       (class_logits, selection_logits), delegator_stats = model.delegator(
-          variables, images, train=True, rng=delegator_rng)  # [B, K], [B, N]
+          variables, constrain(images, ALL_DEVICES), train=True,
+          rng=delegator_rng)  # [B, K], [B, N]
       if freeze_experts:
-        expert_logits = jax.lax.stop_gradient(model.experts(
-            variables, images, shared_input=True, loop=expert_loop))  # [N, B, K]
+        expert_logits = jax.lax.stop_gradient(expert_parallel.run_experts(
+            model, variables, images, shared_input=True, expert_loop=expert_loop,
+            mesh=mesh))  # [N, B, K]
         scoring_logits, expert_stats = expert_logits, state.batch_stats["experts"]
       else:
         # Scored without dropout: LGM, VCM and distillation should not hinge
         # on each expert's own dropout mask.
-        expert_logits, scoring_logits, expert_stats = model.experts(
-            variables, images, shared_input=True, train=True, rng=experts_rng,
-            loop=expert_loop)  # [N, B, K], [N, B, K]
+        expert_logits, scoring_logits, expert_stats = expert_parallel.train_experts(
+            model, variables, images, experts_rng, expert_loop=expert_loop,
+            mesh=mesh)  # [N, B, K], [N, B, K]
       loss, metrics = objective.coe_objective(
           class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
-          scoring_logits=scoring_logits)
+          scoring_logits=scoring_logits, replicate=lambda x: constrain(x, REPLICATED))
       return loss, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
 
     # Frozen experts get zero gradients (their logits are stop_gradient-ed).

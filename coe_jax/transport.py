@@ -17,7 +17,7 @@ The same routine serves LGM's `balanced` rule, with the experts' scores in
 place of the delegator's.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +228,9 @@ def _polish(scores: jax.Array, assignment: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: int,
-                        threshold: float) -> tuple[jax.Array, dict[str, Any]]:
+                        threshold: float,
+                        replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+                        ) -> tuple[jax.Array, dict[str, Any]]:
   """Assigns each sample one expert, maximising total score with balanced loads.
 
   Maximises `sum_i scores[i, assignment[i]]` subject to every expert's load
@@ -262,6 +264,9 @@ def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: in
     max_iterations: Sinkhorn iteration limit.
     threshold: Sinkhorn stops when the L1 error of the plan's expert marginal
       (total mass 1) falls below this.
+    replicate: puts the [B, N] scores on every device first (the trainer
+      passes a sharding constraint): then each device solves the whole small
+      problem alone, with no collectives inside the solver's loops.
 
   Returns:
     assignment: [B] int32 expert of each sample.
@@ -272,7 +277,7 @@ def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: in
   # The partition is a discrete target; no gradient flows through it. Low
   # precision scores would blur the polish's improvement test.
   dtype = jnp.promote_types(scores.dtype, jnp.float32)
-  scores = jax.lax.stop_gradient(scores).astype(dtype)  # [B, N]
+  scores = replicate(jax.lax.stop_gradient(scores).astype(dtype))  # [B, N]
   batch, experts = scores.shape
   if experts == 1:
     assignment = jnp.zeros((batch,), jnp.int32)  # [B]

@@ -170,3 +170,53 @@ def test_deterministic_logits_are_the_same_pass_without_dropout(model_and_variab
   np.testing.assert_array_equal(plain_deterministic, plain)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(plain_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _expert_loss(config, images):
+  """The loss of expert 0 in training mode, as a function of its parameters."""
+  model = CoE(config, num_classes=10)
+  variables = model.init(jax.random.key(0))
+  own = jax.tree.map(lambda v: v[0], {c: t["experts"] for c, t in variables.items()})
+
+  def loss(params):
+    logits, _ = model.expert_net.apply({**own, "params": params}, images, train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+    return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+  return loss, own["params"]
+
+
+def _saved_bytes(loss, params) -> int:
+  """Bytes kept for the backward pass: the arrays the VJP closes over."""
+  _, backward = jax.vjp(loss, params)
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_remat_saves_less_and_computes_the_same_gradients(mode):
+  config = tiny_config(num_experts=1)
+  images = _images(jax.random.key(8), (16, 16, 16, 3))
+  plain_loss, params = _expert_loss(config, images)
+  config.train.remat = mode
+  remat_loss, _ = _expert_loss(config, images)
+  assert _saved_bytes(remat_loss, params) < _saved_bytes(plain_loss, params) / 2
+  for a, b in zip(jax.tree.leaves(jax.grad(remat_loss)(params)),
+                  jax.tree.leaves(jax.grad(plain_loss)(params)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_computes_every_layer_in_bfloat16_and_keeps_float32_state():
+  config = tiny_config(num_experts=1)
+  config.train.compute_dtype = "bfloat16"
+  model = CoE(config, num_classes=10)
+  variables = model.init(jax.random.key(0))
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  own = jax.tree.map(lambda v: v[0], {c: t["experts"] for c, t in variables.items()})
+  _, mutated = model.expert_net.apply(
+      own, _images(jax.random.key(9), (4, 16, 16, 3)), train=True,
+      mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+  state = mutated["batch_stats"]
+  outputs = jax.tree_util.tree_flatten_with_path(mutated["intermediates"])[0]
+  norms = [leaf.dtype for path, leaf in outputs if "_bn" in jax.tree_util.keystr(path)]
+  assert norms and all(dtype == jnp.bfloat16 for dtype in norms)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))

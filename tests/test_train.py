@@ -15,7 +15,7 @@ from coe_jax.errors import CoEError
 from coe_jax.inference import Predictor
 from tests.helpers import (IMAGE_FOLDER_CLASSES, IMAGENET_SIZES, imagenet_example,
                            make_image_folder, single_device_trainer, train_config,
-                           write_prepared_tfds)
+                           training_metrics, write_prepared_tfds)
 from tests.tiny import REPO
 
 RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate",
@@ -49,6 +49,15 @@ def test_results_have_every_key_and_consistent_figures(digits_run):
   losses = [m for m in logged if "loss" in m]
   assert [m["step"] for m in losses] == [3, 6]
   assert all(np.isfinite(m["loss"]) for m in losses)
+
+
+def test_progress_counts_finished_steps_and_images(digits_run):
+  workdir, _ = digits_run
+  logged = training_metrics(workdir)
+  assert logged
+  for m in logged:
+    assert m["steps_per_sec"] > 0
+    assert m["images_per_sec"] == pytest.approx(32 * m["steps_per_sec"])  # batch 32
 
 
 def test_predictor_loads_the_run(digits_run):
@@ -171,14 +180,6 @@ def test_bad_config_values_name_key_and_value(tmp_path, key, value, fragment):
   (config[section] if section else config)[name] = value
   with pytest.raises(CoEError, match=fragment):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-
-
-def test_vmapped_experts_are_refused_on_a_sharded_expert_axis(tmp_path):
-  config = train_config()
-  config.mesh.data, config.mesh.expert = 4, 2
-  config.routing.expert_loop = "vmap"
-  with pytest.raises(CoEError, match="routing.expert_loop='vmap'"):
-    train.Trainer(config, str(tmp_path), devices=jax.devices())
 
 
 def test_batch_size_must_divide_over_the_data_axis(tmp_path):

@@ -10,7 +10,7 @@ all three convolutions (CondConv paper, section 3).
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -18,12 +18,29 @@ import jax.numpy as jnp
 
 from coe_jax.models.condconv import CondConv, CondConvRouting
 from coe_jax.models.depthwise import DepthwiseConv
+from coe_jax.models.formulation import Switch
 from coe_jax.models.pwlu import PWLU
 from coe_jax.models.spec import make_divisible
 
 # TensorFlow's mobile-network defaults: these BatchNorm settings train well at
-# the small per-expert batch sizes CoE sees.
+# the small per-expert batch sizes CoE sees. Statistics and parameters stay
+# float32 whatever the compute dtype (flax computes the moments in float32).
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-3)
+
+# "fused": x * relu6(x + 3) / 6, which LiteRT's converter turns into one
+# HARD_SWISH op; XNNPACK runs that in float32 but not in int8, where each one
+# splits the graph into another XNNPACK partition around a builtin kernel.
+# "products": (x / 6) * relu6(x + 3), an order the converter does not fuse: a
+# MUL, an ADD with RELU6 fused, and a MUL, which XNNPACK runs in int8 too.
+# The int8 export uses "products"; everything else (training, float32 export) "fused".
+hard_swish_formulation = Switch("hard_swish", ("fused", "products"), "fused")
+
+
+def hard_swish(x: jax.Array) -> jax.Array:
+  """x * relu6(x + 3) / 6, in the formulation `hard_swish_formulation` selects."""
+  if hard_swish_formulation.current == "products":
+    return (x * (1 / 6)) * jnp.minimum(jnp.maximum(x + 3, 0), 6)
+  return nn.hard_swish(x)
 
 
 class Activation(nn.Module):
@@ -31,12 +48,14 @@ class Activation(nn.Module):
   kind: str
   pwlu_intervals: int = 16
   pwlu_per_channel: bool = False
+  statistics_axis: Optional[str] = None  # Mesh axis PWLU's statistics reduce over.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.kind == "pwlu":
-      return PWLU(num_intervals=self.pwlu_intervals, per_channel=self.pwlu_per_channel)(x, train)
-    return {"relu": nn.relu, "hard_swish": nn.hard_swish, "swish": nn.swish}[self.kind](x)
+      return PWLU(num_intervals=self.pwlu_intervals, per_channel=self.pwlu_per_channel,
+                  axis_name=self.statistics_axis)(x, train)
+    return {"relu": nn.relu, "hard_swish": hard_swish, "swish": nn.swish}[self.kind](x)
 
 
 class SqueezeExcite(nn.Module):
@@ -64,25 +83,28 @@ class MBConv(nn.Module):
   pwlu_intervals: int = 16
   pwlu_per_channel: bool = False
   dtype: Any = jnp.float32
+  batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     in_features = x.shape[-1]  # x: [B, H, W, C]
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                             axis_name=self.batch_norm_axis)
     hidden = make_divisible(in_features * self.expansion) if self.expansion > 1 else in_features
     conv = self._conv_factory(x)
-    act = functools.partial(Activation, self.activation, self.pwlu_intervals, self.pwlu_per_channel)
+    act = functools.partial(Activation, self.activation, self.pwlu_intervals,
+                            self.pwlu_per_channel, self.batch_norm_axis)
 
     y = x
     if hidden != in_features:
       y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
-      y = act(name="expand_act")(BatchNorm(use_running_average=not train, name="expand_bn")(y), train)
+      y = act(name="expand_act")(norm(name="expand_bn")(y), train)
     y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True, name="depthwise")(y)
-    y = act(name="depthwise_act")(BatchNorm(use_running_average=not train, name="depthwise_bn")(y),
-                                   train)  # [B, H/s, W/s, hidden]
+    y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H/s, W/s, hidden]
     if self.se_ratio > 0:
       y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), dtype=self.dtype, name="se")(y)
     y = conv(self.features, 1, name="project")(y)  # [B, H/s, W/s, features]
-    y = BatchNorm(use_running_average=not train, name="project_bn")(y)
+    y = norm(name="project_bn")(y)
     if self.strides == 1 and in_features == self.features:
       y = y + x
     return y

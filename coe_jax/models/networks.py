@@ -8,7 +8,8 @@ dtype, [B, H, W, C], and normalise on the device: the host ships uint8, a
 quarter of the bytes of float32, and exported models need no separate step.
 """
 
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -23,30 +24,47 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return (images.astype(dtype) - 127.5) / 127.5
 
 
+REMAT_MODES = ("none", "block", "full")
+
+
+def _rematerialised(module: type[nn.Module], wanted: bool) -> type[nn.Module]:
+  """`module`, recomputed in the backward pass instead of saving its activations, if wanted.
+
+  Its `__call__(x, train)` is traced with `train` static.
+  """
+  return nn.remat(module, static_argnums=(2,)) if wanted else module
+
+
 class Backbone(nn.Module):
   """Stem, MBConv stages, 1x1 head convolution, global pooling, classifier."""
   spec: NetworkSpec
   dtype: Any = jnp.float32
+  batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
+  remat: str = "none"  # REMAT_MODES: "block" saves each MBConv block's input alone.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     spec = self.spec
     act = lambda name: Activation(spec.activation, spec.pwlu_intervals, spec.pwlu_per_channel,
-                                  name=name)
+                                  self.batch_norm_axis, name=name)
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                             axis_name=self.batch_norm_axis)
     x = normalize_images(images, self.dtype)  # [B, H, W, C]
     x = nn.Conv(spec.stem_features, (spec.stem_kernel,) * 2, strides=spec.stem_stride,
                 padding="SAME", use_bias=False, dtype=self.dtype, name="stem")(x)
-    x = act("stem_act")(BatchNorm(use_running_average=not train, name="stem_bn")(x), train)
+    x = act("stem_act")(norm(name="stem_bn")(x), train)
+    block = _rematerialised(MBConv, self.remat == "block")
     for s, stage in enumerate(spec.stages):
       for b in range(stage.depth):
-        x = MBConv(features=stage.features, kernel_size=stage.kernel,
-                   strides=stage.stride if b == 0 else 1, expansion=stage.expansion,
-                   se_ratio=stage.se_ratio, activation=stage.activation,
-                   condconv_kernels=stage.condconv_kernels, pwlu_intervals=spec.pwlu_intervals,
-                   pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
-                   name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]
+        x = block(features=stage.features, kernel_size=stage.kernel,
+                  strides=stage.stride if b == 0 else 1, expansion=stage.expansion,
+                  se_ratio=stage.se_ratio, activation=stage.activation,
+                  condconv_kernels=stage.condconv_kernels, pwlu_intervals=spec.pwlu_intervals,
+                  pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
+                  batch_norm_axis=self.batch_norm_axis,
+                  name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]
     x = nn.Conv(spec.head_features, (1, 1), use_bias=False, dtype=self.dtype, name="head")(x)
-    x = act("head_act")(BatchNorm(use_running_average=not train, name="head_bn")(x), train)
+    x = act("head_act")(norm(name="head_bn")(x), train)
     x = jnp.mean(x, axis=(1, 2))  # [B, F]
     if spec.classifier_features:
       x = nn.Dense(spec.classifier_features, dtype=self.dtype, name="pre_logits")(x)
@@ -59,6 +77,8 @@ class Expert(nn.Module):
   spec: NetworkSpec
   num_classes: int
   dtype: Any = jnp.float32
+  batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
+  remat: str = "none"  # REMAT_MODES; "full" saves only the images.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, with_deterministic: bool = False):
@@ -68,7 +88,9 @@ class Expert(nn.Module):
     from the same pass (same BatchNorm batch statistics) for one extra
     [B, F] x [F, K] product: the objective scores experts on them.
     """
-    features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
+    features = _rematerialised(Backbone, self.remat == "full")(
+        self.spec, self.dtype, self.batch_norm_axis, self.remat,
+        name="backbone")(images, train)  # [B, F]
     classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
     dropped = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
     logits = classifier(dropped).astype(jnp.float32)  # [B, K]
@@ -87,10 +109,12 @@ class Delegator(nn.Module):
   num_classes: int
   num_experts: int
   dtype: Any = jnp.float32
+  remat: str = "none"  # REMAT_MODES
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    features = Backbone(self.spec, self.dtype, name="backbone")(images, train)  # [B, F]
+    features = _rematerialised(Backbone, self.remat == "full")(
+        self.spec, self.dtype, remat=self.remat, name="backbone")(images, train)  # [B, F]
     features = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
     class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
     selection_logits = nn.Dense(self.num_experts, dtype=self.dtype, name="selector")(features)

@@ -30,7 +30,7 @@ Two formulations of phase II compute the same function (`formulation`):
                       "lookup" on [56, 56, 96] activations.
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -118,10 +118,13 @@ class PWLU(nn.Module):
     per_channel: one unit per channel (parameters and statistics get a C axis:
       bounds and slopes [C], heights [C, N+1]) instead of one per layer.
     momentum: of the running mean and variance kept in phase I.
+    axis_name: a mesh axis (inside `shard_map`) whose devices' shares of the
+      batch make up the batch: the statistics are those of the whole batch.
   """
   num_intervals: int = 16
   per_channel: bool = False
   momentum: float = 0.9
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -146,12 +149,14 @@ class PWLU(nn.Module):
     if train and not self.is_initializing():
       axes = tuple(range(x.ndim - 1)) if self.per_channel else None
       inputs = jax.lax.stop_gradient(x).astype(jnp.float32)
+      batch_mean, batch_square = jnp.mean(inputs, axes), jnp.mean(jnp.square(inputs), axes)
+      if self.axis_name is not None:
+        batch_mean, batch_square = jax.lax.pmean((batch_mean, batch_square), self.axis_name)
+      batch_var = jnp.maximum(batch_square - jnp.square(batch_mean), 0.0)
       m = self.momentum
       # Frozen in phase II, so they keep describing what the bounds came from.
-      mean.value = jnp.where(phase_two, mean.value,
-                             m * mean.value + (1 - m) * jnp.mean(inputs, axes))
-      var.value = jnp.where(phase_two, var.value,
-                            m * var.value + (1 - m) * jnp.var(inputs, axes))
+      mean.value = jnp.where(phase_two, mean.value, m * mean.value + (1 - m) * batch_mean)
+      var.value = jnp.where(phase_two, var.value, m * var.value + (1 - m) * batch_var)
 
     # A select rather than lax.cond: both sides are elementwise, so XLA fuses
     # them with the neighbouring ops, and a select is what vmap over stacked

@@ -1,0 +1,174 @@
+r"""How the train step scales with the number of experts and the mesh.
+
+    python -m benchmarks.scale [--config=configs/digits.py] [--num-experts=4,8,16,32] \
+        [--meshes=8x1,4x2,2x4] [--batch-size=64] [--expert-loop=auto] [--json=FILE]
+
+For every N and every data x expert mesh, the co-adaptation step is compiled
+on fake CPU devices (8 unless XLA_FLAGS says otherwise) and measured in one
+run:
+- `gflops_per_device`: XLA's cost analysis of one device's program;
+  `flops_vs_data_only` divides it by the figure at the mesh with expert
+  axis 1 (expert parallelism should keep it near 1);
+- `temp_mib`, `argument_mib`: one device's scratch and argument memory
+  (`memory_analysis`);
+- `convolutions`: convolutions in one device's compiled program (with
+  expert parallelism, the delegator's and its own N/E experts');
+- `all_reduce`, `all_gather`, `collective_permute`: collectives in it;
+- `compile_s`, `step_s`: compile time and median wall time per step. Fake
+  devices share this machine's cores, so wall time does not show wasted
+  work: judge by the FLOPs and the program.
+
+It also solves one balanced transport problem at B=4096, N=32 on peaked
+random scores (`transport`): Sinkhorn iterations, convergence, time.
+"""
+
+import os
+
+# Fake devices for the meshes: set before jax starts its backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
+import json
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from coe_jax import train, transport
+from coe_jax.config_loading import load_config
+from coe_jax.errors import CoEError
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def _mesh(text: str) -> tuple[int, int]:
+  data, sep, expert = text.partition("x")
+  if not (sep and data.isdigit() and expert.isdigit() and int(data) > 0 and int(expert) > 0):
+    raise CoEError(f"--meshes={text!r}: expected DATAxEXPERT, e.g. 4x2")
+  return int(data), int(expert)
+
+
+def measure(config_path: str, num_experts: int, data: int, expert: int, batch_size: int,
+            expert_loop: str, steps: int) -> dict[str, Any]:
+  """One row of the table (see the module docstring)."""
+  config = load_config(config_path)
+  config.num_experts = num_experts
+  config.mesh.data, config.mesh.expert = data, expert
+  config.train.batch_size = batch_size
+  config.routing.expert_loop = expert_loop
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = train.Trainer(config, workdir, devices=jax.devices()[:data * expert])
+  size, channels = config.data.image_size, config.data.channels
+  sharding = trainer.batch_sharding
+  abstract_batch = {
+      "image": jax.ShapeDtypeStruct((batch_size, size, size, channels), np.uint8,
+                                    sharding=sharding),
+      "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding)}
+  step = trainer.compile_step("coadapt")
+  start = time.perf_counter()
+  compiled = step.lower(trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+  text = compiled.as_text()
+  memory = compiled.memory_analysis()
+  state = trainer.init_state()
+  batches = train.data.train_batches(config)
+  batch = trainer.global_batch(next(batches))
+  times = []
+  for _ in range(steps + 1):  # The first call also transfers; it is not timed.
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {
+      "num_experts": num_experts, "mesh": f"{data}x{expert}",
+      "gflops_per_device": compiled.cost_analysis()["flops"] / 1e9,
+      "temp_mib": memory.temp_size_in_bytes / 2**20,
+      "argument_mib": memory.argument_size_in_bytes / 2**20,
+      "convolutions": len(re.findall(r"= \S+ convolution\(", text)),
+      "all_reduce": len(re.findall(r"all-reduce(-start)?\(", text)),
+      "all_gather": len(re.findall(r"all-gather(-start)?\(", text)),
+      "collective_permute": len(re.findall(r"collective-permute(-start)?\(", text)),
+      "compile_s": compile_s, "step_s": float(np.median(times[1:])),
+      "sinkhorn_iterations": float(metrics["sinkhorn_iterations"]),
+  }
+
+
+def transport_at_scale(batch: int = 4096, num_experts: int = 32) -> dict[str, Any]:
+  """One balanced assignment on peaked scores, as WGM solves it late in training."""
+  rng = np.random.default_rng(0)
+  logits = 8.0 * rng.standard_normal((batch, num_experts)).astype(np.float32)
+  scores = jax.nn.log_softmax(logits, axis=-1)  # [B, N]
+  solve = jax.jit(lambda s: transport.balanced_assignment(
+      s, epsilon=0.05, max_iterations=200, threshold=1e-3))
+  assignment, info = jax.block_until_ready(solve(scores))
+  start = time.perf_counter()
+  jax.block_until_ready(solve(scores))
+  loads = np.bincount(np.asarray(assignment), minlength=num_experts)
+  return {"batch": batch, "num_experts": num_experts,
+          "sinkhorn_iterations": int(info["sinkhorn_iterations"]),
+          "sinkhorn_converged": bool(info["sinkhorn_converged"]),
+          "load_gap": int(loads.max() - loads.min()), "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--num-experts", default="4,8,16,32")
+  parser.add_argument("--meshes", default="8x1,4x2,2x4")
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--expert-loop", default="auto")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args(argv)
+  try:
+    meshes = [_mesh(m) for m in args.meshes.split(",")]
+    counts = [int(n) for n in args.num_experts.split(",")]
+  except ValueError:
+    raise SystemExit(f"--num-experts={args.num_experts!r}: expected integers, e.g. 4,8") from None
+  except CoEError as e:
+    raise SystemExit(str(e)) from None
+  rows = []
+  for n in counts:
+    for data, expert in meshes:
+      try:
+        row = measure(args.config, n, data, expert, args.batch_size, args.expert_loop,
+                      args.steps)
+      except CoEError as e:
+        raise SystemExit(str(e)) from None
+      rows.append(row)
+      print(f"N={n} mesh {data}x{expert}: {row['gflops_per_device']:.3f} GFLOP/device, "
+            f"{row['convolutions']} convolutions, compile {row['compile_s']:.0f} s", flush=True)
+  for row in rows:
+    base = [r for r in rows if r["num_experts"] == row["num_experts"]
+            and r["mesh"].endswith("x1")]
+    row["flops_vs_data_only"] = (row["gflops_per_device"] / base[0]["gflops_per_device"]
+                                 if base else None)
+  report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "config": args.config, "batch_size": args.batch_size,
+            "expert_loop": args.expert_loop, "rows": rows,
+            "transport": transport_at_scale()}
+  print(json.dumps(report))
+  columns = ("num_experts", "mesh", "gflops_per_device", "flops_vs_data_only", "temp_mib",
+             "convolutions", "all_reduce", "all_gather", "collective_permute", "compile_s",
+             "step_s")
+  print("| " + " | ".join(columns) + " |")
+  print("|" + "---|" * len(columns))
+  for row in rows:
+    cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+    print("| " + " | ".join(cells) + " |")
+  t = report["transport"]
+  print(f"transport B={t['batch']} N={t['num_experts']}: {t['sinkhorn_iterations']} Sinkhorn "
+        f"iterations, converged {t['sinkhorn_converged']}, load gap {t['load_gap']}, "
+        f"{t['seconds']:.3f} s")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

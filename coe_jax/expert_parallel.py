@@ -1,0 +1,84 @@
+"""The stacked experts on a `data` x `expert` mesh: each device runs only its own.
+
+Axis letters: N experts, E the mesh's expert axis, D its data axis, B batch,
+K classes, H/W/Ch image height, width and channels.
+
+Device (d, e) holds experts [e N/E, (e+1) N/E) and the d-th share of the
+batch, and runs just those experts on just that share, inside `shard_map`.
+Nothing here is left to XLA's partitioner, which, given stacked expert
+kernels sharded on the expert axis, runs every expert on every device and
+moves kernel slices around (and, on jax 0.10.2, miscompiles vmapped 1x1
+convolutions sharded that way). The outputs come back as global arrays
+[N, B, ...] split over (expert, data), for the objective or the router to
+read with ordinary jax.numpy.
+"""
+
+from typing import Any, Optional
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from coe_jax.models.coe import CoE
+
+DATA_AXIS = "data"      # Mesh axis the batch is split along.
+EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
+
+Variables = dict[str, Any]
+
+
+def _experts_of(variables: Variables) -> Variables:
+  return {collection: tree["experts"] for collection, tree in variables.items()}
+
+
+def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_input: bool,
+                expert_loop: str, mesh: Optional[Mesh]) -> jax.Array:
+  """Every expert in inference mode: logits [N, B, K].
+
+  `images` are [B, H, W, Ch] seen by every expert when `shared_input`, else
+  per-expert buffers [N, B, H, W, Ch]. Under a mesh, both axes of the output
+  are split: [N / E, B / D, K] on each device.
+  """
+  if mesh is None:
+    return model.experts(variables, images, shared_input=shared_input, loop=expert_loop)
+  split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
+
+  def run_local(experts: Variables, images: jax.Array) -> jax.Array:
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch] or [N / E, B / D, H, W, Ch].
+    return model.run_stacked(experts, images, shared_input=shared_input,
+                             loop=expert_loop)  # [N / E, B / D, K]
+
+  image_spec = PartitionSpec(DATA_AXIS) if shared_input else split
+  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(EXPERT_AXIS), image_spec),
+                       out_specs=split)(_experts_of(variables), images)
+
+
+def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
+                  expert_loop: str, mesh: Optional[Mesh]):
+  """Every expert in training mode on the whole batch, each device on its share.
+
+  Returns (logits [N, B, K], deterministic logits [N, B, K] (the same pass
+  without dropout), new batch_stats [N, ...]). Under a mesh, BatchNorm
+  reduces over the data axis, so the statistics are those of the global
+  batch, as on one device; each data shard draws its own dropout masks.
+  Gradients flow back through `shard_map`: each device's expert gradients are
+  summed over the data axis, and no device computes another's experts.
+  """
+  experts = _experts_of(variables)
+  rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
+  if mesh is None:
+    return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,
+                             loop=expert_loop)
+  split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
+  net = model.expert_net.clone(batch_norm_axis=DATA_AXIS)
+
+  def run_local(experts: Variables, images: jax.Array, rngs: jax.Array):
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch]; rngs: [N / E].
+    shard = jax.lax.axis_index(DATA_AXIS)
+    rngs = jax.vmap(lambda key: jax.random.fold_in(key, shard))(rngs)
+    return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,
+                             loop=expert_loop, net=net)  # [N / E, B / D, K] x 2, stats
+
+  return jax.shard_map(
+      run_local, mesh=mesh,
+      in_specs=(PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec(EXPERT_AXIS)),
+      out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs)

@@ -1,0 +1,39 @@
+"""The planner: one device's share of the step's FLOPs and memory, before renting a pod."""
+
+import jax
+import numpy as np
+import pytest
+
+from coe_jax import plan
+from coe_jax.models.coe import CoE
+from tests.test_cli_errors import error_line, run_module
+from tests.tiny import config_path, tiny_config
+
+
+def _bytes(shape_tree) -> int:
+  return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shape_tree))
+
+
+def test_a_plan_counts_one_devices_share_of_the_state():
+  config = tiny_config(num_experts=4)
+  config.train.ema_decay = 0.9
+  result = plan.plan(config, data=2, expert=2, hbm_gib=1.0)
+  params = jax.eval_shape(CoE(config, 10).init, jax.random.key(0))["params"]
+  # The delegator on every device, half the experts on each.
+  want = _bytes(params["delegator"]) + _bytes(params["experts"]) / 2
+  gib = result["gib_per_device"]
+  assert gib["params"] * plan.GIB == pytest.approx(want)
+  assert gib["ema"] == pytest.approx(gib["params"])
+  assert gib["activations_and_scratch"] > 0 and result["gflops_per_device"] > 0
+  assert result["fits"] == (result["total_gib_per_device"] <= 1.0)
+  assert result["fits"] and not plan.plan(config, 2, 2, hbm_gib=1e-6)["fits"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--mesh=4"], "--mesh='4': expected DATAxEXPERT"),
+    (["--mesh=2x2", "--hbm-gib=0"], "--hbm-gib=0.0"),
+    (["--mesh=1x3"], "mesh.expert=3"),
+])
+def test_bad_planner_arguments_fail_in_one_line(args, fragment):
+  assert fragment in error_line(run_module("coe_jax.plan", f"--config={config_path('digits')}",
+                                           *args))
