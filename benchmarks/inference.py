@@ -3,7 +3,7 @@ r"""Inference throughput of routed CoE against networks of equal FLOPs.
     python -m benchmarks.inference --config=configs/digits.py --json=bench.json \
         [--batch-size=64] [--threshold=0.5 | --workdir=runs/demo] [--steps=5] [--rounds=3]
     python -m benchmarks.inference --config=configs/digits.py --json=bench.json --backend=litert \
-        [--threads=2] [--fma-units=2] [--threshold=... | --workdir=...]
+        [--threads=2] [--threshold=... | --workdir=...]
 
 Measured in one run, on the default device, after warm-up, on random uint8
 images of the config's size, interleaved round by round so that a change in
@@ -30,6 +30,11 @@ expected_exit_rate = rho and the config's `routing.capacity_factor`.
 
 Random variables (no --workdir) have their PWLUs moved to phase II
 (`pwlu.realign`), the function a trained network computes; phase I is ReLU.
+The CoE's random variables also get the running statistics (BatchNorm's,
+PWLU's) of a batch of random images, as training leaves them: fresh ones (mean
+0, variance 1) let activations shrink layer by layer, to ~1e-5 of the stem's
+at the 194M expert's head, ranges that int8 calibration sees as near-constant
+and that XNNPACK's int8 ADD then refuses, unlike a trained network's.
 
 The threshold: --threshold if given; else with --workdir the run's calibrated
 one (on random images the exit rate then says little about real data); else the
@@ -38,14 +43,23 @@ median delegator confidence on the benchmark images, so about half of them exit.
 Both expert loops (vmap, unroll) are timed for coe_routed and all_experts; the
 ratios use the config's `routing.expert_loop`.
 
---backend=litert exports the CoE (float32, `coe_jax.export`) and measures the
-CPU serving path instead, on 32 images, with rates of multiply-adds against
-the CPU's peak:
+--backend=litert exports the CoE (`coe_jax.export`) in float32 and in int8
+(calibrated on other random images of the same size) and measures the CPU
+serving path instead, on 32 images, with rates of multiply-adds against the
+machine's measured float32 peak:
 
   litert_coe_routed[batch=1]   `coe_jax.serving.LiteRTPredictor` called on one
                                image at a time (host routing per call).
   litert_coe_routed[batch=32]  the same on the batch of 32: the delegator on
                                every image, then each expert on its group.
+  litert_int8_coe_routed[...]  the same two on the int8 export, with tau at its
+                               own median confidence when float32's is (else
+                               the same tau): a random network's confidences
+                               all lie near 1/K, and int8's errors would move
+                               many across float32's. Its exit rate is
+                               `int8.exit_rate`.
+  litert_expert                expert 0 alone on the 32 images, float32 ...
+  litert_int8_expert           ... and int8: the same work whatever the routing.
   litert_dense_equal_flops     the dense_equal_flops network, exported, on the 32.
   jax_coe_routed[batch=1]      `coe_jax.routing.route_and_predict` (serving mode,
                                the config's expert loop) on one image at a time:
@@ -53,14 +67,14 @@ the CPU's peak:
                                one slot, so every expert runs on every call.
   jax_coe_routed[batch=32]     the same on the batch of 32 (coe_routed above).
 
-`macs_per_s` is images/s x the method's multiply-adds per image (for CoE the
-mean F_D + (1 - rho) F_E, which host routing executes exactly: no empty
-slots). The peak is cores x FMA units per core x fp32 lanes per vector x clock:
-cores and clock ("cpu MHz", the nominal clock the kernel reports; turbo may
-run faster) and the vector width (avx512f: 16 lanes, avx2: 8, else 4) come
-from /proc/cpuinfo; FMA units per core are not there, so --fma-units gives
-them (default 2: AMD Zen 5, CPU family 26, the machines this project is built
-on, has two 512-bit FMA pipes per core; Zen 4 has 1 at 512 bits).
+`ratios` holds int8 / float32 images/s for the routed CoE and the expert
+(goal: int8 >= 1.5x float32). `macs_per_s` is images/s x the method's
+multiply-adds per image (for CoE the mean F_D + (1 - rho) F_E, which host
+routing executes exactly: no empty slots). `percent_of_peak` divides it by
+`peak`, the rate of a float32 2048x2048 numpy matmul measured in the same run
+(`benchmarks.peak`), for int8 too: it says how fast, not how close to int8's
+own peak. `undelegated` lists per model the ops XNNPACK leaves to LiteRT's
+builtin kernels.
 """
 
 import argparse
@@ -77,16 +91,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks.peak import measured_peak
 from coe_jax import checkpointing, flops, routing
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from coe_jax.models import pwlu
+from coe_jax.models import mbconv, pwlu
 from coe_jax.models.coe import EXPERT_LOOPS, CoE
-from coe_jax.models.networks import Expert
+from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
 
 CONDCONV_KERNELS = 4
 LITERT_BATCH = 32
+# Random images whose statistics random variables get (`_data_statistics`):
+# thousands of values per channel even at the last 7x7 layers of 224 px nets.
+STATISTICS_IMAGES = 16
 DEPTH_MULTIPLIERS = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0)  # Closest to 1 first.
 
 
@@ -187,8 +205,43 @@ def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[st
     config.train.compute_dtype = compute_dtype
   model = CoE(config, meta["num_classes"] if meta else config.data.num_classes)
   if not workdir:
-    variables = _random_variables(model.init, jax.random.key(0))
+    # Running statistics while the PWLUs are still ReLUs (phase I), then the
+    # PWLUs moved to phase II from them, as `_random_variables` does.
+    variables = pwlu.realign(_data_statistics(
+        model, jax.jit(model.init)(jax.random.key(0)),
+        _random_images(STATISTICS_IMAGES, config, seed=2)))
   return config, model, variables, meta
+
+
+def _data_statistics(model: CoE, variables: Any, images: np.ndarray) -> Any:
+  """`variables` with every running statistic set to its value on `images` [B, S, S, C].
+
+  One training-mode pass normalises each layer by its batch statistics, so
+  each layer's are those of its input as normalised by the layers before it.
+  The running averages the pass updates (new = m old + (1 - m) batch) are
+  solved for the batch's. The delegator and each expert go through their own
+  network, as the export does.
+  """
+  # BatchNorm's and PWLU's momentum, the m above.
+  momentum = mbconv.BatchNorm.keywords["momentum"]
+  assert pwlu.PWLU.momentum == momentum, (pwlu.PWLU.momentum, momentum)
+  nets = {"delegator": Delegator(model.delegator_spec, model.num_classes, model.num_experts),
+          "experts": Expert(model.expert_spec, model.num_classes)}
+  stats = dict(variables["batch_stats"])
+  for part, net in nets.items():
+    updated = jax.jit(lambda own, net=net: net.apply(
+        own, images, train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(0)})[1]["batch_stats"])
+    own = {collection: tree[part] for collection, tree in variables.items()}
+    if part == "delegator":
+      parts = [own]
+    else:  # Experts are stacked on a leading axis: one at a time, then stacked again.
+      parts = [jax.tree.map(lambda v, j=j: v[j], own) for j in range(model.num_experts)]
+    solved = [jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum),
+                           updated(p), p["batch_stats"]) for p in parts]
+    stats[part] = solved[0] if part == "delegator" else jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *solved)
+  return {**variables, "batch_stats": stats}
 
 
 def _threshold(model: CoE, variables: Any, images: jax.Array, threshold: Optional[float],
@@ -206,10 +259,11 @@ def _threshold(model: CoE, variables: Any, images: jax.Array, threshold: Optiona
   return threshold, source, float(np.mean(confidence >= threshold))
 
 
-def _random_images(batch_size: int, config: ml_collections.ConfigDict) -> np.ndarray:
+def _random_images(batch_size: int, config: ml_collections.ConfigDict, seed: int = 0
+                   ) -> np.ndarray:
   size, channels = config.data.image_size, config.data.channels
-  return np.random.default_rng(0).integers(0, 256, (batch_size, size, size, channels),
-                                           dtype=np.uint8)  # [B, S, S, C]
+  return np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, channels),
+                                              dtype=np.uint8)  # [B, S, S, C]
 
 
 def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[float],
@@ -283,34 +337,10 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   )
 
 
-def cpu_peak(fma_units: int) -> dict[str, Any]:
-  """The CPU's peak fp32 multiply-adds/s: cores x FMA units x lanes x clock (/proc/cpuinfo)."""
-  fields: dict[str, list[str]] = {}
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), []).append(value.strip())
-  except OSError:
-    raise CoEError("/proc/cpuinfo: unreadable; the CPU peak needs it (Linux only)") from None
-  first = lambda key, default: fields.get(key, [default])[0]
-  flags = set(first("flags", "").split())
-  lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 per vector
-  # Physical cores: logical CPUs share FMA units with their SMT siblings.
-  cores = len(set(zip(fields.get("physical id", []), fields.get("core id", [])))) or os.cpu_count()
-  ghz = float(first("cpu MHz", "0")) / 1e3
-  macs = cores * fma_units * lanes * ghz * 1e9
-  return dict(cpu=first("model name", platform.processor()), cpu_family=first("cpu family", "?"),
-              cores=cores, fma_units_per_core=fma_units, fp32_lanes=lanes, ghz=ghz,
-              macs_per_s=macs,
-              derivation=f"{cores} cores x {fma_units} FMA units x {lanes} fp32 lanes x "
-                         f"{ghz:.3f} GHz = {macs / 1e9:.1f} G multiply-adds/s")
-
-
 def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
-               workdir: Optional[str], steps: int, rounds: int, threads: Optional[int],
-               fma_units: int) -> dict[str, Any]:
-  """Measures the LiteRT serving path against the JAX router; returns the JSON report."""
+               workdir: Optional[str], steps: int, rounds: int, threads: Optional[int]
+               ) -> dict[str, Any]:
+  """Measures LiteRT serving, float32 and int8, against the JAX router; returns the report."""
   # TensorFlow and the LiteRT runtime are needed by this backend only.
   from coe_jax import export, serving  # pylint: disable=g-import-not-at-top
 
@@ -320,6 +350,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   num_classes, num_experts = model.num_classes, model.num_experts
   size, channels = config.data.image_size, config.data.channels
   images = _random_images(LITERT_BATCH, config)  # [32, S, S, C]
+  median_threshold = threshold is None and not workdir
   threshold, source, exit_rate = _threshold(model, variables, images, threshold, workdir, meta)
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
@@ -333,10 +364,16 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
       capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
       expert_loop=config.routing.expert_loop)
 
+  predictors = {}
   with tempfile.TemporaryDirectory() as serve_dir:
-    export.export_coe(model, variables, serve_dir, class_names=[str(k) for k in range(num_classes)],
-                      threshold=threshold, crop_fraction=1.0, model_flops=cost)
-    predictor = serving.LiteRTPredictor.load(serve_dir, num_threads=threads)
+    # Calibrated on other images than the timed ones, as a real export is.
+    for quantization, calibration in (("float32", None),
+                                      ("int8", _random_images(LITERT_BATCH, config, seed=1))):
+      out = os.path.join(serve_dir, quantization)
+      export.export_coe(model, variables, out, class_names=[str(k) for k in range(num_classes)],
+                        threshold=threshold, crop_fraction=1.0, model_flops=cost,
+                        calibration=calibration)
+      predictors[quantization] = serving.LiteRTPredictor.load(out, num_threads=threads)
     dense_net = Expert(dense_spec, num_classes)
     dense_variables = jax.device_get(_random_variables(dense_net.init, jax.random.key(1),
                                                         images[:1]))
@@ -347,22 +384,41 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
     dense = serving.Network(dense_path, {"sha256": serving.sha256(dense_path),
                                          "outputs": {"logits": [1, num_classes]}},
                             model.image_shape, threads or serving.default_threads(dense_flops))
+  predictor, int8 = predictors["float32"], predictors["int8"]
+  int8_threshold = threshold
+  if median_threshold:
+    # Its own median: a random network's confidences all lie near 1/K, so int8's
+    # small errors move many across float32's median, and with them the work.
+    int8_threshold = float(np.median(serving.confidence(int8.delegator(images)[0])))
+  int8_exit_rate = float(np.mean(int8.route(images, int8_threshold)["early_exit"]))
 
   one, many = "[batch=1]", f"[batch={LITERT_BATCH}]"
-  variants = {
-      f"litert_coe_routed{one}":
-          lambda: [predictor.route(images[i:i + 1], threshold) for i in range(len(images))],
-      f"litert_coe_routed{many}": lambda: predictor.route(images, threshold),
-      "litert_dense_equal_flops": lambda: dense(images),
-      f"jax_coe_routed{one}":
-          lambda: [jax_routed(device_images[i:i + 1]) for i in range(len(images))],
-      f"jax_coe_routed{many}": lambda: jax_routed(device_images),
-  }
+  variants = {}
+  for prefix, p, tau in (("litert_", predictor, threshold),
+                         ("litert_int8_", int8, int8_threshold)):
+    variants[f"{prefix}coe_routed{one}"] = (
+        lambda p=p, tau=tau: [p.route(images[i:i + 1], tau) for i in range(len(images))])
+    variants[f"{prefix}coe_routed{many}"] = lambda p=p, tau=tau: p.route(images, tau)
+  variants["litert_expert"] = lambda: predictor.expert(0, images)
+  variants["litert_int8_expert"] = lambda: int8.expert(0, images)
+  variants["litert_dense_equal_flops"] = lambda: dense(images)
+  variants[f"jax_coe_routed{one}"] = (
+      lambda: [jax_routed(device_images[i:i + 1]) for i in range(len(images))])
+  variants[f"jax_coe_routed{many}"] = lambda: jax_routed(device_images)
   seconds = _time_rounds(variants, steps, rounds)
-  peak = cpu_peak(fma_units)
+  peak = measured_peak()  # Right after the timing, under the same load.
+
+  def flops_per_image(name: str) -> float:
+    if name == "litert_dense_equal_flops":
+      return dense_flops
+    if name.endswith("_expert"):
+      return f_e
+    rho = int8_exit_rate if name.startswith("litert_int8_") else exit_rate
+    return f_d + (1 - rho) * f_e
+
   results = {}
   for name, s in seconds.items():
-    per_image = dense_flops if name == "litert_dense_equal_flops" else mean_flops
+    per_image = flops_per_image(name)
     images_per_s = LITERT_BATCH / s
     results[name] = dict(images_per_s=images_per_s, flops_per_image=float(per_image),
                          macs_per_s=images_per_s * per_image,
@@ -371,10 +427,19 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   return dict(
       benchmark="inference", backend="litert", cpu=peak["cpu"], peak=peak,
       threads={"coe (delegator, experts)": predictor.threads, "dense": dense.threads},
-      delegates=predictor.delegates, batch_size=LITERT_BATCH, steps=steps, rounds=rounds,
+      delegates=predictor.delegates, undelegated=predictor.undelegated,
+      int8=dict(delegates=int8.delegates, undelegated=int8.undelegated,
+                threshold=int8_threshold, exit_rate=int8_exit_rate),
+      batch_size=LITERT_BATCH, steps=steps, rounds=rounds,
       num_experts=num_experts, threshold=threshold, threshold_source=source, exit_rate=exit_rate,
       delegator_flops=f_d, expert_flops=f_e, load_average=os.getloadavg(), results=results,
       ratios={
+          f"litert_int8_coe_routed{many} / litert_coe_routed{many}":
+              speed(f"litert_int8_coe_routed{many}") / speed(f"litert_coe_routed{many}"),
+          f"litert_int8_coe_routed{one} / litert_coe_routed{one}":
+              speed(f"litert_int8_coe_routed{one}") / speed(f"litert_coe_routed{one}"),
+          "litert_int8_expert / litert_expert":
+              speed("litert_int8_expert") / speed("litert_expert"),
           f"litert_coe_routed{one} / jax_coe_routed{one}":
               speed(f"litert_coe_routed{one}") / speed(f"jax_coe_routed{one}"),
           f"litert_coe_routed{many} / jax_coe_routed{many}":
@@ -387,14 +452,20 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
 
 def format_litert_table(report: dict[str, Any]) -> str:
   """The LiteRT report as a table with its ratios."""
-  lines = [f"LiteRT ({'/'.join(sorted(set(report['delegates'])))}; threads {report['threads']}) "
+  delegates = lambda d: "/".join(sorted(set(d)))
+  builtin = lambda undelegated: sorted({op for ops in undelegated for op in ops}) or "none"
+  lines = [f"LiteRT (float32 {delegates(report['delegates'])}, int8 "
+           f"{delegates(report['int8']['delegates'])}; threads {report['threads']}) "
            f"on {report['cpu']}; "
            f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
-           f"exit rate {report['exit_rate']:.2f}",
+           f"exit rate {report['exit_rate']:.2f} (int8: threshold "
+           f"{report['int8']['threshold']:.4f}, exit rate {report['int8']['exit_rate']:.2f})",
+           f"ops on builtin kernels: float32 {builtin(report['undelegated'])}, "
+           f"int8 {builtin(report['int8']['undelegated'])}",
            f"peak: {report['peak']['derivation']}",
-           f"{'variant':<30} {'images/s':>10} {'MFLOPs/image':>13} {'GMAC/s':>8} {'% peak':>7}"]
+           f"{'variant':<32} {'images/s':>10} {'MFLOPs/image':>13} {'GMAC/s':>8} {'% peak':>7}"]
   for name, r in report["results"].items():
-    lines.append(f"{name:<30} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
+    lines.append(f"{name:<32} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
                  f"{r['macs_per_s'] / 1e9:>8.2f} {r['percent_of_peak']:>7.1f}")
   lines += [f"{k}: {v:.2f}" for k, v in report["ratios"].items()]
   return "\n".join(lines)
@@ -429,13 +500,11 @@ def main() -> None:
   parser.add_argument("--threads", type=int, default=None,
                       help="LiteRT interpreter threads (litert backend; default: "
                            "coe_jax.serving's choice per network)")
-  parser.add_argument("--fma-units", type=int, default=2,
-                      help="FMA units per core, for the CPU's peak (litert backend)")
   args = parser.parse_args()
   try:
     if args.backend == "litert":
       report = run_litert(load_config(args.config), args.threshold, args.workdir, args.steps,
-                          args.rounds, args.threads, args.fma_units)
+                          args.rounds, args.threads)
     else:
       report = run(load_config(args.config), args.batch_size, args.threshold, args.workdir,
                    args.steps, args.rounds)

@@ -12,23 +12,32 @@ Measured in one run, after warm-up, on the default backend:
   weights, jitted on their own, on the same [N, B, K] expert logits.
 
 It prints one JSON line and a table; the figure of interest is
-`share = wgm_lgm_vcm / train_step` (goal: at most 5%).
+`share = wgm_lgm_vcm / train_step` (goal: at most 5%). Both steps' rates are
+also given as a percentage of `peak`, this machine's float32 rate measured in
+the same run by a 2048x2048 numpy matmul (`benchmarks.peak`), with a step's
+multiply-adds estimated as 3 x batch x (F_D + N F_E): the forward pass of the
+delegator and every expert (`coe_jax.flops`) and a backward pass of twice its
+cost (gradients for activations and for weights).
 """
 
 import argparse
 import json
 import platform
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from coe_jax import lgm, optim, vcm, wgm
+from benchmarks.peak import measured_peak
+from coe_jax import flops, lgm, optim, vcm, wgm
 from coe_jax.config_loading import load_config
 from coe_jax.models.coe import CoE
 from coe_jax.train_step import create_train_state, make_train_step
+
+STEPS = ("train_step", "warmup_step")  # The timed steps, whose % of the peak is reported.
 
 
 def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
@@ -42,36 +51,30 @@ def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
   return float(np.median(times))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/digits.py")
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--num-experts", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--json", default="")
-  args = parser.parse_args()
-
-  config = load_config(args.config)
-  config.num_experts = args.num_experts
-  config.train.batch_size = args.batch_size
+def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
+        repeats: int) -> dict[str, Any]:
+  """Times both steps and the modules on `config`; returns the report (see the module docstring)."""
+  config = config.copy_and_resolve_references()
+  config.num_experts = num_experts
+  config.train.batch_size = batch_size
   num_classes = config.data.num_classes or 10
   model = CoE(config, num_classes)
   optimizer = optim.make_optimizer(config)
   state = create_train_state(model, optimizer, config, jax.random.key(0))
   size, channels = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (args.batch_size, size, size, channels)),
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, channels)),
                                 jnp.uint8),
-           "label": jnp.asarray(rng.integers(0, num_classes, args.batch_size), jnp.int32)}
+           "label": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)}
   key = jax.random.key(1)
 
   timings = {}
   for stage, name in (("coadapt", "train_step"), ("warmup", "warmup_step")):
     step = jax.jit(make_train_step(model, optimizer, config, stage))
-    timings[name] = _seconds_per_call(lambda: step(state, batch, key), args.repeats)
+    timings[name] = _seconds_per_call(lambda: step(state, batch, key), repeats)
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  class_logits, selection_logits = model.delegator(variables, batch["image"])
+  _, selection_logits = model.delegator(variables, batch["image"])
   expert_logits = model.experts(variables, batch["image"], shared_input=True)  # [N, B, K]
   solver = dict(epsilon=config.wgm.sinkhorn_epsilon,
                 max_iterations=config.wgm.sinkhorn_max_iterations,
@@ -89,23 +92,53 @@ def main() -> None:
     return weights, targets, sample_weights
 
   timings["wgm_lgm_vcm"] = _seconds_per_call(
-      lambda: modules(selection_logits, expert_logits, batch["label"]), args.repeats)
-  del class_logits
+      lambda: modules(selection_logits, expert_logits, batch["label"]), repeats)
 
-  report = {
-      "config": args.config, "batch_size": args.batch_size, "num_experts": args.num_experts,
+  peak = measured_peak()  # Right after the timing, under the same load.
+  cost = flops.count(config, num_classes)
+  step_macs = 3 * batch_size * (cost["delegator_flops"] + num_experts * cost["expert_flops"])
+  return {
+      "batch_size": batch_size, "num_experts": num_experts,
       "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
       "machine": platform.processor() or platform.machine(),
       **{f"{k}_ms": 1e3 * v for k, v in timings.items()},
       "share": timings["wgm_lgm_vcm"] / timings["train_step"],
+      "step_macs": step_macs,
+      **{f"{k}_percent_of_peak": 100 * step_macs / timings[k] / peak["macs_per_s"]
+         for k in STEPS},
+      "peak": peak,
   }
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The report as a table: each part's time, share of the step and % of the peak."""
+  lines = [f"peak: {report['peak']['derivation']}; "
+           f"a step: {report['step_macs'] / 1e9:.2f} G multiply-adds (estimated)",
+           f"{'part':<14}{'ms':>10}{'share of train step':>24}{'% peak':>8}"]
+  for name in (*STEPS, "wgm_lgm_vcm"):
+    of_peak = report.get(f"{name}_percent_of_peak")
+    lines.append(f"{name:<14}{report[f'{name}_ms']:>10.2f}"
+                 f"{report[f'{name}_ms'] / report['train_step_ms']:>23.1%}"
+                 + (f"{of_peak:>8.1f}" if of_peak is not None else ""))
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/digits.py")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--num-experts", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+  report = {"config": args.config,
+            **run(load_config(args.config), args.batch_size, args.num_experts, args.repeats)}
   print(json.dumps(report))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
-  print(f"\n{'part':<14}{'ms':>10}{'share of train step':>24}")
-  for name in ("train_step", "warmup_step", "wgm_lgm_vcm"):
-    print(f"{name:<14}{1e3 * timings[name]:>10.2f}{timings[name] / timings['train_step']:>23.1%}")
+  print()
+  print(format_table(report))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""Loading config files by path, as `--config=configs/NAME.py` does."""
+"""Loading config files by path, as `--config=configs/NAME.py` does.
+
+Also the command-line side of it, shared by the entry points that take a
+`--config` flag (`coe_jax.main`, `coe_jax.flops`): a missing config file or an
+override of a key the config does not have ends in one `error:` line, not in a
+traceback.
+"""
 
 import importlib.util
 import os
+import re
+import sys
 
 import ml_collections
+from absl import app, flags
 
 from coe_jax.errors import CoEError
 
@@ -20,3 +29,46 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.KEY` reported in one line.
+
+  For `app.run(main, flags_parser=parse_flags)`. absl turns bad flag values
+  into one-line errors itself, but ml_collections raises a bare KeyError or
+  AttributeError, with a traceback, for an override of a key the config does
+  not have.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"error: {_unknown_key(argv, e)}")
+
+
+def _unknown_key(argv: list[str], error: Exception) -> str:
+  """Names the override that failed; ml_collections names only the missing part."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # AttributeError(KeyError("'name'\nDid you mean ...?"))
+  lines = str(error.args[0] if error.args else error).splitlines() or [""]
+  missing = lines[0].strip("'\"")
+  overrides = [arg.lstrip("-").split("=", 1)[0] for arg in argv[1:]
+               if re.match(r"--?config\.", arg)]
+  key = next((o for o in overrides if missing in o.split(".")[1:]), f"config.{missing}")
+  hint = " ".join(line.strip() for line in lines[1:])
+  return f"--{key}: the config has no such key" + (f" ({hint})" if hint else "")
+
+
+def flag_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
+  """The config of a `DEFINE_config_file` flag; CoEError if its file could not be loaded.
+
+  config_flags defers a load failure (a missing file) to the config's first
+  use, and then raises it with a traceback and a multi-line message.
+  """
+  config = holder.value
+  try:
+    config.keys()
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise CoEError(f"{holder.name}={flags.FLAGS[holder.name].config_filename!r}: cannot load it "
+                   f"({reason})") from None
+  return config

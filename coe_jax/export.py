@@ -46,9 +46,15 @@ ops rather than the gathers of its lookup, which XNNPACK does not run.
 int8: full-integer post-training quantisation with the converter's
 representative data set: training images (the training pipeline's, so with
 its augmentation), every op restricted to int8 kernels. Inputs stay uint8
-pixels and outputs float32 logits, so the runtime is the same for both. (The
-runtime falls back from XNNPACK to LiteRT's builtin kernels for a model whose
-quantisation XNNPACK rejects; see `coe_jax.serving`.)
+pixels and outputs float32 logits, so the runtime is the same for both.
+XNNPACK runs the whole int8 graph (all but the input's uint8 -> float32 CAST,
+as in float32) because of two changes made for int8 only: hard-swish is traced
+as products (`mbconv.hard_swish_formulation("products")`), since XNNPACK has no
+int8 HARD_SWISH and each one split the graph around a builtin kernel; and
+`fit_xnnpack_requantization` raises the output scale of a layer whose output
+calibration saw constant (a squeeze-excitation with every ReLU unit dead), which
+XNNPACK refused, and with it the whole model. (The runtime still falls back to
+LiteRT's builtin kernels for a model XNNPACK rejects; see `coe_jax.serving`.)
 """
 
 import argparse
@@ -68,7 +74,7 @@ from jax.experimental import jax2tf
 
 from coe_jax import checkpointing, data, flops, routing, serving
 from coe_jax.errors import CoEError, require
-from coe_jax.models import depthwise, pwlu
+from coe_jax.models import depthwise, mbconv, pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 
@@ -76,6 +82,17 @@ QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")
 EXPERT_OUTPUTS = ("logits",)
 _CONVOLUTIONS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+# Ops with an int8 weight operand (input 1) and an int32 bias (input 2) whose
+# scale is input scale x weight scale.
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+# XNNPACK builds int8 weighted ops only for a requantisation scale (input scale
+# x weight scale / output scale) below 256; one above fails the whole model.
+_XNNPACK_REQUANTIZATION_LIMIT = 256.0
+# Ops that requantise an input from that input's own scale when they run, so
+# a new scale on it needs no other change. (Not RESHAPE, CONCATENATION and the
+# like: the quantiser gave their output their input's scale, which would then differ.)
+_READS_ITS_INPUT_SCALE = ("ADD", "SUB", "MUL", "LOGISTIC", "SUM", "MEAN", "QUANTIZE",
+                          "DEQUANTIZE")
 _OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items()
              if not name.startswith("_")}
 
@@ -98,10 +115,17 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
     The .tflite model, with one signature `serving.SIGNATURE` whose input is
     `serving.INPUT_NAME`.
   """
+  # Hard-swish as products in int8 only: in float32 its fused op is one
+  # XNNPACK op where products would be three.
+  hard_swish = "fused" if calibration is None else "products"
   with depthwise.formulation("conv"), pwlu.formulation("ramps"), \
-      tempfile.TemporaryDirectory() as saved_model:
+      mbconv.hard_swish_formulation(hard_swish), tempfile.TemporaryDirectory() as saved_model:
     spec = tf.TensorSpec((1, *image_shape), tf.uint8, serving.INPUT_NAME)
-    tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
+    # A fresh function for each conversion: jax2tf traces through `jax.jit`,
+    # whose cache would otherwise hand back a trace of `fn` made under other
+    # formulations (a float32 export's fused hard-swish, say).
+    fresh = lambda images: fn(images)
+    tf_fn = tf.function(jax2tf.convert(fresh, with_gradient=False), autograph=False,
                         input_signature=[spec])
     module = tf.Module()
     module.serve = tf_fn
@@ -117,7 +141,10 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
       # The uint8 input is raw pixels, cast to float inside the model; it has
       # no quantisation statistics to give.
       warnings.filterwarnings("ignore", "Statistics for quantized inputs")
-      return converter.convert()
+      model = converter.convert()
+  if calibration is not None:
+    model, _ = fit_xnnpack_requantization(model)
+  return model
 
 
 def op_names(model: bytes) -> list[str]:
@@ -129,6 +156,86 @@ def op_names(model: bytes) -> list[str]:
   code_of = lambda c: max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
   return [_OP_NAMES.get(code_of(codes[graph.Operators(i).OpcodeIndex()]), "CUSTOM")
           for i in range(graph.OperatorsLength())]
+
+
+def fit_xnnpack_requantization(model: bytes) -> tuple[bytes, list[str]]:
+  """The int8 model with each output scale that XNNPACK refuses raised to what it takes.
+
+  A layer whose output calibration saw constant (a squeeze-excitation whose
+  ReLU units are all dead on the calibration images, as in a barely trained
+  network) gets the quantiser's smallest range, +-1e-6, and so an output step
+  far finer than one step of its accumulator (input scale x weight scale).
+  XNNPACK refuses a requantisation scale of 256 or more, and with it the whole
+  model. The output scale becomes (input scale x largest weight scale) / 255:
+  its range still covers the calibrated one, with a step below one accumulator
+  step. The int32 biases of the weighted layers that read the output are
+  rescaled with it, as their scale must stay input scale x weight scale.
+
+  A layer whose output feeds an op that needs its input's scale to stay as
+  calibrated (`_READS_ITS_INPUT_SCALE` lists those that do not) is left as is.
+
+  Returns:
+    (model, one "FULLY_CONNECTED (op 8): requantisation scale 738 -> 255" per
+    layer changed).
+  """
+  blob = bytearray(model)  # Flatbuffer vectors read from a bytearray are writable views.
+  flat = schema.Model.GetRootAs(blob, 0)
+  graph = flat.Subgraphs(0)
+  names = op_names(model)
+  scale = lambda tensor: graph.Tensors(tensor).Quantization().ScaleAsNumpy()
+  quantized = lambda tensor: (graph.Tensors(tensor).Quantization() is not None
+                              and graph.Tensors(tensor).Quantization().ScaleLength() > 0)
+  consumers: dict[int, list[tuple[int, int]]] = {}  # tensor -> [(op, input position)]
+  for i in range(graph.OperatorsLength()):
+    for position, tensor in enumerate(graph.Operators(i).InputsAsNumpy()):
+      consumers.setdefault(int(tensor), []).append((i, position))
+  buffer_users: dict[int, int] = {}
+  for t in range(graph.TensorsLength()):
+    buffer_users[graph.Tensors(t).Buffer()] = buffer_users.get(graph.Tensors(t).Buffer(), 0) + 1
+
+  def bias_of(op: int) -> Optional[int]:
+    """The weighted op's bias tensor; None if it has none."""
+    inputs = graph.Operators(op).InputsAsNumpy()
+    return int(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0 else None
+
+  def rescalable(bias: Optional[int]) -> bool:
+    """Whether the bias can take new units: absent, or int32 values in a buffer of its own."""
+    if bias is None:
+      return True
+    tensor = graph.Tensors(bias)
+    return (tensor.Type() == schema.TensorType.INT32 and quantized(bias)
+            and buffer_users[tensor.Buffer()] == 1)
+
+  changed = []
+  for i, name in enumerate(names):
+    op = graph.Operators(i)
+    if name not in _WEIGHTED or not all(quantized(int(t)) for t in op.InputsAsNumpy()[:2]):
+      continue
+    source, output = int(op.Inputs(0)), int(op.Outputs(0))
+    if not quantized(output):
+      continue
+    step = float(scale(source)[0]) * float(scale(int(op.Inputs(1))).max())  # Accumulator step.
+    requantization = step / float(scale(output)[0])
+    if requantization < _XNNPACK_REQUANTIZATION_LIMIT:
+      continue
+    readers = consumers.get(output, [])
+    weighted = [c for c, position in readers if names[c] in _WEIGHTED and position == 0]
+    others = [c for c, position in readers if c not in weighted]
+    biases = [bias_of(c) for c in weighted]
+    if not all(names[c] in _READS_ITS_INPUT_SCALE for c in others) or \
+        not all(rescalable(b) for b in biases):
+      continue
+    old_scale, new_scale = float(scale(output)[0]), step / 255
+    scale(output)[:] = new_scale
+    for bias in biases:
+      if bias is None:
+        continue
+      # The same bias values in the new units: stored / (new / old), rounded.
+      values = flat.Buffers(graph.Tensors(bias).Buffer()).DataAsNumpy().view("<i4")
+      values[:] = np.round(values * (old_scale / new_scale)).astype(np.int32)
+      scale(bias)[:] *= new_scale / old_scale
+    changed.append(f"{name} (op {i}): requantisation scale {requantization:.0f} -> 255")
+  return bytes(blob), changed
 
 
 def unfolded_batchnorm(model: bytes) -> list[str]:
@@ -171,6 +278,29 @@ def unfolded_batchnorm(model: bytes) -> list[str]:
   return found
 
 
+def check_out_dir(out_dir: str) -> None:
+  """Raises CoEError unless `out_dir` is, or can be made, a writable directory; creates nothing.
+
+  Checked before the slow part of an export (loading, calibrating,
+  converting), and without leaving a directory behind when something else
+  then fails. A probe directory, made and removed in `out_dir` or in its
+  nearest existing ancestor, finds what permission bits do not (root ignores
+  them; /proc, read-only mounts).
+  """
+  existing = os.path.abspath(out_dir)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    reason = f"{existing} is not a directory"
+  else:
+    try:
+      os.rmdir(tempfile.mkdtemp(prefix=".export_probe_", dir=existing))
+      return
+    except OSError as e:
+      reason = f"cannot create a directory in {existing}: {e.strerror or e}"
+  raise CoEError(f"out={out_dir!r}: not writable ({reason})")
+
+
 def _part(variables: Variables, part: str, index: Optional[int] = None) -> Variables:
   """One network's variables as concrete JAX arrays: the delegator's, or expert `index`'s.
 
@@ -205,10 +335,11 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
     The manifest written to `serving.json`.
 
   Raises:
-    CoEError: if a BatchNorm was left unfolded.
+    CoEError: if `out_dir` is not writable, or a BatchNorm was left unfolded.
   """
   require(len(class_names) == model.num_classes, "class_names", len(class_names),
           f"expected {model.num_classes} names, one per class")
+  check_out_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   image_shape = model.image_shape
   # float32 networks whatever the training compute dtype (bfloat16 on TPUs):
@@ -329,6 +460,7 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
   require(quantization in QUANTIZATIONS, "quantize", quantize,
           f"expected one of {', '.join(QUANTIZATIONS)}")
   require(eval_examples >= 0, "eval_examples", eval_examples, "expected a count >= 0")
+  check_out_dir(out_dir)
   config, variables, meta = checkpointing.load_for_inference(workdir)
   model = CoE(config, meta["num_classes"])
   calibration = None

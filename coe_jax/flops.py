@@ -20,9 +20,10 @@ import math
 import sys
 
 import ml_collections
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
+from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
 from coe_jax.models.spec import NetworkSpec, make_divisible
 
@@ -93,7 +94,7 @@ def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> 
 def main(argv):
   del argv
   try:
-    print(json.dumps(count(_CONFIG.value)))
+    print(json.dumps(count(flag_config(_CONFIG))))
   except CoEError as e:
     sys.exit(f"error: {e}")
 
@@ -102,4 +103,5 @@ if __name__ == "__main__":
   # Defined here, not at import, so other entry points can import this module.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                             lock_config=True)
-  app.run(main)
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=parse_flags)

@@ -16,61 +16,19 @@ command resumes it.
 
 import logging as pylogging
 import os
-import re
 import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an unknown `--config.KEY` reported in one line.
-
-  absl turns bad flag values into one-line errors itself, but ml_collections
-  raises a bare KeyError or AttributeError, with a traceback, for an override
-  of a key the config does not have.
-  """
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    sys.exit(f"error: {_unknown_key(argv, e)}")
-
-
-def _unknown_key(argv: list[str], error: Exception) -> str:
-  """Names the override that failed; ml_collections names only the missing part."""
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]  # AttributeError(KeyError("'name'\nDid you mean ...?"))
-  lines = str(error.args[0] if error.args else error).splitlines() or [""]
-  missing = lines[0].strip("'\"")
-  overrides = [arg.lstrip("-").split("=", 1)[0] for arg in argv[1:]
-               if re.match(r"--?config\.", arg)]
-  key = next((o for o in overrides if missing in o.split(".")[1:]), f"config.{missing}")
-  hint = " ".join(line.strip() for line in lines[1:])
-  return f"--{key}: the config has no such key" + (f" ({hint})" if hint else "")
-
-
-def _loaded_config():
-  """The --config value; CoEError if its file could not be loaded.
-
-  config_flags defers a load failure (a missing file) to the config's first
-  use, and then raises it with a traceback and a multi-line message.
-  """
-  config = _CONFIG.value
-  try:
-    config.keys()
-  except OSError as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    raise CoEError(f"config={flags.FLAGS['config'].config_filename!r}: cannot load it "
-                   f"({reason})") from None
-  return config
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -85,7 +43,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    config = _loaded_config()  # Before the slow imports below.
+    config = flag_config(_CONFIG)  # Before the slow imports below.
   except CoEError as e:
     sys.exit(f"error: {e}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -103,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

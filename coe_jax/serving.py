@@ -73,7 +73,9 @@ def _allocated_interpreter(path: str, num_threads: int) -> tuple[Interpreter, st
   XNNPACK refuses a whole model when one int8 op's requantisation scale
   (input scale x weight scale / output scale) is outside the range it supports
   (below 256), as calibration can give a barely trained squeeze-excitation;
-  LiteRT's builtin kernels then run it, slower.
+  LiteRT's builtin kernels then run it, slower. `coe_jax.export` now raises
+  such scales (`fit_xnnpack_requantization`); this keeps older exports and
+  other refusals serving.
   """
   interpreter = Interpreter(model_path=path, num_threads=num_threads)
   try:
@@ -87,6 +89,33 @@ def _allocated_interpreter(path: str, num_threads: int) -> tuple[Interpreter, st
       experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
   interpreter.allocate_tensors()
   return interpreter, "builtin"
+
+
+def undelegated_ops(interpreter: Interpreter) -> list[str]:
+  """The ops of an allocated interpreter that LiteRT runs with its own kernels, in graph order.
+
+  A delegate replaces each partition of the graph it takes with one DELEGATE
+  node; the other ops are those whose outputs are needed (by a partition or as
+  the graph's outputs) without a partition computing them: all of them for a
+  model on the builtin kernels. An op that XNNPACK does not run splits the
+  graph into one more partition after it. (The interpreter's node list,
+  `_get_ops_details`, is the only view the Python API gives of this.)
+  """
+  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
+  producer = {int(t): op["index"] for op in ops if op["op_name"] != "DELEGATE"
+              for t in op["outputs"]}
+  computed = {int(t) for op in partitions for t in op["outputs"]}
+  needed = [int(t) for op in partitions for t in op["inputs"]]
+  needed += [int(details["index"]) for details in interpreter.get_output_details()]
+  run: set[int] = set()
+  while needed:
+    tensor = needed.pop()
+    if tensor in computed or tensor not in producer or producer[tensor] in run:
+      continue  # A partition's output, a constant or a graph input, or seen.
+    run.add(producer[tensor])
+    needed += [int(t) for t in ops[producer[tensor]]["inputs"]]
+  return [ops[i]["op_name"] for i in sorted(run)]
 
 
 class Network:
@@ -119,6 +148,9 @@ class Network:
       # delegate: "xnnpack", or "builtin" where XNNPACK refused the model.
       self.interpreter, self.delegate = _allocated_interpreter(path, num_threads)
       runner = self.interpreter.get_signature_runner(SIGNATURE)
+      # The ops XNNPACK left to LiteRT's kernels: the input's uint8 -> float32
+      # CAST alone when XNNPACK runs the rest.
+      self.undelegated = undelegated_ops(self.interpreter)
     except (ValueError, RuntimeError) as e:
       raise CoEError(f"{path}: cannot load it as a LiteRT model ({str(e).splitlines()[0]})"
                      ) from None
@@ -243,6 +275,8 @@ class LiteRTPredictor(PredictorBase):
     self._experts = [load(entry, manifest["macs"]["expert"]) for entry in models["experts"]]
     # Per model, delegator first: "xnnpack", or "builtin" where XNNPACK refused it.
     self.delegates = [model.delegate for model in (self._delegator, *self._experts)]
+    # Per model, delegator first: the ops LiteRT's builtin kernels run.
+    self.undelegated = [model.undelegated for model in (self._delegator, *self._experts)]
     self.threads = [model.threads for model in (self._delegator, *self._experts)]
 
   @classmethod

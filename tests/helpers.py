@@ -9,6 +9,8 @@ loading TensorFlow.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from PIL import Image
 
 from coe_jax.evaluation import NEAR_THRESHOLD
 from coe_jax.models.coe import CoE
-from tests.tiny import tiny_config
+from tests.tiny import REPO, tiny_config
 
 
 # Class -> constant pixel each of its images has, in the mode its files use.
@@ -86,6 +88,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env.update(extra)
   return env
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, its output captured."""
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        cwd=REPO, env=subprocess_env(), timeout=300)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a failed run; fails on a traceback or a zero exit."""
+  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  # No TensorFlow start-up notices around it (`coe_jax/__init__.py`).
+  assert "oneDNN" not in result.stderr and "InitializeLog" not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
 
 
 def random_images(seed: int, batch: int) -> jax.Array:

@@ -1,37 +1,85 @@
-"""The inference benchmark runs end to end on a tiny config; its figures agree with each other."""
+"""The benchmarks run end to end on a tiny config; their figures agree with each other."""
 
 import pytest
 
-from benchmarks import inference
+from benchmarks import inference, peak, train_step
+from coe_jax import flops
 from tests.tiny import tiny_config
 
 LITERT_VARIANTS = {"litert_coe_routed[batch=1]", "litert_coe_routed[batch=32]",
-                   "litert_dense_equal_flops", "jax_coe_routed[batch=1]",
-                   "jax_coe_routed[batch=32]"}
+                   "litert_int8_coe_routed[batch=1]", "litert_int8_coe_routed[batch=32]",
+                   "litert_expert", "litert_int8_expert", "litert_dense_equal_flops",
+                   "jax_coe_routed[batch=1]", "jax_coe_routed[batch=32]"}
+INT8_RATIOS = {"litert_int8_coe_routed[batch=32] / litert_coe_routed[batch=32]",
+               "litert_int8_coe_routed[batch=1] / litert_coe_routed[batch=1]",
+               "litert_int8_expert / litert_expert"}
+PEAK_KEYS = {"macs_per_s", "gmacs_per_s", "seconds", "matmul_size", "repeats", "cpu",
+             "derivation"}
 
 
-def test_litert_benchmark_measures_every_variant_against_the_cpu_peak():
+def _check_peak(measured):
+  """A measured peak: its rate is the matmul's multiply-adds over the best time."""
+  assert set(measured) == PEAK_KEYS
+  assert measured["macs_per_s"] == pytest.approx(measured["matmul_size"] ** 3
+                                                 / measured["seconds"])
+  assert measured["gmacs_per_s"] == pytest.approx(measured["macs_per_s"] / 1e9)
+  assert measured["derivation"].startswith("measured: float32 ")
+  assert f"{measured['gmacs_per_s']:.1f} G multiply-adds/s" in measured["derivation"]
+
+
+def test_measured_peak_times_a_float32_matmul():
+  measured = peak.measured_peak(size=256, repeats=2)
+  _check_peak(measured)
+  assert measured["matmul_size"] == 256 and measured["repeats"] == 2
+  assert measured["macs_per_s"] > 1e8  # Far below any CPU's rate: only catches a unit slip.
+
+
+def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   # PWLU: the benchmark moves it to phase II, and the export must take that.
   config = tiny_config(num_experts=2, activation="pwlu")
   report = inference.run_litert(config, threshold=None, workdir=None, steps=1, rounds=1,
-                                threads=1, fma_units=2)
+                                threads=1)
   assert set(report["results"]) == LITERT_VARIANTS
   assert report["delegates"] == ["xnnpack"] * 3 and report["threads"]["dense"] == 1
-  assert 0 < report["exit_rate"] < 1  # tau at the median confidence.
-  peak = report["peak"]
-  assert peak["macs_per_s"] == pytest.approx(
-      peak["cores"] * 2 * peak["fp32_lanes"] * peak["ghz"] * 1e9)
-  coe_flops = report["delegator_flops"] + (1 - report["exit_rate"]) * report["expert_flops"]
+  assert report["int8"]["delegates"] == ["xnnpack"] * 3
+  assert report["undelegated"] == [["CAST"]] * 3
+  # tau at the median confidence, each export's own.
+  assert 0 < report["exit_rate"] < 1 and 0 < report["int8"]["exit_rate"] < 1
+  _check_peak(report["peak"])
+  assert report["peak"]["matmul_size"] == peak.MATMUL_SIZE
+  coe_flops = lambda rho: report["delegator_flops"] + (1 - rho) * report["expert_flops"]
   for name, result in report["results"].items():
     assert result["images_per_s"] > 0, name
     if name.startswith(("litert_coe", "jax_coe")):
-      assert result["flops_per_image"] == pytest.approx(coe_flops), name
+      assert result["flops_per_image"] == pytest.approx(coe_flops(report["exit_rate"])), name
+    if name.startswith("litert_int8_coe"):
+      assert result["flops_per_image"] == pytest.approx(coe_flops(report["int8"]["exit_rate"]))
+    if name.endswith("_expert"):
+      assert result["flops_per_image"] == report["expert_flops"], name
     assert result["macs_per_s"] == pytest.approx(result["images_per_s"]
                                                  * result["flops_per_image"]), name
     assert result["percent_of_peak"] == pytest.approx(100 * result["macs_per_s"]
-                                                      / peak["macs_per_s"]), name
+                                                      / report["peak"]["macs_per_s"]), name
   speed = lambda name: report["results"][name]["images_per_s"]
-  assert report["ratios"]["litert_coe_routed[batch=1] / jax_coe_routed[batch=1]"] == \
-      pytest.approx(speed("litert_coe_routed[batch=1]") / speed("jax_coe_routed[batch=1]"))
+  assert INT8_RATIOS <= set(report["ratios"])
+  for ratio in INT8_RATIOS | {"litert_coe_routed[batch=1] / jax_coe_routed[batch=1]"}:
+    numerator, denominator = ratio.split(" / ")
+    assert report["ratios"][ratio] == pytest.approx(speed(numerator) / speed(denominator))
   table = inference.format_litert_table(report)
-  assert all(name in table for name in LITERT_VARIANTS) and peak["derivation"] in table
+  assert all(name in table for name in LITERT_VARIANTS | INT8_RATIOS)
+  assert report["peak"]["derivation"] in table
+
+
+def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak():
+  config = tiny_config(num_experts=2)
+  report = train_step.run(config, batch_size=8, num_experts=2, repeats=1)
+  _check_peak(report["peak"])
+  cost = flops.count(config, config.data.num_classes or 10)
+  # Forward and backward (twice the forward) through the delegator and both experts.
+  assert report["step_macs"] == 3 * 8 * (cost["delegator_flops"] + 2 * cost["expert_flops"])
+  assert report["share"] == pytest.approx(report["wgm_lgm_vcm_ms"] / report["train_step_ms"])
+  for step in train_step.STEPS:
+    assert report[f"{step}_percent_of_peak"] == pytest.approx(
+        100 * report["step_macs"] / (report[f"{step}_ms"] / 1e3) / report["peak"]["macs_per_s"])
+  table = train_step.format_table(report)
+  assert report["peak"]["derivation"] in table and "% peak" in table

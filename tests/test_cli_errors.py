@@ -1,16 +1,15 @@
 """Bad input on the command line: exit status 1, one `error:` line naming the key or file.
 
-Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.predict`), in
-a subprocess, and checks its stderr: exactly one `error: ...` line that names
-the offending key or file, and no Python traceback. Logging from absl,
-TensorFlow and XLA may share stderr; only the error line has to be one line.
-Every case fails before anything is compiled, so none of them trains, and
-none writes a checkpoint.
+Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.predict`,
+`coe_jax.export`, `coe_jax.flops`), in a subprocess, and checks its stderr:
+exactly one `error: ...` line that names the offending key or file, and no
+Python traceback. Logging from absl, TensorFlow and XLA may share stderr; only
+the error line has to be one line. Every case fails before anything is
+compiled, so none of them trains, and none writes a checkpoint.
 """
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,27 +18,10 @@ from PIL import Image
 from coe_jax import train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.helpers import make_image_folder, subprocess_env
-from tests.tiny import REPO, config_path
+from tests.helpers import error_line, make_image_folder, run_module
+from tests.tiny import config_path
 
 DIGITS = config_path("digits")
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-  """`python -m module args...` from the repository root, its output captured."""
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        cwd=REPO, env=subprocess_env(), timeout=300)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-  """The one `error:` line of a failed run; fails on a traceback or a zero exit."""
-  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  # No TensorFlow start-up notices around it (`coe_jax/__init__.py`).
-  assert "oneDNN" not in result.stderr and "InitializeLog" not in result.stderr, result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, result.stderr[-3000:]
-  return errors[0]
 
 
 def _main(workdir, *overrides: str, config: str = DIGITS) -> subprocess.CompletedProcess:
@@ -146,3 +128,30 @@ def test_predict_on_an_undecodable_file(tmp_path):
     f.write("not an image")
   line = error_line(run_module("coe_jax.predict", f"--workdir={tmp_path / 'run'}", good, bad))
   assert f"image={bad!r}: cannot decode it as an image" in line
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
+def test_export_to_a_directory_that_cannot_be_made(tmp_path, where):
+  """The output is checked before the workdir is read, so any workdir will do."""
+  if where == "under_a_file":
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a regular file, so nothing can be created under it")
+    out, reason = str(blocker / "serve"), f"{blocker} is not a directory"
+  else:
+    if not os.path.isdir("/proc"):
+      pytest.skip("no /proc on this system")
+    out, reason = "/proc/coe_jax_serve", "cannot create a directory in /proc"
+  line = error_line(run_module("coe_jax.export", f"--workdir={tmp_path / 'run'}", f"--out={out}"))
+  assert f"out={out!r}: not writable ({reason}" in line
+  assert os.listdir(tmp_path) == (["a_file"] if where == "under_a_file" else [])
+
+
+def test_flops_of_a_missing_config_file(tmp_path):
+  missing = str(tmp_path / "no_such_config.py")
+  line = error_line(run_module("coe_jax.flops", f"--config={missing}"))
+  assert f"config={missing!r}: cannot load it" in line and "No such file" in line
+
+
+def test_flops_with_an_unknown_config_key():
+  line = error_line(run_module("coe_jax.flops", f"--config={DIGITS}", "--config.nosuch.key=1"))
+  assert "--config.nosuch.key: the config has no such key" in line

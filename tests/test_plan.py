@@ -6,7 +6,7 @@ import pytest
 
 from coe_jax import plan
 from coe_jax.models.coe import CoE
-from tests.test_cli_errors import error_line, run_module
+from tests.helpers import error_line, run_module
 from tests.tiny import config_path, tiny_config
 
 
