@@ -91,7 +91,8 @@ def test_many_classes_and_an_idle_expert_still_plot(tmp_path):
       class_by_expert=counts, delegator_by_class=rng.integers(0, 3, num_classes),
       examples=[rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8),
                 np.zeros((0, 8, 8, 1), np.uint8)],
-      example_labels=[np.array([0, 5, 7]), np.zeros(0, np.int64)])
+      example_labels=[np.array([0, 5, 7]), np.zeros(0, np.int64)],
+      prediction=np.zeros(0, np.int64))
   names = [f"class {k}" for k in range(num_classes)]
   assert _is_png(plots.class_by_expert(routing, names, str(tmp_path / "classes.png")))
   assert _is_png(plots.routing_grid(routing, names, str(tmp_path / "grid.png")))

@@ -446,9 +446,10 @@ def nonfinite_runs(cli, tmp_path_factory):
                                  start_step):
       yield {**batch, "label": np.zeros_like(batch["label"])} if step == _BAD_STEP else batch
 
-  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng):
+  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng,
+               **kwargs):
     loss, metrics = coe_objective(class_logits, selection_logits, expert_logits, labels, config,
-                                  stage, rng)
+                                  stage, rng, **kwargs)
     scale = jnp.where(jnp.all(labels == 0), jnp.nan, 1.0)
     return loss * scale, {**metrics, _BAD_TERM: metrics[_BAD_TERM] * scale}
 

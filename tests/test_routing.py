@@ -166,8 +166,8 @@ def test_capacity():
 
 def test_bad_expert_loop_is_named(model_and_variables):
   model, variables = model_and_variables
-  with pytest.raises(CoEError, match="routing.expert_loop='scan'"):
-    routing.route_and_predict(model, variables, random_images(0, 4), 0.5, expert_loop="scan")
+  with pytest.raises(CoEError, match="routing.expert_loop='spiral'"):
+    routing.route_and_predict(model, variables, random_images(0, 4), 0.5, expert_loop="spiral")
 
 
 def _all_prefer_in_order(variables):
