@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       # block (save each MBConv block's input, recompute inside), full (save
       # only each network's input).
       remat="none",         # none | block | full
+      # Gradient accumulation: each step runs the batch in this many passes.
+      # WGM, LGM and VCM still see the whole batch; BatchNorm sees each pass's.
+      microbatches=1,
       pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
       checkpoint_every_steps=500,
       keep_checkpoints=3,

@@ -20,14 +20,16 @@ import jax.numpy as jnp
 import optax
 
 
-def weighted_expert_loss(expert_logits: jax.Array, labels: jax.Array,
-                         weights: jax.Array) -> jax.Array:
+def weighted_expert_loss(expert_logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                         normaliser: Optional[jax.Array] = None) -> jax.Array:
   """`L_E = sum_j sum_i w_ij CE(z_j[i], y_i) / sum_i w_ij`.
 
   Args:
     expert_logits: [N, B, K].
     labels: [B] int class labels.
     weights: [B, N] non-negative, e.g. from WGM. Treated as constants.
+    normaliser: [N], the denominators `sum_i w_ij` when these B samples are
+      part of a larger batch (a micro-batch); this batch's own when None.
 
   Returns:
     Scalar loss. An expert whose weights are all zero contributes 0.
@@ -35,7 +37,8 @@ def weighted_expert_loss(expert_logits: jax.Array, labels: jax.Array,
   per_sample = optax.softmax_cross_entropy_with_integer_labels(
       expert_logits, jnp.broadcast_to(labels, expert_logits.shape[:2]))  # [N, B]
   weights = jax.lax.stop_gradient(weights).T  # [N, B]
-  total = jnp.sum(weights, axis=1)  # [N]
+  total = jnp.sum(weights, axis=1) if normaliser is None else normaliser  # [N]
+  total = jax.lax.stop_gradient(total)
   per_expert = jnp.sum(weights * per_sample, axis=1) / jnp.where(total > 0, total, 1.0)  # [N]
   return jnp.sum(per_expert)
 

@@ -22,7 +22,7 @@ lambda_D * L_D`, in three stages run in this order, each a fraction of
 """
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -123,13 +123,162 @@ def _solver_kwargs(config: ml_collections.ConfigDict,
               threshold=config.wgm.sinkhorn_threshold, replicate=replicate)
 
 
+class ExpertTargets(NamedTuple):
+  """What the experts' loss needs of the whole batch, fixed before any gradient.
+
+  weights: [B, N], expert j's weight on sample i (WGM's in `coadapt`, 1 in `warmup`).
+  normaliser: [N], each expert's total weight over the whole batch, so that
+    the loss of a micro-batch is its exact share of the whole batch's.
+  """
+  weights: jax.Array
+  normaliser: jax.Array
+
+
+class DelegatorTargets(NamedTuple):
+  """What the delegator's losses need of the whole batch, fixed before any gradient.
+
+  selection: [B, N], LGM's target distribution over experts.
+  sample_weights: [B], VCM's weights of the selection loss.
+  teacher: [B, K] the selected expert's logits to distil from, or None.
+  """
+  selection: jax.Array
+  sample_weights: jax.Array
+  teacher: Optional[jax.Array]
+
+
+def expert_targets(stage: str, config: ml_collections.ConfigDict, *, batch: int,
+                   num_experts: int, selection_logits: Optional[jax.Array] = None,
+                   replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+                   ) -> tuple[Optional[ExpertTargets], dict[str, jax.Array]]:
+  """The experts' loss weights of a stage: None in `delegator` (experts frozen).
+
+  `coadapt` solves WGM's balanced transport of `selection_logits` [B, N];
+  `warmup` weighs every pair by 1 and does not read them. The info holds
+  WGM's `portion` [B] and solver figures.
+  """
+  if stage == "delegator":
+    return None, {}
+  if stage == "warmup":
+    weights, info = jnp.ones((batch, num_experts), jnp.float32), {}  # [B, N]
+  else:
+    weights, portion, info = wgm.expert_loss_weights(
+        selection_logits.astype(jnp.float32), off_portion_weight=config.wgm.off_portion_weight,
+        **_solver_kwargs(config, replicate))  # [B, N], [B]
+    info = {**info, "portion": portion}
+  return ExpertTargets(weights, jnp.sum(weights, axis=0)), info  # [B, N], [N]
+
+
+def delegator_targets(scoring_logits: jax.Array, selection_logits: jax.Array,
+                      labels: jax.Array, config: ml_collections.ConfigDict,
+                      rng: Optional[jax.Array] = None,
+                      replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+                      ) -> tuple[DelegatorTargets, dict[str, jax.Array]]:
+  """LGM's targets, VCM's weights and the distillation teacher of the whole batch.
+
+  Args:
+    scoring_logits: every expert on every sample, without dropout [N, B, K].
+    selection_logits: the delegator's g [B, N]; its argmax picks the teacher.
+    labels: [B].
+    config, rng, replicate: as for `coe_objective`.
+
+  Returns:
+    The targets, and LGM's solver info (`balanced` rule only).
+  """
+  scoring_logits = jax.lax.stop_gradient(scoring_logits.astype(jnp.float32))  # [N, B, K]
+  targets, info = lgm.selection_targets(
+      scoring_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
+      rng=rng, **_solver_kwargs(config, replicate))  # [B, N]
+  sample_weights = vcm.selection_sample_weights(
+      scoring_logits, labels, enabled=config.vcm.enabled)  # [B]
+  teacher = None
+  if config.loss.distill_weight > 0:
+    selected = jnp.argmax(selection_logits, axis=-1)  # [B]
+    teacher = scoring_logits[selected, jnp.arange(labels.shape[0])]  # [B, K]
+  return DelegatorTargets(targets, sample_weights, teacher), info
+
+
+def expert_loss(expert_logits: jax.Array, labels: jax.Array,
+                targets: ExpertTargets) -> jax.Array:
+  """`L_E` of these samples [N, B', K]: their share of the whole batch's loss."""
+  return losses.weighted_expert_loss(expert_logits.astype(jnp.float32), labels,
+                                     targets.weights, normaliser=targets.normaliser)
+
+
+def delegator_side_loss(class_logits: jax.Array, selection_logits: jax.Array,
+                        labels: jax.Array, targets: Optional[DelegatorTargets],
+                        config: ml_collections.ConfigDict, share: float = 1.0
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`lambda_sel L_sel + lambda_D L_D` of these samples, and the two terms.
+
+  `share` is these samples' fraction of the whole batch (both terms are
+  means over it); `targets` is None in `warmup`, which has no selection loss
+  and no distillation.
+  """
+  class_logits = class_logits.astype(jnp.float32)  # [B', K]
+  if targets is None:
+    delegator_loss = share * losses.delegator_loss(
+        class_logits, labels, label_smoothing=config.loss.label_smoothing)
+    return config.loss.delegator_weight * delegator_loss, jnp.zeros(()), delegator_loss
+  selection_loss = share * losses.selection_loss(
+      selection_logits.astype(jnp.float32), targets.selection, targets.sample_weights)
+  delegator_loss = share * losses.delegator_loss(
+      class_logits, labels, label_smoothing=config.loss.label_smoothing,
+      distill_logits=targets.teacher, distill_weight=config.loss.distill_weight,
+      distill_temperature=config.loss.distill_temperature)
+  total = (config.loss.selection_weight * selection_loss +
+           config.loss.delegator_weight * delegator_loss)
+  return total, selection_loss, delegator_loss
+
+
+def batch_metrics(stage: str, scoring_logits: jax.Array, selection_logits: jax.Array,
+                  class_logits: jax.Array, labels: jax.Array,
+                  targets: Optional[DelegatorTargets], lgm_info: dict[str, jax.Array],
+                  wgm_info: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The whole batch's routing and accuracy metrics (`coe_objective` lists them)."""
+  num_experts, batch = scoring_logits.shape[:2]
+  expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, B]
+  expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
+  zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+  metrics = dict(
+      load_gap=zero, selection_load_gap=zero, selection_agreement=zero,
+      own_portion_accuracy=zero, off_portion_accuracy=zero, routed_accuracy=zero,
+      sinkhorn_iterations=zero, sinkhorn_converged=one, lgm_sinkhorn_iterations=zero,
+      lgm_sinkhorn_converged=one,
+      delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
+  if stage == "warmup":
+    return metrics
+  selected = jnp.argmax(selection_logits, axis=-1)  # [B]
+  selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
+  metrics.update(
+      selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
+      selection_agreement=jnp.mean(selected == jnp.argmax(targets.selection, axis=-1)),
+      routed_accuracy=jnp.mean(expert_correct[selected, jnp.arange(batch)]))
+  if lgm_info:
+    metrics.update(lgm_sinkhorn_iterations=lgm_info["sinkhorn_iterations"],
+                   lgm_sinkhorn_converged=lgm_info["sinkhorn_converged"])
+  if stage == "coadapt":
+    own = jax.nn.one_hot(wgm_info["portion"], num_experts, dtype=jnp.float32).T  # [N, B]
+    off_pairs = max(batch * (num_experts - 1), 1)
+    metrics.update(
+        load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
+        own_portion_accuracy=jnp.sum(own * expert_correct) / batch,
+        off_portion_accuracy=jnp.sum((1 - own) * expert_correct) / off_pairs,
+        sinkhorn_iterations=wgm_info["sinkhorn_iterations"],
+        sinkhorn_converged=wgm_info["sinkhorn_converged"])
+  return metrics
+
+
 def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
                   expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
                   stage: str, rng: Optional[jax.Array] = None, *,
                   scoring_logits: Optional[jax.Array] = None,
                   replicate: Callable[[jax.Array], jax.Array] = lambda x: x
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The total loss of one stage, and metrics.
+  """The total loss of one stage over one batch, and metrics.
+
+  The terms come from `expert_targets`, `delegator_targets`, `expert_loss`
+  and `delegator_side_loss`, which the micro-batched train step also calls
+  one part at a time.
 
   Args:
     class_logits: the delegator's class logits z_D [B, K].
@@ -167,77 +316,25 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
   """
   require(stage in STAGES, "stage", stage, f"expected one of {', '.join(STAGES)}")
   num_experts, batch = expert_logits.shape[:2]
-  # Losses and the solvers' scores in float32 whatever the compute dtype: the
-  # [B, K] and [N, B, K] casts are cheap, bfloat16 log-probabilities are not
-  # precise enough to rank experts.
   if scoring_logits is None:
     scoring_logits = expert_logits
-  class_logits, selection_logits, expert_logits, scoring_logits = (
-      x.astype(jnp.float32)
-      for x in (class_logits, selection_logits, expert_logits, scoring_logits))
   # Nothing reads the scores for their gradient; in the delegator stage the
   # experts are frozen, and nothing below, distillation included, may train them.
   scoring_logits = jax.lax.stop_gradient(scoring_logits)  # [N, B, K]
-  if stage == "delegator":
-    expert_logits = jax.lax.stop_gradient(expert_logits)  # [N, B, K]
-  expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, B]
-  expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
-  zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
-  metrics = dict(
-      expert_loss=zero, selection_loss=zero, load_gap=zero, selection_load_gap=zero,
-      selection_agreement=zero, own_portion_accuracy=zero, off_portion_accuracy=zero,
-      routed_accuracy=zero, sinkhorn_iterations=zero, sinkhorn_converged=one,
-      lgm_sinkhorn_iterations=zero, lgm_sinkhorn_converged=one)
-
-  if stage == "warmup":
-    expert_loss = losses.weighted_expert_loss(
-        expert_logits, labels, jnp.ones((batch, num_experts), expert_logits.dtype))
-    delegator_loss = losses.delegator_loss(class_logits, labels,
-                                           label_smoothing=config.loss.label_smoothing)
-    total = expert_loss + config.loss.delegator_weight * delegator_loss
-    metrics["expert_loss"] = expert_loss
-  else:
-    targets, lgm_info = lgm.selection_targets(
-        scoring_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
-        rng=rng, **_solver_kwargs(config, replicate))  # [B, N]
-    sample_weights = vcm.selection_sample_weights(
-        scoring_logits, labels, enabled=config.vcm.enabled)  # [B]
-    selection_loss = losses.selection_loss(selection_logits, targets, sample_weights)
-    selected = jnp.argmax(selection_logits, axis=-1)  # [B]
-    selected_logits = scoring_logits[selected, jnp.arange(batch)]  # [B, K]
-    delegator_loss = losses.delegator_loss(
-        class_logits, labels, label_smoothing=config.loss.label_smoothing,
-        distill_logits=selected_logits if config.loss.distill_weight > 0 else None,
-        distill_weight=config.loss.distill_weight,
-        distill_temperature=config.loss.distill_temperature)
-    total = (config.loss.selection_weight * selection_loss +
-             config.loss.delegator_weight * delegator_loss)
-    selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
-    metrics.update(
-        selection_loss=selection_loss,
-        selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
-        selection_agreement=jnp.mean(selected == jnp.argmax(targets, axis=-1)),
-        routed_accuracy=jnp.mean(expert_correct[selected, jnp.arange(batch)]))
-    if lgm_info:
-      metrics.update(lgm_sinkhorn_iterations=lgm_info["sinkhorn_iterations"],
-                     lgm_sinkhorn_converged=lgm_info["sinkhorn_converged"])
-    if stage == "coadapt":
-      weights, portion, wgm_info = wgm.expert_loss_weights(
-          selection_logits, off_portion_weight=config.wgm.off_portion_weight,
-          **_solver_kwargs(config, replicate))  # [B, N], [B]
-      expert_loss = losses.weighted_expert_loss(expert_logits, labels, weights)
-      total = total + expert_loss
-      own = jax.nn.one_hot(portion, num_experts, dtype=jnp.float32).T  # [N, B]
-      off_pairs = max(batch * (num_experts - 1), 1)
-      metrics.update(
-          expert_loss=expert_loss,
-          load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
-          own_portion_accuracy=jnp.sum(own * expert_correct) / batch,
-          off_portion_accuracy=jnp.sum((1 - own) * expert_correct) / off_pairs,
-          sinkhorn_iterations=wgm_info["sinkhorn_iterations"],
-          sinkhorn_converged=wgm_info["sinkhorn_converged"])
-
-  metrics.update(
-      loss=total, delegator_loss=delegator_loss,
-      delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
+  experts, wgm_info = expert_targets(stage, config, batch=batch, num_experts=num_experts,
+                                     selection_logits=selection_logits, replicate=replicate)
+  delegator, lgm_info = None, {}
+  if stage != "warmup":
+    delegator, lgm_info = delegator_targets(scoring_logits, selection_logits, labels, config,
+                                            rng, replicate)
+  total, selection_loss, delegator_loss = delegator_side_loss(
+      class_logits, selection_logits, labels, delegator, config)
+  loss_of_experts = jnp.zeros((), jnp.float32)
+  if experts is not None:
+    loss_of_experts = expert_loss(expert_logits, labels, experts)
+    total = total + loss_of_experts
+  metrics = batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
+                          class_logits, labels, delegator, lgm_info, wgm_info)
+  metrics.update(loss=total, expert_loss=loss_of_experts, selection_loss=selection_loss,
+                 delegator_loss=delegator_loss)
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}

@@ -77,6 +77,9 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   require(isinstance(num_classes, int) and num_classes >= 2, "data.num_classes", num_classes,
           "the planner reads no data: set the number of classes")
   config.mesh.data, config.mesh.expert = data, expert
+  if config.routing.expert_loop == "auto":
+    # The loop an accelerator takes, not the CPU's: the plan is for the pod.
+    config.routing.expert_loop = "scan"
   # The shapes alone: no data set is read.
   info = DataInfo(num_classes, [str(k) for k in range(num_classes)], 0, 0, 0)
   with tempfile.TemporaryDirectory() as workdir:
@@ -102,6 +105,7 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   return {
       "config_experts": config.num_experts, "mesh": f"{data}x{expert}", "devices": data * expert,
       "global_batch": batch, "remat": config.train.remat,
+      "microbatches": config.train.microbatches,
       "compute_dtype": config.train.compute_dtype, "expert_loop": config.routing.expert_loop,
       "gflops_per_device": compiled.cost_analysis()["flops"] / 1e9,
       "gib_per_device": {key: value / GIB for key, value in memory.items()},
@@ -115,7 +119,8 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
 
 def format_plan(result: dict[str, Any]) -> str:
   lines = [f"mesh {result['mesh']} ({result['devices']} devices), N={result['config_experts']}, "
-           f"global batch {result['global_batch']}, remat={result['remat']}, "
+           f"global batch {result['global_batch']} in {result['microbatches']} micro-batches, "
+           f"remat={result['remat']}, "
            f"{result['compute_dtype']}",
            f"  {result['gflops_per_device']:.1f} GFLOP per device and step"]
   for key, gib in result["gib_per_device"].items():

@@ -25,6 +25,7 @@ Batch = dict[str, jax.Array]
 # Batch-leading arrays split over every device of the mesh, and arrays on every device.
 ALL_DEVICES = PartitionSpec((expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
 REPLICATED = PartitionSpec()
+MICRO_ALL = PartitionSpec(None, (expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
 Metrics = dict[str, jax.Array]
 
 
@@ -64,6 +65,28 @@ def ema_weight(decay: float, step: jax.Array) -> jax.Array:
   return decay * -jnp.expm1((t - 1) * jnp.log(decay)) / -jnp.expm1(t * jnp.log(decay))
 
 
+def split_micro(x: jax.Array, microbatches: int) -> jax.Array:
+  """[B, ...] -> [M, B / M, ...]; micro-batch m holds samples m, m + M, m + 2M, ...
+
+  Strided, so that each device's share of the batch holds an equal share of
+  every micro-batch and no sample moves between devices.
+  """
+  return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+
+def join_micro(x: jax.Array, batch_axis: int = 0) -> jax.Array:
+  """The inverse of `split_micro` for outputs stacked over micro-batches.
+
+  `x` is [M, ...] with each micro-batch's batch axis at `batch_axis` of the
+  rest ([M, B/M, ...] or, at batch_axis 1, [M, N, B/M, ...]); the result has
+  the whole batch there ([B, ...] or [N, B, ...]).
+  """
+  x = jnp.moveaxis(x, 0, batch_axis + 1)  # [..., B/M, M, ...]
+  shape = x.shape
+  return x.reshape(*shape[:batch_axis], shape[batch_axis] * shape[batch_axis + 1],
+                   *shape[batch_axis + 2:])
+
+
 def _hold_experts(new: Any, old: Any) -> Any:
   """`new` with every leaf under the stacked experts taken from `old`."""
   return jax.tree_util.tree_map_with_path(
@@ -94,10 +117,12 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
   expert_loop = config.routing.expert_loop
   schedule = optim.learning_rate_schedule(config)
 
-  def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-    rng = jax.random.fold_in(rng, state.step)
-    delegator_rng, experts_rng, selection_rng = jax.random.split(rng, 3)
-    images, labels = batch["image"], batch["label"]  # [B, H, W, Ch], [B]
+  microbatches = config.train.microbatches
+  replicate = lambda x: constrain(x, REPLICATED)
+
+  def one_pass(state: TrainState, images: jax.Array, labels: jax.Array, rngs: tuple):
+    """Gradients of the whole batch's objective in one forward and backward pass."""
+    delegator_rng, experts_rng, selection_rng = rngs
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -117,11 +142,110 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
             mesh=mesh)  # [N, B, K], [N, B, K]
       loss, metrics = objective.coe_objective(
           class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
-          scoring_logits=scoring_logits, replicate=lambda x: constrain(x, REPLICATED))
+          scoring_logits=scoring_logits, replicate=replicate)
       return loss, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
 
     # Frozen experts get zero gradients (their logits are stop_gradient-ed).
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+  def micro_batched(state: TrainState, images: jax.Array, labels: jax.Array, rngs: tuple):
+    """The same objective's gradients, accumulated over M micro-batches.
+
+    Every target of the objective is computed over the whole batch before any
+    gradient: WGM's transport from the delegator's selection logits (one
+    forward pass of the delegator, no gradient), then the experts' passes
+    with gradient, whose scores give LGM's and VCM's targets, then the
+    delegator's passes with gradient. The gradients separate this way
+    because WGM's weights and LGM's targets are constants of the loss. Only
+    BatchNorm sees the micro-batch: its statistics are each micro-batch's,
+    and the running averages are updated with their mean.
+    """
+    delegator_rng, experts_rng, selection_rng = rngs
+    batch, num_experts = labels.shape[0], model.num_experts
+    images = constrain(split_micro(images, microbatches), MICRO_ALL)  # [M, B/M, H, W, Ch]
+    whole_labels, labels = labels, split_micro(labels, microbatches)  # [B], [M, B/M]
+    delegator_keys = jax.random.split(delegator_rng, microbatches)  # [M]
+    expert_keys = jax.random.split(experts_rng, microbatches)  # [M]
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+    def delegator_pass(params, images, key):
+      return model.delegator({"params": params, "batch_stats": state.batch_stats},
+                             constrain(images, ALL_DEVICES), train=True, rng=key)
+
+    selection_logits = None  # [B, N]; warm-up does not read it.
+    if stage != "warmup":
+      selection_logits = join_micro(jax.lax.map(
+          lambda xs: delegator_pass(state.params, *xs)[0][1], (images, delegator_keys)))
+    expert_targets, wgm_info = objective.expert_targets(
+        stage, config, batch=batch, num_experts=num_experts,
+        selection_logits=selection_logits, replicate=replicate)
+
+    if freeze_experts:
+      scoring_logits = jax.lax.map(lambda x: expert_parallel.run_experts(
+          model, {"params": state.params, "batch_stats": state.batch_stats}, x,
+          shared_input=True, expert_loop=expert_loop, mesh=mesh), images)  # [M, N, B/M, K]
+      grads, expert_loss, expert_stats = zeros, jnp.zeros(()), state.batch_stats["experts"]
+    else:
+      weights = split_micro(expert_targets.weights, microbatches)  # [M, B/M, N]
+
+      def expert_step(grads, xs):
+        images, labels, key, weights = xs
+
+        def loss_fn(params):
+          logits, scoring, stats = expert_parallel.train_experts(
+              model, {"params": params, "batch_stats": state.batch_stats}, images, key,
+              expert_loop=expert_loop, mesh=mesh)  # [N, B/M, K] x 2
+          targets = expert_targets._replace(weights=weights)
+          return objective.expert_loss(logits, labels, targets), (scoring, stats)
+
+        (loss, (scoring, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return jax.tree.map(jnp.add, grads, g), (loss, scoring, stats)
+
+      grads, (expert_loss, scoring_logits, expert_stats) = jax.lax.scan(
+          expert_step, zeros, (images, labels, expert_keys, weights))
+      expert_loss = jnp.sum(expert_loss)
+      expert_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), expert_stats)
+    scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
+
+    delegator_targets, lgm_info = None, {}
+    if stage != "warmup":
+      delegator_targets, lgm_info = objective.delegator_targets(
+          scoring_logits, selection_logits, whole_labels,
+          config, selection_rng, replicate)
+
+    def delegator_step(grads, xs):
+      images, labels, key, targets = xs
+
+      def loss_fn(params):
+        (class_logits, selection_logits), stats = delegator_pass(params, images, key)
+        total, selection_loss, delegator_loss = objective.delegator_side_loss(
+            class_logits, selection_logits, labels, targets, config, share=1 / microbatches)
+        return total, (selection_loss, delegator_loss, class_logits, stats)
+
+      (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return jax.tree.map(jnp.add, grads, g), aux
+
+    micro_targets = jax.tree.map(lambda x: split_micro(x, microbatches), delegator_targets)
+    grads, (selection_loss, delegator_loss, class_logits, delegator_stats) = jax.lax.scan(
+        delegator_step, grads, (images, labels, delegator_keys, micro_targets))
+    selection_loss, delegator_loss = jnp.sum(selection_loss), jnp.sum(delegator_loss)
+    metrics = objective.batch_metrics(
+        stage, scoring_logits.astype(jnp.float32), selection_logits, join_micro(class_logits),
+        whole_labels, delegator_targets, lgm_info, wgm_info)
+    total = (expert_loss + config.loss.selection_weight * selection_loss +
+             config.loss.delegator_weight * delegator_loss)
+    metrics.update(loss=total, expert_loss=expert_loss, selection_loss=selection_loss,
+                   delegator_loss=delegator_loss)
+    metrics = {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+    delegator_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), delegator_stats)
+    return grads, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
+
+  def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(rng, state.step)
+    rngs = tuple(jax.random.split(rng, 3))  # delegator, experts, selection
+    images, labels = batch["image"], batch["label"]  # [B, H, W, Ch], [B]
+    pass_fn = one_pass if microbatches == 1 else micro_batched
+    grads, (metrics, batch_stats) = pass_fn(state, images, labels, rngs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params

@@ -60,6 +60,19 @@ def test_a_sharded_run_trains_as_one_device(one_device, data, expert, loop):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_micro_batches_on_a_mesh_train_as_on_one_device():
+  """Gradient accumulation under expert parallelism: shard_map inside the micro-batch loop."""
+  def config(data, expert):
+    c = _config(data, expert)
+    c.train.microbatches = 2
+    return c
+  losses, variables = _train(config(2, 4))
+  want_losses, want_variables = _train(config(1, 1))
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  for got, want in zip(variables, want_variables, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _convolutions(config) -> int:
   """Convolutions in the lowered train step: for a mesh, one device's program."""
   trainer = _trainer(config)

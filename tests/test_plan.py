@@ -33,6 +33,8 @@ def test_a_plan_counts_one_devices_share_of_the_state():
     (["--mesh=4"], "--mesh='4': expected DATAxEXPERT"),
     (["--mesh=2x2", "--hbm-gib=0"], "--hbm-gib=0.0"),
     (["--mesh=1x3"], "mesh.expert=3"),
+    (["--mesh=2x2", "--config.train.microbatches=1024"], "train.microbatches=1024"),
+    (["--mesh=2x2", "--config.train.remat=everything"], "train.remat='everything'"),
 ])
 def test_bad_planner_arguments_fail_in_one_line(args, fragment):
   assert fragment in error_line(run_module("coe_jax.plan", f"--config={config_path('digits')}",

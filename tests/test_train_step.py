@@ -1,10 +1,12 @@
 """The train step and what the trainer wires around it: frozen experts, EMA, schedules, PWLU."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from coe_jax import optim, train, train_step
+from coe_jax import objective, optim, train, train_step
 from coe_jax.models.coe import CoE, under_experts
 from tests.helpers import single_device_trainer, train_config, training_metrics
 from tests.tiny import tiny_config
@@ -133,3 +135,77 @@ def test_weight_decay_reaches_kernels_only():
   assert all(not p.endswith("kernel") for p in kept)
   heights = params["experts"]["backbone"]["stem_act"]["PWLU_0"]["heights"]
   assert heights.ndim == 3  # [N, C, n+1]: two axes of its own, yet no kernel.
+
+
+def test_micro_batches_split_and_join_back_to_the_batch():
+  x = np.arange(8 * 3).reshape(8, 3)
+  micro = np.asarray(train_step.split_micro(x, 4))  # [4, 2, 3]
+  np.testing.assert_array_equal(micro[1], x[[1, 5]])  # strided: every device shares each one
+  np.testing.assert_array_equal(train_step.join_micro(micro), x)
+  per_expert = np.stack([micro * 10, micro * 100], axis=1)  # [M, N, B/M, 3]
+  np.testing.assert_array_equal(train_step.join_micro(per_expert, batch_axis=1),
+                                np.stack([x * 10, x * 100]))
+
+
+def _reference_micro_batched_step(model, optimizer, config, stage, state, batch, microbatches):
+  """One update of the whole batch's objective computed in one pass (`coe_objective`),
+  with the networks run on the micro-batches side by side (vmap), so that their
+  BatchNorm statistics are the micro-batches' as in gradient accumulation."""
+  split = lambda x: train_step.split_micro(x, microbatches)
+  images, labels = split(batch["image"]), batch["label"]
+  rng = jax.random.key(1)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    (class_logits, selection_logits), delegator_stats = jax.vmap(
+        lambda x: model.delegator(variables, x, train=True, rng=rng))(images)
+    if stage == "delegator":
+      expert_logits = jax.lax.stop_gradient(jax.vmap(lambda x: model.experts(
+          variables, x, shared_input=True, loop="unroll"))(images))
+      expert_stats = state.batch_stats["experts"]
+    else:
+      expert_logits, _, expert_stats = jax.vmap(lambda x: model.run_stacked(
+          {collection: tree["experts"] for collection, tree in variables.items()},
+          x, shared_input=True, train=True, rngs=jax.random.split(rng, model.num_experts),
+          loop="unroll"))(images)
+      expert_stats = jax.tree.map(lambda x: x.mean(0), expert_stats)
+    join = train_step.join_micro
+    loss, _ = objective.coe_objective(join(class_logits), join(selection_logits),
+                                      join(expert_logits, batch_axis=1), labels, config, stage)
+    return loss, {"delegator": jax.tree.map(lambda x: x.mean(0), delegator_stats),
+                  "experts": expert_stats}
+
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, _ = optimizer.update(grads, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), batch_stats
+
+
+@pytest.mark.parametrize("stage", ["coadapt", "delegator"])
+def test_micro_batches_train_the_objective_of_the_whole_batch(stage):
+  """4 micro-batches: WGM, LGM, VCM and the loss normalisers see the whole batch."""
+  config = train_config()
+  config.num_experts = 3
+  config.loss.distill_weight = 0.5  # the teacher is picked over the whole batch too
+  config.train.microbatches = 4
+  # SGD at its peak rate from the first step: the update is the gradient, scaled.
+  config.train.warmup_steps, config.train.optimizer, config.train.momentum = 0, "sgd", 0.0
+  trainer = single_device_trainer(config, "/tmp/unused")
+  state = trainer.init_state()
+  batch = trainer.global_batch(next(train.data.train_batches(config)))
+  step = jax.jit(train_step.make_train_step(trainer.model, trainer.optimizer, config, stage))
+  new_state, metrics = step(state, batch, jax.random.key(0))
+  assert float(metrics["finite"]) == 1 and float(metrics["load_gap"]) <= 1
+  params, batch_stats = jax.jit(lambda s, b: _reference_micro_batched_step(
+      trainer.model, trainer.optimizer, config, stage, s, b, 4))(state, batch)
+  got, want = (jax.tree.map(jnp.subtract, p, state.params) for p in (new_state.params, params))
+  # Gradients that are zero but for float noise (a BatchNorm bias before another
+  # BatchNorm) are compared against the largest update.
+  scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
+  for a, b in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(batch_stats),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  moved = [not np.allclose(a, b) for a, b in zip(_leaves(state.params, experts=False),
+                                                   _leaves(new_state.params, experts=False))]
+  assert sum(moved) > len(moved) // 2
