@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Gradient accumulation: each step runs the batch in this many passes.
       # WGM, LGM and VCM still see the whole batch; BatchNorm sees each pass's.
       microbatches=1,
+      # BatchNorm's statistics on a mesh: global (the whole batch's, one
+      # all-reduce per layer) | replica (each device's own samples', as
+      # MobileNet/EfficientNet TPU recipes do; the running averages agree).
+      batch_norm_scope="global",
       pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
       checkpoint_every_steps=500,
       keep_checkpoints=3,

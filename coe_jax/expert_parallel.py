@@ -16,12 +16,15 @@ read with ordinary jax.numpy.
 from typing import Any, Optional
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coe_jax.models.coe import CoE
 
 DATA_AXIS = "data"      # Mesh axis the batch is split along.
 EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
+# Batch-leading arrays split over every device of the mesh.
+ALL_DEVICES = PartitionSpec((DATA_AXIS, EXPERT_AXIS))
+BATCH_NORM_SCOPES = ("global", "replica")
 
 Variables = dict[str, Any]
 
@@ -52,16 +55,48 @@ def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_i
                        out_specs=split)(_experts_of(variables), images)
 
 
+def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
+                    mesh: Optional[Mesh], batch_norm_scope: str):
+  """The delegator in training mode: ((class logits [B, K], selection logits [B, N]), stats).
+
+  With `batch_norm_scope="global"` its work is split over every device by
+  the partitioner, and BatchNorm's statistics are the whole batch's. With
+  "replica", each device runs it on its own B / (D E) samples inside
+  `shard_map`, BatchNorm reduces over those alone (no all-reduce per layer),
+  and the running averages are then averaged over the devices, so every
+  device keeps the same ones.
+  """
+  if mesh is None or batch_norm_scope == "global":
+    every_device = NamedSharding(mesh, ALL_DEVICES) if mesh is not None else None
+    if every_device is not None:
+      images = jax.lax.with_sharding_constraint(images, every_device)
+    return model.delegator(variables, images, train=True, rng=rng)
+  axes = (DATA_AXIS, EXPERT_AXIS)
+  own = {collection: {"delegator": tree["delegator"]} for collection, tree in variables.items()}
+
+  def run_local(own: Variables, images: jax.Array):
+    # images: [B / (D E), H, W, Ch]; own: the delegator's variables, on every device.
+    device = jax.lax.axis_index(axes)
+    outputs, stats = model.delegator(own, images, train=True, rng=jax.random.fold_in(rng, device))
+    return outputs, jax.lax.pmean(stats, axes)
+
+  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(), ALL_DEVICES),
+                       out_specs=((ALL_DEVICES, ALL_DEVICES), PartitionSpec()))(own, images)
+
+
 def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
-                  expert_loop: str, mesh: Optional[Mesh]):
+                  expert_loop: str, mesh: Optional[Mesh], batch_norm_scope: str = "global"):
   """Every expert in training mode on the whole batch, each device on its share.
 
   Returns (logits [N, B, K], deterministic logits [N, B, K] (the same pass
   without dropout), new batch_stats [N, ...]). Under a mesh, BatchNorm
-  reduces over the data axis, so the statistics are those of the global
-  batch, as on one device; each data shard draws its own dropout masks.
-  Gradients flow back through `shard_map`: each device's expert gradients are
-  summed over the data axis, and no device computes another's experts.
+  reduces over the data axis with `batch_norm_scope="global"`, so the
+  statistics are those of the global batch, as on one device; with
+  "replica" each data shard's statistics are its own B / D samples', and
+  the running averages are averaged over the data axis. Each data shard
+  draws its own dropout masks. Gradients flow back through `shard_map`: each
+  device's expert gradients are summed over the data axis, and no device
+  computes another's experts.
   """
   experts = _experts_of(variables)
   rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
@@ -69,14 +104,19 @@ def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.
     return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,
                              loop=expert_loop)
   split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
-  net = model.expert_net.clone(batch_norm_axis=DATA_AXIS)
+  per_replica = batch_norm_scope == "replica"
+  net = model.expert_net.clone(batch_norm_axis=None if per_replica else DATA_AXIS)
 
   def run_local(experts: Variables, images: jax.Array, rngs: jax.Array):
     # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch]; rngs: [N / E].
     shard = jax.lax.axis_index(DATA_AXIS)
     rngs = jax.vmap(lambda key: jax.random.fold_in(key, shard))(rngs)
-    return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,
-                             loop=expert_loop, net=net)  # [N / E, B / D, K] x 2, stats
+    logits, deterministic, stats = model.run_stacked(
+        experts, images, shared_input=True, train=True, rngs=rngs, loop=expert_loop,
+        net=net)  # [N / E, B / D, K] x 2, stats
+    if per_replica:
+      stats = jax.lax.pmean(stats, DATA_AXIS)
+    return logits, deterministic, stats
 
   return jax.shard_map(
       run_local, mesh=mesh,

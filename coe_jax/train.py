@@ -29,7 +29,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from coe_jax import checkpointing, data, evaluation, flops, objective, optim, plots, routing
+from coe_jax import (checkpointing, data, evaluation, expert_parallel, flops, objective, optim,
+                     plots, routing)
 from coe_jax import sharding as sharding_lib
 from coe_jax.errors import CoEError, require
 from coe_jax.models import pwlu
@@ -129,6 +130,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "expected a positive integer")
   require(train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", train.nonfinite,
           f"expected one of {', '.join(NONFINITE_POLICIES)}")
+  require(train.batch_norm_scope in expert_parallel.BATCH_NORM_SCOPES, "train.batch_norm_scope",
+          train.batch_norm_scope, f"expected one of {', '.join(expert_parallel.BATCH_NORM_SCOPES)}")
   require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "expected a value in [0, 1)")
   require(0 <= train.pwlu_realign_fraction < 1, "train.pwlu_realign_fraction",
           train.pwlu_realign_fraction, "expected a fraction in [0, 1)")

@@ -22,9 +22,9 @@ from coe_jax import expert_parallel, objective, optim
 from coe_jax.models.coe import CoE, under_experts
 
 Batch = dict[str, jax.Array]
-# Batch-leading arrays split over every device of the mesh, and arrays on every device.
-ALL_DEVICES = PartitionSpec((expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
+# Arrays on every device.
 REPLICATED = PartitionSpec()
+# Micro-batches [M, B / M, ...], each split over every device.
 MICRO_ALL = PartitionSpec(None, (expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
 Metrics = dict[str, jax.Array]
 
@@ -118,6 +118,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
   schedule = optim.learning_rate_schedule(config)
 
   microbatches = config.train.microbatches
+  batch_norm_scope = config.train.batch_norm_scope
   replicate = lambda x: constrain(x, REPLICATED)
 
   def one_pass(state: TrainState, images: jax.Array, labels: jax.Array, rngs: tuple):
@@ -126,9 +127,9 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      (class_logits, selection_logits), delegator_stats = model.delegator(
-          variables, constrain(images, ALL_DEVICES), train=True,
-          rng=delegator_rng)  # [B, K], [B, N]
+      (class_logits, selection_logits), delegator_stats = expert_parallel.train_delegator(
+          model, variables, images, delegator_rng, mesh=mesh,
+          batch_norm_scope=batch_norm_scope)  # [B, K], [B, N]
       if freeze_experts:
         expert_logits = jax.lax.stop_gradient(expert_parallel.run_experts(
             model, variables, images, shared_input=True, expert_loop=expert_loop,
@@ -138,8 +139,8 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
         # Scored without dropout: LGM, VCM and distillation should not hinge
         # on each expert's own dropout mask.
         expert_logits, scoring_logits, expert_stats = expert_parallel.train_experts(
-            model, variables, images, experts_rng, expert_loop=expert_loop,
-            mesh=mesh)  # [N, B, K], [N, B, K]
+            model, variables, images, experts_rng, expert_loop=expert_loop, mesh=mesh,
+            batch_norm_scope=batch_norm_scope)  # [N, B, K], [N, B, K]
       loss, metrics = objective.coe_objective(
           class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
           scoring_logits=scoring_logits, replicate=replicate)
@@ -169,8 +170,9 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
     def delegator_pass(params, images, key):
-      return model.delegator({"params": params, "batch_stats": state.batch_stats},
-                             constrain(images, ALL_DEVICES), train=True, rng=key)
+      return expert_parallel.train_delegator(
+          model, {"params": params, "batch_stats": state.batch_stats}, images, key, mesh=mesh,
+          batch_norm_scope=batch_norm_scope)
 
     selection_logits = None  # [B, N]; warm-up does not read it.
     if stage != "warmup":
@@ -194,7 +196,8 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
         def loss_fn(params):
           logits, scoring, stats = expert_parallel.train_experts(
               model, {"params": params, "batch_stats": state.batch_stats}, images, key,
-              expert_loop=expert_loop, mesh=mesh)  # [N, B/M, K] x 2
+              expert_loop=expert_loop, mesh=mesh,
+              batch_norm_scope=batch_norm_scope)  # [N, B/M, K] x 2
           targets = expert_targets._replace(weights=weights)
           return objective.expert_loss(logits, labels, targets), (scoring, stats)
 

@@ -200,3 +200,75 @@ def imagenet_example(split, i):
                     enumerate(frequencies)], -1)  # [H, W, 3], smooth like a photo.
   return {"image": image.round().astype(np.uint8), "label": i % 1000,
           "file_name": f"{split}_{i}.JPEG"}
+
+
+def sgd_at_peak(config) -> None:
+  """Plain SGD at its peak rate from the first step: an update is the gradient, scaled.
+  (Adam would turn gradients that are zero up to float order into
+  learning-rate-sized steps, and hide a real difference in that noise.)"""
+  config.train.warmup_steps, config.train.optimizer, config.train.momentum = 0, "sgd", 0.0
+
+
+def assert_same_update(state, new_state, params, batch_stats) -> None:
+  """`new_state` moved `state` to the reference's `params` and `batch_stats`.
+
+  Updates are compared, not parameters, and against the largest one: some
+  gradients are zero but for float noise (a BatchNorm bias before another
+  BatchNorm)."""
+  got, want = (jax.tree.map(jnp.subtract, p, state.params) for p in (new_state.params, params))
+  scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
+  for a, b in zip(jax.tree.leaves(jax.device_get(new_state.batch_stats)),
+                  jax.tree.leaves(jax.device_get(batch_stats)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def grouped_reference_step(model, optimizer, config, stage, state, batch, *,
+                           groups: tuple[int, int], strided: bool):
+  """(params, batch_stats) after one update of the whole batch's objective, computed
+  in one pass on one device (`coe_objective`), with the delegator and the experts
+  run on `groups` = (G_delegator, G_experts) groups of the batch side by side (vmap),
+  so that BatchNorm's statistics are each group's: strided groups are the train
+  step's micro-batches, contiguous ones the devices' shares of a mesh."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from coe_jax import objective, train_step  # pylint: disable=g-import-not-at-top
+
+  def split(x, count):  # [B, ...] -> [G, B / G, ...]
+    if strided:
+      return train_step.split_micro(x, count)
+    return x.reshape(count, x.shape[0] // count, *x.shape[1:])
+
+  def join(x, batch_axis=0):  # [G, ..., B / G at batch_axis + 1, ...] -> [..., B, ...]
+    if strided:
+      return train_step.join_micro(x, batch_axis)
+    x = jnp.moveaxis(x, 0, batch_axis)  # [..., G, B / G, ...]
+    return x.reshape(*x.shape[:batch_axis], -1, *x.shape[batch_axis + 2:])
+
+  rng = jax.random.key(1)
+  mean = lambda tree: jax.tree.map(lambda x: x.mean(0), tree)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    experts = {collection: tree["experts"] for collection, tree in variables.items()}
+    (class_logits, selection_logits), delegator_stats = jax.vmap(
+        lambda x: model.delegator(variables, x, train=True, rng=rng))(
+            split(batch["image"], groups[0]))
+    expert_images = split(batch["image"], groups[1])
+    if stage == "delegator":
+      expert_logits = jax.lax.stop_gradient(jax.vmap(lambda x: model.experts(
+          variables, x, shared_input=True, loop="unroll"))(expert_images))
+      expert_stats = state.batch_stats["experts"]
+    else:
+      expert_logits, _, expert_stats = jax.vmap(lambda x: model.run_stacked(
+          experts, x, shared_input=True, train=True,
+          rngs=jax.random.split(rng, model.num_experts), loop="unroll"))(expert_images)
+      expert_stats = mean(expert_stats)
+    loss, _ = objective.coe_objective(join(class_logits), join(selection_logits),
+                                      join(expert_logits, batch_axis=1), batch["label"],
+                                      config, stage)
+    return loss, {"delegator": mean(delegator_stats), "experts": expert_stats}
+
+  grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, _ = optimizer.update(grads, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), batch_stats

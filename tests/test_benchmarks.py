@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import inference, peak, train_step
+from benchmarks import inference, int8_conv, peak, train_step
 from coe_jax import flops
 from tests.tiny import tiny_config
 
@@ -32,6 +32,15 @@ def test_measured_peak_times_a_float32_matmul():
   _check_peak(measured)
   assert measured["matmul_size"] == 256 and measured["repeats"] == 2
   assert measured["macs_per_s"] > 1e8  # Far below any CPU's rate: only catches a unit slip.
+
+
+def test_int8_convolution_benchmark_times_both_precisions_of_the_same_layers():
+  report = int8_conv.measure(cases=((8, 16, 1),))
+  (row,) = report["rows"]
+  assert row["case"] == "8x8x16 k1" and row["macs"] == int8_conv.LAYERS * 8 * 8 * 16 * 16
+  assert row["int8_over_float32"] == pytest.approx(
+      row["int8_gmacs_per_s"] / row["float32_gmacs_per_s"])
+  assert set(report["cpu_flags"]) == {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}
 
 
 def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():

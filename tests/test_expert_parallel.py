@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from coe_jax import train
-from tests.helpers import train_config
+from tests.helpers import assert_same_update, grouped_reference_step, sgd_at_peak, train_config
 
 NUM_STEPS = 2
 
@@ -73,17 +73,43 @@ def test_micro_batches_on_a_mesh_train_as_on_one_device():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _convolutions(config) -> int:
-  """Convolutions in the lowered train step: for a mesh, one device's program."""
+def _lowered_step(config):
+  """The co-adaptation step lowered for abstract inputs (no data, no state)."""
   trainer = _trainer(config)
   image_size = config.data.image_size
   batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, image_size, image_size, 3),
                                          np.uint8, sharding=trainer.batch_sharding),
            "label": jax.ShapeDtypeStruct((config.train.batch_size,), np.int32,
                                          sharding=trainer.batch_sharding)}
-  text = trainer.compile_step("coadapt").lower(
-      trainer.abstract_state, batch, jax.random.key(0)).as_text()
-  return len(re.findall(r"stablehlo\.convolution", text))
+  return trainer.compile_step("coadapt").lower(trainer.abstract_state, batch, jax.random.key(0))
+
+
+def _convolutions(config) -> int:
+  """Convolutions in the lowered train step: for a mesh, one device's program."""
+  return len(re.findall(r"stablehlo\.convolution", _lowered_step(config).as_text()))
+
+
+def test_per_replica_batch_norm_uses_each_devices_samples_with_fewer_all_reduces():
+  """`train.batch_norm_scope=replica` on a data 2 x expert 2 mesh: the delegator's
+  statistics are each device's quarter of the batch, the experts' each data shard's
+  half, as a one-device pass over those groups computes them."""
+  config = _config(2, 2)
+  sgd_at_peak(config)
+  config.train.batch_norm_scope = "replica"
+  trainer = _trainer(config)
+  state = trainer.init_state()
+  batch = trainer.global_batch(next(train.data.train_batches(config)))
+  before, host_batch = jax.device_get((state, batch))  # The step donates its state.
+  new_state, _ = trainer.compile_step("coadapt")(state, batch, jax.random.key(0))
+  params, batch_stats = jax.jit(lambda s, b: grouped_reference_step(
+      trainer.model, trainer.optimizer, config, "coadapt", s, b, groups=(4, 2),
+      strided=False))(before, host_batch)
+  assert_same_update(before, jax.device_get(new_state), params, batch_stats)
+
+  def all_reduces(scope):
+    config.train.batch_norm_scope = scope
+    return len(re.findall(r"all-reduce(-start)?\(", _lowered_step(config).compile().as_text()))
+  assert all_reduces("replica") < all_reduces("global")
 
 
 def test_each_device_program_holds_only_its_own_experts():

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import plan
+from coe_jax import flops, plan
 from coe_jax.models.coe import CoE
 from tests.helpers import error_line, run_module
 from tests.tiny import config_path, tiny_config
@@ -24,7 +24,13 @@ def test_a_plan_counts_one_devices_share_of_the_state():
   gib = result["gib_per_device"]
   assert gib["params"] * plan.GIB == pytest.approx(want)
   assert gib["ema"] == pytest.approx(gib["params"])
-  assert gib["activations_and_scratch"] > 0 and result["gflops_per_device"] > 0
+  assert gib["activations_and_scratch"] > 0
+  # Training FLOPs (3 forward passes) of the delegator on a quarter of the
+  # batch and of two experts on half of it.
+  macs = flops.count(config, 10)
+  batch = config.train.batch_size
+  want = 6 * (macs["delegator_flops"] * batch / 4 + macs["expert_flops"] * 2 * batch / 2)
+  assert result["gflops_per_device"] * 1e9 == pytest.approx(want)
   assert result["fits"] == (result["total_gib_per_device"] <= 1.0)
   assert result["fits"] and not plan.plan(config, 2, 2, hbm_gib=1e-6)["fits"]
 

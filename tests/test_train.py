@@ -84,21 +84,27 @@ def test_predict_cli_on_the_run(digits_run, tmp_path):
   assert line.startswith(f"{path}:") and "p=" in line
 
 
-def _params(state):
-  return jax.tree.leaves(jax.device_get(state.params))
-
-
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  config = train_config(num_steps=4)
+  """Stopped right before PWLU's realignment (step 3 of 6) and resumed: the same
+  parameters, BatchNorm and PWLU statistics, and EMA as a run that never stopped."""
+  config = train_config(num_steps=6)
+  config.delegator.activation = config.expert.activation = "pwlu"
+  config.train.pwlu_realign_fraction = 0.5
+  config.train.ema_decay = 0.9
   config.train.checkpoint_every_steps = 100  # Only the stop and the end save.
   straight = train.train(single_device_trainer(config, str(tmp_path / "straight")))
   legs = str(tmp_path / "legs")
-  assert train.train(single_device_trainer(config, legs), stop_at=2) is None
-  assert sorted(os.listdir(os.path.join(legs, "checkpoints"))) == ["2"]
+  assert train.train(single_device_trainer(config, legs), stop_at=3) is None
+  assert sorted(os.listdir(os.path.join(legs, "checkpoints"))) == ["3"]
   resumed = train.train(single_device_trainer(config, legs))
-  assert int(resumed.step) == int(straight.step) == 4
-  for a, b in zip(_params(straight), _params(resumed)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert int(resumed.step) == int(straight.step) == 6
+  for part in ("params", "batch_stats", "ema_params"):
+    for a, b in zip(jax.tree.leaves(jax.device_get(getattr(straight, part))),
+                    jax.tree.leaves(jax.device_get(getattr(resumed, part))), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=part)
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(resumed.batch_stats))[0]
+  realigned = [leaf for path, leaf in flat if path[-1].key == "realigned"]
+  assert realigned and all(np.all(r == 1) for r in realigned)
 
 
 def test_coadaptation_steps_decrease_the_loss():
