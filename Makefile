@@ -6,15 +6,17 @@ CONFIG ?= configs/digits.py
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench constraints clean
 
 venv: $(STAMP)
 
-# Re-installs when setup.py changes; `pip install -e` keeps the checkout importable.
-$(STAMP): setup.py pyproject.toml
+# Re-installs when setup.py or the pinned versions change; `pip install -e`
+# keeps the checkout importable. constraints.txt pins every package to the
+# version the suite passed with.
+$(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,serve]'
+	$(PY) -m pip install --quiet -e '.[test,serve]' -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +27,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.inference --config=$(CONFIG) --json=$(WORKDIR)/bench_inference.json
+
+# The newest versions setup.py allows, frozen into constraints.txt: run
+# `make test` on them before committing the file.
+constraints:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet -e '.[test,serve]'
+	(head -2 constraints.txt; .venv-latest/bin/pip freeze --exclude-editable) > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-latest
 
 clean:
 	rm -rf $(VENV) runs

@@ -57,10 +57,12 @@ if [[ $DRY_RUN == 1 ]] || ! gcloud compute tpus tpu-vm describe "$NAME" --zone="
       --accelerator-type="$ACCELERATOR" --version="$VERSION"
 fi
 
-# 2. Install on every worker: the repository, the package, and jax for TPUs.
+# 2. Install on every worker: the repository, the package, and jax for TPUs,
+#    at the versions the suite passed with (constraints.txt).
 INSTALL="set -e; if [ ! -d coe-jax ]; then git clone $REPO_URL coe-jax; fi; cd coe-jax; \
 git fetch -q origin $REF && git checkout -q FETCH_HEAD; \
-python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/pip install -q 'jax[tpu]'"
+python3 -m venv .venv && .venv/bin/pip install -q -e . -c constraints.txt && \
+.venv/bin/pip install -q 'jax[tpu]' -c constraints.txt"
 run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$INSTALL"
 
 # 3. Train on all workers at once; jax.distributed finds the other hosts.

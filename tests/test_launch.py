@@ -27,6 +27,8 @@ def test_pod_dry_run_creates_installs_and_trains_on_all_workers():
   for line in (install, train):
     assert line.startswith("gcloud compute tpus tpu-vm ssh coe194") and "--worker=all" in line
   assert "jax\\[tpu\\]" in install and "example.org/coe-jax.git" in install
+  # Both installs take the versions the suite passed with.
+  assert install.replace("\\", "").count("-c constraints.txt") == 2
   for part in ("COE_DISTRIBUTED=1", "coe_jax.main", "imagenet_coe_194m.py",
                "gs://bucket/runs/coe194", "TFDS_DATA_DIR=gs://bucket/tfds",
                "--config.train.batch_size=2048"):
@@ -47,3 +49,13 @@ def test_local_dry_run_installs_then_trains():
   install, train = (line.strip() for line in result.stdout.strip().splitlines())
   assert install.startswith("make -C") and install.endswith("venv")
   assert "-m coe_jax.main --config=configs/digits.py --workdir=runs/x --config.seed=3" in train
+
+
+def test_the_environment_has_the_pinned_versions():
+  """`make venv` installs constraints.txt: what the suite runs on is what it pins."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "constraints.txt"), encoding="utf-8") as f:
+    pins = dict(line.strip().split("==") for line in f if "==" in line)
+  assert {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint"} <= set(pins)
+  installed = {name: metadata.version(name) for name in pins}
+  assert installed == pins
