@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coe_jax.errors import require
@@ -17,7 +18,8 @@ from coe_jax.models.coe import under_experts
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A `data` x `expert` mesh; `mesh.data = -1` takes all devices left over."""
+  """A `data` x `expert` mesh of `devices` (all of jax's by default), laid out
+  by `mesh_utils.create_device_mesh`; `mesh.data = -1` takes all devices left over."""
   devices = np.asarray(devices if devices is not None else jax.devices())
   num_devices = devices.size
   expert = config.mesh.expert
@@ -38,7 +40,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   require(config.train.batch_size % (data * microbatches) == 0, "train.microbatches",
           microbatches, f"expected a divisor of the per-device batch "
           f"({config.train.batch_size} / {data} data shards)")
-  return Mesh(devices.reshape(data, expert), ("data", "expert"))
+  # Topology-aware on TPUs and GPUs (neighbouring chips share an expert group's
+  # all-reduces); the plain order elsewhere.
+  grid = mesh_utils.create_device_mesh((data, expert), devices=list(devices.flat))
+  return Mesh(grid, ("data", "expert"))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
