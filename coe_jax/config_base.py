@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_norm_scope="global",
       pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
       checkpoint_every_steps=500,
+      # Compiled programs kept across restarts, so a resumed run does not
+      # recompile: None = JAX_COMPILATION_CACHE_DIR if set, else
+      # WORKDIR/compilation_cache; "" = off.
+      compilation_cache_dir=config_dict.placeholder(str),
       keep_checkpoints=3,
       log_every_steps=50,
       eval_every_steps=0,   # 0 = evaluate at the end only

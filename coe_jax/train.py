@@ -422,9 +422,24 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
   return results
 
 
+def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str,
+                          environment_dir: Optional[str]) -> str:
+  """Where the run keeps its compiled programs ("" for nowhere).
+
+  `train.compilation_cache_dir` when set, else JAX's own setting
+  (`environment_dir`, from JAX_COMPILATION_CACHE_DIR), else the workdir's
+  `compilation_cache`, which a preempted run finds again when it resumes.
+  """
+  if config.train.compilation_cache_dir is not None:
+    return config.train.compilation_cache_dir
+  return environment_dir or os.path.join(workdir, "compilation_cache")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict[str, Any]]:
   """Trains (or resumes) and evaluates; returns the results, or None if preempted."""
   _check_workdir(workdir)
+  cache = compilation_cache_dir(config, workdir, jax.config.jax_compilation_cache_dir)
+  jax.config.update("jax_compilation_cache_dir", cache or None)
   trainer = Trainer(config, workdir)
   logging.info("devices: %s; mesh %s; FLOPs %s", jax.devices(), dict(trainer.mesh.shape),
                trainer.flops)

@@ -185,3 +185,11 @@ def test_metrics_file_drops_the_steps_a_resumed_run_trains_again(tmp_path):
   path.write_text(lines.rstrip("\n"))
   train.JsonlWriter(str(path), start_step=6).write_scalars(8, {"loss": 0.1})
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 6, 8]
+
+
+def test_compiled_programs_are_kept_in_the_workdir_unless_told_otherwise():
+  config = train_config()
+  assert train.compilation_cache_dir(config, "/w", None) == "/w/compilation_cache"
+  assert train.compilation_cache_dir(config, "/w", "/shared") == "/shared"
+  config.train.compilation_cache_dir = ""  # Off, whatever the environment says.
+  assert train.compilation_cache_dir(config, "/w", "/shared") == ""
