@@ -91,6 +91,20 @@ def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> 
   return {"delegator_flops": delegator, "expert_flops": expert, "max_flops": delegator + expert}
 
 
+def train_step_flops_per_device(config: ml_collections.ConfigDict, num_classes: int, data: int,
+                                expert: int) -> float:
+  """Model FLOPs of one train step on one device of a data x expert mesh.
+
+  Each device trains the delegator on B / (D E) images and its N / E experts
+  on B / D images; training costs 3 forward passes, at 2 FLOPs a multiply-add.
+  """
+  macs = count(config, num_classes)
+  batch = config.train.batch_size
+  per_device = (macs["delegator_flops"] * batch / (data * expert) +
+                macs["expert_flops"] * config.num_experts / expert * batch / data)
+  return 3 * 2 * per_device
+
+
 def main(argv):
   del argv
   try:

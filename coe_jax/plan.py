@@ -69,7 +69,7 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   """The plan of `config` on a data x expert mesh of this process's (fake) devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from coe_jax import train  # pylint: disable=g-import-not-at-top
+  from coe_jax import flops, train  # pylint: disable=g-import-not-at-top
   require(hbm_gib > 0, "--hbm-gib", hbm_gib, "expected a positive number of GiB")
   require(jax.device_count() >= data * expert, "--mesh", f"{data}x{expert}",
           f"needs {data * expert} devices; this process has {jax.device_count()}")
@@ -95,12 +95,6 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   compile_s = time.perf_counter() - start
   text = compiled.as_text()
   state = trainer.abstract_state
-  # Model FLOPs: each device trains the delegator on B / (D E) images and its
-  # N / E experts on B / D images, at 3 forward passes (2 FLOPs a multiply-add).
-  # XLA's cost analysis counts a loop's body once, so with scanned experts or
-  # micro-batches it sees one expert and one micro-batch: reported apart.
-  macs = (trainer.flops["delegator_flops"] * batch / (data * expert) +
-          trainer.flops["expert_flops"] * config.num_experts / expert * batch / data)
   memory = {
       "params": _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
       "ema": _shard_bytes(state.ema_params) if state.ema_params is not None else 0,
@@ -113,7 +107,10 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
       "global_batch": batch, "remat": config.train.remat,
       "microbatches": config.train.microbatches,
       "compute_dtype": config.train.compute_dtype, "expert_loop": config.routing.expert_loop,
-      "gflops_per_device": 3 * 2 * macs / 1e9,
+      "gflops_per_device": flops.train_step_flops_per_device(
+          config, num_classes, data, expert) / 1e9,
+      # XLA's cost analysis counts a loop's body once: with scanned experts or
+      # micro-batches it sees one expert and one micro-batch.
       "xla_gflops_per_device_loop_bodies_once": compiled.cost_analysis()["flops"] / 1e9,
       "gib_per_device": {key: value / GIB for key, value in memory.items()},
       "total_gib_per_device": total / GIB, "hbm_gib": hbm_gib, "fits": total <= hbm_gib * GIB,
