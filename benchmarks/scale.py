@@ -101,8 +101,8 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
   return {
       "num_experts": num_experts, "mesh": f"{data}x{expert}",
       "gflops_per_device": compiled.cost_analysis()["flops"] / 1e9,
-      "model_gflops_per_device": flops.train_step_flops_per_device(
-          config, trainer.info.num_classes, data, expert) / 1e9,
+      "model_gflops_per_device": flops.train_step_flops(
+          config, trainer.info.num_classes) / (data * expert) / 1e9,
       "temp_mib": memory.temp_size_in_bytes / 2**20,
       "argument_mib": memory.argument_size_in_bytes / 2**20,
       "convolutions": len(re.findall(r"= \S+ convolution\(", text)),

@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_steps=0,   # 0 = evaluate at the end only
       nonfinite="stop",     # stop | skip: what a non-finite loss or gradient does
       profile_steps=0,      # >0: profile this many steps early in training (clu Profile)
+      # FLOP/s of one device for the logged model-FLOPs utilisation (mfu):
+      # None = the table in coe_jax/flops.py for known TPUs and GPUs.
+      peak_flops_per_device=config_dict.placeholder(float),
   ))
 
   c.wgm = ml_collections.ConfigDict(dict(

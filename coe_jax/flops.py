@@ -18,6 +18,7 @@ FLOPs here means multiply-adds, as in the mobile-network literature
 import json
 import math
 import sys
+from typing import Optional
 
 import ml_collections
 from absl import app, flags
@@ -91,18 +92,45 @@ def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> 
   return {"delegator_flops": delegator, "expert_flops": expert, "max_flops": delegator + expert}
 
 
-def train_step_flops_per_device(config: ml_collections.ConfigDict, num_classes: int, data: int,
-                                expert: int) -> float:
-  """Model FLOPs of one train step on one device of a data x expert mesh.
+def train_step_flops(config: ml_collections.ConfigDict, num_classes: int,
+                     stage: str = "coadapt") -> float:
+  """Model FLOPs of one train step over the global batch, at 2 FLOPs a multiply-add.
 
-  Each device trains the delegator on B / (D E) images and its N / E experts
-  on B / D images; training costs 3 forward passes, at 2 FLOPs a multiply-add.
+  Training a network costs 3 forward passes (forward, and the two products of
+  the backward pass). The delegator trains in every stage; the experts train
+  in `warmup` and `coadapt` and run forward only in `delegator` (frozen).
+  Recomputation (remat) and the transport solvers are not model FLOPs.
   """
   macs = count(config, num_classes)
-  batch = config.train.batch_size
-  per_device = (macs["delegator_flops"] * batch / (data * expert) +
-                macs["expert_flops"] * config.num_experts / expert * batch / data)
-  return 3 * 2 * per_device
+  expert_passes = 1 if stage == "delegator" else 3
+  per_image = 3 * macs["delegator_flops"] + expert_passes * config.num_experts * macs["expert_flops"]
+  return 2 * per_image * config.train.batch_size
+
+
+# Dense peak FLOP/s per device, (bfloat16, float32), from the vendors' data
+# sheets; matched against `jax.Device.device_kind`, most specific first. A
+# float32 matmul runs in one bfloat16 pass on TPUs and in TF32 on these GPUs
+# at JAX's default precision, hence their float32 figures.
+PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
+    ("TPU v4", (275e12, 275e12)),
+    ("TPU v5 lite", (197e12, 197e12)),  # v5e
+    ("TPU v5e", (197e12, 197e12)),
+    ("TPU v5", (459e12, 459e12)),       # v5p
+    ("TPU v6 lite", (918e12, 918e12)),  # v6e (Trillium)
+    ("TPU v6e", (918e12, 918e12)),
+    ("A100", (312e12, 156e12)),
+    ("H100 PCIe", (756e12, 378e12)),
+    ("H100", (989e12, 495e12)),         # SXM
+    ("H200", (989e12, 495e12)),
+)
+
+
+def peak_flops_per_device(device_kind: str, compute_dtype: str) -> Optional[float]:
+  """The table's peak FLOP/s of a device kind at `compute_dtype`; None when unknown (CPUs)."""
+  for kind, (bfloat16, float32) in PEAK_FLOPS:
+    if kind.lower() in device_kind.lower():
+      return bfloat16 if compute_dtype == "bfloat16" else float32
+  return None
 
 
 def main(argv):

@@ -107,8 +107,7 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
       "global_batch": batch, "remat": config.train.remat,
       "microbatches": config.train.microbatches,
       "compute_dtype": config.train.compute_dtype, "expert_loop": config.routing.expert_loop,
-      "gflops_per_device": flops.train_step_flops_per_device(
-          config, num_classes, data, expert) / 1e9,
+      "gflops_per_device": flops.train_step_flops(config, num_classes) / (data * expert) / 1e9,
       # XLA's cost analysis counts a loop's body once: with scanned experts or
       # micro-batches it sees one expert and one micro-batch.
       "xla_gflops_per_device_loop_bodies_once": compiled.cost_analysis()["flops"] / 1e9,

@@ -240,26 +240,54 @@ def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tu
 
 
 class TrainingProgress:
-  """Speed and time left, from the steps that have finished (not merely been dispatched).
+  """Throughput and time left, from the steps that have finished (not merely been dispatched).
 
-  The first window after a start includes compiling; the ETA then comes from
-  the latest window alone, which tracks the current stage's step time.
+  Reports images/s in total and per device and, where the device's peak is
+  known (`train.peak_flops_per_device`, else `flops.PEAK_FLOPS`), the
+  model-FLOPs utilisation: the analytic FLOPs of the steps done (3 forward
+  passes per trained network, `flops.train_step_flops`) over the devices'
+  peak. The first window after a start includes compiling; the ETA then
+  comes from the latest window alone, which tracks the current stage's step
+  time.
   """
 
-  def __init__(self, start_step: int, num_steps: int, batch_size: int):
-    self._num_steps, self._batch_size = num_steps, batch_size
+  def __init__(self, trainer: "Trainer", start_step: int):
+    config = trainer.config
+    self._config, self._num_steps = config, config.train.num_steps
+    self._batch_size, self._devices = config.train.batch_size, trainer.mesh.size
+    self._stage_flops = {stage: flops.train_step_flops(config, trainer.info.num_classes, stage)
+                         for stage in objective.STAGES}
+    kind = trainer.mesh.devices.flat[0].device_kind
+    self._peak = config.train.peak_flops_per_device or flops.peak_flops_per_device(
+        kind, config.train.compute_dtype)
+    if self._peak is None:
+      logging.info("mfu not logged: no peak FLOP/s known for %r; set "
+                   "train.peak_flops_per_device", kind)
+    else:
+      logging.info("mfu against %.4g FLOP/s per device (%s, %s)", self._peak, kind,
+                   config.train.compute_dtype)
     self._last_step, self._last_time = start_step, time.monotonic()
 
   def report(self, done: int) -> dict[str, float]:
-    """Logs and returns steps/s and images/s since the last report; `done` steps have finished."""
+    """Logs and returns the rates since the last report; `done` steps have finished."""
     now = time.monotonic()
-    steps_per_sec = (done - self._last_step) / max(now - self._last_time, 1e-9)
+    seconds = max(now - self._last_time, 1e-9)
+    steps = range(self._last_step, done)
+    steps_per_sec = len(steps) / seconds
+    model_flops = sum(self._stage_flops[objective.stage_at(self._config, s)] for s in steps)
     self._last_step, self._last_time = done, now
+    images_per_sec = steps_per_sec * self._batch_size
+    rates = {"steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec,
+             "images_per_sec_per_device": images_per_sec / self._devices}
+    mfu = ""
+    if self._peak is not None:
+      rates["mfu"] = model_flops / seconds / (self._devices * self._peak)
+      mfu = f", mfu {rates['mfu']:.1%}"
     left = (self._num_steps - done) / steps_per_sec
-    logging.info("step %d/%d: %.2f steps/s, %.0f images/s, about %dm%02ds left", done,
-                 self._num_steps, steps_per_sec, steps_per_sec * self._batch_size,
-                 left // 60, left % 60)
-    return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self._batch_size}
+    logging.info("step %d/%d: %.2f steps/s, %.0f images/s (%.1f per device)%s, "
+                 "about %dm%02ds left", done, self._num_steps, steps_per_sec, images_per_sec,
+                 rates["images_per_sec_per_device"], mfu, left // 60, left % 60)
+    return rates
 
 
 def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainState]:
@@ -301,7 +329,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
                                process_count=jax.process_count())
   preemption = _Preemption()
   history, skipped = [], 0
-  progress = TrainingProgress(start_step, num_steps, config.train.batch_size)
+  progress = TrainingProgress(trainer, start_step)
   try:
     for step in range(start_step, num_steps):
       if step == realign_step:

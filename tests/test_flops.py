@@ -75,3 +75,24 @@ def test_cli_names_a_bad_key():
   assert result.stderr.strip().splitlines()[-1] == (
       "error: expert.stem_kernel=2: expected an odd kernel size")
   assert "Traceback" not in result.stderr
+
+
+def test_train_step_flops_count_three_passes_per_trained_network():
+  config = load_config(config_path("digits"))
+  config.train.batch_size = 8
+  macs = flops.count(config, 10)
+  delegator, expert, n = macs["delegator_flops"], macs["expert_flops"], config.num_experts
+  assert flops.train_step_flops(config, 10, "coadapt") == 2 * 8 * 3 * (delegator + n * expert)
+  assert flops.train_step_flops(config, 10, "warmup") == 2 * 8 * 3 * (delegator + n * expert)
+  # Frozen experts run forward only.
+  assert flops.train_step_flops(config, 10, "delegator") == 2 * 8 * (3 * delegator + n * expert)
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("TPU v4", "bfloat16", 275e12), ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12), ("TPU v6 lite", "float32", 918e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12), ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H200", "bfloat16", 989e12), ("cpu", "float32", None)])
+def test_peak_flops_by_device_kind(kind, dtype, peak):
+  assert flops.peak_flops_per_device(kind, dtype) == peak

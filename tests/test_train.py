@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import train
+from coe_jax import flops, train
 from coe_jax.errors import CoEError
 from coe_jax.inference import Predictor
 from tests.helpers import (IMAGE_FOLDER_CLASSES, IMAGENET_SIZES, imagenet_example,
@@ -25,7 +25,9 @@ RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "e
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits_run"))
-  trainer = single_device_trainer(train_config(), workdir)
+  config = train_config()
+  config.train.peak_flops_per_device = 1e9  # A CPU's peak is not in the table.
+  trainer = single_device_trainer(config, workdir)
   state = train.train(trainer)
   results = train.evaluate(trainer, state)
   return workdir, results
@@ -51,13 +53,17 @@ def test_results_have_every_key_and_consistent_figures(digits_run):
   assert all(np.isfinite(m["loss"]) for m in losses)
 
 
-def test_progress_counts_finished_steps_and_images(digits_run):
+def test_progress_counts_finished_steps_images_and_utilisation(digits_run):
   workdir, _ = digits_run
   logged = training_metrics(workdir)
-  assert logged
-  for m in logged:
+  config = train_config()
+  assert [m["step"] for m in logged] == [3, 6]  # A warm-up window, then a co-adaptation one.
+  for m, stage in zip(logged, ("warmup", "coadapt")):
     assert m["steps_per_sec"] > 0
     assert m["images_per_sec"] == pytest.approx(32 * m["steps_per_sec"])  # batch 32
+    assert m["images_per_sec_per_device"] == m["images_per_sec"]  # One device.
+    model_flops = flops.train_step_flops(config, 10, stage)
+    assert m["mfu"] == pytest.approx(model_flops * m["steps_per_sec"] / 1e9)
 
 
 def test_predictor_loads_the_run(digits_run):
