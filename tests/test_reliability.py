@@ -6,7 +6,8 @@ lucky one, a `sitecustomize` module on its PYTHONPATH (`_HOOKS`) pauses it on
 request: before a given training step takes its batch, or inside orbax's save
 of a given checkpoint, after its files are written and before the rename that
 commits it. The test then sends SIGKILL or SIGTERM from outside. All runs share
-a persistent JAX compilation cache, so only the first one compiles.
+a persistent JAX compilation cache, so only the first one compiles; the
+interrupted run's legs keep theirs in their workdir, as a user's run does.
 
 The checkpoint and non-finite cases run in-process, on copies of the
 uninterrupted run's workdir or with a poisoned loss.
@@ -138,12 +139,19 @@ class _Cli:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
-  def start(self, workdir, leg: str, **pauses) -> "_Leg":
-    """A run in the background; `pauses` (step=k, save=k) set the hooks."""
+  def start(self, workdir, leg: str, *, workdir_cache: bool = False, **pauses) -> "_Leg":
+    """A run in the background; `pauses` (step=k, save=k) set the hooks.
+
+    With `workdir_cache`, the run keeps its compiled programs where a user's
+    does by default, in the workdir, and logs each compilation and cache hit.
+    """
     signals = self.root / leg
     signals.mkdir()
     env = {**self.env, "COE_TEST_HOOKS": str(signals),
            **{f"COE_TEST_PAUSE_{key.upper()}": str(value) for key, value in pauses.items()}}
+    if workdir_cache:
+      del env["JAX_COMPILATION_CACHE_DIR"]
+      env["JAX_LOG_COMPILES"] = "1"
     # Files, not pipes: a full pipe would stall a run the test is not reading yet.
     with open(signals / "stdout", "w") as stdout, open(signals / "stderr", "w") as stderr:
       process = subprocess.Popen(
@@ -187,7 +195,8 @@ class _Leg:
     resumed = _RESUMING.search(self.stderr)
     return {"returncode": returncode, "stderr": self.stderr,
             "resumed_from": int(resumed.group(1)) if resumed else None,
-            "checkpoints": _listing(self.workdir / "checkpoints")}
+            "checkpoints": _listing(self.workdir / "checkpoints"),
+            "compiled": _listing(self.workdir / "compilation_cache")}
 
 
 def _listing(directory) -> list[str]:
@@ -227,18 +236,19 @@ def interrupted(cli):
     kill_in_save: SIGKILL while checkpoint 4 is written but not yet committed.
     kill_mid_training: SIGKILL while step 5 waits, checkpoint 4 complete.
     final: runs to the end and evaluates.
+  Every leg keeps its compiled programs in the workdir, as a user's run does.
   Returns the workdir and leg -> `_Leg.finish()` of that leg, for the tests to check.
   """
   workdir = cli.root / "interrupted"
   legs = {}
 
-  leg = cli.start(workdir, "sigterm", step=2)
+  leg = cli.start(workdir, "sigterm", workdir_cache=True, step=2)
   leg.wait_for_signal("paused-step")
   leg.process.send_signal(signal.SIGTERM)
   (leg.signals / "resume").touch()
   legs["sigterm"] = leg.finish()
 
-  leg = cli.start(workdir, "kill_in_save", save=4)
+  leg = cli.start(workdir, "kill_in_save", workdir_cache=True, save=4)
   leg.wait_for_signal("paused-save")
   leg.process.kill()
   legs["kill_in_save"] = leg.finish()
@@ -246,7 +256,7 @@ def interrupted(cli):
                  if name.startswith("4.orbax-checkpoint-tmp")]
   legs["kill_in_save"]["uncommitted"] = [_listing(path) for path in uncommitted]
 
-  leg = cli.start(workdir, "kill_mid_training", step=5)
+  leg = cli.start(workdir, "kill_mid_training", workdir_cache=True, step=5)
   leg.wait_for_signal("paused-step")
   # Checkpoint 4 was saved asynchronously; kill once it is committed, so that
   # no save is in flight.
@@ -256,7 +266,7 @@ def interrupted(cli):
   leg.process.kill()
   legs["kill_mid_training"] = leg.finish()
 
-  legs["final"] = cli.start(workdir, "final").finish()
+  legs["final"] = cli.start(workdir, "final", workdir_cache=True).finish()
   return workdir, legs
 
 
@@ -282,6 +292,17 @@ def test_a_save_killed_before_its_commit_is_never_resumed_from(interrupted):
   assert "4" not in killed["checkpoints"], killed["checkpoints"]
   assert len(killed["uncommitted"]) == 1 and {"meta", "state"} <= set(killed["uncommitted"][0])
   assert legs["kill_mid_training"]["resumed_from"] == 3
+
+
+def test_a_resumed_run_reuses_the_programs_compiled_into_its_workdir(interrupted):
+  _, legs = interrupted
+  steps = {name: [entry for entry in legs[name]["compiled"] if entry.startswith("jit_step_fn-")]
+           for name in legs}
+  # The warm-up step's program, then the co-adaptation step's, each compiled once.
+  assert len(steps["sigterm"]) == 1 and len(steps["kill_in_save"]) == 2, steps
+  assert steps["kill_mid_training"] == steps["final"] == steps["kill_in_save"]
+  for name in ("kill_mid_training", "final"):  # Both resume in co-adaptation.
+    assert "Persistent compilation cache hit for 'jit_step_fn'" in legs[name]["stderr"], name
 
 
 def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(interrupted):
