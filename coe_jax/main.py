@@ -3,25 +3,30 @@ r"""Trains and evaluates CoE; resumes from the workdir's checkpoints.
     python -m coe_jax.main --config=configs/digits.py --workdir=runs/digits \
         [--config.train.batch_size=256 ...]
 
-Writes `WORKDIR/results.json`, plots and TensorBoard summaries. On a TPU pod,
-run the same command on every host with COE_DISTRIBUTED=1 (launch/tpu_pod.sh
-does); `jax.distributed` then finds the other hosts.
+Writes `WORKDIR/results.json`, plots and TensorBoard summaries. Several
+processes (hosts) train one run together when each runs the same command with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
+environment variables COE_COORDINATOR_ADDRESS, COE_NUM_PROCESSES,
+COE_PROCESS_ID), process 0 serving at HOST:PORT; launch/gpu.sh does this on GPU
+nodes and under SLURM. On a TPU pod, COE_DISTRIBUTED=1 instead lets
+`jax.distributed` find the other hosts (launch/tpu_pod.sh). See
+`coe_jax/distributed.py`.
 
 Bad input (config values, data, workdir, an unknown --config.KEY, a missing
-config file) is reported in one line, `error: KEY=VALUE: ...`, with exit
-status 1. A run stopped by SIGTERM saves a checkpoint and exits with status
-143 (128 + SIGTERM), so that schedulers see it did not finish; the same
-command resumes it.
+config file, incomplete or bad multi-process settings) is reported in one
+line, `error: KEY=VALUE: ...`, with exit status 1. A run stopped by SIGTERM
+saves a checkpoint and exits with status 143 (128 + SIGTERM), so that
+schedulers see it did not finish; the same command resumes it.
 """
 
 import logging as pylogging
-import os
 import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from coe_jax import distributed
 from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
 
@@ -29,6 +34,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Strings, checked by `distributed.resolve` alike whether they come from these
+# flags or the environment, so that a bad value is one `error:` line either way.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run "
+    "(else $COE_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_string(
+    "num_processes", None, "Number of processes of a multi-process run (else $COE_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_string(
+    "process_id", None, "This process's index, 0 to num_processes - 1 (else $COE_PROCESS_ID).")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -42,13 +56,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  try:
-    config = flag_config(_CONFIG)  # Before the slow imports below.
+  try:  # Before the slow imports below.
+    config = flag_config(_CONFIG)
+    processes = distributed.resolve(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
   except CoEError as e:
     sys.exit(f"error: {e}")
   import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("COE_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  distributed.initialize(processes)
   from coe_jax import report, train  # pylint: disable=g-import-not-at-top
   try:
     results = train.train_and_evaluate(config, _WORKDIR.value)

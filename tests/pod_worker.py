@@ -1,11 +1,13 @@
-"""One process of a CPU 'pod' for tests/test_pod.py (not a test module itself).
+r"""One process of a CPU 'pod' for tests/test_pod.py (not a test module itself).
 
-    python -m tests.pod_worker PROCESS_ID NUM_PROCESSES PORT WORKDIR
+    COE_COORDINATOR_ADDRESS=localhost:PORT COE_NUM_PROCESSES=N COE_PROCESS_ID=I \
+        python -m tests.pod_worker WORKDIR
 
-Each process gets `LOCAL_DEVICES` CPU devices and joins the others through
-`jax.distributed` on localhost, with gloo for the cross-process collectives,
-then trains and evaluates `pod_config()` in WORKDIR, as every host of a TPU
-pod runs `coe_jax.main`.
+Each process gets `LOCAL_DEVICES` CPU devices and joins the others as
+`coe_jax.main` does, through `coe_jax.distributed` with an explicit
+coordinator (the path of launch/gpu.sh; gloo for the CPU's cross-process
+collectives), then trains and evaluates `pod_config()` in WORKDIR, as every
+host of a pod runs `coe_jax.main`.
 """
 
 import os
@@ -19,20 +21,17 @@ os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={LOCAL_DEVIC
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax
-
-from coe_jax import train
+from coe_jax import distributed, train
 from tests.helpers import pod_config
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
-def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
-                             process_id=process_id)
+def main(workdir: str) -> None:
+  processes = distributed.resolve()  # From the environment, as main without the flags.
+  distributed.initialize(processes)
   results = train.train_and_evaluate(pod_config(), workdir)
-  print(f"process {process_id}: top1={results['top1']!r}", flush=True)
+  print(f"process {processes['process_id']}: top1={results['top1']!r}", flush=True)
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  main(sys.argv[1])

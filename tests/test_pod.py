@@ -1,12 +1,14 @@
 """A two-process CPU 'pod' trains and evaluates like one process on the same mesh.
 
 `tests/pod_worker.py` runs each process: 2 CPU devices each, joined by
-`jax.distributed` on localhost (gloo collectives), a data 2 x expert 2 mesh
-across the 4 devices. This is the multi-host path of TPU-pod training: each
-process reads its own share of every batch, checkpoints are written together,
-the evaluation gathers outputs from both processes, the first one writes the
-results. This process then evaluates the pod's checkpoint on 4 devices, and
-trains the same config from scratch for the reference losses and parameters.
+`jax.distributed` through a coordinator on localhost that the environment
+names (COE_COORDINATOR_ADDRESS, ...: the path of launch/gpu.sh's multi-node
+runs; gloo collectives), a data 2 x expert 2 mesh across the 4 devices. This
+is the multi-host path of pod training: each process reads its own share of
+every batch, checkpoints are written together, the evaluation gathers outputs
+from both processes, the first one writes the results. This process then
+evaluates the pod's checkpoint on 4 devices, and trains the same config from
+scratch for the reference losses and parameters.
 """
 
 import shutil
@@ -35,8 +37,10 @@ def _free_port() -> int:
 def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
   pod, port = tmp_path / "pod", _free_port()
   workers = [subprocess.Popen(
-      [sys.executable, "-m", "tests.pod_worker", str(i), str(NUM_PROCESSES), str(port), str(pod)],
-      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [sys.executable, "-m", "tests.pod_worker", str(pod)], cwd=REPO,
+      env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
+                         COE_NUM_PROCESSES=str(NUM_PROCESSES), COE_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(NUM_PROCESSES)]
 
   outputs = [worker.communicate(timeout=600)[0] for worker in workers]
