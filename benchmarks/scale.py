@@ -14,8 +14,9 @@ run:
   `model_gflops_per_device` is the analytic figure (3 forward passes);
 - `temp_mib`, `argument_mib`: one device's scratch and argument memory
   (`memory_analysis`);
-- `convolutions`: convolutions in one device's compiled program (with
-  expert parallelism, the delegator's and its own N/E experts');
+- `convolutions`: dense convolutions in one device's compiled program (with
+  expert parallelism, the delegator's and its own N/E experts'), lowered as
+  on accelerators (`conv.formulation("conv")`; CPUs run them as products);
 - `all_reduce`, `all_gather`, `collective_permute`: collectives in it;
 - `compile_s`, `step_s`: compile time of the co-adaptation step and its
   median wall time per step; `run_compile_s`: compile time of the whole
@@ -48,6 +49,7 @@ import numpy as np
 from coe_jax import flops, train, transport
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.models import conv
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -76,7 +78,8 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
       "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding)}
   step = trainer.compile_step("coadapt")
   start = time.perf_counter()
-  compiled = step.lower(trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
+  with conv.formulation("conv"):  # Convolutions as an accelerator's program has them.
+    compiled = step.lower(trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
   text = compiled.as_text()
   memory = compiled.memory_analysis()
@@ -95,8 +98,9 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
   # collectives (benchmark only; a run compiles each stage when it starts it).
   start = time.perf_counter()
   for stage in ("warmup", "delegator"):
-    trainer.compile_step(stage).lower(
-        trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
+    with conv.formulation("conv"):
+      trainer.compile_step(stage).lower(
+          trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
   run_compile_s = compile_s + time.perf_counter() - start
   return {
       "num_experts": num_experts, "mesh": f"{data}x{expert}",

@@ -8,6 +8,9 @@ Measured in one run, after warm-up, on the default backend:
   forward and backward, objective, optimizer update);
 - `warmup_step`: the same step in the warm-up stage (plain classifiers, no
   WGM/LGM/VCM), for reference;
+- `train_step_as_convolutions`: `train_step` with dense convolutions as XLA
+  convolutions rather than matrix products (`coe_jax.models.conv`);
+  `matmul_speedup` is its time over `train_step`'s;
 - `wgm_lgm_vcm`: WGM's balanced partition and weights, LGM's labels and VCM's
   weights, jitted on their own, on the same [N, B, K] expert logits.
 
@@ -34,10 +37,12 @@ import numpy as np
 from benchmarks.peak import measured_peak
 from coe_jax import flops, lgm, optim, vcm, wgm
 from coe_jax.config_loading import load_config
+from coe_jax.models import conv
 from coe_jax.models.coe import CoE
 from coe_jax.train_step import create_train_state, make_train_step
 
-STEPS = ("train_step", "warmup_step")  # The timed steps, whose % of the peak is reported.
+# The timed steps, whose % of the peak is reported.
+STEPS = ("train_step", "warmup_step", "train_step_as_convolutions")
 
 
 def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
@@ -72,6 +77,12 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   for stage, name in (("coadapt", "train_step"), ("warmup", "warmup_step")):
     step = jax.jit(make_train_step(model, optimizer, config, stage))
     timings[name] = _seconds_per_call(lambda: step(state, batch, key), repeats)
+  # The same step with dense convolutions as XLA convolutions, not the CPU's
+  # matrix products (`coe_jax.models.conv`): the formulation's speed-up.
+  with conv.formulation("conv"):
+    step = jax.jit(make_train_step(model, optimizer, config, "coadapt"))
+    timings["train_step_as_convolutions"] = _seconds_per_call(
+        lambda: step(state, batch, key), repeats)
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   _, selection_logits = model.delegator(variables, batch["image"])
@@ -103,6 +114,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
       "machine": platform.processor() or platform.machine(),
       **{f"{k}_ms": 1e3 * v for k, v in timings.items()},
       "share": timings["wgm_lgm_vcm"] / timings["train_step"],
+      "images_per_s": batch_size / timings["train_step"],
+      "matmul_speedup": timings["train_step_as_convolutions"] / timings["train_step"],
       "step_macs": step_macs,
       **{f"{k}_percent_of_peak": 100 * step_macs / timings[k] / peak["macs_per_s"]
          for k in STEPS},
@@ -114,10 +127,10 @@ def format_table(report: dict[str, Any]) -> str:
   """The report as a table: each part's time, share of the step and % of the peak."""
   lines = [f"peak: {report['peak']['derivation']}; "
            f"a step: {report['step_macs'] / 1e9:.2f} G multiply-adds (estimated)",
-           f"{'part':<14}{'ms':>10}{'share of train step':>24}{'% peak':>8}"]
+           f"{'part':<28}{'ms':>10}{'share of train step':>24}{'% peak':>8}"]
   for name in (*STEPS, "wgm_lgm_vcm"):
     of_peak = report.get(f"{name}_percent_of_peak")
-    lines.append(f"{name:<14}{report[f'{name}_ms']:>10.2f}"
+    lines.append(f"{name:<28}{report[f'{name}_ms']:>10.2f}"
                  f"{report[f'{name}_ms'] / report['train_step_ms']:>23.1%}"
                  + (f"{of_peak:>8.1f}" if of_peak is not None else ""))
   return "\n".join(lines)

@@ -38,9 +38,9 @@ multiply or add applied to a convolution's output, and the export fails if it
 finds one. (A CondConv block has no convolution op to fold into; its BatchNorm
 stays a multiply-add after the mixed-kernel products, which the check does not
 look for.) Ops with several formulations are traced in the one XNNPACK runs
-best: depthwise convolutions as convolutions (`depthwise.formulation("conv")`),
-one DEPTHWISE_CONV_2D op each rather than the CPU training path's shifted
-products, and PWLU as a sum of ramps (`pwlu.formulation("ramps")`), elementwise
+best: convolutions as convolutions (`conv.formulation("conv")`,
+`depthwise.formulation("conv")`), one CONV_2D or DEPTHWISE_CONV_2D op each
+rather than the CPU training path's matrix and shifted products, and PWLU as a sum of ramps (`pwlu.formulation("ramps")`), elementwise
 ops rather than the gathers of its lookup, which XNNPACK does not run.
 
 int8: full-integer post-training quantisation with the converter's
@@ -74,7 +74,7 @@ from jax.experimental import jax2tf
 
 from coe_jax import checkpointing, data, flops, routing, serving
 from coe_jax.errors import CoEError, require
-from coe_jax.models import depthwise, mbconv, pwlu
+from coe_jax.models import conv, depthwise, mbconv, pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 
@@ -118,7 +118,7 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
   # Hard-swish as products in int8 only: in float32 its fused op is one
   # XNNPACK op where products would be three.
   hard_swish = "fused" if calibration is None else "products"
-  with depthwise.formulation("conv"), pwlu.formulation("ramps"), \
+  with conv.formulation("conv"), depthwise.formulation("conv"), pwlu.formulation("ramps"), \
       mbconv.hard_swish_formulation(hard_swish), tempfile.TemporaryDirectory() as saved_model:
     spec = tf.TensorSpec((1, *image_shape), tf.uint8, serving.INPUT_NAME)
     # A fresh function for each conversion: jax2tf traces through `jax.jit`,

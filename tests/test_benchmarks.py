@@ -87,6 +87,9 @@ def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak
   # Forward and backward (twice the forward) through the delegator and both experts.
   assert report["step_macs"] == 3 * 8 * (cost["delegator_flops"] + 2 * cost["expert_flops"])
   assert report["share"] == pytest.approx(report["wgm_lgm_vcm_ms"] / report["train_step_ms"])
+  assert report["images_per_s"] == pytest.approx(8e3 / report["train_step_ms"])
+  assert report["matmul_speedup"] == pytest.approx(
+      report["train_step_as_convolutions_ms"] / report["train_step_ms"])
   for step in train_step.STEPS:
     assert report[f"{step}_percent_of_peak"] == pytest.approx(
         100 * report["step_macs"] / (report[f"{step}_ms"] / 1e3) / report["peak"]["macs_per_s"])

@@ -9,8 +9,9 @@ import pytest
 from coe_jax.models import depthwise
 
 
-@pytest.mark.parametrize("shape,kernel,strides", [((2, 9, 9, 5), 3, 1), ((2, 9, 8, 4), 3, 2),
-                                                  ((1, 7, 7, 3), 5, 2), ((2, 6, 6, 2), 5, 1)])
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((2, 9, 9, 5), 3, 1), ((2, 9, 8, 4), 3, 2), ((1, 7, 7, 3), 5, 2), ((2, 6, 6, 2), 5, 1),
+    ((2, 8, 8, 3), 3, 2), ((1, 6, 7, 2), 5, 2), ((1, 4, 4, 2), 5, 3)])
 def test_taps_equal_grouped_convolution(shape, kernel, strides):
   x = jax.random.normal(jax.random.key(0), shape)
   layer = depthwise.DepthwiseConv(kernel, strides)

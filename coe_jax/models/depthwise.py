@@ -24,11 +24,6 @@ from coe_jax.models.formulation import Switch
 formulation = Switch("depthwise", ("auto", "conv", "taps"), "auto")
 
 
-def _use_taps() -> bool:
-  choice = formulation.current
-  return choice == "taps" or (choice == "auto" and jax.default_backend() == "cpu")
-
-
 def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   """'SAME' depthwise convolution of x [B, H, W, C] with kernel [k, k, 1, C]."""
   b, h, w, c = x.shape
@@ -59,7 +54,7 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, 1, channels))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if _use_taps():
+    if formulation.cpu_form_in_force("taps"):
       return depthwise_taps(x, kernel, self.strides)
     return jax.lax.conv_general_dilated(
         x, kernel, (self.strides, self.strides), "SAME",

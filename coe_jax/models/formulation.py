@@ -16,6 +16,8 @@ import contextlib
 import contextvars
 from typing import Iterator, Sequence
 
+import jax
+
 
 class Switch:
   """The formulation of one op: `with switch("name"): ...` forces it while tracing."""
@@ -41,3 +43,8 @@ class Switch:
   def current(self) -> str:
     """The formulation in force."""
     return self._choice.get()
+
+  def cpu_form_in_force(self, form: str) -> bool:
+    """Whether `form`, the CPU's formulation, applies: chosen, or "auto" on a CPU backend."""
+    choice = self.current
+    return choice == form or (choice == "auto" and jax.default_backend() == "cpu")

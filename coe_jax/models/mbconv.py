@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from coe_jax.models.condconv import CondConv, CondConvRouting
+from coe_jax.models.conv import Conv
 from coe_jax.models.depthwise import DepthwiseConv
 from coe_jax.models.formulation import Switch
 from coe_jax.models.pwlu import PWLU
@@ -124,6 +125,5 @@ class MBConv(nn.Module):
     def conv(features, kernel, strides=1, depthwise=False, name=None):
       if depthwise:
         return DepthwiseConv(kernel, strides, dtype=self.dtype, name=name)
-      return nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False,
-                     dtype=self.dtype, name=name)
+      return Conv(features, kernel, strides=strides, dtype=self.dtype, name=name)
     return conv

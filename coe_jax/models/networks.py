@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coe_jax.models.conv import Conv
 from coe_jax.models.mbconv import Activation, BatchNorm, MBConv
 from coe_jax.models.spec import NetworkSpec
 
@@ -50,8 +51,8 @@ class Backbone(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
                              axis_name=self.batch_norm_axis)
     x = normalize_images(images, self.dtype)  # [B, H, W, C]
-    x = nn.Conv(spec.stem_features, (spec.stem_kernel,) * 2, strides=spec.stem_stride,
-                padding="SAME", use_bias=False, dtype=self.dtype, name="stem")(x)
+    x = Conv(spec.stem_features, spec.stem_kernel, strides=spec.stem_stride, dtype=self.dtype,
+             name="stem")(x)
     x = act("stem_act")(norm(name="stem_bn")(x), train)
     block = _rematerialised(MBConv, self.remat == "block")
     for s, stage in enumerate(spec.stages):
@@ -63,7 +64,7 @@ class Backbone(nn.Module):
                   pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
                   batch_norm_axis=self.batch_norm_axis,
                   name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]
-    x = nn.Conv(spec.head_features, (1, 1), use_bias=False, dtype=self.dtype, name="head")(x)
+    x = Conv(spec.head_features, 1, dtype=self.dtype, name="head")(x)
     x = act("head_act")(norm(name="head_bn")(x), train)
     x = jnp.mean(x, axis=(1, 2))  # [B, F]
     if spec.classifier_features:
