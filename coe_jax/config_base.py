@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Classes of the data set; the trainer takes the number from the data and
       # checks it against this when set. The FLOPs tool reads it.
       num_classes=config_dict.placeholder(int),
+      # Training augmentation: auto | translate | inception_crop | pad_crop_flip
+      # (coe_jax/data/common.py); auto = translate in memory, inception_crop on TFDS.
+      augment="auto",
       holdout_fraction=0.1,  # share of train held out (never trained on) to calibrate tau; 0 = none
       shuffle_buffer=10_000,
       cache=True,

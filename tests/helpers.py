@@ -272,3 +272,13 @@ def grouped_reference_step(model, optimizer, config, stage, state, batch, *,
   grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, _ = optimizer.update(grads, state.opt_state, state.params)
   return optax.apply_updates(state.params, updates), batch_stats
+
+
+def pad_crop_flip_candidates(image: np.ndarray, margin: int) -> list[np.ndarray]:
+  """Every image pad_crop_flip can make of `image` [S, S, C]: each shift in [-m, m]^2
+  (zeros filled in), flipped or not."""
+  size = image.shape[0]
+  padded = np.pad(image, ((margin, margin), (margin, margin), (0, 0)))
+  crops = [padded[top:top + size, left:left + size]
+           for top in range(2 * margin + 1) for left in range(2 * margin + 1)]
+  return crops + [crop[:, ::-1] for crop in crops]

@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 from coe_jax import config_base, data
+from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.helpers import IMAGE_FOLDER_CLASSES, make_image_folder, save_image
+from tests.helpers import (IMAGE_FOLDER_CLASSES, make_image_folder, pad_crop_flip_candidates,
+                           save_image)
+from tests.tiny import config_path
 
 def _make_id_folder(root, counts):
   """A folder whose image i (train 0.., then test) is grey with value i, so it stays known."""
@@ -80,6 +83,64 @@ def test_training_batches(folder):
     np.testing.assert_array_equal(a["image"], b["image"])
 
 
+def test_pad_crop_flip_pads_with_zeros_crops_and_flips(tmp_path):
+  """CIFAR's augmentation: every training image is a zero-padded crop of its own, maybe flipped."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for name in ("a", "b"):
+      os.makedirs(tmp_path / split / name)
+      for i in range(4):
+        pixels = rng.integers(1, 256, (8, 8, 3), dtype=np.uint8)  # No zeros: padding shows.
+        Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+  config = _config(str(tmp_path), image_size=8, holdout_fraction=0.0)
+  config.data.augment = "pad_crop_flip"
+  assert data.eval_crop_fraction(config) == 1.0  # Evaluated whole.
+  train = np.concatenate([b["image"] for b in itertools.islice(data.train_batches(config), 8)])
+  sources = [np.asarray(Image.open(tmp_path / "train" / name / f"{i}.png"))
+             for name in ("a", "b") for i in range(4)]  # [8, 8, 3] each
+  kinds = []  # Index of the first matching candidate: shift (dy, dx) = divmod(k % 9, 3) - 1.
+  for image in train:  # [8, 8, 3]; 8 px -> margin 1.
+    matches = [k for source in sources
+               for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=1))
+               if np.array_equal(candidate, image)]
+    assert matches, "not a zero-padded crop of any training image"
+    kinds.append(matches[0])
+  flipped = sum(k >= 9 for k in kinds)
+  shifted = sum(k % 9 != 4 for k in kinds)
+  assert 0 < flipped < len(train) and 0 < shifted < len(train)
+
+
+def test_cifar10_config_reads_an_image_folder(tmp_path):
+  """configs/cifar10.py with --config.data.name=image_folder --config.data.path=DIR."""
+  rng = np.random.default_rng(0)
+  classes = [f"class{i}" for i in range(10)]
+  for split in ("train", "test"):
+    for name in classes:
+      os.makedirs(tmp_path / split / name)
+      for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / split / name / f"{i}.jpg")
+  config = load_config(config_path("cifar10"))
+  assert config.data.name == "cifar10" and config.data.augment == "pad_crop_flip"
+  config.data.name, config.data.path = "image_folder", str(tmp_path)
+  config.data.holdout_fraction, config.train.batch_size = 0.0, 8
+  info = data.get_info(config)
+  assert (info.num_classes, info.num_train, info.num_test) == (10, 20, 20)
+  batch = next(data.train_batches(config))
+  assert batch["image"].shape == (8, 32, 32, 3) and data.eval_crop_fraction(config) == 1.0
+
+
+def test_unsupported_augmentation_is_one_line(folder):
+  config = _config(folder)
+  config.data.augment = "inception_crop"
+  with pytest.raises(CoEError, match="data.augment='inception_crop': expected one of auto, "
+                     "translate, pad_crop_flip for data.name='image_folder'"):
+    list(itertools.islice(data.train_batches(config), 1))
+  config.data.augment = "mixup"
+  with pytest.raises(CoEError, match="data.augment='mixup': expected one of auto, translate"):
+    data.eval_crop_fraction(config)
+
+
 def test_holdout_is_stratified_fixed_and_apart_from_training(tmp_path):
   root = _make_id_folder(tmp_path, {"a": 5, "b": 4, "c": 3})  # Train ids 0-4, 5-8, 9-11.
   config = _config(root, channels=1, image_size=4, holdout_fraction=0.25)
@@ -128,6 +189,11 @@ def test_missing_path(tmp_path):
   assert "data.path=''" in _error(_config(""))
   missing = str(tmp_path / "nowhere")
   assert missing in _error(_config(missing)) and "is not a folder" in _error(_config(missing))
+  archive = tmp_path / "cifar10-dev.tar.gz"
+  archive.write_bytes(b"\x1f\x8b")  # Not extracted.
+  assert _error(_config(str(archive))) == (
+      f"data.path={str(archive)!r}: is an archive: extract it (tar -xzf FILE -C DIR) and set "
+      "data.path=DIR")
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

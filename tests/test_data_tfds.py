@@ -21,7 +21,8 @@ from PIL import Image
 
 from coe_jax import config_base, data
 from coe_jax.errors import CoEError
-from tests.helpers import IMAGENET_SIZES, imagenet_example, write_prepared_tfds
+from tests.helpers import (IMAGENET_SIZES, imagenet_example, pad_crop_flip_candidates,
+                           write_prepared_tfds)
 
 _MNIST = {"train": 50, "test": 23}
 _TEST_ID_OFFSET = 100  # mnist test ids are 100..122, train ids 0..49.
@@ -179,6 +180,27 @@ def test_eval_matches_serving_preprocessing(data_dir, split, tfds_split):
       crop_fraction=data.eval_crop_fraction(config)) for ex in tfds.as_numpy(files)])
   difference = np.abs(served.astype(int) - batch["image"][batch["mask"]].astype(int))
   assert difference.max() <= 1  # Rounding only: no augmentation, the evaluation crop.
+
+
+def test_pad_crop_flip_pads_the_whole_image_crops_and_flips(data_dir):
+  """CIFAR's augmentation on TFDS: a zero-padded crop of the evaluation image, maybe flipped."""
+  from coe_jax.data import tf_preprocess  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, name="imagenet2012", channels=3, image_size=16, batch_size=6)
+  config.data.augment = "pad_crop_flip"
+  assert data.eval_crop_fraction(config) == 1.0
+  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+  files = builder.as_dataset(split="train[2:]", decoders={"image": tfds.decode.SkipDecoding()})
+  sources = [tf_preprocess.eval_image(ex["image"], 16, 3, 1.0).numpy() for ex in files]
+  train = np.concatenate([b["image"] for b in _take(data.train_batches(config), 3)])
+  kinds = []
+  for image in train:  # [16, 16, 3]; 16 px -> margin 2, 25 shifts.
+    matches = [k for source in sources
+               for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=2))
+               if np.array_equal(candidate, image)]
+    assert matches, "not a zero-padded crop of any training image"
+    kinds.append(matches[0])
+  assert 0 < sum(k >= 25 for k in kinds) < len(train)  # Some flipped, some not.
+  assert 0 < sum(k % 25 != 12 for k in kinds)  # Some shifted.
 
 
 @pytest.mark.parametrize("fraction, match", [

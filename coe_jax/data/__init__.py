@@ -56,7 +56,8 @@ def _source(name: str):
 
 def eval_crop_fraction(config: ml_collections.ConfigDict) -> float:
   """The centre crop of evaluation; pass it to `preprocess_images` when serving."""
-  return 1.0 if config.data.name in _IN_MEMORY else common.TFDS_CROP_FRACTION
+  augment = common.augmentation(config, config.data.name in _IN_MEMORY)
+  return common.TFDS_CROP_FRACTION if augment == "inception_crop" else 1.0
 
 
 def get_info(config: ml_collections.ConfigDict) -> DataInfo:

@@ -12,6 +12,18 @@ if TYPE_CHECKING:
 
 # Evaluation centre crop of TFDS data sets, as in the Inception and MobileNet papers.
 TFDS_CROP_FRACTION = 0.875
+# Training augmentations (`data.augment`):
+#   translate: a random shift of up to a tenth of the side, the uncovered
+#     pixels filled by the source (zeros for digits, edge pixels for folders);
+#   inception_crop: a random-resized crop (8-100% of the area, aspect 3/4-4/3)
+#     and a horizontal flip; evaluation takes a centred crop of
+#     TFDS_CROP_FRACTION, as in the Inception and MobileNet papers;
+#   pad_crop_flip: CIFAR's standard, zero-padding by an eighth of the side
+#     (4 px at 32 px), a random crop back to the side, and a horizontal flip.
+# `auto` is translate for the in-memory sources, inception_crop for TFDS.
+AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
+IN_MEMORY_AUGMENTATIONS = ("translate", "pad_crop_flip")
+TFDS_AUGMENTATIONS = ("inception_crop", "pad_crop_flip")
 # What `eval_batches` can pass over: the evaluation split, or the examples held
 # out of the training split to calibrate tau.
 EVAL_SPLITS = ("test", "holdout")
@@ -45,6 +57,23 @@ def check_image_config(config: ml_collections.ConfigDict) -> None:
           "expected a positive size in pixels")
   require(config.data.channels in (1, 3), "data.channels", config.data.channels,
           "expected 1 (grey) or 3 (RGB)")
+
+
+def augmentation(config: ml_collections.ConfigDict, in_memory: bool) -> str:
+  """`data.augment` with `auto` resolved, checked against what the source supports."""
+  choice = config.data.augment
+  supported = IN_MEMORY_AUGMENTATIONS if in_memory else TFDS_AUGMENTATIONS
+  if choice == "auto":
+    return supported[0]
+  require(choice in supported, "data.augment", choice,
+          f"expected one of auto, {', '.join(supported)} for data.name={config.data.name!r}"
+          if choice in AUGMENTATIONS else f"expected one of {', '.join(AUGMENTATIONS)}")
+  return choice
+
+
+def pad_crop_margin(image_size: int) -> int:
+  """pad_crop_flip's padding: an eighth of the side (CIFAR's 4 px at 32 px), at least 1."""
+  return max(1, image_size // 8)
 
 
 def check_eval_split(split: str) -> None:

@@ -29,6 +29,7 @@ from coe_jax.errors import CoEError, require
 
 _EXTENSIONS = (".png", ".jpg", ".jpeg")
 _SPLITS = ("train", "test")
+_ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 # Pillow decodes with the GIL released, so threads give real parallelism.
 _MAX_THREADS = 16
 
@@ -76,6 +77,8 @@ def _check_readable(root: str, paths: list[str], results: list[np.ndarray | str]
 @functools.lru_cache(maxsize=2)
 def _load(root: str, image_size: int, channels: int, holdout_fraction: float) -> memory.Splits:
   require(bool(root), "data.path", root, "data.name=image_folder needs data.path=DIR")
+  require(not (os.path.isfile(root) and root.endswith(_ARCHIVES)), "data.path", root,
+          "is an archive: extract it (tar -xzf FILE -C DIR) and set data.path=DIR")
   require(os.path.isdir(root), "data.path", root, "does not exist or is not a folder")
   listing = {split: _list_split(root, split) for split in _SPLITS}
   train_classes, test_classes = list(listing["train"]), list(listing["test"])

@@ -13,7 +13,8 @@ of one permutation of the training set per epoch, each drawn from
 process p takes its rows [p*b, (p+1)*b) (b = B / process_count), so a batch is
 a pure function of (seed, k): starting at step k costs nothing, and the global
 batch does not depend on the number of processes. The random translation is
-drawn per global batch from (seed, k) for the same reason.
+drawn per global batch from (seed, k) for the same reason, and so is the
+horizontal flip of `pad_crop_flip` (`data.augment`).
 """
 
 from __future__ import annotations
@@ -159,13 +160,18 @@ def train_batches(splits: Splits, config: ml_collections.ConfigDict, start_step:
   batch = common.local_batch_size("train.batch_size", global_batch, process_index,
                                   process_count)
   own_rows = slice(process_index * batch, (process_index + 1) * batch)
-  return _train_stream(splits, config.seed, global_batch, own_rows, start_step)
+  augment = common.augmentation(config, in_memory=True)
+  return _train_stream(splits, config.seed, global_batch, own_rows, start_step, augment)
 
 
 def _train_stream(splits: Splits, seed: int, global_batch: int, own_rows: slice,
-                  step: int) -> Iterator[dict[str, np.ndarray]]:
-  size = len(splits.train_labels)
-  max_shift = int(_MAX_SHIFT_FRACTION * splits.train_images.shape[1])
+                  step: int, augment: str) -> Iterator[dict[str, np.ndarray]]:
+  size, side = len(splits.train_labels), splits.train_images.shape[1]
+  if augment == "pad_crop_flip":
+    # A crop of the zero-padded image is a translation with zeros filled in.
+    max_shift, pad_mode = common.pad_crop_margin(side), "constant"
+  else:
+    max_shift, pad_mode = int(_MAX_SHIFT_FRACTION * side), splits.pad_mode
   while True:
     positions = step * global_batch + np.arange(global_batch)[own_rows]  # [b]
     epochs, offsets = np.divmod(positions, size)
@@ -174,9 +180,12 @@ def _train_stream(splits: Splits, seed: int, global_batch: int, own_rows: slice,
       here = epochs == epoch
       indices[here] = _epoch_permutation(seed, int(epoch), size)[offsets[here]]
     rng = np.random.default_rng([_seed_entropy(seed), _TRANSLATION_SALT, step])
-    shifts = rng.integers(-max_shift, max_shift + 1, size=(global_batch, 2))[own_rows]
-    yield {"image": _translate(splits.train_images[indices], shifts, splits.pad_mode),
-           "label": splits.train_labels[indices]}
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(global_batch, 2))[own_rows]  # [b, 2]
+    images = _translate(splits.train_images[indices], shifts, pad_mode)  # [b, S, S, C]
+    if augment == "pad_crop_flip":
+      flips = (rng.random(global_batch) < 0.5)[own_rows]  # [b]
+      images[flips] = images[flips, :, ::-1]
+    yield {"image": images, "label": splits.train_labels[indices]}
     step += 1
 
 

@@ -92,6 +92,19 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
+def pad_crop_flip_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, channels: int,
+                        margin: int) -> tf.Tensor:
+  """The evaluation image (uncropped), zero-padded by `margin`, randomly cropped back, flipped.
+
+  CIFAR's standard augmentation; uint8 [S, S, C]. Arguments as `train_image`'s.
+  """
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = eval_image(encoded, image_size, channels, crop_fraction=1.0)  # [S, S, C]
+  padded = tf.pad(image, [[margin, margin], [margin, margin], [0, 0]])  # [S + 2m, S + 2m, C]
+  image = tf.image.stateless_random_crop(padded, [image_size, image_size, channels], crop_seed)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
 def eval_image(encoded: tf.Tensor, image_size: int, channels: int,
                crop_fraction: float) -> tf.Tensor:
   """Centred square crop of `crop_fraction` of the shorter side, resized; uint8 [S, S, C].

@@ -3,9 +3,11 @@
 Data is read from `data.tfds_data_dir` (empty: the TFDS default) and never
 downloaded at run time. Evaluation uses the `test` split, or `validation`
 where there is no `test` (imagenet2012). Images are decoded, converted to
-`data.channels` and cropped by `tf_preprocess`: an Inception-style
-random-resized crop and a horizontal flip for training, a centred crop of
-`common.TFDS_CROP_FRACTION` of the shorter side for evaluation. TensorFlow
+`data.channels` and augmented by `tf_preprocess` as `data.augment` says: by
+default an Inception-style random-resized crop and a horizontal flip for
+training and a centred crop of `common.TFDS_CROP_FRACTION` of the shorter
+side for evaluation; with `pad_crop_flip` (CIFAR), a pad, random crop and
+flip of the whole image, evaluated whole. TensorFlow
 only feeds data and is kept off any accelerator.
 
 Hold-out: the first h = round(`data.holdout_fraction` * N) of the N examples
@@ -238,11 +240,16 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int, process_in
   example_seed = tf.random.experimental.stateless_fold_in(
       tf.constant([config.seed, process_index], tf.int64), _EXAMPLE_SALT)
   size, channels = config.data.image_size, config.data.channels
+  if common.augmentation(config, in_memory=False) == "pad_crop_flip":
+    preprocess = functools.partial(tf_preprocess.pad_crop_flip_image,
+                                   margin=common.pad_crop_margin(size))
+  else:
+    preprocess = tf_preprocess.train_image
 
   def augment(position, data):
     encoded, label = data
     seed = tf.random.experimental.stateless_fold_in(example_seed, position)
-    return {"image": tf_preprocess.train_image(encoded, seed, size, channels), "label": label}
+    return {"image": preprocess(encoded, seed, size, channels), "label": label}
 
   stream = stream.enumerate(start).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   stream = stream.batch(batch, drop_remainder=True).prefetch(_PREFETCH_BATCHES)
@@ -251,7 +258,7 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int, process_in
 
 @functools.lru_cache(maxsize=4)
 def _eval_dataset(name: str, data_dir: str, split: str, total: int, size: int, channels: int,
-                  batch: int, cache: bool, process_index: int,
+                  crop_fraction: float, batch: int, cache: bool, process_index: int,
                   process_count: int) -> tf.data.Dataset:
   """The padded, batched shard of `split[:total]`; kept so that its cache outlives one pass."""
   source = _source(name, data_dir)
@@ -265,7 +272,7 @@ def _eval_dataset(name: str, data_dir: str, split: str, total: int, size: int, c
   if end > start:
     data = _read(source, split, start, end).map(
         lambda encoded, label: {
-            "image": tf_preprocess.eval_image(encoded, size, channels, common.TFDS_CROP_FRACTION),
+            "image": tf_preprocess.eval_image(encoded, size, channels, crop_fraction),
             "label": label, "mask": tf.constant(True)},
         num_parallel_calls=tf.data.AUTOTUNE)
     if _use_cache(cache, name, f"decoded {split}[:{total}] images",
@@ -297,6 +304,9 @@ def eval_batches(config: ml_collections.ConfigDict, process_index: int, process_
   tfds_split, total = ((_TRAIN_SPLIT, holdout) if split == "holdout"
                        else (source.eval_split, source.num_examples(source.eval_split)))
   data = _eval_dataset(config.data.name, config.data.tfds_data_dir, tfds_split, total,
-                       config.data.image_size, config.data.channels, batch,
+                       config.data.image_size, config.data.channels,
+                       common.TFDS_CROP_FRACTION
+                       if common.augmentation(config, in_memory=False) == "inception_crop"
+                       else 1.0, batch,
                        bool(config.data.cache), process_index, process_count)
   return data.as_numpy_iterator()
