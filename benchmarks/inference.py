@@ -100,41 +100,19 @@ from coe_jax.models.coe import EXPERT_LOOPS, CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
 
-CONDCONV_KERNELS = 4
 LITERT_BATCH = 32
 # Random images whose statistics random variables get (`_data_statistics`):
 # thousands of values per channel even at the last 7x7 layers of 224 px nets.
 STATISTICS_IMAGES = 16
-DEPTH_MULTIPLIERS = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0)  # Closest to 1 first.
 
 
-def _scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
-                     channels: int, num_classes: int) -> tuple[dict[str, float], NetworkSpec, int]:
-  """The network's multipliers, spec and FLOPs whose FLOPs come closest to `target`.
-
-  Channels are rounded to multiples of 8, so FLOPs move in coarse steps with
-  the width alone (on digits the nearest width misses CoE's mean by ~20%);
-  depth multipliers fill the gaps. Ties go to the depth closest to 1.
-  """
-  best = None
-  for depth in DEPTH_MULTIPLIERS:
-    for width in np.arange(0.05, 4.0, 0.01):
-      candidate = network.copy_and_resolve_references()
-      candidate.width_multiplier, candidate.depth_multiplier = float(width), depth
-      spec = NetworkSpec.from_config(candidate, "expert")
-      macs = flops.network_macs(spec, image_size, channels, num_classes)
-      if best is None or abs(macs - target) < abs(best[2] - target):
-        best = (dict(width=round(float(width), 2), depth=depth), spec, macs)
-  return best
-
-
-def _condconv_network(expert: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The expert's architecture with CondConv, unless it already has it."""
-  network = expert.copy_and_resolve_references()
-  if not network.condconv_kernels:
-    network.condconv_kernels = CONDCONV_KERNELS
-    network.condconv_from_stage = len(network.stages) // 2  # CondConv in the later stages only.
-  return network
+def _sized(network: ml_collections.ConfigDict, target: float, image_size: int, channels: int,
+           num_classes: int) -> tuple[NetworkSpec, dict[str, float]]:
+  """`network` scaled to `target` FLOPs (`flops.scaled_to_flops`): its spec and multipliers."""
+  sizing = flops.scaled_to_flops(network, target, image_size, channels, num_classes)
+  spec = NetworkSpec.from_config(sizing.apply(network), "expert")
+  return spec, dict(width=sizing.width_multiplier, depth=sizing.depth_multiplier,
+                    flops=sizing.flops)
 
 
 def _time_rounds(variants: dict[str, Callable[[], Any]], steps: int,
@@ -283,10 +261,10 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   capacity = routing.capacity("serving", batch_size, num_experts, capacity_factor,
                               expected_exit_rate)
 
-  dense_scale, dense_spec, dense_flops = _scaled_to_flops(
-      config.expert, mean_flops, size, channels, num_classes)
-  condconv_scale, condconv_spec, condconv_flops = _scaled_to_flops(
-      _condconv_network(config.expert), mean_flops, size, channels, num_classes)
+  dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
+  condconv_spec, condconv_scale = _sized(flops.condconv_network(config.expert), mean_flops, size,
+                                         channels, num_classes)
+  dense_flops, condconv_flops = dense_scale["flops"], condconv_scale["flops"]
   routed = {loop: functools.partial(routing.route_and_predict, model, variables, images,
                                     threshold, mode="serving", capacity_factor=capacity_factor,
                                     expected_exit_rate=expected_exit_rate, expert_loop=loop)
@@ -355,8 +333,8 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
   mean_flops = f_d + (1 - exit_rate) * f_e
-  _, dense_spec, dense_flops = _scaled_to_flops(config.expert, mean_flops, size, channels,
-                                                num_classes)
+  dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
+  dense_flops = dense_scale["flops"]
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
   device_images = jnp.asarray(images)  # [32, S, S, C]
   jax_routed = functools.partial(

@@ -21,12 +21,20 @@ Variants:
   multipliers allow to full CoE's mean FLOPs (averaged over seeds), trained
   alone as a plain classifier (`num_experts=1`, warm-up stage only; the
   delegator trained alongside is not used). Its cost is the network alone.
+- `single_0.5x`, `single_0.7x`, `single_1.4x`, `single_2x` (any
+  `single_<f>x`): the same at f times CoE's mean FLOPs. With `single` they
+  form the single-network family whose accuracy-vs-FLOPs line CoE is judged
+  against: `flops_ratio_at_equal_accuracy` is the FLOPs the family needs to
+  reach CoE's top-1 (interpolated in log FLOPs) over CoE's mean FLOPs.
+- `condconv`: the experts' architecture with CondConv (4 kernels) in its
+  later half of stages, sized like `single` and trained alone.
 - `ensemble`: the N experts trained independently as plain classifiers
   (warm-up stage only: same batches, own initialisations); the answer is the
   mean of their probabilities, at N x expert FLOPs.
 
 CoE variants report top-1 at the tau the trainer calibrates (`eval.*` as
-configured), their mean FLOPs and early-exit rate.
+configured), their mean FLOPs and early-exit rate. `WORKDIR/ablation.json`
+holds every run's figures and the ratio.
 """
 
 import copy
@@ -48,38 +56,55 @@ from ml_collections import config_flags
 
 from coe_jax import checkpointing, data, expert_parallel, flops, lgm, plots, train
 from coe_jax.errors import CoEError
-from coe_jax.models.spec import NetworkSpec
 from coe_jax.train_step import TrainState
 
-VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single", "ensemble")
+# The single-network family besides `single` (1x): multiples of CoE's mean FLOPs.
+FAMILY = (0.5, 0.7, 1.4, 2.0)
+VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single",
+            *(f"single_{f:g}x" for f in FAMILY), "condconv", "ensemble")
 DESCRIPTIONS = {
     "coe": "full CoE: WGM + LGM + VCM, early exit",
     "no_wgm": "without WGM: uniform expert weights (wgm.off_portion_weight=1)",
     "no_lgm": "without LGM: selection trained on random labels (lgm.rule=random)",
     "no_vcm": "without VCM (vcm.enabled=False)",
     "single": "one network of CoE's mean FLOPs, trained alone",
+    "condconv": "one CondConv network of CoE's mean FLOPs, trained alone",
     "ensemble": "N independent experts, probabilities averaged",
 }
-# Multipliers tried to size `single`; depth multipliers act through ceil(depth * m).
-WIDTHS = tuple(round(0.05 + 0.01 * i, 2) for i in range(396))  # 0.05 .. 4.00
-DEPTHS = (1.0, 1.5, 2.0, 3.0)
 RUN_FILE = "ablation_run.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class EqualFlops:
-  """The expert multipliers that size `single`, and how close they get."""
-  width_multiplier: float
-  depth_multiplier: float
-  flops: int
-  target: float
+def flops_factor(variant: str) -> Optional[float]:
+  """The multiple of CoE's mean FLOPs a variant is sized to (`single_<f>x`: f); None if unsized."""
+  if variant in ("single", "condconv"):
+    return 1.0
+  if variant.startswith("single_") and variant.endswith("x"):
+    try:
+      factor = float(variant[len("single_"):-1])
+    except ValueError:
+      return None
+    return factor if factor > 0 else None
+  return None
+
+
+def describe(variant: str) -> str:
+  factor = flops_factor(variant)
+  if variant in DESCRIPTIONS:
+    return DESCRIPTIONS[variant]
+  return f"one network of {factor:g}x CoE's mean FLOPs, trained alone"
+
+
+def _check_variant(variant: str) -> None:
+  if variant not in VARIANTS and flops_factor(variant) is None:
+    raise CoEError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)} "
+                   "or single_<f>x (f a positive number)")
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int,
-                   equal_flops: Optional[EqualFlops] = None) -> ml_collections.ConfigDict:
-  """The config of one variant at one seed; `single` needs `equal_flops`."""
-  if variant not in VARIANTS:
-    raise CoEError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)}")
+                   sizing: Optional[flops.Sizing] = None) -> ml_collections.ConfigDict:
+  """The config of one variant at one seed; the sized variants need `sizing`
+  (multipliers on the expert network, or on its CondConv form for `condconv`)."""
+  _check_variant(variant)
   config = copy.deepcopy(config)
   config.seed = seed
   if variant == "no_wgm":
@@ -88,41 +113,48 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int,
     config.lgm.rule = lgm.RANDOM_RULE
   elif variant == "no_vcm":
     config.vcm.enabled = False
-  elif variant in ("single", "ensemble"):
+  elif variant == "ensemble" or flops_factor(variant) is not None:
     # Warm-up alone: every expert weighs every sample by 1 and no selection is
     # learned, so the experts train as independent plain classifiers.
     config.train.stages = ml_collections.ConfigDict({"warmup": 1.0})
-    if variant == "single":
-      if equal_flops is None:
-        raise CoEError("variant='single': needs the multipliers from full CoE's mean FLOPs")
+    if variant != "ensemble":
+      if sizing is None:
+        raise CoEError(f"variant={variant!r}: needs the multipliers from full CoE's mean FLOPs")
       config.num_experts = 1
       config.mesh.expert = 1
-      config.expert.width_multiplier = equal_flops.width_multiplier
-      config.expert.depth_multiplier = equal_flops.depth_multiplier
+      config.expert = sizing.apply(_network_of(config, variant))
   return config
 
 
-def equal_flops_multipliers(config: ml_collections.ConfigDict, num_classes: int,
-                            target: float) -> EqualFlops:
-  """The expert width and depth multipliers whose FLOPs come closest to `target`.
+def _network_of(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """The network a sized variant scales: the expert's, with CondConv for `condconv`."""
+  return flops.condconv_network(config.expert) if variant == "condconv" else config.expert
 
-  Closest in ratio; ties go to the unchanged depth, then to the width nearest
-  the config's. Multipliers apply on top of the config's own.
+
+def variant_sizing(config: ml_collections.ConfigDict, variant: str, num_classes: int,
+                   coe_mean_flops: float) -> flops.Sizing:
+  """The multipliers of a sized variant, from full CoE's mean FLOPs."""
+  return flops.scaled_to_flops(_network_of(config, variant), flops_factor(variant) * coe_mean_flops,
+                               config.data.image_size, config.data.channels, num_classes)
+
+
+def flops_ratio_at_equal_accuracy(family: Sequence[tuple[float, float]], coe_top1: float,
+                                  coe_mean_flops: float) -> Optional[float]:
+  """FLOPs the single-network family needs to reach CoE's top-1, over CoE's mean FLOPs.
+
+  `family` holds (mean FLOPs, top-1) points; top-1 is interpolated linearly
+  in log FLOPs between neighbouring points, and the first crossing counts.
+  None when the family never reaches CoE's top-1 (CoE beats every member) or
+  starts above it (the ratio would be an extrapolation below the family).
   """
-  if not target > 0:
-    raise CoEError(f"target mean FLOPs={target!r}: expected a positive number")
-  expert = copy.deepcopy(config.expert)
-  base_width, base_depth = expert.width_multiplier, expert.depth_multiplier
-  best = None
-  for depth in DEPTHS:
-    for width in WIDTHS:
-      expert.width_multiplier, expert.depth_multiplier = base_width * width, base_depth * depth
-      macs = flops.network_macs(NetworkSpec.from_config(expert, "expert"), config.data.image_size,
-                                config.data.channels, num_classes)
-      key = (round(abs(math.log(macs / target)), 9), depth != 1.0, abs(width - 1.0))
-      if best is None or key < best[0]:
-        best = (key, EqualFlops(base_width * width, base_depth * depth, macs, float(target)))
-  return best[1]
+  points = sorted(family)
+  if len(points) < 2 or points[0][1] >= coe_top1:
+    return None
+  for (f0, a0), (f1, a1) in zip(points, points[1:]):
+    if a0 < coe_top1 <= a1:
+      t = (coe_top1 - a0) / (a1 - a0)
+      return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))) / coe_mean_flops
+  return None
 
 
 def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
@@ -172,7 +204,7 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
     raise CoEError(f"workdir={workdir!r}: training stopped early; run the same command again "
                    "to resume")
   results = train.evaluate(trainer, state)
-  if variant == "single":
+  if flops_factor(variant) is not None:
     row = dict(top1=results["expert_top1"][0], mean_flops=results["expert_flops"],
                early_exit_rate=None, top1_no_early_exit=None)
   elif variant == "ensemble":
@@ -195,9 +227,10 @@ def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> 
   return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def format_table(rows: Sequence[dict[str, Any]], equal_flops: Optional[EqualFlops],
-                 command: str) -> str:
-  """The Markdown report: the command, the table and how `single` was sized."""
+def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing],
+                 ratio: Optional[float], command: str) -> str:
+  """The Markdown report: the command, the table, how the sized variants were sized and
+  `flops_ratio_at_equal_accuracy`."""
   seeds = len(rows[0]["runs"])
   lines = [
       "# CoE ablations", "", f"Command: `{command}`", "",
@@ -213,43 +246,68 @@ def format_table(rows: Sequence[dict[str, Any]], equal_flops: Optional[EqualFlop
     coe = runs[0]["early_exit_rate"] is not None
     no_exit = _mean_sd([r["top1_no_early_exit"] for r in runs]) if coe else "—"
     exits = _mean_sd([r["early_exit_rate"] for r in runs], digits=1) if coe else "—"
-    flops = _mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
-    lines.append(f"| {row['name']} | {DESCRIPTIONS[row['name']]} | "
-                 f"{_mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | {flops} | "
-                 f"{exits} |")
-  if equal_flops is not None:
-    lines += ["", f"`single` is the expert network at width x{equal_flops.width_multiplier:g}, "
-              f"depth x{equal_flops.depth_multiplier:g}: {equal_flops.flops / 1e6:.4f}M "
-              f"multiply-adds, {100 * (equal_flops.flops / equal_flops.target - 1):+.1f}% from "
-              f"full CoE's mean of {equal_flops.target / 1e6:.4f}M."]
+    mean_flops = _mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
+    lines.append(f"| {row['name']} | {describe(row['name'])} | "
+                 f"{_mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | "
+                 f"{mean_flops} | {exits} |")
+  if sizings:
+    lines.append("")
+  for variant, sizing in sizings.items():
+    lines.append(f"`{variant}` is the {'CondConv ' if variant == 'condconv' else ''}expert "
+                 f"network at width x{sizing.width_multiplier:g}, depth "
+                 f"x{sizing.depth_multiplier:g}: {sizing.flops / 1e6:.4f}M multiply-adds, "
+                 f"{100 * (sizing.flops / sizing.target - 1):+.1f}% from its target of "
+                 f"{sizing.target / 1e6:.4f}M.")
+  if any(_is_family(row["name"]) for row in rows):
+    lines += ["", "`flops_ratio_at_equal_accuracy` (FLOPs the single-network family needs to "
+              "reach CoE's top-1, over CoE's mean FLOPs): " +
+              (f"{ratio:.2f}" if ratio is not None else
+               "not reached within the family (CoE's top-1 lies outside its range)")]
   return "\n".join(lines) + "\n"
+
+
+def _is_family(variant: str) -> bool:
+  return variant != "condconv" and flops_factor(variant) is not None
+
+
+def _mean(values: Sequence[float]) -> float:
+  return sum(values) / len(values)
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
                  variants: Sequence[str] = VARIANTS, command: str = "") -> str:
-  """Runs the variants over the seeds and writes the table and plot; returns the table.
+  """Runs the variants over the seeds and writes the table, JSON and plot; returns the table.
 
-  `single` needs full CoE's mean FLOPs, so `coe` always runs with it.
+  The sized variants need full CoE's mean FLOPs, so `coe` always runs with them.
   """
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown or not variants:
-    raise CoEError(f"variants={','.join(variants)!r}: expected some of {', '.join(VARIANTS)}")
+  if not variants:
+    raise CoEError("variants='': expected some of " + ", ".join(VARIANTS))
+  for variant in variants:
+    try:
+      _check_variant(variant)
+    except CoEError:
+      raise CoEError(f"variants={','.join(variants)!r}: expected some of {', '.join(VARIANTS)} "
+                     "or single_<f>x") from None
   if not isinstance(seeds, int) or seeds < 1:
     raise CoEError(f"seeds={seeds!r}: expected a positive integer")
-  variants = [v for v in VARIANTS if v in variants or (v == "coe" and "single" in variants)]
+  sized = any(flops_factor(v) is not None for v in variants)
+  variants = ([v for v in VARIANTS if v in variants or (v == "coe" and sized)] +
+              [v for v in dict.fromkeys(variants) if v not in VARIANTS])
   jobs = len(variants) * seeds
-  rows, equal_flops = [], None
+  rows, sizings = [], {}
+  num_classes = None
   for variant in variants:
-    if variant == "single":
-      coe_runs = rows[0]["runs"]
-      target = sum(r["mean_flops"] for r in coe_runs) / len(coe_runs)
-      equal_flops = equal_flops_multipliers(config, data.get_info(config).num_classes, target)
+    sizing = None
+    if flops_factor(variant) is not None:
+      num_classes = num_classes or data.get_info(config).num_classes
+      coe_mean_flops = _mean([r["mean_flops"] for r in rows[0]["runs"]])
+      sizing = sizings[variant] = variant_sizing(config, variant, num_classes, coe_mean_flops)
     runs = []
     for s in range(seeds):
       run_dir = os.path.join(workdir, variant, f"seed{s}")
       print(f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: {run_dir}",
             flush=True)
-      run = run_variant(variant_config(config, variant, config.seed + s, equal_flops), variant,
+      run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
                         run_dir)
       exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
                if run["early_exit_rate"] is not None else "")
@@ -258,12 +316,22 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
       runs.append(run)
     rows.append({"name": variant, "runs": runs})
 
-  table = format_table(rows, equal_flops, command)
+  summary = [{"name": row["name"], "top1": _mean([r["top1"] for r in row["runs"]]),
+              "mean_flops": _mean([r["mean_flops"] for r in row["runs"]])} for row in rows]
+  family = [(r["mean_flops"], r["top1"]) for r in summary if _is_family(r["name"])]
+  ratio = None
+  if family and rows[0]["name"] == "coe":
+    ratio = flops_ratio_at_equal_accuracy(family, summary[0]["top1"], summary[0]["mean_flops"])
+  table = format_table(rows, sizings, ratio, command)
   epath.Path(workdir, "ablation.md").write_text(table)
+  checkpointing.write_json(os.path.join(workdir, "ablation.json"), {
+      "command": command, "seeds": seeds, "flops_ratio_at_equal_accuracy": ratio,
+      "rows": rows, "sizings": {k: dataclasses.asdict(v) for k, v in sizings.items()}})
   curve_path = os.path.join(workdir, "coe", "seed0", "early_exit_curve.json")
   curve = checkpointing.read_json(curve_path) if epath.Path(curve_path).exists() else None
   plot_rows = [{"name": row["name"], "top1": [r["top1"] for r in row["runs"]],
-                "mean_flops": sum(r["mean_flops"] for r in row["runs"]) / seeds} for row in rows]
+                "mean_flops": _mean([r["mean_flops"] for r in row["runs"]]),
+                "family": _is_family(row["name"])} for row in rows]
   plots.ablation(plot_rows, os.path.join(workdir, "ablation.png"), curve=curve)
   return table
 

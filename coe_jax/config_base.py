@@ -11,13 +11,15 @@ from ml_collections import config_dict
 
 
 def stage(features: int, depth: int, kernel: int, expansion: float, stride: int,
-          se_ratio: float = 0.25, activation: str = "") -> dict[str, Any]:
+          se_ratio: float = 0.25, activation: str = "", fused: bool = False) -> dict[str, Any]:
   """One MBConv stage: `depth` blocks, the first with `stride`.
 
-  An empty `activation` means the network's default activation.
+  An empty `activation` means the network's default activation. `fused`
+  blocks (EfficientNetV2's Fused-MBConv) replace the 1x1 expansion and the
+  depthwise k x k convolution by one dense k x k convolution.
   """
   return dict(features=features, depth=depth, kernel=kernel, expansion=expansion,
-              stride=stride, se_ratio=se_ratio, activation=activation)
+              stride=stride, se_ratio=se_ratio, activation=activation, fused=fused)
 
 
 def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features: int,

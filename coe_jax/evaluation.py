@@ -194,12 +194,15 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
   routed = outputs.selected_expert[~exits]
   load = np.bincount(routed, minlength=num_experts) / max(len(routed), 1)
   exit_rate = float(exits.mean())
+  own, off = portion_top1(outputs, num_experts)
   return {
       "top1": float((prediction == outputs.labels).mean()),
       "top1_no_early_exit": float((outputs.routed_prediction == outputs.labels).mean()),
       "delegator_top1": float((outputs.delegator_prediction == outputs.labels).mean()),
       "expert_top1": [float(x) for x in (outputs.expert_predictions == outputs.labels).mean(1)],
       "oracle_top1": float((outputs.expert_predictions == outputs.labels).any(0).mean()),
+      "expert_top1_own_portion": own,
+      "expert_top1_off_portion": off,
       "early_exit_rate": exit_rate,
       "threshold": float(threshold),
       "mean_flops": float(delegator_flops + (1 - exit_rate) * expert_flops),
@@ -208,6 +211,19 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
       "expert_load": [float(x) for x in load],
       "num_test_examples": int(len(outputs.labels)),
   }
+
+
+def portion_top1(outputs: EvalOutputs,
+                 num_experts: int) -> tuple[list[Optional[float]], list[Optional[float]]]:
+  """Each expert's top-1 on its own portion (the examples the delegator selects it for,
+  exits or not) and on the rest: how far the experts specialise. None for an empty part."""
+  correct = outputs.expert_predictions == outputs.labels  # [N, M]
+  own, off = [], []
+  for j in range(num_experts):
+    mine = outputs.selected_expert == j  # [M]
+    own.append(float(correct[j, mine].mean()) if mine.any() else None)
+    off.append(float(correct[j, ~mine].mean()) if (~mine).any() else None)
+  return own, off
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ FLOPs here means multiply-adds, as in the mobile-network literature
     {"delegator_flops": ..., "expert_flops": ..., "max_flops": ...}
 """
 
+import dataclasses
 import json
 import math
 import sys
@@ -58,14 +59,22 @@ def network_macs(spec: NetworkSpec, image_size: int, in_channels: int, num_outpu
       k = stage.condconv_kernels
       if k:
         macs += features * k  # Routing: pooled input -> kernel weights, once per block.
-      if hidden != features:
-        macs += _conv_macs(size, 1, features, hidden, condconv_kernels=k)
-      size = math.ceil(size / stride)
-      macs += _conv_macs(size, stage.kernel, hidden, hidden, groups=hidden, condconv_kernels=k)
+      projected = not stage.fused or hidden != features
+      if stage.fused:
+        width = hidden if projected else stage.features
+        size = math.ceil(size / stride)
+        macs += _conv_macs(size, stage.kernel, features, width, condconv_kernels=k)
+      else:
+        if hidden != features:
+          macs += _conv_macs(size, 1, features, hidden, condconv_kernels=k)
+        width = hidden
+        size = math.ceil(size / stride)
+        macs += _conv_macs(size, stage.kernel, hidden, hidden, groups=hidden, condconv_kernels=k)
       if stage.se_ratio > 0:
         squeeze = max(1, int(features * stage.se_ratio))
-        macs += 2 * hidden * squeeze
-      macs += _conv_macs(size, 1, hidden, stage.features, condconv_kernels=k)
+        macs += 2 * width * squeeze
+      if projected:
+        macs += _conv_macs(size, 1, hidden, stage.features, condconv_kernels=k)
       features = stage.features
   macs += _conv_macs(size, 1, features, spec.head_features)
   features = spec.head_features
@@ -105,6 +114,63 @@ def train_step_flops(config: ml_collections.ConfigDict, num_classes: int,
   expert_passes = 1 if stage == "delegator" else 3
   per_image = 3 * macs["delegator_flops"] + expert_passes * config.num_experts * macs["expert_flops"]
   return 2 * per_image * config.train.batch_size
+
+
+# Multipliers `scaled_to_flops` tries; depth multipliers act through ceil(depth * m).
+# Channels round to multiples of 8, so FLOPs move in coarse steps with the
+# width alone; the depths fill the gaps.
+WIDTH_MULTIPLIERS = tuple(round(0.05 + 0.01 * i, 2) for i in range(396))  # 0.05 .. 4.00
+DEPTH_MULTIPLIERS = (1.0, 0.5, 1.5, 2.0, 3.0)
+# CondConv's kernels per convolution in `condconv_network`: the CondConv paper's
+# smallest setting that clearly beats the plain network.
+CONDCONV_KERNELS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+  """Width and depth multipliers (on top of a network's own) and the FLOPs they give."""
+  width_multiplier: float
+  depth_multiplier: float
+  flops: int
+  target: float
+
+  def apply(self, network: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `network` with these multipliers applied."""
+    scaled = network.copy_and_resolve_references()
+    scaled.width_multiplier = network.width_multiplier * self.width_multiplier
+    scaled.depth_multiplier = network.depth_multiplier * self.depth_multiplier
+    return scaled
+
+
+def scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
+                    channels: int, num_outputs: int) -> Sizing:
+  """The multipliers of `network` whose FLOPs come closest to `target`.
+
+  Closest in ratio; ties go to the unchanged depth, then to the width nearest
+  the network's own.
+  """
+  if not target > 0:
+    raise CoEError(f"target FLOPs={target!r}: expected a positive number")
+  best = None
+  for depth in DEPTH_MULTIPLIERS:
+    for width in WIDTH_MULTIPLIERS:
+      sizing = Sizing(width, depth, 0, float(target))
+      macs = network_macs(NetworkSpec.from_config(sizing.apply(network), "network"), image_size,
+                          channels, num_outputs)
+      key = (round(abs(math.log(macs / target)), 9), depth != 1.0, abs(width - 1.0))
+      if best is None or key < best[0]:
+        best = (key, dataclasses.replace(sizing, flops=macs))
+  return best[1]
+
+
+def condconv_network(network: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`network` with CondConv (`CONDCONV_KERNELS` kernels) in its later half of stages,
+  unless it already has CondConv."""
+  network = network.copy_and_resolve_references()
+  if not network.condconv_kernels:
+    network.condconv_kernels = CONDCONV_KERNELS
+    network.condconv_from_stage = len(network.stages) // 2
+  return network
 
 
 # Dense peak FLOP/s per device, (bfloat16, float32), from the vendors' data

@@ -53,6 +53,23 @@ def expert_load(results: dict[str, Any], path: str) -> str:
   return _save(fig, path)
 
 
+def expert_portions(results: dict[str, Any], path: str) -> str:
+  """Each expert's top-1 on its own portion (the examples the delegator selects it for)
+  and on the others: bars apart mean the experts specialise."""
+  own, off = results["expert_top1_own_portion"], results["expert_top1_off_portion"]
+  positions = np.arange(len(own))
+  percent = lambda values: [np.nan if v is None else 100 * v for v in values]
+  fig, ax = _figure(figsize=(5.6, 3.8), dpi=120)
+  ax.bar(positions - 0.2, percent(own), width=0.4, color="tab:green", label="own portion")
+  ax.bar(positions + 0.2, percent(off), width=0.4, color="tab:gray", label="other examples")
+  ax.set_xticks(positions)
+  ax.set_xlabel("expert")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title("Does each expert do best on the examples routed to it?", fontsize=10)
+  ax.legend(fontsize=8, loc="lower right")
+  return _save(fig, path)
+
+
 def early_exit_curve(curve: Sweep, results: dict[str, Any], path: str) -> str:
   """Accuracy and mean FLOPs as functions of tau, with the chosen tau marked."""
   fig, ax = _figure(figsize=(6.4, 4.2), dpi=120)
@@ -149,7 +166,8 @@ def ablation(rows: Sequence[dict[str, Any]], path: str,
   """Each variant's top-1 (mean, and min-max over seeds) against its mean FLOPs.
 
   Args:
-    rows: dicts with `name`, `mean_flops`, `top1` (per-seed list).
+    rows: dicts with `name`, `mean_flops`, `top1` (per-seed list) and optionally
+      `family` (True for the single-network family, whose points are joined).
     path: where to write the PNG.
     curve: full CoE's early-exit curve of one seed (`early_exit_curve.json`), drawn for context.
   """
@@ -158,7 +176,12 @@ def ablation(rows: Sequence[dict[str, Any]], path: str,
     ax.plot(np.asarray(curve["mean_flops"]) / 1e6, 100 * np.asarray(curve["accuracy"]),
             drawstyle="steps-pre", color="tab:blue", alpha=0.35,
             label="coe, tau sweep (first seed)")
-  markers = "*osD^vP<>"
+  family = sorted((row["mean_flops"], 100 * np.mean(row["top1"])) for row in rows
+                  if row.get("family"))
+  if len(family) > 1:
+    ax.plot(*zip(*[(f / 1e6, a) for f, a in family]), "-", color="tab:gray", alpha=0.6,
+            label="single-network family")
+  markers = "*osD^vP<>hX"
   for i, row in enumerate(rows):
     top1 = 100 * np.asarray(row["top1"])
     low, high = top1.mean() - top1.min(), top1.max() - top1.mean()

@@ -1,10 +1,16 @@
 """A short, human-readable table of a run's results."""
 
-from typing import Any
+from typing import Any, Optional
+
+
+def _percent(value: Optional[float]) -> str:
+  return "-" if value is None else f"{100 * value:.1f}"
 
 
 def format_results(results: dict[str, Any], workdir: str) -> str:
   experts = ", ".join(f"{100 * a:.1f}" for a in results["expert_top1"])
+  portions = ", ".join(f"{_percent(own)} / {_percent(off)}" for own, off in zip(
+      results["expert_top1_own_portion"], results["expert_top1_off_portion"]))
   load = ", ".join(f"{100 * x:.0f}%" for x in results["expert_load"])
   rows = [
       ("CoE top-1", f"{100 * results['top1']:.2f}%  (tau={results['threshold']:.4g}, "
@@ -12,6 +18,7 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
       ("CoE top-1, no early exit", f"{100 * results['top1_no_early_exit']:.2f}%"),
       ("delegator alone", f"{100 * results['delegator_top1']:.2f}%"),
       ("each expert alone", f"{experts} %"),
+      ("each expert, own / off portion", f"{portions} %"),
       ("early exits", f"{100 * results['early_exit_rate']:.1f}%"),
       ("mean FLOPs (multiply-adds)", f"{results['mean_flops'] / 1e6:.3f}M  (delegator "
                                      f"{results['delegator_flops'] / 1e6:.3f}M + expert "
@@ -23,6 +30,6 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
   lines = [f"  {name:<{width}}  {value}" for name, value in rows]
   lines += ["", f"  results: {workdir}/results.json",
             f"  plots:   {workdir}/accuracy_vs_flops.png, early_exit_curve.png, expert_load.png,",
-            "           routing_grid.png, class_by_expert.png",
+            "           routing_grid.png, class_by_expert.png, expert_portions.png",
             f"  metrics: tensorboard --logdir={workdir}"]
   return "\n".join(["", "CoE results", *lines, ""])

@@ -439,6 +439,7 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
     checkpointing.write_json(os.path.join(workdir, "results.json"), results)
     plots.accuracy_vs_flops(test_curve, results, os.path.join(workdir, "accuracy_vs_flops.png"))
     plots.expert_load(results, os.path.join(workdir, "expert_load.png"))
+    plots.expert_portions(results, os.path.join(workdir, "expert_portions.png"))
     plots.early_exit_curve(test_curve, results, os.path.join(workdir, "early_exit_curve.png"))
     # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
     checkpointing.write_json(os.path.join(workdir, "early_exit_curve.json"),

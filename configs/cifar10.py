@@ -1,4 +1,4 @@
-r"""CoE on CIFAR-10: a delegator and 4 MBConv experts at 32 px.
+r"""CoE on CIFAR-10: a delegator and 4 experts at 32 px, trained in 30 minutes on 2 CPU cores.
 
 TFDS `cifar10` by default (prepared with `tfds build cifar10`); the JPEG
 folders of `cifar10-dev.tar.gz` (or any CIFAR-10 in the `image_folder`
@@ -7,14 +7,21 @@ layout) with
     python -m coe_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 \
         --config.data.name=image_folder --config.data.path=DIR
 
+Measured on a 2-core AMD EPYC (AVX2), cifar10-dev's 45,000 training images
+(10% held out to calibrate tau) and its 5,000 test images: 31 minutes end to
+end (about 90 images/s in co-adaptation), 1,100 steps of 128 (3.5 epochs).
+Test top-1 65.6% at the calibrated tau (3% early exits, mean 10.7M
+multiply-adds); each expert alone 62.8-63.4%, the delegator 56.0%. The
+budget, not the networks, limits the accuracy: a step trains the delegator
+and all 4 experts on every image.
+
 Training augmentation is CIFAR's standard (`data.augment=pad_crop_flip`: pad
 4 px of zeros, random 32 px crop, horizontal flip) in both pipelines;
-evaluation sees whole images. 10% of the training split is held out to
-calibrate tau. FLOPs (`python -m coe_jax.flops --config=configs/cifar10.py`):
-delegator 1.20M, each expert 8.07M multiply-adds.
-
-Work in progress (issue 15): the recipe (steps, learning rate) is not yet
-tuned, and its runtime and accuracy on the 2-core CPU are not yet measured.
+evaluation sees whole images. FLOPs (`python -m coe_jax.flops
+--config=configs/cifar10.py`): delegator 2.22M, each expert 8.70M
+multiply-adds. The networks are Fused-MBConv (one dense 3x3 convolution per
+block), which on CPUs trains about 2.6x faster per multiply-add than MBConv's
+1x1 + depthwise pair.
 """
 
 import ml_collections
@@ -29,16 +36,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.num_classes = 10
   c.data.augment = "pad_crop_flip"
+  # Fused-MBConv stages: dense convolutions use a CPU far better than depthwise ones.
   c.delegator = common.network(
       stem_features=16, stem_stride=2, head_features=128, activation="hard_swish",
-      stages=[common.stage(16, 1, 3, 1, 1), common.stage(24, 2, 3, 3, 2),
-              common.stage(40, 2, 3, 3, 2)])
+      stages=[common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
+              common.stage(32, 2, 3, 1, 2, se_ratio=0.0, fused=True),
+              common.stage(48, 2, 3, 3, 2)])
   c.expert = common.network(
-      stem_features=16, stem_stride=1, head_features=192, activation="hard_swish",
-      stages=[common.stage(16, 1, 3, 1, 1), common.stage(24, 2, 3, 4, 2),
-              common.stage(48, 2, 3, 4, 2), common.stage(80, 2, 3, 4, 2)])
+      stem_features=16, stem_stride=1, head_features=192, activation="relu",
+      stages=[common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
+              common.stage(32, 1, 3, 1, 2, se_ratio=0.0, fused=True),
+              common.stage(64, 2, 3, 1, 2, se_ratio=0.0, fused=True),
+              common.stage(96, 1, 3, 1, 2, se_ratio=0.0, fused=True)])
   c.train.batch_size = 128
-  c.train.num_steps = 2000
+  c.train.num_steps = 1100
   c.train.optimizer = "adamw"
   c.train.learning_rate = 3e-3
   c.train.weight_decay = 5e-4

@@ -69,6 +69,14 @@ def test_table_plot_and_progress(ablation):
   for i, variant in enumerate(VARIANTS):
     assert f"[{i + 1}/3] {variant}, seed 0:" in stdout
   assert "--config.train.num_steps=4" in table  # The command that made it.
+  report = _read(workdir, "ablation.json")
+  assert [row["name"] for row in report["rows"]] == list(VARIANTS)
+  assert report["rows"][0]["runs"][0] == _read(workdir, "coe", "seed0", ablate.RUN_FILE)
+  # One family member (single) cannot bracket CoE's top-1.
+  assert report["flops_ratio_at_equal_accuracy"] is None
+  assert "not reached within the family" in table
+  assert report["sizings"]["single"]["flops"] == _read(workdir, "single", "seed0",
+                                                       "results.json")["expert_flops"]
 
 
 def test_rows_carry_each_runs_figures(ablation):
@@ -98,8 +106,8 @@ def _config_of(workdir: str, variant: str) -> ml_collections.ConfigDict:
 
 def test_each_variant_switches_what_it_says():
   config = load_config(config_path("digits"))
-  single_size = ablate.EqualFlops(0.5, 2.0, 1, 1.0)
-  configs = {v: ablate.variant_config(config, v, seed=3, equal_flops=single_size)
+  size = flops.Sizing(0.5, 2.0, 1, 1.0)
+  configs = {v: ablate.variant_config(config, v, seed=3, sizing=size)
              for v in ablate.VARIANTS}
   assert all(c.seed == 3 for c in configs.values())
   assert configs["coe"].to_dict() == {**config.to_dict(), "seed": 3}
@@ -109,8 +117,12 @@ def test_each_variant_switches_what_it_says():
   for variant in ("single", "ensemble"):
     assert dict(configs[variant].train.stages) == {"warmup": 1.0}  # Plain classifiers.
   assert configs["single"].num_experts == 1 and configs["ensemble"].num_experts == 4
-  assert (configs["single"].expert.width_multiplier,
-          configs["single"].expert.depth_multiplier) == (0.5, 2.0)
+  for variant in ("single", "single_0.5x", "single_2x", "condconv"):
+    expert = configs[variant].expert
+    assert (expert.width_multiplier, expert.depth_multiplier) == (0.5, 2.0), variant
+    assert configs[variant].num_experts == 1
+    assert bool(expert.condconv_kernels) == (variant == "condconv"), variant
+  assert configs["condconv"].expert.condconv_from_stage == len(config.expert.stages) // 2
   assert config.wgm.off_portion_weight == 0.2 and config.seed == 0  # The input is untouched.
 
 
@@ -137,20 +149,40 @@ def test_a_workdir_of_another_config_is_refused(ablation):
     ablate.run_variant(config, "coe", os.path.join(workdir, "coe", "seed0"))
 
 
-def test_equal_flops_multipliers_come_close():
+def test_sized_variants_come_close_to_their_multiple_of_coes_flops():
   config = load_config(config_path("digits"))
   expert = flops.count(config)["expert_flops"]
   for target in (0.3 * expert, 0.5 * expert, 1.0 * expert, 1.7 * expert):
-    found = ablate.equal_flops_multipliers(config, 10, target)
-    assert found.flops == pytest.approx(target, rel=0.15)
-  same = ablate.equal_flops_multipliers(config, 10, expert)
+    for variant, factor in (("single", 1.0), ("single_2x", 2.0), ("condconv", 1.0)):
+      found = ablate.variant_sizing(config, variant, 10, target)
+      assert found.flops == pytest.approx(factor * target, rel=0.15), (variant, target)
+      assert found.target == factor * target
+  same = ablate.variant_sizing(config, "single", 10, expert)
   assert (same.width_multiplier, same.depth_multiplier, same.flops) == (1.0, 1.0, expert)
+  # The sizing's FLOPs are those of the network the variant trains.
+  sized = ablate.variant_config(config, "single_0.7x", 0, ablate.variant_sizing(
+      config, "single_0.7x", 10, expert))
+  assert flops.count(sized, 10)["expert_flops"] == ablate.variant_sizing(
+      config, "single_0.7x", 10, expert).flops
+
+
+def test_flops_ratio_at_equal_accuracy_interpolates_in_log_flops():
+  family = [(1.0, 0.60), (2.0, 0.70), (4.0, 0.80), (8.0, 0.82)]
+  # CoE at 2 FLOPs with the top-1 the family reaches at 4: ratio 2.
+  assert ablate.flops_ratio_at_equal_accuracy(family, 0.80, 2.0) == pytest.approx(2.0)
+  # Halfway between 0.70 and 0.80: sqrt(2 * 4) FLOPs.
+  assert ablate.flops_ratio_at_equal_accuracy(family, 0.75, 1.0) == pytest.approx(8 ** 0.5)
+  assert ablate.flops_ratio_at_equal_accuracy(family[::-1], 0.75, 1.0) == pytest.approx(8 ** 0.5)
+  assert ablate.flops_ratio_at_equal_accuracy(family, 0.90, 1.0) is None  # CoE beats them all.
+  assert ablate.flops_ratio_at_equal_accuracy(family, 0.55, 1.0) is None  # Below the family.
 
 
 def test_bad_variants_and_seeds_are_refused(tmp_path):
   config = base_config()
   with pytest.raises(CoEError, match=r"^variant='single': needs"):
     ablate.variant_config(config, "single", seed=0)
+  with pytest.raises(CoEError, match=r"^variant='single_0x'"):
+    ablate.variant_config(config, "single_0x", seed=0)
   with pytest.raises(CoEError, match=r"^variants='coe,best'"):
     ablate.run_ablation(config, str(tmp_path), 1, ["coe", "best"])
   with pytest.raises(CoEError, match=r"^seeds=0"):

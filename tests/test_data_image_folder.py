@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import config_base, data
+from coe_jax import config_base, data, train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from tests.helpers import (IMAGE_FOLDER_CLASSES, make_image_folder, pad_crop_flip_candidates,
@@ -194,6 +194,15 @@ def test_missing_path(tmp_path):
   assert _error(_config(str(archive))) == (
       f"data.path={str(archive)!r}: is an archive: extract it (tar -xzf FILE -C DIR) and set "
       "data.path=DIR")
+
+
+def test_a_folder_with_another_number_of_classes_than_the_config_is_refused(tmp_path):
+  """configs/cifar10.py sets data.num_classes=10; a 3-class folder is named in one line."""
+  config = load_config(config_path("cifar10"))
+  config.data.name, config.data.path = "image_folder", make_image_folder(tmp_path)
+  with pytest.raises(CoEError) as error:
+    train.Trainer(config, str(tmp_path / "run"))
+  assert str(error.value) == "data.num_classes=10: but the data set has 3 classes"
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

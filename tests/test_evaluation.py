@@ -62,6 +62,23 @@ def test_summary_figures():
   assert results["num_test_examples"] == 200
 
 
+def test_portion_top1_counts_each_experts_own_and_other_examples():
+  """Expert 0 is right exactly on the examples selected for it, expert 1 never is, and
+  expert 2 is never selected."""
+  labels = np.array([0, 1, 2, 3, 4, 0])
+  selected = np.array([0, 0, 1, 1, 0, 1])
+  experts = np.stack([np.where(selected == 0, labels, (labels + 1) % 5),
+                      (labels + 1) % 5, labels])  # [N=3, M]
+  outputs = evaluation.EvalOutputs(labels=labels, confidence=np.zeros(6),
+                                   delegator_prediction=labels, selected_expert=selected,
+                                   expert_predictions=experts)
+  own, off = evaluation.portion_top1(outputs, 3)
+  assert own == [1.0, 0.0, None] and off == [0.0, 0.0, 1.0]
+  results = evaluation.summary(outputs, evaluation.sweep(outputs, 1.0, 2.0), 2.0, 3, 1.0, 2.0)
+  assert results["expert_top1_own_portion"] == own
+  assert results["expert_top1_off_portion"] == off
+
+
 def test_the_no_exit_point_holds_in_float32_for_saturated_samples():
   """A confidence of exactly 1.0 (saturated softmax) must not exit at the no-exit tau."""
   outputs = _outputs()

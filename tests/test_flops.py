@@ -16,17 +16,19 @@ from coe_jax.models.spec import NetworkSpec
 from tests.tiny import REPO, config_path
 
 
-def test_count_matches_xla_cost_analysis():
+@pytest.mark.parametrize("fused", [False, True])
+def test_count_matches_xla_cost_analysis(fused):
   """On a plain network (no squeeze-excitation): XLA counts 2 FLOPs per multiply-add,
   plus the elementwise work (BatchNorm, activations) that the analytic count leaves out.
 
   Lowered with convolutions as convolutions: XLA also counts the window copies
-  of the CPU's matrix-product form, which are not multiply-adds."""
+  of the CPU's matrix-product form, which are not multiply-adds. `fused` makes
+  the first two stages Fused-MBConv (expansion 1, then 4)."""
   se_ratio = 0.0
   net = config_base.network(
       stem_features=16, head_features=96, classifier_features=64, activation="relu",
-      stages=[config_base.stage(16, 1, 3, 1, 1, se_ratio=se_ratio),
-              config_base.stage(24, 2, 3, 4, 2, se_ratio=se_ratio),
+      stages=[config_base.stage(16, 1, 3, 1, 1, se_ratio=se_ratio, fused=fused),
+              config_base.stage(24, 2, 3, 4, 2, se_ratio=se_ratio, fused=fused),
               config_base.stage(32, 2, 5, 4, 2, se_ratio=se_ratio)])
   spec = NetworkSpec.from_config(net, "expert")
   module = Expert(spec, num_classes=10)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from coe_jax import flops
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from coe_jax.models.mbconv import MBConv
+from coe_jax.models.spec import NetworkSpec
 from tests.tiny import tiny_config
 
 
@@ -110,6 +112,46 @@ def test_mbconv_residual_only_when_shapes_match(strides, features, residual):
       variables["batch_stats"]["project_bn"]["var"] + 1e-3)
   expected = (x if residual else 0) + offset
   np.testing.assert_allclose(y0, jnp.broadcast_to(expected, y0.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("expansion", [1, 2])
+def test_fused_mbconv_is_one_dense_convolution_then_the_projection(expansion):
+  """Fused-MBConv: a dense k x k convolution (BatchNorm, activation), then the 1x1
+  projection when it expands; compared with the same layers written out."""
+  block = MBConv(features=8, kernel_size=3, strides=2, expansion=expansion, se_ratio=0.0,
+                 activation="relu", fused=True)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  variables = block.init(jax.random.key(1), x, train=False)
+  params = variables["params"]
+  assert "depthwise" not in params and "expand" not in params
+  assert params["fused"]["kernel"].shape == (3, 3, 8, 8 * expansion)
+  assert ("project" in params) == (expansion > 1)
+  variables = jax.tree.map(  # Non-trivial BatchNorm statistics.
+      lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
+
+  def bn(y, name):
+    p, stats = variables["params"][name], variables["batch_stats"][name]
+    return (y - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-3) * p["scale"] + p["bias"]
+
+  y = jax.lax.conv_general_dilated(x, variables["params"]["fused"]["kernel"], (2, 2), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.nn.relu(bn(y, "fused_bn"))
+  if expansion > 1:
+    y = bn(y @ variables["params"]["project"]["kernel"][0, 0], "project_bn")
+  np.testing.assert_allclose(block.apply(variables, x, train=False), y, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_stages_count_and_build():
+  """A stage's `fused` flag reaches the blocks and the FLOPs count; configs without it are unfused."""
+  config = tiny_config(num_experts=2)
+  stage = dict(config.expert.stages[0])
+  assert NetworkSpec.from_config(config.expert, "expert").stages[0].fused is False
+  before = flops.count(config)["expert_flops"]
+  config.expert.stages = (dict(stage, fused=True),) + tuple(config.expert.stages[1:])
+  assert NetworkSpec.from_config(config.expert, "expert").stages[0].fused is True
+  assert flops.count(config)["expert_flops"] != before
+  variables = CoE(config, num_classes=4).init(jax.random.key(0))
+  assert "fused" in variables["params"]["experts"]["backbone"]["stage0_block0"]
 
 
 @pytest.mark.parametrize("key,value,fragment", [

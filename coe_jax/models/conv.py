@@ -6,8 +6,9 @@ channels, k kernel size.
 XLA's CPU backend runs convolutions, and their weight gradients above all,
 slower than its matrix products (`benchmarks/train_step.py` times a whole
 step both ways). So on CPUs a 1x1 convolution is [B H W, C] x [C, F], and a
-k x k one gathers its k*k shifted windows first ([B, H', W', k k C], im2col,
-cheap for the few-channel stems that have one). Accelerators and exporters
+k x k one (stems, Fused-MBConv blocks) gathers its k*k shifted windows first
+([B, H', W', k k C], im2col): k*k times the input's memory, a price the
+backward pass repays. Accelerators and exporters
 get the plain convolution, which their libraries implement well. Parameters
 are those of `nn.Conv` (`kernel` [k, k, C, F], same initialiser), so both
 forms share checkpoints and initialise alike.
@@ -31,7 +32,7 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   b, h, w, c = x.shape
   k, features = kernel.shape[0], kernel.shape[-1]
   if k == 1:
-    return x[:, ::strides, ::strides] @ kernel[0, 0]  # [B, H', W', F]
+    return _matmul_2d(x[:, ::strides, ::strides], kernel[0, 0])  # [B, H', W', F]
   (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides),
                                                          "SAME")
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H + k - 1, W + k - 1, C]
@@ -41,7 +42,18 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
                            (1, strides, strides, 1))
              for i in range(k) for j in range(k)]  # k*k x [B, H', W', C]
   patches = jnp.concatenate(windows, axis=-1)  # [B, H', W', k k C], in the kernel's (i, j, c) order
-  return patches @ kernel.reshape(k * k * c, features)  # [B, H', W', F]
+  return _matmul_2d(patches, kernel.reshape(k * k * c, features))  # [B, H', W', F]
+
+
+def _matmul_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [B, H, W, C] @ kernel [C, F] as one [B H W, C] x [C, F] product.
+
+  Flattened first: XLA's CPU backend computes the kernel's gradient, a
+  product contracting B, H and W, several times faster over one contracting
+  dimension than over three (figures in the README's speed section).
+  """
+  b, h, w, c = x.shape
+  return (x.reshape(b * h * w, c) @ kernel).reshape(b, h, w, kernel.shape[-1])
 
 
 class Conv(nn.Module):

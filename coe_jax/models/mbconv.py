@@ -4,7 +4,11 @@ Axis letters: B batch, H height, W width, C channels (channels last).
 
 A block is 1x1 expand -> depthwise k x k -> squeeze-excitation -> 1x1 project,
 BatchNorm after each convolution, an activation after the first two, and a
-residual connection when input and output shapes match. With CondConv, the
+residual connection when input and output shapes match. A fused block
+(EfficientNetV2's Fused-MBConv) computes the first two as one dense k x k
+convolution: more multiply-adds, but dense convolutions run far nearer a
+CPU's or an accelerator's peak than depthwise ones, so early stages with few
+channels train faster fused. With CondConv, the
 block computes its routing weights once from its input and shares them with
 all three convolutions (CondConv paper, section 3).
 """
@@ -81,6 +85,7 @@ class MBConv(nn.Module):
   se_ratio: float
   activation: str
   condconv_kernels: int = 0
+  fused: bool = False
   pwlu_intervals: int = 16
   pwlu_per_channel: bool = False
   dtype: Any = jnp.float32
@@ -97,15 +102,24 @@ class MBConv(nn.Module):
                             self.pwlu_per_channel, self.batch_norm_axis)
 
     y = x
-    if hidden != in_features:
-      y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
-      y = act(name="expand_act")(norm(name="expand_bn")(y), train)
-    y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True, name="depthwise")(y)
-    y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H/s, W/s, hidden]
+    if self.fused:
+      # With expansion 1 the dense convolution maps straight to `features`
+      # (activated, as in EfficientNetV2) and there is no projection.
+      width = hidden if hidden != in_features else self.features
+      y = conv(width, self.kernel_size, strides=self.strides, name="fused")(y)
+      y = act(name="fused_act")(norm(name="fused_bn")(y), train)  # [B, H/s, W/s, width]
+    else:
+      if hidden != in_features:
+        y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
+        y = act(name="expand_act")(norm(name="expand_bn")(y), train)
+      y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True,
+               name="depthwise")(y)
+      y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H/s, W/s, hidden]
     if self.se_ratio > 0:
       y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), dtype=self.dtype, name="se")(y)
-    y = conv(self.features, 1, name="project")(y)  # [B, H/s, W/s, features]
-    y = norm(name="project_bn")(y)
+    if not self.fused or hidden != in_features:
+      y = conv(self.features, 1, name="project")(y)  # [B, H/s, W/s, features]
+      y = norm(name="project_bn")(y)
     if self.strides == 1 and in_features == self.features:
       y = y + x
     return y

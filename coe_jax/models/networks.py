@@ -60,7 +60,8 @@ class Backbone(nn.Module):
         x = block(features=stage.features, kernel_size=stage.kernel,
                   strides=stage.stride if b == 0 else 1, expansion=stage.expansion,
                   se_ratio=stage.se_ratio, activation=stage.activation,
-                  condconv_kernels=stage.condconv_kernels, pwlu_intervals=spec.pwlu_intervals,
+                  condconv_kernels=stage.condconv_kernels, fused=stage.fused,
+                  pwlu_intervals=spec.pwlu_intervals,
                   pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
                   batch_norm_axis=self.batch_norm_axis,
                   name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]

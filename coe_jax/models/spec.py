@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from coe_jax.errors import require
 
 ACTIVATIONS = ("relu", "hard_swish", "swish", "pwlu")
-# The keys every entry of a network's `stages` needs (`activation` is optional).
+# The keys every entry of a network's `stages` needs (`activation` and `fused` are optional).
 STAGE_FIELDS = ("features", "depth", "kernel", "expansion", "stride", "se_ratio")
 
 
@@ -39,6 +39,7 @@ class StageSpec:
   se_ratio: float
   activation: str
   condconv_kernels: int  # 0: plain convolutions in this stage.
+  fused: bool = False  # Fused-MBConv: one dense k x k convolution instead of 1x1 + depthwise.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,7 @@ class NetworkSpec:
           se_ratio=float(stage["se_ratio"]),
           activation=stage_activation,
           condconv_kernels=condconv_kernels if index >= config["condconv_from_stage"] else 0,
+          fused=bool(stage.get("fused", False)),
       ))
     return cls(
         stem_features=make_divisible(config["stem_features"] * width),
