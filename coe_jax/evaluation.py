@@ -194,15 +194,13 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
   routed = outputs.selected_expert[~exits]
   load = np.bincount(routed, minlength=num_experts) / max(len(routed), 1)
   exit_rate = float(exits.mean())
-  own, off = portion_top1(outputs, num_experts)
   return {
       "top1": float((prediction == outputs.labels).mean()),
       "top1_no_early_exit": float((outputs.routed_prediction == outputs.labels).mean()),
       "delegator_top1": float((outputs.delegator_prediction == outputs.labels).mean()),
       "expert_top1": [float(x) for x in (outputs.expert_predictions == outputs.labels).mean(1)],
       "oracle_top1": float((outputs.expert_predictions == outputs.labels).any(0).mean()),
-      "expert_top1_own_portion": own,
-      "expert_top1_off_portion": off,
+      **portion_top1(outputs, num_experts),
       "early_exit_rate": exit_rate,
       "threshold": float(threshold),
       "mean_flops": float(delegator_flops + (1 - exit_rate) * expert_flops),
@@ -213,17 +211,28 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
   }
 
 
-def portion_top1(outputs: EvalOutputs,
-                 num_experts: int) -> tuple[list[Optional[float]], list[Optional[float]]]:
-  """Each expert's top-1 on its own portion (the examples the delegator selects it for,
-  exits or not) and on the rest: how far the experts specialise. None for an empty part."""
+def portion_top1(outputs: EvalOutputs, num_experts: int) -> dict[str, list[Optional[float]]]:
+  """How far the experts specialise, per expert j and its portion (the examples the
+  delegator selects j for, exits or not); None where a part is empty:
+
+  - `expert_top1_own_portion`: expert j on its portion;
+  - `other_experts_top1_on_portion`: the other experts on j's portion, on average:
+    below the first when the delegator picks the expert that knows those examples;
+  - `expert_top1_off_portion`: expert j on the other examples (their classes may
+    be easier or harder, so this compares less directly).
+  """
   correct = outputs.expert_predictions == outputs.labels  # [N, M]
-  own, off = [], []
+  mean = lambda hits: float(hits.mean()) if hits.size else None
+  figures = {"expert_top1_own_portion": [], "other_experts_top1_on_portion": [],
+             "expert_top1_off_portion": []}
+  others = lambda j: np.arange(num_experts) != j  # [N]
   for j in range(num_experts):
     mine = outputs.selected_expert == j  # [M]
-    own.append(float(correct[j, mine].mean()) if mine.any() else None)
-    off.append(float(correct[j, ~mine].mean()) if (~mine).any() else None)
-  return own, off
+    figures["expert_top1_own_portion"].append(mean(correct[j, mine]))
+    figures["other_experts_top1_on_portion"].append(
+        mean(correct[others(j)][:, mine]) if num_experts > 1 else None)
+    figures["expert_top1_off_portion"].append(mean(correct[j, ~mine]))
+  return figures
 
 
 @dataclasses.dataclass

@@ -54,19 +54,23 @@ def expert_load(results: dict[str, Any], path: str) -> str:
 
 
 def expert_portions(results: dict[str, Any], path: str) -> str:
-  """Each expert's top-1 on its own portion (the examples the delegator selects it for)
-  and on the others: bars apart mean the experts specialise."""
-  own, off = results["expert_top1_own_portion"], results["expert_top1_off_portion"]
-  positions = np.arange(len(own))
-  percent = lambda values: [np.nan if v is None else 100 * v for v in values]
-  fig, ax = _figure(figsize=(5.6, 3.8), dpi=120)
-  ax.bar(positions - 0.2, percent(own), width=0.4, color="tab:green", label="own portion")
-  ax.bar(positions + 0.2, percent(off), width=0.4, color="tab:gray", label="other examples")
+  """On each expert's portion (the test examples the delegator selects it for), its
+  top-1 against the other experts': a taller first bar means the delegator picks the
+  expert that knows those examples. The expert on the other examples, for reference."""
+  bars = (("expert_top1_own_portion", "the selected expert", "tab:green"),
+          ("other_experts_top1_on_portion", "the other experts (mean)", "tab:gray"),
+          ("expert_top1_off_portion", "the selected expert, on the other examples",
+           "tab:olive"))
+  positions = np.arange(len(results[bars[0][0]]))
+  fig, ax = _figure(figsize=(6.4, 4.4), dpi=120)
+  for i, (key, label, color) in enumerate(bars):
+    values = [np.nan if v is None else 100 * v for v in results[key]]
+    ax.bar(positions + (i - 1) * 0.27, values, width=0.27, color=color, label=label)
   ax.set_xticks(positions)
-  ax.set_xlabel("expert")
+  ax.set_xlabel("portion of expert")
   ax.set_ylabel("top-1 accuracy (%)")
-  ax.set_title("Does each expert do best on the examples routed to it?", fontsize=10)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.set_title("Is the selected expert the one that knows its examples?", fontsize=10)
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
   return _save(fig, path)
 
 

@@ -9,8 +9,8 @@ def _percent(value: Optional[float]) -> str:
 
 def format_results(results: dict[str, Any], workdir: str) -> str:
   experts = ", ".join(f"{100 * a:.1f}" for a in results["expert_top1"])
-  portions = ", ".join(f"{_percent(own)} / {_percent(off)}" for own, off in zip(
-      results["expert_top1_own_portion"], results["expert_top1_off_portion"]))
+  portions = ", ".join(f"{_percent(own)} / {_percent(others)}" for own, others in zip(
+      results["expert_top1_own_portion"], results["other_experts_top1_on_portion"]))
   load = ", ".join(f"{100 * x:.0f}%" for x in results["expert_load"])
   rows = [
       ("CoE top-1", f"{100 * results['top1']:.2f}%  (tau={results['threshold']:.4g}, "
@@ -18,7 +18,7 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
       ("CoE top-1, no early exit", f"{100 * results['top1_no_early_exit']:.2f}%"),
       ("delegator alone", f"{100 * results['delegator_top1']:.2f}%"),
       ("each expert alone", f"{experts} %"),
-      ("each expert, own / off portion", f"{portions} %"),
+      ("on each expert's portion: it / others", f"{portions} %"),
       ("early exits", f"{100 * results['early_exit_rate']:.1f}%"),
       ("mean FLOPs (multiply-adds)", f"{results['mean_flops'] / 1e6:.3f}M  (delegator "
                                      f"{results['delegator_flops'] / 1e6:.3f}M + expert "

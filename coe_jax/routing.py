@@ -10,7 +10,7 @@ Axis letters:
   K   classes.
   H, W, Ch  image height, width and channels.
 
-Per sample, the answer is (coe-method.md, section 2): the delegator's class
+Per sample, the answer is (docs/method.md, section 3): the delegator's class
 logits when their max softmax reaches the threshold tau (an early exit), else
 the logits of the expert with the largest selection logit. Batched, with
 static shapes, per group:

@@ -62,9 +62,9 @@ def test_summary_figures():
   assert results["num_test_examples"] == 200
 
 
-def test_portion_top1_counts_each_experts_own_and_other_examples():
+def test_portion_top1_compares_each_expert_with_the_others_on_its_portion():
   """Expert 0 is right exactly on the examples selected for it, expert 1 never is, and
-  expert 2 is never selected."""
+  expert 2 (never selected) always is."""
   labels = np.array([0, 1, 2, 3, 4, 0])
   selected = np.array([0, 0, 1, 1, 0, 1])
   experts = np.stack([np.where(selected == 0, labels, (labels + 1) % 5),
@@ -72,11 +72,14 @@ def test_portion_top1_counts_each_experts_own_and_other_examples():
   outputs = evaluation.EvalOutputs(labels=labels, confidence=np.zeros(6),
                                    delegator_prediction=labels, selected_expert=selected,
                                    expert_predictions=experts)
-  own, off = evaluation.portion_top1(outputs, 3)
-  assert own == [1.0, 0.0, None] and off == [0.0, 0.0, 1.0]
+  figures = evaluation.portion_top1(outputs, 3)
+  assert figures == {"expert_top1_own_portion": [1.0, 0.0, None],
+                     # Portion 0: expert 1 never right, expert 2 always: 0.5. Portion 1:
+                     # expert 0 wrong there, expert 2 right: 0.5. Portion 2 is empty.
+                     "other_experts_top1_on_portion": [0.5, 0.5, None],
+                     "expert_top1_off_portion": [0.0, 0.0, 1.0]}
   results = evaluation.summary(outputs, evaluation.sweep(outputs, 1.0, 2.0), 2.0, 3, 1.0, 2.0)
-  assert results["expert_top1_own_portion"] == own
-  assert results["expert_top1_off_portion"] == off
+  assert {k: results[k] for k in figures} == figures
 
 
 def test_the_no_exit_point_holds_in_float32_for_saturated_samples():

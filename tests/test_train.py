@@ -44,7 +44,8 @@ def test_results_have_every_key_and_consistent_figures(digits_run):
   expected_flops = (saved["delegator_flops"]
                     + (1 - saved["early_exit_rate"]) * saved["expert_flops"])
   assert saved["mean_flops"] == pytest.approx(expected_flops)
-  for name in ("accuracy_vs_flops.png", "expert_load.png", "metrics.jsonl", "config.json"):
+  for name in ("accuracy_vs_flops.png", "expert_load.png", "expert_portions.png", "metrics.jsonl",
+               "config.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
