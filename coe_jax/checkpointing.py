@@ -18,6 +18,7 @@ than start afresh. Checkpoints are read through orbax only (no pickle).
 """
 
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any, Optional
@@ -177,11 +178,16 @@ def _ignore_abandoned_reads() -> None:
   """Silences the stray tracebacks of failed restores' abandoned reads, from now on.
 
   When one array of a checkpoint cannot be read, orbax gives up and closes its
-  event loop while tensorstore finishes the other reads; each of those then
-  reports "RuntimeError: Event loop is closed" through `sys.unraisablehook`:
-  about a hundred tracebacks on stderr for one skipped checkpoint, some after
-  the restore has returned, hence a hook that stays. Other reports pass on.
+  event loop while tensorstore finishes the other reads. Those report through
+  two channels, both after the restore may have returned, hence filters that
+  stay: "RuntimeError: Event loop is closed" through `sys.unraisablehook`
+  (about a hundred for one skipped checkpoint), and, when a failed read's task
+  is garbage-collected, asyncio's "Task exception was never retrieved" log
+  record. Other reports pass on.
   """
+  asyncio_logger = std_logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedReadFilter())
   previous = sys.unraisablehook
   if getattr(previous, "ignores_abandoned_reads", False):
     return
@@ -193,6 +199,20 @@ def _ignore_abandoned_reads() -> None:
 
   hook.ignores_abandoned_reads = True
   sys.unraisablehook = hook
+
+
+class _AbandonedReadFilter(std_logging.Filter):
+  """Drops asyncio's reports of orbax reads whose failure nobody awaited."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if not (record.exc_info and str(record.msg).startswith("Task exception was never retrieved")):
+      return True
+    tb = record.exc_info[2]
+    while tb is not None:
+      if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("orbax."):
+        return False
+      tb = tb.tb_next
+    return True
 
 
 def _reason(error: Exception) -> str:

@@ -13,6 +13,8 @@ The checkpoint and non-finite cases run in-process, on copies of the
 uninterrupted run's workdir or with a poisoned loss.
 """
 
+import asyncio
+import gc
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +81,7 @@ COE_TEST_PAUSE_SAVE=k: when orbax is about to commit checkpoint k (rename its
 import asyncio
 import os
 import time
+import traceback
 
 _DIR = os.environ.get("COE_TEST_HOOKS")
 _LIMIT_S = 300  # A run whose test died carries on after this rather than linger.
@@ -540,3 +544,30 @@ def test_checkpoints_are_read_through_orbax_only():
   for path in sources:
     with open(path, encoding="utf-8") as f:
       assert not unpickling.search(f.read()), path
+
+
+def _abandoned_task_failure(module: str) -> None:
+  """Lets asyncio garbage-collect a failed task whose coroutine lives in `module`."""
+  namespace = {"__name__": module}
+  exec(compile("async def read():\n  raise ValueError('OUT_OF_RANGE: byte range')\n",  # pylint: disable=exec-used
+               module.replace(".", "/") + ".py", "exec"), namespace)
+  loop = asyncio.new_event_loop()
+  try:
+    task = loop.create_task(namespace["read"]())
+    loop.run_until_complete(asyncio.sleep(0))  # The task runs and fails; nobody awaits it.
+    del task
+    gc.collect()  # Its destructor reports "Task exception was never retrieved".
+  finally:
+    loop.close()
+
+
+def test_abandoned_orbax_reads_are_silenced_and_other_task_failures_are_not(caplog):
+  """A failed restore leaves orbax read tasks whose failures surface whenever they are
+  collected; they must not print tracebacks, while other code's failures still do."""
+  checkpointing._ignore_abandoned_reads()  # pylint: disable=protected-access
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    _abandoned_task_failure("orbax.checkpoint._src.serialization.fake")
+    _abandoned_task_failure("user_code.reader")
+  reports = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert len(reports) == 1, [r.getMessage() for r in reports]
+  assert "user_code" in "".join(traceback.format_exception(*reports[0].exc_info))
