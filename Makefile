@@ -6,7 +6,7 @@ CONFIG ?= configs/digits.py
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench constraints clean
+.PHONY: venv demo test lint bench constraints clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# ruff's settings are in pyproject.toml: pyflakes, pycodestyle, sorted imports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check coe_jax tests benchmarks configs
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.inference --config=$(CONFIG) --json=$(WORKDIR)/bench_inference.json

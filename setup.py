@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["coe_jax", "coe_jax.*", "benchmarks"]),
+    # benchmarks/ runs from the checkout (`python -m benchmarks.NAME`); it is not installed.
+    packages=find_packages(include=["coe_jax", "coe_jax.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -29,7 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "scipy>=1.17.1", "nbclient>=0.11.0",
-                 "nbformat>=5.11.1", "ipykernel>=7.4.0"],
+                 "nbformat>=5.11.1", "ipykernel>=7.4.0", "ruff>=0.17.6"],
         "serve": ["ai-edge-litert>=2.3.0", "numpy>=2.4.6", "Pillow>=13.0.0"],
         # NVIDIA GPUs (launch/gpu.sh). jax pins its CUDA plugin to its own
         # version, so `-c constraints.txt` fixes both.

@@ -43,12 +43,12 @@ median delegator confidence on the benchmark images, so about half of them exit.
 Both expert loops (vmap, unroll) are timed for coe_routed and all_experts; the
 ratios use the config's `routing.expert_loop`.
 
---backend=litert exports the CoE (`coe_jax.export`) in float32 and in int8
+--backend=litert exports the CoE (`coe_jax.serving.export`) in float32 and in int8
 (calibrated on other random images of the same size) and measures the CPU
 serving path instead, on 32 images, with rates of multiply-adds against the
 machine's measured float32 peak:
 
-  litert_coe_routed[batch=1]   `coe_jax.serving.LiteRTPredictor` called on one
+  litert_coe_routed[batch=1]   `coe_jax.serving.litert_predictor.LiteRTPredictor` called on one
                                image at a time (host routing per call).
   litert_coe_routed[batch=32]  the same on the batch of 32: the delegator on
                                every image, then each expert on its group.
@@ -92,13 +92,15 @@ import ml_collections
 import numpy as np
 
 from benchmarks.peak import measured_peak
-from coe_jax import checkpointing, flops, routing
+from coe_jax import flops, routing
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.models import mbconv, pwlu
-from coe_jax.models.coe import EXPERT_LOOPS, CoE
+from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
+from coe_jax.models.stacked import EXPERT_LOOPS
+from coe_jax.serving import jax_predictor
 
 LITERT_BATCH = 32
 # Random images whose statistics random variables get (`_data_statistics`):
@@ -175,7 +177,7 @@ def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[st
   """
   meta = None
   if workdir:
-    config, variables, meta = checkpointing.load_for_inference(workdir)
+    config, variables, meta = jax_predictor.load_for_inference(workdir)
   elif not config.data.num_classes:
     raise CoEError("data.num_classes=None: set it in the config")
   if compute_dtype:
@@ -320,7 +322,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                ) -> dict[str, Any]:
   """Measures LiteRT serving, float32 and int8, against the JAX router; returns the report."""
   # TensorFlow and the LiteRT runtime are needed by this backend only.
-  from coe_jax import export, serving  # pylint: disable=g-import-not-at-top
+  from coe_jax.serving import export, litert_predictor  # pylint: disable=g-import-not-at-top
 
   # The exported models compute in float32, so the JAX reference does too
   # (ImageNet configs train in bfloat16 for TPUs).
@@ -351,7 +353,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
       export.export_coe(model, variables, out, class_names=[str(k) for k in range(num_classes)],
                         threshold=threshold, crop_fraction=1.0, model_flops=cost,
                         calibration=calibration)
-      predictors[quantization] = serving.LiteRTPredictor.load(out, num_threads=threads)
+      predictors[quantization] = litert_predictor.LiteRTPredictor.load(out, num_threads=threads)
     dense_net = Expert(dense_spec, num_classes)
     dense_variables = jax.device_get(_random_variables(dense_net.init, jax.random.key(1),
                                                         images[:1]))
@@ -359,15 +361,16 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
     with open(dense_path, "wb") as f:
       f.write(export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
                              model.image_shape))
-    dense = serving.Network(dense_path, {"sha256": serving.sha256(dense_path),
+    dense = litert_predictor.Network(dense_path, {"sha256": litert_predictor.sha256(dense_path),
                                          "outputs": {"logits": [1, num_classes]}},
-                            model.image_shape, threads or serving.default_threads(dense_flops))
+                            model.image_shape,
+                            threads or litert_predictor.default_threads(dense_flops))
   predictor, int8 = predictors["float32"], predictors["int8"]
   int8_threshold = threshold
   if median_threshold:
     # Its own median: a random network's confidences all lie near 1/K, so int8's
     # small errors move many across float32's median, and with them the work.
-    int8_threshold = float(np.median(serving.confidence(int8.delegator(images)[0])))
+    int8_threshold = float(np.median(litert_predictor.confidence(int8.delegator(images)[0])))
   int8_exit_rate = float(np.mean(int8.route(images, int8_threshold)["early_exit"]))
 
   one, many = "[batch=1]", f"[batch={LITERT_BATCH}]"
@@ -477,7 +480,7 @@ def main() -> None:
                       help="jax: the variants above; litert: the exported serving path")
   parser.add_argument("--threads", type=int, default=None,
                       help="LiteRT interpreter threads (litert backend; default: "
-                           "coe_jax.serving's choice per network)")
+                           "coe_jax.serving.litert_predictor's choice per network)")
   args = parser.parse_args()
   try:
     if args.backend == "litert":

@@ -46,10 +46,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from coe_jax import flops, train, transport
+from coe_jax import flops
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.models import conv
+from coe_jax.objective import transport
+from coe_jax.training import train
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

@@ -35,11 +35,13 @@ import ml_collections
 import numpy as np
 
 from benchmarks.peak import measured_peak
-from coe_jax import flops, lgm, optim, vcm, wgm
+from coe_jax import flops
 from coe_jax.config_loading import load_config
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
-from coe_jax.train_step import create_train_state, make_train_step
+from coe_jax.objective import lgm, vcm, wgm
+from coe_jax.training import optim
+from coe_jax.training.train_step import create_train_state, make_train_step
 
 # The timed steps, whose % of the peak is reported.
 STEPS = ("train_step", "warmup_step", "train_step_as_convolutions")

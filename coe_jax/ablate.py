@@ -54,9 +54,13 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from coe_jax import checkpointing, data, expert_parallel, flops, lgm, plots, train
+from coe_jax import data, flops, run_dir
 from coe_jax.errors import CoEError
-from coe_jax.train_step import TrainState
+from coe_jax.evaluation import plots
+from coe_jax.objective import lgm
+from coe_jax.parallel import expert_parallel
+from coe_jax.training import train
+from coe_jax.training.train_step import TrainState
 
 # The single-network family besides `single` (1x): multiples of CoE's mean FLOPs.
 FAMILY = (0.5, 0.7, 1.4, 2.0)
@@ -71,7 +75,6 @@ DESCRIPTIONS = {
     "condconv": "one CondConv network of CoE's mean FLOPs, trained alone",
     "ensemble": "N independent experts, probabilities averaged",
 }
-RUN_FILE = "ablation_run.json"
 
 
 def flops_factor(variant: str) -> Optional[float]:
@@ -188,14 +191,14 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
     CoEError: when `workdir` holds a run of another config, or training was
       stopped (SIGTERM) before the end.
   """
-  saved_config = epath.Path(workdir) / "config.json"
-  if saved_config.exists() and checkpointing.read_json(str(saved_config)) != json.loads(
+  saved_config = epath.Path(workdir) / run_dir.CONFIG
+  if saved_config.exists() and run_dir.read_json(str(saved_config)) != json.loads(
       config.to_json()):
     raise CoEError(f"workdir={workdir!r}: holds a run of another config (other overrides?); "
                    "use a new --workdir")
-  run_file = epath.Path(workdir) / RUN_FILE
+  run_file = epath.Path(workdir) / run_dir.ABLATION_RUN
   if run_file.exists():
-    return checkpointing.read_json(str(run_file))
+    return run_dir.read_json(str(run_file))
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   started = time.time()
   trainer = train.Trainer(config, workdir)
@@ -214,7 +217,7 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
   else:
     row = {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
   row.update(expert_flops=results["expert_flops"], seconds=time.time() - started)
-  checkpointing.write_json(str(run_file), row)
+  run_dir.write_json(str(run_file), row)
   return row
 
 
@@ -304,11 +307,11 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
       sizing = sizings[variant] = variant_sizing(config, variant, num_classes, coe_mean_flops)
     runs = []
     for s in range(seeds):
-      run_dir = os.path.join(workdir, variant, f"seed{s}")
-      print(f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: {run_dir}",
-            flush=True)
+      variant_dir = os.path.join(workdir, variant, f"seed{s}")
+      print(f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: "
+            f"{variant_dir}", flush=True)
       run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
-                        run_dir)
+                        variant_dir)
       exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
                if run["early_exit_rate"] is not None else "")
       print(f"    top-1 {100 * run['top1']:.2f}%, mean FLOPs {run['mean_flops'] / 1e6:.4f}M"
@@ -324,11 +327,11 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
     ratio = flops_ratio_at_equal_accuracy(family, summary[0]["top1"], summary[0]["mean_flops"])
   table = format_table(rows, sizings, ratio, command)
   epath.Path(workdir, "ablation.md").write_text(table)
-  checkpointing.write_json(os.path.join(workdir, "ablation.json"), {
+  run_dir.write_json(os.path.join(workdir, run_dir.ABLATION), {
       "command": command, "seeds": seeds, "flops_ratio_at_equal_accuracy": ratio,
       "rows": rows, "sizings": {k: dataclasses.asdict(v) for k, v in sizings.items()}})
-  curve_path = os.path.join(workdir, "coe", "seed0", "early_exit_curve.json")
-  curve = checkpointing.read_json(curve_path) if epath.Path(curve_path).exists() else None
+  curve_path = os.path.join(workdir, "coe", "seed0", run_dir.CURVE)
+  curve = run_dir.read_json(curve_path) if epath.Path(curve_path).exists() else None
   plot_rows = [{"name": row["name"], "top1": [r["top1"] for r in row["runs"]],
                 "mean_flops": _mean([r["mean_flops"] for r in row["runs"]]),
                 "family": _is_family(row["name"])} for row in rows]

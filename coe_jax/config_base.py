@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
       stages=ml_collections.ConfigDict(dict(warmup=0.2, coadapt=0.8, delegator=0.0)),
       optimizer="rmsprop",  # rmsprop | sgd | adamw
       # Each stage has its own schedule over its own steps: linear warm-up to its
-      # peak, then cosine decay to 0 at the stage's end (coe_jax/optim.py).
+      # peak, then cosine decay to 0 at the stage's end (coe_jax/training/optim.py).
       learning_rate=0.016,  # peak learning rate of every stage that sets none
       warmup_steps=100,     # warm-up of every stage that sets none; at most half a stage
       stage_schedules=ml_collections.ConfigDict({

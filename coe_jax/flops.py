@@ -112,7 +112,8 @@ def train_step_flops(config: ml_collections.ConfigDict, num_classes: int,
   """
   macs = count(config, num_classes)
   expert_passes = 1 if stage == "delegator" else 3
-  per_image = 3 * macs["delegator_flops"] + expert_passes * config.num_experts * macs["expert_flops"]
+  per_image = (3 * macs["delegator_flops"]
+               + expert_passes * config.num_experts * macs["expert_flops"])
   return 2 * per_image * config.train.batch_size
 
 

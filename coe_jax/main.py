@@ -10,7 +10,7 @@ environment variables COE_COORDINATOR_ADDRESS, COE_NUM_PROCESSES,
 COE_PROCESS_ID), process 0 serving at HOST:PORT; launch/gpu.sh does this on GPU
 nodes and under SLURM. On a TPU pod, COE_DISTRIBUTED=1 instead lets
 `jax.distributed` find the other hosts (launch/tpu_pod.sh). See
-`coe_jax/distributed.py`.
+`coe_jax/parallel/distributed.py`.
 
 Bad input (config values, data, workdir, an unknown --config.KEY, a missing
 config file, incomplete or bad multi-process settings) is reported in one
@@ -26,9 +26,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax import distributed
 from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
+from coe_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -64,7 +64,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   import jax  # pylint: disable=g-import-not-at-top
   distributed.initialize(processes)
-  from coe_jax import report, train  # pylint: disable=g-import-not-at-top
+  from coe_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from coe_jax.training import train  # pylint: disable=g-import-not-at-top
   try:
     results = train.train_and_evaluate(config, _WORKDIR.value)
   except CoEError as e:

@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.data import DataInfo
 from coe_jax.errors import CoEError, require
+from coe_jax.models import stacked
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -69,7 +70,9 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   """The plan of `config` on a data x expert mesh of this process's (fake) devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from coe_jax import flops, train  # pylint: disable=g-import-not-at-top
+
+  from coe_jax import flops  # pylint: disable=g-import-not-at-top
+  from coe_jax.training import train  # pylint: disable=g-import-not-at-top
   require(hbm_gib > 0, "--hbm-gib", hbm_gib, "expected a positive number of GiB")
   require(jax.device_count() >= data * expert, "--mesh", f"{data}x{expert}",
           f"needs {data * expert} devices; this process has {jax.device_count()}")
@@ -77,9 +80,8 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
   require(isinstance(num_classes, int) and num_classes >= 2, "data.num_classes", num_classes,
           "the planner reads no data: set the number of classes")
   config.mesh.data, config.mesh.expert = data, expert
-  if config.routing.expert_loop == "auto":
-    # The loop an accelerator takes, not the CPU's: the plan is for the pod.
-    config.routing.expert_loop = "scan"
+  # The loop an accelerator takes, not the CPU's: the plan is for the pod.
+  config.routing.expert_loop = stacked.resolve_loop(config.routing.expert_loop, "gpu")
   # The shapes alone: no data set is read.
   info = DataInfo(num_classes, [str(k) for k in range(num_classes)], 0, 0, 0)
   with tempfile.TemporaryDirectory() as workdir:

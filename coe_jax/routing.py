@@ -33,9 +33,8 @@ static shapes, per group:
 Capacity C per group: S in `exact` mode (no sample can overflow), and
 ceil(capacity_factor * S * (1 - expected_exit_rate) / N) in `serving` mode.
 
-Entry points, both jitted: `route_and_predict` (answers at one threshold) and
-`all_outputs` (everything needed to answer at any threshold, for sweeping tau
-afterwards with `answer_at`).
+The entry point is `route_and_predict`, jitted. Sweeping tau needs no router:
+evaluation records every expert's answer once (`coe_jax.evaluation`).
 """
 
 import functools
@@ -46,15 +45,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from coe_jax import expert_parallel
 from coe_jax.errors import require
-from coe_jax.expert_parallel import DATA_AXIS, EXPERT_AXIS
-from coe_jax.models.coe import EXPERT_LOOPS, CoE
+from coe_jax.models.coe import CoE
+from coe_jax.models.stacked import EXPERT_LOOPS, Variables
+from coe_jax.parallel import expert_parallel
+from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
 
 MODES = ("exact", "serving")
 NO_EXPERT = -1          # `expert` of a sample answered by the delegator.
 
-Variables = dict[str, Any]
 
 
 def confidence(class_logits: jax.Array) -> jax.Array:
@@ -216,7 +215,7 @@ def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
 def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
            mode: str, capacity_factor: float, expected_exit_rate: float, num_groups: int,
            expert_loop: str, mesh: Optional[Mesh]) -> dict[str, Any]:
-  """The traced body of `route_and_predict` and `all_outputs`."""
+  """The traced body of `route_and_predict`."""
   require(isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
           "expected a positive integer")
   check_settings(mode, capacity_factor, expected_exit_rate, expert_loop)
@@ -309,37 +308,3 @@ def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
   return _route(model, variables, images, jnp.asarray(threshold, jnp.float32), mode=mode,
                 capacity_factor=capacity_factor, expected_exit_rate=expected_exit_rate,
                 num_groups=num_groups, expert_loop=expert_loop, mesh=mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "num_groups", "expert_loop", "mesh"))
-def all_outputs(model: CoE, variables: Variables, images: jax.Array, *, num_groups: int = 1,
-                expert_loop: str = "vmap", mesh: Optional[Mesh] = None) -> dict[str, jax.Array]:
-  """Everything needed to answer at any threshold, computed once; jitted.
-
-  Exact-mode routing with early exit off, so the selected expert runs on every
-  sample. `answer_at` then gives the routed answer at any tau without
-  re-running the networks.
-
-  Returns:
-    class_logits: [B, K], the delegator's rough prediction.
-    selection_logits: [B, N].
-    confidence: [B], the delegator's max class probability.
-    expert: int32 [B], the selected expert.
-    expert_logits: [B, K], that expert's logits on the sample.
-  """
-  routed = _route(model, variables, images, jnp.float32(jnp.inf), mode="exact",
-                  capacity_factor=1.0, expected_exit_rate=0.0, num_groups=num_groups,
-                  expert_loop=expert_loop, mesh=mesh)
-  return dict(class_logits=routed["class_logits"], selection_logits=routed["selection_logits"],
-              confidence=confidence(routed["class_logits"]), expert=routed["expert"],
-              expert_logits=routed["logits"])
-
-
-def answer_at(outputs: dict[str, Any], threshold: jax.Array | float) -> tuple[jax.Array, jax.Array]:
-  """(logits [B, K], early_exit [B]) at `threshold`, from `all_outputs`' results.
-
-  Equals exact-mode `route_and_predict` at the same threshold.
-  """
-  early_exit = outputs["confidence"] >= threshold  # [B]
-  logits = jnp.where(early_exit[:, None], outputs["class_logits"], outputs["expert_logits"])
-  return logits, early_exit  # [B, K], [B]

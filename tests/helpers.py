@@ -21,7 +21,6 @@ from coe_jax.evaluation import NEAR_THRESHOLD
 from coe_jax.models.coe import CoE
 from tests.tiny import REPO, tiny_config
 
-
 # Class -> constant pixel each of its images has, in the mode its files use.
 IMAGE_FOLDER_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)),
                         "zebra": ("RGBA", (10, 120, 250, 0))}
@@ -51,7 +50,7 @@ def pod_config():
 
 def single_device_trainer(config, workdir):
   """A trainer on the first device only (the tests run with 8 fake devices)."""
-  from coe_jax import train  # pylint: disable=g-import-not-at-top
+  from coe_jax.training import train  # pylint: disable=g-import-not-at-top
   config.mesh.data = 1
   return train.Trainer(config, workdir, devices=jax.devices()[:1])
 
@@ -70,8 +69,8 @@ def training_metrics(workdir) -> list:
 
 def checkpoint_params(workdir) -> list:
   """The latest checkpoint's evaluation variables, as a flat list of arrays."""
-  from coe_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  _, variables, _ = checkpointing.load_for_inference(str(workdir))
+  from coe_jax.serving import jax_predictor  # pylint: disable=g-import-not-at-top
+  _, variables, _ = jax_predictor.load_for_inference(str(workdir))
   return jax.tree.leaves(jax.device_get(variables))
 
 
@@ -232,7 +231,9 @@ def grouped_reference_step(model, optimizer, config, stage, state, batch, *,
   so that BatchNorm's statistics are each group's: strided groups are the train
   step's micro-batches, contiguous ones the devices' shares of a mesh."""
   import optax  # pylint: disable=g-import-not-at-top
-  from coe_jax import objective, train_step  # pylint: disable=g-import-not-at-top
+
+  from coe_jax import objective  # pylint: disable=g-import-not-at-top
+  from coe_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
   def split(x, count):  # [B, ...] -> [G, B / G, ...]
     if strided:

@@ -4,7 +4,7 @@ r"""One process of a CPU 'pod' for tests/test_pod.py (not a test module itself).
         python -m tests.pod_worker WORKDIR
 
 Each process gets `LOCAL_DEVICES` CPU devices and joins the others as
-`coe_jax.main` does, through `coe_jax.distributed` with an explicit
+`coe_jax.main` does, through `coe_jax.parallel.distributed` with an explicit
 coordinator (the path of launch/gpu.sh; gloo for the CPU's cross-process
 collectives), then trains and evaluates `pod_config()` in WORKDIR, as every
 host of a pod runs `coe_jax.main`.
@@ -21,8 +21,10 @@ os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={LOCAL_DEVIC
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from coe_jax import distributed, train
-from tests.helpers import pod_config
+from coe_jax.parallel import distributed  # noqa: E402
+from coe_jax.training import train  # noqa: E402
+from tests.helpers import pod_config  # noqa: E402
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

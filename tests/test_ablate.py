@@ -11,10 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coe_jax import ablate, flops, lgm, objective
+from coe_jax import ablate, flops, objective, run_dir
 from coe_jax.config_base import base_config
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.objective import lgm
 from tests.tiny import REPO, config_path
 
 # The digits config shrunk on the command line: 2 experts, 4 steps, 1 seed.
@@ -71,7 +72,7 @@ def test_table_plot_and_progress(ablation):
   assert "--config.train.num_steps=4" in table  # The command that made it.
   report = _read(workdir, "ablation.json")
   assert [row["name"] for row in report["rows"]] == list(VARIANTS)
-  assert report["rows"][0]["runs"][0] == _read(workdir, "coe", "seed0", ablate.RUN_FILE)
+  assert report["rows"][0]["runs"][0] == _read(workdir, "coe", "seed0", run_dir.ABLATION_RUN)
   # One family member (single) cannot bracket CoE's top-1.
   assert report["flops_ratio_at_equal_accuracy"] is None
   assert "not reached within the family" in table
@@ -83,7 +84,7 @@ def test_rows_carry_each_runs_figures(ablation):
   workdir, _ = ablation
   with open(os.path.join(workdir, "ablation.md")) as f:
     rows = _table_rows(f.read())
-  run = {v: _read(workdir, v, "seed0", ablate.RUN_FILE) for v in VARIANTS}
+  run = {v: _read(workdir, v, "seed0", run_dir.ABLATION_RUN) for v in VARIANTS}
   results = {v: _read(workdir, v, "seed0", "results.json") for v in VARIANTS}
   assert run["coe"]["top1"] == results["coe"]["top1"]
   assert run["coe"]["mean_flops"] == results["coe"]["mean_flops"]
@@ -135,10 +136,10 @@ def test_the_runs_write_the_routing_figures(ablation):
 
 def test_a_finished_run_is_reused_not_retrained(ablation):
   workdir, _ = ablation
-  run_dir = os.path.join(workdir, "coe", "seed0")
+  variant_dir = os.path.join(workdir, "coe", "seed0")
   # Returns before building a trainer: a finished run is read back.
-  assert ablate.run_variant(_config_of(workdir, "coe"), "coe", run_dir) == _read(
-      run_dir, ablate.RUN_FILE)
+  assert ablate.run_variant(_config_of(workdir, "coe"), "coe", variant_dir) == _read(
+      variant_dir, run_dir.ABLATION_RUN)
 
 
 def test_a_workdir_of_another_config_is_refused(ablation):

@@ -1,7 +1,7 @@
 """Bad input on the command line: exit status 1, one `error:` line naming the key or file.
 
-Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.predict`,
-`coe_jax.export`, `coe_jax.flops`), in a subprocess, and checks its stderr:
+Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.serving.predict`,
+`coe_jax.serving.export`, `coe_jax.flops`), in a subprocess, and checks its stderr:
 exactly one `error: ...` line that names the offending key or file, and no
 Python traceback. Logging from absl, TensorFlow and XLA may share stderr; only
 the error line has to be one line. Every case fails before anything is
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import train
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.training import train
 from tests.helpers import error_line, make_image_folder, run_module
 from tests.tiny import config_path
 
@@ -126,7 +126,8 @@ def test_predict_on_an_undecodable_file(tmp_path):
   bad = str(tmp_path / "notes.png")
   with open(bad, "w") as f:
     f.write("not an image")
-  line = error_line(run_module("coe_jax.predict", f"--workdir={tmp_path / 'run'}", good, bad))
+  line = error_line(run_module("coe_jax.serving.predict", f"--workdir={tmp_path / 'run'}", good,
+                               bad))
   assert f"image={bad!r}: cannot decode it as an image" in line
 
 
@@ -141,7 +142,8 @@ def test_export_to_a_directory_that_cannot_be_made(tmp_path, where):
     if not os.path.isdir("/proc"):
       pytest.skip("no /proc on this system")
     out, reason = "/proc/coe_jax_serve", "cannot create a directory in /proc"
-  line = error_line(run_module("coe_jax.export", f"--workdir={tmp_path / 'run'}", f"--out={out}"))
+  line = error_line(run_module("coe_jax.serving.export", f"--workdir={tmp_path / 'run'}",
+                               f"--out={out}"))
   assert f"out={out!r}: not writable ({reason}" in line
   assert os.listdir(tmp_path) == (["a_file"] if where == "under_a_file" else [])
 

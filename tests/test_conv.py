@@ -18,7 +18,8 @@ def test_matmul_equals_convolution(shape, features, kernel, strides):
   reference = nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", use_bias=False)
   variables = layer.init(jax.random.key(1), x)
   # The same parameters from the same key: checkpoints and initialisation carry over.
-  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(reference.init(jax.random.key(1), x))):
+  reference_variables = reference.init(jax.random.key(1), x)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(reference_variables)):
     np.testing.assert_array_equal(a, b)
   loss = lambda apply, v, x: jnp.sum(jnp.sin(apply(v, x)))
   with conv.formulation("matmul"):

@@ -7,12 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import config_base, data, train
+from coe_jax import config_base, data
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.helpers import (IMAGE_FOLDER_CLASSES, make_image_folder, pad_crop_flip_candidates,
-                           save_image)
+from coe_jax.training import train
+from tests.helpers import (
+  IMAGE_FOLDER_CLASSES,
+  make_image_folder,
+  pad_crop_flip_candidates,
+  save_image,
+)
 from tests.tiny import config_path
+
 
 def _make_id_folder(root, counts):
   """A folder whose image i (train 0.., then test) is grey with value i, so it stays known."""

@@ -21,8 +21,12 @@ from PIL import Image
 
 from coe_jax import config_base, data
 from coe_jax.errors import CoEError
-from tests.helpers import (IMAGENET_SIZES, imagenet_example, pad_crop_flip_candidates,
-                           write_prepared_tfds)
+from tests.helpers import (
+  IMAGENET_SIZES,
+  imagenet_example,
+  pad_crop_flip_candidates,
+  write_prepared_tfds,
+)
 
 _MNIST = {"train": 50, "test": 23}
 _TEST_ID_OFFSET = 100  # mnist test ids are 100..122, train ids 0..49.

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import train
 from coe_jax.models import conv
+from coe_jax.training import train
 from tests.helpers import assert_same_update, grouped_reference_step, sgd_at_peak, train_config
 
 NUM_STEPS = 2

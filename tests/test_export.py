@@ -8,16 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 from flax import traverse_util
 from PIL import Image
 
-from ai_edge_litert.interpreter import Interpreter
-
-from coe_jax import export, flops, predict, routing, serving, train
-from coe_jax.inference import Predictor
+from coe_jax import flops, routing
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
-from coe_jax.serving import LiteRTPredictor
+from coe_jax.serving import export, litert_predictor, predict
+from coe_jax.serving.jax_predictor import Predictor
+from coe_jax.serving.litert_predictor import LiteRTPredictor
+from coe_jax.training import train
 from tests.helpers import assert_same_answers, single_device_trainer, train_config
 from tests.tiny import tiny_config
 
@@ -245,7 +246,7 @@ def test_a_layer_constant_on_the_calibration_images_still_runs_on_xnnpack(monkey
   assert len(changed) == 1 and changed[0].startswith("FULLY_CONNECTED"), changed
   assert export.convert(fn, (8, 8, 3), images) == fitted  # What the export writes.
   interpreter = _interpreter(fitted)
-  assert serving.undelegated_ops(interpreter) == ONLY_THE_INPUT_CAST
+  assert litert_predictor.undelegated_ops(interpreter) == ONLY_THE_INPUT_CAST
   (index,), (output,) = ([d["index"] for d in interpreter.get_input_details()],
                          [d["index"] for d in interpreter.get_output_details()])
   for image in images[:4]:

@@ -1,4 +1,4 @@
-"""The Predictor and the `coe_jax.predict` command line."""
+"""The Predictor and the `coe_jax.serving.predict` command line."""
 
 import math
 import os
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import checkpointing, inference, predict, routing
+from coe_jax import routing
 from coe_jax.data import preprocess_images
 from coe_jax.errors import CoEError
-from coe_jax.inference import Predictor
 from coe_jax.models.coe import CoE
+from coe_jax.serving import jax_predictor, predict
+from coe_jax.serving.jax_predictor import Predictor
 from tests.helpers import random_variables
 from tests.tiny import REPO, tiny_config
 
@@ -123,7 +124,7 @@ def test_load_uses_the_runs_config_and_calibrated_threshold(setup, monkeypatch):
   config, _, variables, _ = setup
   meta = {"class_names": CLASS_NAMES, "num_classes": 10, "threshold": 0.25,
           "expected_exit_rate": 0.0}
-  monkeypatch.setattr(checkpointing, "load_for_inference",
+  monkeypatch.setattr(jax_predictor, "load_for_inference",
                       lambda workdir: (config, variables, meta) if workdir == "run" else None)
   p = Predictor.load("run")
   assert p.threshold == 0.25 and p.class_names == CLASS_NAMES
@@ -138,7 +139,7 @@ def _write_image(path, shape, seed=0):
 
 def test_cli_prints_one_line_per_image(setup, tmp_path, monkeypatch, capsys):
   p = setup[3]
-  monkeypatch.setattr(inference.Predictor, "load", classmethod(lambda cls, workdir: p))
+  monkeypatch.setattr(jax_predictor.Predictor, "load", classmethod(lambda cls, workdir: p))
   paths = [_write_image(tmp_path / "a.png", (20, 20)),
            _write_image(tmp_path / "b.png", (12, 18, 3))]
   assert predict.main(["--workdir=run", *paths]) == 0
@@ -167,7 +168,7 @@ def test_cli_undecodable_image_and_bad_workdir(tmp_path, capsys):
 
 def test_cli_missing_image_exits_nonzero_without_traceback(tmp_path):
   missing = str(tmp_path / "missing.png")
-  result = subprocess.run([sys.executable, "-m", "coe_jax.predict", f"--workdir={tmp_path}",
+  result = subprocess.run([sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={tmp_path}",
                            missing], capture_output=True, text=True, cwd=REPO, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 1

@@ -117,7 +117,8 @@ def test_pod_launch_waits_for_and_recreates_queued_resources(tmp_path):
 
 
 def test_worker_runs_detached_reports_and_stops(tmp_path):
-  """launch/tpu_worker.sh: the run outlives the shell that started it; its log reaches the workdir."""
+  """launch/tpu_worker.sh: the run outlives the shell that started it; its log reaches the
+  workdir."""
   run_dir, workdir = tmp_path / "run", tmp_path / "workdir"
   env = {**os.environ, "COE_LOG_COPY_SECONDS": "0.2"}
 

@@ -1,4 +1,4 @@
-"""The GPU launch path: launch/gpu.sh's dry runs and errors, and `coe_jax.distributed`.
+"""The GPU launch path: launch/gpu.sh's dry runs and errors, and `coe_jax.parallel.distributed`.
 
 The script's SLURM job is also run here, with stand-ins for `scontrol` and
 `srun` that print what each task would run. The two-process run through the
@@ -13,8 +13,8 @@ import subprocess
 import jax
 import pytest
 
-from coe_jax import distributed
 from coe_jax.errors import CoEError
+from coe_jax.parallel import distributed
 from tests.helpers import error_line, run_module
 from tests.tiny import REPO, config_path
 
@@ -65,7 +65,8 @@ def test_multi_node_dry_run_gives_main_the_processes(source):
 def _slurm_dry_run(*args):
   """The dry run of --slurm: (its command lines, the job script's path, its text)."""
   lines = _run("--dry-run", "--slurm", *args).stdout.splitlines()
-  start, end = lines.index(next(l for l in lines if l.startswith("cat > "))), lines.index("EOF")
+  start = lines.index(next(line for line in lines if line.startswith("cat > ")))
+  end = lines.index("EOF")
   job = re.fullmatch(r"cat > (\S+) <<'EOF'", lines[start]).group(1)
   return [line.strip() for line in lines[:start] + lines[end + 1:]], job, "\n".join(
       lines[start + 1:end])
@@ -114,7 +115,8 @@ def test_slurm_job_runs_main_once_per_node_with_its_index(tmp_path):
   _stand_in(bin_dir, "scontrol", 'echo "gpu-a"; echo "gpu-b"; echo "gpu-c"')
   # Each task with its own SLURM_PROCID, as a dry run: it prints main's command.
   _stand_in(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\n'
-                             'for i in 0 1 2; do SLURM_NTASKS=3 SLURM_PROCID=$i "$@" --dry-run; done')
+                             'for i in 0 1 2; do '
+                             'SLURM_NTASKS=3 SLURM_PROCID=$i "$@" --dry-run; done')
   workdir = tmp_path / "run"
   submitted = _lines(_run("--slurm", "--nodes=3", "--no-install", "--config=configs/digits.py",
                           f"--workdir={workdir}", path=bin_dir))
@@ -159,7 +161,7 @@ def test_bad_arguments_fail_in_one_line(args, env, fragment):
   assert fragment in result.stderr, result.stderr
 
 
-# coe_jax.distributed
+# coe_jax.parallel.distributed
 
 def test_resolve_reads_flags_then_the_environment():
   explicit = {"coordinator_address": "node0:1234", "num_processes": 4, "process_id": 3}
@@ -177,7 +179,8 @@ def test_resolve_reads_flags_then_the_environment():
 @pytest.mark.parametrize("flags, environ, message", [
     (("node0:1234", None, "0"), {}, "num_processes=None: --coordinator_address, --num_processes "
      "and --process_id (or COE_COORDINATOR_ADDRESS"),
-    ((None, None, None), {"COE_PROCESS_ID": "0", "COE_DISTRIBUTED": "1"}, "coordinator_address=None"),
+    ((None, None, None), {"COE_PROCESS_ID": "0", "COE_DISTRIBUTED": "1"},
+     "coordinator_address=None"),
     (("node0", "2", "0"), {}, "coordinator_address='node0': expected HOST:PORT"),
     ((":1234", "2", "0"), {}, "coordinator_address=':1234': expected HOST:PORT"),
     (("node0:http", "2", "0"), {}, "coordinator_address='node0:http'"),

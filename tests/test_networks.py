@@ -142,7 +142,8 @@ def test_fused_mbconv_is_one_dense_convolution_then_the_projection(expansion):
 
 
 def test_fused_stages_count_and_build():
-  """A stage's `fused` flag reaches the blocks and the FLOPs count; configs without it are unfused."""
+  """A stage's `fused` flag reaches the blocks and the FLOPs count; configs without it are
+  unfused."""
   config = tiny_config(num_experts=2)
   stage = dict(config.expert.stages[0])
   assert NetworkSpec.from_config(config.expert, "expert").stages[0].fused is False

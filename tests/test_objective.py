@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import lgm, losses, objective
+from coe_jax import objective
 from coe_jax.config_base import base_config
 from coe_jax.errors import CoEError
+from coe_jax.objective import lgm, losses
 
 B, N, K = 16, 4, 5
 METRICS = {"loss", "expert_loss", "selection_loss", "delegator_loss", "load_gap",

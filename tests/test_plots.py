@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from coe_jax import data, evaluation, plots
+from coe_jax import data, evaluation
+from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
 from tests.helpers import random_variables
 from tests.tiny import tiny_config

@@ -20,9 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import train
-from tests.helpers import (checkpoint_params, pod_config, results_figures, subprocess_env,
-                           training_metrics)
+from coe_jax.training import train
+from tests.helpers import (
+  checkpoint_params,
+  pod_config,
+  results_figures,
+  subprocess_env,
+  training_metrics,
+)
 from tests.tiny import REPO
 
 NUM_PROCESSES = 2

@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 from absl import logging
 
-from coe_jax import checkpointing, data, objective, train
+from coe_jax import data, objective, run_dir
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from tests.helpers import (checkpoint_params, results_figures, subprocess_env,
-                           training_metrics)
+from coe_jax.training import checkpointing, train
+from tests.helpers import checkpoint_params, results_figures, subprocess_env, training_metrics
 from tests.tiny import REPO
 
 # 6 steps, warm-up for steps 0-2 and co-adaptation for 3-5 (so that resumes
@@ -339,7 +339,7 @@ def test_a_rerun_resumes_past_an_unreadable_checkpoint_to_the_same_end(cli, refe
   reports = [line for line in result["stderr"].splitlines() if "cannot be read" in line]
   assert len(reports) == 1 and "Traceback" not in result["stderr"], result["stderr"][-3000:]
   assert result["resumed_from"] == 4 and result["checkpoints"] == ["2", "4", "6"]
-  assert (workdir / checkpointing.UNREADABLE_DIR / "6" / "state").is_dir()
+  assert (workdir / run_dir.UNREADABLE_CHECKPOINTS / "6" / "state").is_dir()
   assert results_figures(workdir) == results_figures(reference)
   for a, b in zip(checkpoint_params(workdir), checkpoint_params(reference)):
     np.testing.assert_array_equal(a, b)
@@ -385,7 +385,7 @@ def test_an_unreadable_latest_checkpoint_is_reported_in_one_line_and_skipped(
     assert f"{checkpointer.directory}/6 cannot be read" in reports[0]
     assert "resuming from step 4" in reports[0]
     # Nothing deleted: the unreadable checkpoint moved aside whole.
-    moved = workdir / checkpointing.UNREADABLE_DIR / "6"
+    moved = workdir / run_dir.UNREADABLE_CHECKPOINTS / "6"
     assert str(moved) in reports[0]
     assert not latest.exists() and _files(moved) == files
     # ... so that the resumed run can save that step again.
@@ -410,7 +410,7 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_nothing(
     checkpointer.close()
   assert "\n" not in str(error.value)
   assert _listing(workdir / "checkpoints") == ["2", "4", "6"]
-  assert not (workdir / checkpointing.UNREADABLE_DIR).exists()
+  assert not (workdir / run_dir.UNREADABLE_CHECKPOINTS).exists()
 
 
 def test_checkpoints_of_another_config_fail_naming_the_mismatch(cli, reference, tmp_path):

@@ -89,18 +89,6 @@ def test_routed_output_equals_per_sample_definition(model_and_variables, per_sam
   assert routing.route_and_predict._cache_size() - compilations <= 1
 
 
-def test_all_outputs_answer_every_threshold(model_and_variables, per_sample):
-  model, variables = model_and_variables
-  outputs = routing.all_outputs(model, variables, per_sample[0], num_groups=2)
-  np.testing.assert_array_equal(outputs["expert"], per_sample[2])
-  np.testing.assert_allclose(outputs["expert_logits"], per_sample[3], rtol=1e-4, atol=1e-4)
-  for threshold in _thresholds(per_sample):
-    logits, exits = routing.answer_at(outputs, threshold)
-    ref_logits, ref_exits, _ = _reference(per_sample, threshold)
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(exits, ref_exits)
-
-
 def _assign_reference(preferences, active, capacity, priority):
   """The overflow policy as plain loops: first choices by priority, then second choices, ..."""
   num_samples, num_experts = preferences.shape

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import export, flops, predict, routing, serving
+from coe_jax import flops, routing
 from coe_jax.errors import CoEError
-from coe_jax.inference import Predictor
 from coe_jax.models.coe import CoE
-from coe_jax.serving import LiteRTPredictor
+from coe_jax.serving import export, litert_predictor, predict
+from coe_jax.serving.jax_predictor import Predictor
+from coe_jax.serving.litert_predictor import LiteRTPredictor
 from tests.helpers import assert_same_answers, random_variables
 from tests.tiny import REPO, tiny_config
 
@@ -42,7 +43,7 @@ def _images(count, shape=(16, 16, 3), seed=0):
 
 def test_importing_and_serving_loads_neither_jax_nor_tensorflow(served):
   code = ("import sys, numpy as np\n"
-          "from coe_jax.serving import LiteRTPredictor\n"
+          "from coe_jax.serving.litert_predictor import LiteRTPredictor\n"
           f"p = LiteRTPredictor.load({served[0]!r})\n"
           "out = p(np.zeros((2, 20, 20, 3), np.uint8))\n"
           "heavy = {'jax', 'jaxlib', 'flax', 'tensorflow', 'keras', 'tensorboard'}\n"
@@ -151,7 +152,7 @@ def test_manifest_that_does_not_match_its_models(served, tmp_path):
   _one_line_error(str(target), expert_0, "SHA-256")
   shutil.copy(target / "delegator.tflite", expert_0)  # ... even with its digest updated.
   experts = [dict(e) for e in manifest["models"]["experts"]]
-  experts[0]["sha256"] = serving.sha256(expert_0)
+  experts[0]["sha256"] = litert_predictor.sha256(expert_0)
   _write(target, {**manifest, "models": {**manifest["models"], "experts": experts}})
   _one_line_error(str(target), expert_0, "outputs")
 

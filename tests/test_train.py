@@ -1,21 +1,32 @@
 """The trainer end to end: results, plots, prediction, resuming, meshes, data sources."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import flops, train
+from coe_jax import flops
 from coe_jax.errors import CoEError
-from coe_jax.inference import Predictor
-from tests.helpers import (IMAGE_FOLDER_CLASSES, IMAGENET_SIZES, imagenet_example,
-                           make_image_folder, single_device_trainer, train_config,
-                           training_metrics, write_prepared_tfds)
+from coe_jax.serving.jax_predictor import Predictor
+from coe_jax.training import train
+from tests.helpers import (
+  IMAGE_FOLDER_CLASSES,
+  IMAGENET_SIZES,
+  imagenet_example,
+  make_image_folder,
+  single_device_trainer,
+  train_config,
+  training_metrics,
+  write_prepared_tfds,
+)
 from tests.tiny import REPO
 
 RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate",
@@ -67,6 +78,27 @@ def test_progress_counts_finished_steps_images_and_utilisation(digits_run):
     assert m["mfu"] == pytest.approx(model_flops * m["steps_per_sec"] / 1e9)
 
 
+def test_the_console_gets_one_short_progress_line_per_logged_window(caplog):
+  """Step, stage, loss, routed and delegator accuracy, images/s and the time left;
+  no routed accuracy in warm-up, which routes nothing. The full set goes to
+  TensorBoard and metrics.jsonl."""
+  config = train_config()
+  config.train.num_steps, config.train.peak_flops_per_device = 10, 1e9
+  device = jax.devices()[0]
+  trainer = types.SimpleNamespace(config=config, info=types.SimpleNamespace(num_classes=10),
+                                  mesh=types.SimpleNamespace(size=1, devices=np.array([device])))
+  progress = train.TrainingProgress(trainer, start_step=0)
+  means = {"loss": 2.345678, "routed_accuracy": 0.625, "delegator_accuracy": 0.5}
+  with caplog.at_level(logging.INFO):
+    progress.report(2, means)   # Step 2 lies in warm-up (the first 50% of 10 steps)...
+    progress.report(8, means)   # ... step 8 in co-adaptation.
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert len(lines) == 2 and all(len(line) < 120 for line in lines), lines
+  assert re.fullmatch(r"step 2/10 \(warmup\): loss 2\.346, delegator 50\.0% \| \d+ images/s, "
+                      r"mfu [\d.]+% \| about \d+m\d\ds left", lines[0]), lines[0]
+  assert lines[1].startswith("step 8/10 (coadapt): loss 2.346, routed 62.5%, delegator 50.0% | ")
+
+
 def test_predictor_loads_the_run(digits_run):
   workdir, results = digits_run
   predictor = Predictor.load(workdir)
@@ -84,7 +116,8 @@ def test_predict_cli_on_the_run(digits_run, tmp_path):
   workdir, _ = digits_run
   path = str(tmp_path / "digit.png")
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
-  result = subprocess.run([sys.executable, "-m", "coe_jax.predict", f"--workdir={workdir}", path],
+  result = subprocess.run([sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={workdir}",
+                           path],
                           capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-2000:]
   line = result.stdout.strip().splitlines()[-1]

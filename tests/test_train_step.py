@@ -5,10 +5,17 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import optim, train, train_step
-from coe_jax.models.coe import CoE, under_experts
-from tests.helpers import (assert_same_update, grouped_reference_step, sgd_at_peak,
-                           single_device_trainer, train_config, training_metrics)
+from coe_jax.models.coe import CoE
+from coe_jax.models.stacked import under_experts
+from coe_jax.training import optim, train, train_step
+from tests.helpers import (
+  assert_same_update,
+  grouped_reference_step,
+  sgd_at_peak,
+  single_device_trainer,
+  train_config,
+  training_metrics,
+)
 from tests.tiny import tiny_config
 
 

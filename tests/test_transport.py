@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from coe_jax.transport import balanced_assignment
+from coe_jax.objective.transport import balanced_assignment
 
 SOLVER = dict(epsilon=0.05, max_iterations=200, threshold=1e-3)
 # Sinkhorn stopped after one iteration: the rounding and polish alone must still

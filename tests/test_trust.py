@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import data, evaluation, train
+from coe_jax import data, evaluation
+from coe_jax.training import train
 from tests.helpers import results_figures, single_device_trainer, train_config
 
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import lgm, vcm, wgm
 from coe_jax.errors import CoEError
+from coe_jax.objective import lgm, vcm, wgm
 
 SOLVER = dict(epsilon=0.05, max_iterations=200, threshold=1e-3)
 B, N, K = 16, 4, 5

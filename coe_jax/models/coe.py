@@ -3,40 +3,23 @@
 Axis letters: B batch, N experts, C capacity (samples per expert buffer),
 K classes, H/W/Ch image height, width and channels.
 
-Variables are one dict with Flax's collections at the top:
-
-    {"params":      {"delegator": ..., "experts": ...},
-     "batch_stats": {"delegator": ..., "experts": ...}}
-
-Every leaf under "experts" has a leading expert axis of size N, so the experts
-shard along a mesh's `expert` axis and run as one vmapped network. The
-experts share an architecture but start from distinct random keys.
+The variables' layout, and the helpers that read it, are `coe_jax.models.stacked`'s.
+The experts share an architecture but start from distinct random keys.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from coe_jax.errors import require
+from coe_jax.models import stacked
 from coe_jax.models.networks import REMAT_MODES, Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
+from coe_jax.models.stacked import DELEGATOR, EXPERT_LOOPS, EXPERTS, Variables
 
-Variables = dict[str, Any]
-EXPERT_LOOPS = ("auto", "unroll", "scan", "vmap")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def under_experts(path: tuple[Any, ...]) -> bool:
-  """Whether a pytree path (from `jax.tree_util.tree_map_with_path`) runs through
-  the stacked experts: variables, their gradients, optimizer state and EMA."""
-  return any(getattr(key, "key", None) == "experts" for key in path)
-
-
-def _select(variables: Variables, part: str) -> Variables:
-  """The delegator's or the stacked experts' own variables."""
-  return {collection: tree[part] for collection, tree in variables.items()}
 
 
 class CoE:
@@ -69,13 +52,13 @@ class CoE:
     delegator = self.delegator_net.init(delegator_rng, images)
     init_expert = lambda key: self.expert_net.init(key, images)
     experts = jax.vmap(init_expert)(jax.random.split(experts_rng, self.num_experts))
-    return {collection: {"delegator": delegator[collection], "experts": experts[collection]}
+    return {collection: {DELEGATOR: delegator[collection], EXPERTS: experts[collection]}
             for collection in delegator}
 
   def delegator(self, variables: Variables, images: jax.Array, *, train: bool = False,
                 rng: Optional[jax.Array] = None):
     """(class_logits [B, K], selection_logits [B, N]); with train, also new batch_stats."""
-    own = _select(variables, "delegator")
+    own = stacked.part(variables, DELEGATOR)
     if not train:
       return self.delegator_net.apply(own, images)
     outputs, updates = self.delegator_net.apply(own, images, train=True, mutable=["batch_stats"],
@@ -86,7 +69,7 @@ class CoE:
               train: bool = False, rng: Optional[jax.Array] = None, loop: str = "vmap"):
     """Runs all N experts: `run_stacked` on the experts' variables, one dropout key each."""
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), self.num_experts)
-    return self.run_stacked(_select(variables, "experts"), images, shared_input=shared_input,
+    return self.run_stacked(stacked.part(variables, EXPERTS), images, shared_input=shared_input,
                             train=train, rngs=rngs, loop=loop)
 
   def run_stacked(self, experts: Variables, images: jax.Array, *, shared_input: bool,
@@ -108,15 +91,13 @@ class CoE:
         the program; "scan" one after another through one copy, so the
         program does not grow with M; "vmap" as one batched network (also one
         copy). "auto" is "unroll" on CPUs, where XLA trains the unrolled
-        experts 3.5x faster than scanned ones and 3x faster than vmapped ones
-        (benchmarks/train_step.py), and "scan" on accelerators.
+        experts fastest (benchmarks/README.md), and "scan" on accelerators.
       net: the expert network to apply; `expert_net` when None (the trainer
         passes one whose BatchNorm reduces over a mesh axis).
     """
     require(loop in EXPERT_LOOPS, "routing.expert_loop", loop,
             f"expected one of {', '.join(EXPERT_LOOPS)}")
-    if loop == "auto":
-      loop = "unroll" if jax.default_backend() == "cpu" else "scan"
+    loop = stacked.resolve_loop(loop, jax.default_backend())
     net = net if net is not None else self.expert_net
     if rngs is None:
       rngs = jax.random.split(jax.random.key(0), jax.tree.leaves(experts)[0].shape[0])
@@ -136,7 +117,7 @@ class CoE:
     if loop == "scan":
       return jax.lax.scan(lambda _, xs: (None, run_one(xs[0], pick(xs[1]), xs[2])), None,
                           (experts, per_expert_images, rngs))[1]
-    outputs = [run_one(jax.tree.map(lambda v: v[j], experts),
+    outputs = [run_one(stacked.expert(experts, j),
                        images if shared_input else images[j], rngs[j])
                for j in range(rngs.shape[0])]
     # Stacked on a leading expert axis: logits [M, B, K] (and the rest, in train mode).
@@ -144,5 +125,5 @@ class CoE:
 
   def expert(self, variables: Variables, index: int, images: jax.Array) -> jax.Array:
     """Expert `index` alone on images [B, H, W, Ch]: logits [B, K] (inference mode)."""
-    own = jax.tree.map(lambda v: v[index], _select(variables, "experts"))
+    own = stacked.expert(stacked.part(variables, EXPERTS), index)
     return self.expert_net.apply(own, images)

@@ -35,7 +35,7 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     return _matmul_2d(x[:, ::strides, ::strides], kernel[0, 0])  # [B, H', W', F]
   (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides),
                                                          "SAME")
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H + k - 1, W + k - 1, C]
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H+k-1, W+k-1, C]
   out_h, out_w = -(-h // strides), -(-w // strides)
   windows = [jax.lax.slice(padded, (0, i, j, 0),
                            (b, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, c),
@@ -50,7 +50,7 @@ def _matmul_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   Flattened first: XLA's CPU backend computes the kernel's gradient, a
   product contracting B, H and W, several times faster over one contracting
-  dimension than over three (figures in the README's speed section).
+  dimension than over three (figures in benchmarks/README.md).
   """
   b, h, w, c = x.shape
   return (x.reshape(b * h * w, c) @ kernel).reshape(b, h, w, kernel.shape[-1])

@@ -4,9 +4,8 @@ Axis letters: B batch, H/W height and width, C channels.
 
 XLA's CPU backend runs depthwise convolutions (`feature_group_count = C`)
 far below the machine's speed, the backward pass especially. Written as k*k
-shifted elementwise products, the same convolution trains 3-35x faster on a
-2-core CPU (forward + backward, MBConv shapes from [64, 16, 16, 48] to
-[64, 56, 56, 64], measured here). Accelerators and exporters get the plain
+shifted elementwise products, the same convolution trains several times
+faster on CPUs (figures in benchmarks/README.md). Accelerators and exporters get the plain
 convolution, which their libraries implement well. Parameters are those of
 `nn.Conv` (`kernel` [k, k, 1, C]), so both forms share checkpoints.
 """
@@ -30,7 +29,7 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   k = kernel.shape[0]
   (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides),
                                                          "SAME")
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H + k - 1, W + k - 1, C]
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H+k-1, W+k-1, C]
   out_h, out_w = -(-h // strides), -(-w // strides)
   y = jnp.zeros((b, out_h, out_w, c), x.dtype)
   for i in range(k):

@@ -20,14 +20,13 @@ are stacked, sharded and checkpointed with BatchNorm's.
 Two formulations of phase II compute the same function (`formulation`):
   "lookup" (default)  interpolates between the two heights around x, fetched
                       with a gather. Fastest to train under XLA (CPU,
-                      forward + backward: 2.6x the speed of "ramps" per layer,
-                      4.7x per channel).
+                      forward + backward).
   "ramps"             Y_0 + K_L min(x - B_0, 0) + sum_i c_i relu(x - B_i),
                       where c_i is the change of slope at grid point B_i:
                       elementwise ops only, which LiteRT's XNNPACK runs (it
-                      runs no gathers), so exporters use it. Exported, it ran
-                      2.3x (per layer) and 7x (per channel) faster than
-                      "lookup" on [56, 56, 96] activations.
+                      runs no gathers), so exporters use it. Exported, it
+                      runs faster than "lookup".
+The figures behind both choices are in benchmarks/README.md.
 """
 
 from typing import Any, Mapping, Optional
@@ -104,7 +103,7 @@ def _ramps(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
   kinks = jnp.diff(slopes, axis=-1)  # [.., N+1], the change of slope at each B_i
   y = heights[..., 0] + left_slope * jnp.minimum(x - left, 0)  # [..., C]
   # One ramp at a time: a [..., C, N+1] stack of them exports as a reshape and
-  # matrix products that ran 2-4x slower than these elementwise ops.
+  # matrix products that ran slower than these elementwise ops.
   for i in range(n + 1):
     y = y + kinks[..., i] * nn.relu(x - grid[..., i])
   return y

@@ -1,4 +1,4 @@
-"""The device mesh and how arrays are laid out on it.
+"""The device mesh and how arrays are laid out on it: the partitioning rules, in one place.
 
 Mesh axes: `data` (the batch is split along it) and `expert` (the stacked
 experts' leading axis is split along it when it is larger than one). Every
@@ -11,10 +11,16 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from coe_jax.errors import require
-from coe_jax.models.coe import under_experts
+from coe_jax.models.stacked import under_experts
+
+DATA_AXIS = "data"      # Mesh axis the batch is split along.
+EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
+# Batch-leading arrays split over every device of the mesh.
+ALL_DEVICES = P((DATA_AXIS, EXPERT_AXIS))
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -43,12 +49,12 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   # Topology-aware on TPUs and GPUs (neighbouring chips share an expert group's
   # all-reduces); the plain order elsewhere.
   grid = mesh_utils.create_device_mesh((data, expert), devices=list(devices.flat))
-  return Mesh(grid, ("data", "expert"))
+  return Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over `data`, replicated over `expert`."""
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -61,12 +67,12 @@ def state_shardings(tree: Any, mesh: Mesh, num_experts: int) -> Any:
   Leaves found under an "experts" key whose leading axis is the expert axis
   are split over the mesh's `expert` axis; everything else is replicated.
   """
-  expert_sharding = NamedSharding(mesh, P("expert"))
+  expert_sharding = NamedSharding(mesh, P(EXPERT_AXIS))
 
   def sharding(path, leaf):
     stacked = under_experts(path)
     shape = getattr(leaf, "shape", ())
-    if stacked and len(shape) >= 1 and shape[0] == num_experts and mesh.shape["expert"] > 1:
+    if stacked and len(shape) >= 1 and shape[0] == num_experts and mesh.shape[EXPERT_AXIS] > 1:
       return expert_sharding
     return replicated(mesh)
   return jax.tree_util.tree_map_with_path(sharding, tree)

@@ -1,5 +1,8 @@
 """Evaluation: per-sample outputs, the threshold sweep, calibration and results.
 
+`plots` draws the figures of a run and `report` prints its table; both read
+what this module computes.
+
 Axis letters: M evaluated examples, N experts, K classes.
 
 One pass over an evaluation split records, per example, the delegator's
@@ -16,14 +19,15 @@ import time
 from typing import Any, Iterable, Optional
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from coe_jax import expert_parallel, routing
-from coe_jax import sharding as sharding_lib
+from coe_jax import routing
 from coe_jax.models.coe import CoE
+from coe_jax.parallel import expert_parallel
+from coe_jax.parallel import mesh as mesh_lib
 
 # Confidences this close to tau may fall on either side of it in two
 # computations of the same network that sum floats in another order.
@@ -78,7 +82,7 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
   split over its data axis). The experts run as the router runs them
   (`expert_parallel.run_experts`), and every process reads the whole outputs.
   """
-  out_sharding = sharding_lib.replicated(mesh) if mesh is not None else None
+  out_sharding = mesh_lib.replicated(mesh) if mesh is not None else None
 
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def forward(variables, batch):

@@ -1,11 +1,11 @@
 r"""Exports a trained CoE to LiteRT (TFLite) models for CPU and mobile serving.
 
-    python -m coe_jax.export --workdir=runs/demo --out=runs/demo/serving [--quantize=int8]
+    python -m coe_jax.serving.export --workdir=runs/demo --out=runs/demo/serving [--quantize=int8]
 
 SERVE_DIR then holds `delegator.tflite`, one `expert_<j>.tflite` per expert
 and `serving.json` (threshold, class names, preprocessing, FLOPs, and each
 model's file, SHA-256 and signature, so the runtime can check they belong
-together). `coe_jax.serving.LiteRTPredictor` serves it without JAX or
+together). `coe_jax.serving.litert_predictor.LiteRTPredictor` serves it without JAX or
 TensorFlow. The export evaluates the exported models on the test split and
 prints their top-1 next to the JAX model's.
 
@@ -23,12 +23,11 @@ Batch: each model has a static input of one image. With a dynamic batch axis
 (`polymorphic_shapes="(b, ...)"`) JAX lowers every reshape and broadcast with
 shape arithmetic (SHAPE, UNSORTED_SEGMENT_PROD, BROADCAST_TO, ... ops) that
 XNNPACK cannot take, and hard-swish is no longer matched, so most of the graph
-falls back to the reference kernels: measured here on the digits expert it ran
-at 420-590 images/s against 13-27k images/s for the static model. A static
-batch of 32 cannot be resized either (the converter bakes the batch into the
-squeeze-excitation broadcast) and was slower than looping at batch 1 on the
-194M expert (245 vs 290 images/s, 2 shared cores), so the runtime loops at
-batch 1 over each expert's group.
+falls back to the reference kernels, many times slower than the static
+model. A static batch of 32 cannot be resized either (the converter bakes the
+batch into the squeeze-excitation broadcast) and was slower than looping at
+batch 1, so the runtime loops at batch 1 over each expert's group (figures in
+benchmarks/README.md).
 
 BatchNorm: the networks are traced in inference mode, in float32, with the
 evaluation (EMA) parameters as constants, and the converter folds each
@@ -40,8 +39,9 @@ stays a multiply-add after the mixed-kernel products, which the check does not
 look for.) Ops with several formulations are traced in the one XNNPACK runs
 best: convolutions as convolutions (`conv.formulation("conv")`,
 `depthwise.formulation("conv")`), one CONV_2D or DEPTHWISE_CONV_2D op each
-rather than the CPU training path's matrix and shifted products, and PWLU as a sum of ramps (`pwlu.formulation("ramps")`), elementwise
-ops rather than the gathers of its lookup, which XNNPACK does not run.
+rather than the CPU training path's matrix and shifted products, and PWLU as
+a sum of ramps (`pwlu.formulation("ramps")`), elementwise ops rather than the
+gathers of its lookup, which XNNPACK does not run.
 
 int8: full-integer post-training quantisation with the converter's
 representative data set: training images (the training pipeline's, so with
@@ -54,7 +54,7 @@ int8 HARD_SWISH and each one split the graph around a builtin kernel; and
 `fit_xnnpack_requantization` raises the output scale of a layer whose output
 calibration saw constant (a squeeze-excitation with every ReLU unit dead), which
 XNNPACK refused, and with it the whole model. (The runtime still falls back to
-LiteRT's builtin kernels for a model XNNPACK rejects; see `coe_jax.serving`.)
+LiteRT's builtin kernels for a model XNNPACK rejects; see `coe_jax.serving.litert_predictor`.)
 """
 
 import argparse
@@ -72,11 +72,13 @@ import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 from jax.experimental import jax2tf
 
-from coe_jax import checkpointing, data, flops, routing, serving
+from coe_jax import data, flops, routing, run_dir
 from coe_jax.errors import CoEError, require
-from coe_jax.models import conv, depthwise, mbconv, pwlu
+from coe_jax.models import conv, depthwise, mbconv, pwlu, stacked
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
+from coe_jax.models.stacked import Variables
+from coe_jax.serving import jax_predictor, litert_predictor
 
 QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")
@@ -96,9 +98,6 @@ _READS_ITS_INPUT_SCALE = ("ADD", "SUB", "MUL", "LOGISTIC", "SUM", "MEAN", "QUANT
 _OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items()
              if not name.startswith("_")}
 
-Variables = dict[str, Any]
-
-
 def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequence[int],
             calibration: Optional[np.ndarray] = None) -> bytes:
   """A LiteRT flatbuffer of `fn` on one image.
@@ -112,15 +111,15 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
       calibrated on them; None keeps float32.
 
   Returns:
-    The .tflite model, with one signature `serving.SIGNATURE` whose input is
-    `serving.INPUT_NAME`.
+    The .tflite model, with one signature `litert_predictor.SIGNATURE` whose input is
+    `litert_predictor.INPUT_NAME`.
   """
   # Hard-swish as products in int8 only: in float32 its fused op is one
   # XNNPACK op where products would be three.
   hard_swish = "fused" if calibration is None else "products"
   with conv.formulation("conv"), depthwise.formulation("conv"), pwlu.formulation("ramps"), \
       mbconv.hard_swish_formulation(hard_swish), tempfile.TemporaryDirectory() as saved_model:
-    spec = tf.TensorSpec((1, *image_shape), tf.uint8, serving.INPUT_NAME)
+    spec = tf.TensorSpec((1, *image_shape), tf.uint8, litert_predictor.INPUT_NAME)
     # A fresh function for each conversion: jax2tf traces through `jax.jit`,
     # whose cache would otherwise hand back a trace of `fn` made under other
     # formulations (a float32 export's fused hard-swish, say).
@@ -130,7 +129,7 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
     module = tf.Module()
     module.serve = tf_fn
     tf.saved_model.save(module, saved_model,
-                        signatures={serving.SIGNATURE: tf_fn.get_concrete_function()})
+                        signatures={litert_predictor.SIGNATURE: tf_fn.get_concrete_function()})
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if calibration is not None:
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -308,9 +307,9 @@ def _part(variables: Variables, part: str, index: Optional[int] = None) -> Varia
   embed every expert's weights in each model and hide the kernels from the
   folding.
   """
-  own = {collection: tree[part] for collection, tree in variables.items()}
+  own = stacked.part(variables, part)
   if index is not None:
-    return jax.tree.map(lambda v: jnp.asarray(v)[index], own)
+    own = stacked.expert(own, index)
   return jax.tree.map(jnp.asarray, own)
 
 
@@ -346,14 +345,14 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
   # LiteRT's CPU kernels are float32 or int8, and the converter rejects bfloat16.
   delegator_net = Delegator(model.delegator_spec, model.num_classes, model.num_experts)
   expert_net = Expert(model.expert_spec, model.num_classes)
-  networks = [("delegator", "delegator.tflite", None, DELEGATOR_OUTPUTS,
+  networks = [(stacked.DELEGATOR, "delegator.tflite", None, DELEGATOR_OUTPUTS,
                (model.num_classes, model.num_experts))]
-  networks += [("experts", f"expert_{j}.tflite", j, EXPERT_OUTPUTS, (model.num_classes,))
+  networks += [(stacked.EXPERTS, f"expert_{j}.tflite", j, EXPERT_OUTPUTS, (model.num_classes,))
                for j in range(model.num_experts)]
   entries = []
   for part, filename, index, names, widths in networks:
     own = _part(variables, part, index)
-    net = delegator_net if part == "delegator" else expert_net
+    net = delegator_net if part == stacked.DELEGATOR else expert_net
     # Bind `own` and `net` now; the function is traced inside `convert`.
     fn = lambda images, own=own, net=net, names=names: dict(
         zip(names, jax.tree.leaves(net.apply(own, images))))
@@ -365,11 +364,11 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
     path = os.path.join(out_dir, filename)
     with open(path, "wb") as f:
       f.write(blob)
-    entries.append({"file": filename, "sha256": serving.sha256(path),
+    entries.append({"file": filename, "sha256": litert_predictor.sha256(path),
                     "outputs": {name: [1, width] for name, width in zip(names, widths)}})
   manifest = {
-      "format": serving.FORMAT,
-      "version": serving.FORMAT_VERSION,
+      "format": litert_predictor.FORMAT,
+      "version": litert_predictor.FORMAT_VERSION,
       "num_experts": model.num_experts,
       "num_classes": model.num_classes,
       "class_names": list(class_names),
@@ -383,7 +382,7 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
       "models": {"delegator": entries[0], "experts": entries[1:]},
       "source": {**(source or {}), "jax": jax.__version__, "tensorflow": tf.__version__},
   }
-  checkpointing.write_json(os.path.join(out_dir, serving.MANIFEST), manifest)
+  run_dir.write_json(os.path.join(out_dir, litert_predictor.MANIFEST), manifest)
   return manifest
 
 
@@ -434,7 +433,8 @@ def jax_top1(model: CoE, variables: Variables, split: EvalSplit, threshold: floa
   return 100.0 * correct / len(split.labels)
 
 
-def litert_top1(predictor: "serving.LiteRTPredictor", split: EvalSplit, threshold: float) -> float:
+def litert_top1(predictor: "litert_predictor.LiteRTPredictor", split: EvalSplit,
+                threshold: float) -> float:
   """Top-1 of the exported models, routed on the host, at `threshold`, in percent."""
   out = predictor.route(split.images, threshold)
   return 100.0 * float(np.mean(np.argmax(out["logits"], -1) == split.labels))
@@ -461,7 +461,7 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
           f"expected one of {', '.join(QUANTIZATIONS)}")
   require(eval_examples >= 0, "eval_examples", eval_examples, "expected a count >= 0")
   check_out_dir(out_dir)
-  config, variables, meta = checkpointing.load_for_inference(workdir)
+  config, variables, meta = jax_predictor.load_for_inference(workdir)
   model = CoE(config, meta["num_classes"])
   calibration = None
   if quantization == "int8":
@@ -471,15 +471,15 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
                         threshold=meta["threshold"], crop_fraction=data.eval_crop_fraction(config),
                         model_flops=flops.count(config, meta["num_classes"]),
                         calibration=calibration, source={"workdir": os.path.abspath(workdir)})
-  log(f"wrote {out_dir}: delegator.tflite, {model.num_experts} experts, {serving.MANIFEST} "
-      f"({quantization})")
+  log(f"wrote {out_dir}: delegator.tflite, {model.num_experts} experts, "
+      f"{litert_predictor.MANIFEST} ({quantization})")
   top1 = {}
   if eval_examples:
     split = eval_split(config, eval_examples)
     tau = float(meta["threshold"])
     top1["jax"] = jax_top1(model, variables, split, tau, config.routing.expert_loop,
                            config.eval.batch_size)
-    top1["litert"] = litert_top1(serving.LiteRTPredictor.load(out_dir), split, tau)
+    top1["litert"] = litert_top1(litert_predictor.LiteRTPredictor.load(out_dir), split, tau)
     log(f"test top-1 on {len(split.labels)} examples at threshold {tau:.4f}: "
         f"JAX {config.train.compute_dtype} {top1['jax']:.2f}%, LiteRT {quantization} "
         f"{top1['litert']:.2f}% ({top1['litert'] - top1['jax']:+.2f} points)")
@@ -487,7 +487,7 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m coe_jax.export",
+  parser = argparse.ArgumentParser(prog="python -m coe_jax.serving.export",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="the training run's workdir")
   parser.add_argument("--out", required=True, help="SERVE_DIR to write the models into")

@@ -10,7 +10,7 @@ experts' losses.
 This project's reading (the paper gives neither the scores nor the weights):
 the transportation benefit is `G = log_softmax(g)`, the delegator's
 log-probability of selecting each expert, with the gradient stopped; the
-partition is the balanced assignment of `coe_jax.transport`; expert j weighs
+partition is the balanced assignment of `coe_jax.objective.transport`; expert j weighs
 sample i by 1 inside its portion and by `alpha` (`wgm.off_portion_weight`)
 elsewhere, so that experts still see, less strongly, the samples they are not
 responsible for.
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from coe_jax import transport
+from coe_jax.objective import transport
 
 
 def expert_loss_weights(selection_logits: jax.Array, *, off_portion_weight: float,

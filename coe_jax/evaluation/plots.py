@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from etils import epath
+
 # Figures are built without pyplot: no display or global backend is needed
 # (servers, CI, pods), and a notebook importing this keeps its inline plots.
 from matplotlib.figure import Figure

@@ -1,12 +1,12 @@
 """Serving an exported CoE with LiteRT on CPUs and phones, without JAX or TensorFlow.
 
-    p = LiteRTPredictor.load("runs/demo/serving")   # written by `python -m coe_jax.export`
+    p = LiteRTPredictor.load("runs/demo/serving")   # written by `python -m coe_jax.serving.export`
     out = p(images)             # uint8 [B, H, W] or [B, H, W, C], any size
     out["logits"], out["early_exit"], out["expert"]
     class_logits, selection_logits = p.delegator(images)
     expert_logits = p.expert(2, images)
 
-The same call as `coe_jax.inference.Predictor`. Axis letters: B batch, K
+The same call as `coe_jax.serving.jax_predictor.Predictor`. Axis letters: B batch, K
 classes, N experts, S the model's image size, C its channels.
 
 Routing happens here, on the host: the delegator runs on the whole batch, the
@@ -14,7 +14,7 @@ samples whose max class probability reaches tau exit with its logits, the rest
 are grouped by their selected expert, each expert's interpreter runs once over
 its group, and the answers go back to batch order. Every expert takes its whole
 group, as in the JAX router's exact mode: nothing overflows. The models have a
-static batch of one image (see `coe_jax.export` for why), so a group is a loop
+static batch of one image (see `coe_jax.serving.export` for why), so a group is a loop
 of single-image invocations; XNNPACK, LiteRT's default CPU delegate, runs each.
 
 Only ai-edge-litert, numpy and Pillow are imported (the `serve` install extra).
@@ -31,7 +31,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from coe_jax.errors import CoEError, require
-from coe_jax.predictor_base import PredictorBase
+from coe_jax.serving.predictor_base import PredictorBase
 
 MANIFEST = "serving.json"
 FORMAT = "coe-jax-litert"
@@ -41,8 +41,7 @@ INPUT_NAME = "images"
 NO_EXPERT = -1  # `expert` of a sample the delegator answered.
 # Networks below this many multiply-adds per image get one thread by default:
 # XNNPACK synchronises its threads after every op, which costs more than a
-# small op's work. Routed digits CoE (networks under 1M), 2-core CPU: 68k
-# images/s on 1 thread, 26k on 2.
+# small op's work (figures in benchmarks/README.md).
 SINGLE_THREAD_MACS = 5_000_000
 
 
@@ -73,7 +72,7 @@ def _allocated_interpreter(path: str, num_threads: int) -> tuple[Interpreter, st
   XNNPACK refuses a whole model when one int8 op's requantisation scale
   (input scale x weight scale / output scale) is outside the range it supports
   (below 256), as calibration can give a barely trained squeeze-excitation;
-  LiteRT's builtin kernels then run it, slower. `coe_jax.export` now raises
+  LiteRT's builtin kernels then run it, slower. `coe_jax.serving.export` now raises
   such scales (`fit_xnnpack_requantization`); this keeps older exports and
   other refusals serving.
   """
@@ -186,11 +185,11 @@ def _read_manifest(serve_dir: str) -> dict[str, Any]:
   """serving.json, checked for the keys and values the runtime relies on."""
   if not os.path.isdir(serve_dir):
     raise CoEError(f"serving_dir={serve_dir!r}: no such directory; write one with "
-                   "python -m coe_jax.export --workdir=DIR --out=SERVE_DIR")
+                   "python -m coe_jax.serving.export --workdir=DIR --out=SERVE_DIR")
   path = os.path.join(serve_dir, MANIFEST)
   if not os.path.isfile(path):
     raise CoEError(f"{path}: no such file; is {serve_dir!r} a directory written by "
-                   "python -m coe_jax.export?")
+                   "python -m coe_jax.serving.export?")
   try:
     with open(path, encoding="utf-8") as f:
       manifest = json.load(f)
@@ -248,7 +247,7 @@ class LiteRTPredictor(PredictorBase):
     """Loads SERVE_DIR and checks that its models match its `serving.json`.
 
     Args:
-      serve_dir: a directory written by `python -m coe_jax.export`.
+      serve_dir: a directory written by `python -m coe_jax.serving.export`.
       num_threads: CPU threads of each interpreter. Default: all the host's
         for a network of at least `SINGLE_THREAD_MACS` multiply-adds, else 1.
 

@@ -28,13 +28,15 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from coe_jax import (checkpointing, data, evaluation, expert_parallel, flops, objective, optim,
-                     plots, routing)
-from coe_jax import sharding as sharding_lib
+from coe_jax import data, evaluation, flops, objective, routing, run_dir
 from coe_jax.errors import CoEError, require
+from coe_jax.evaluation import plots
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
-from coe_jax.train_step import TrainState, create_train_state, make_train_step
+from coe_jax.parallel import expert_parallel
+from coe_jax.parallel import mesh as mesh_lib
+from coe_jax.training import checkpointing, optim
+from coe_jax.training.train_step import TrainState, create_train_state, make_train_step
 
 NONFINITE_POLICIES = ("stop", "skip")
 LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
@@ -66,7 +68,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         kept = [line.rstrip("\n") for line in f if _logged_step(line) <= start_step]
-      checkpointing.write_text_atomically(path, "".join(line + "\n" for line in kept))
+      run_dir.write_text_atomically(path, "".join(line + "\n" for line in kept))
 
   def write_scalars(self, step, scalars):
     with open(self._path, "a", encoding="utf-8") as f:
@@ -131,7 +133,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"expected one of {', '.join(NONFINITE_POLICIES)}")
   require(train.batch_norm_scope in expert_parallel.BATCH_NORM_SCOPES, "train.batch_norm_scope",
           train.batch_norm_scope, f"expected one of {', '.join(expert_parallel.BATCH_NORM_SCOPES)}")
-  require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "expected a value in [0, 1)")
+  require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay,
+          "expected a value in [0, 1)")
   require(0 <= train.pwlu_realign_fraction < 1, "train.pwlu_realign_fraction",
           train.pwlu_realign_fraction, "expected a fraction in [0, 1)")
   threshold = config.eval.threshold
@@ -178,14 +181,14 @@ class Trainer:
       require(config.data.num_classes == self.info.num_classes, "data.num_classes",
               config.data.num_classes, f"but the data set has {self.info.num_classes} classes")
     self.model = CoE(config, self.info.num_classes)
-    self.mesh = sharding_lib.make_mesh(config, devices)
+    self.mesh = mesh_lib.make_mesh(config, devices)
     self.optimizer = optim.make_optimizer(config)
     self.flops = flops.count(config, self.info.num_classes)
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-    self.replicated = sharding_lib.replicated(self.mesh)
+    self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self.replicated = mesh_lib.replicated(self.mesh)
     abstract = jax.eval_shape(lambda: create_train_state(
         self.model, self.optimizer, config, jax.random.key(0)))
-    self.state_sharding = sharding_lib.state_shardings(abstract, self.mesh, config.num_experts)
+    self.state_sharding = mesh_lib.state_shardings(abstract, self.mesh, config.num_experts)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
@@ -219,8 +222,8 @@ class Trainer:
 
 def _write_run_files(trainer: Trainer) -> None:
   config, workdir = trainer.config, trainer.workdir
-  checkpointing.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-  checkpointing.write_json(os.path.join(workdir, "run.json"), {
+  run_dir.write_json(os.path.join(workdir, run_dir.CONFIG), json.loads(config.to_json()))
+  run_dir.write_json(os.path.join(workdir, run_dir.RUN), {
       "class_names": trainer.info.class_names, "num_classes": trainer.info.num_classes,
       "num_train_examples": trainer.info.num_train, "num_test_examples": trainer.info.num_test,
       **trainer.flops})
@@ -268,8 +271,14 @@ class TrainingProgress:
                    config.train.compute_dtype)
     self._last_step, self._last_time = start_step, time.monotonic()
 
-  def report(self, done: int) -> dict[str, float]:
-    """Logs and returns the rates since the last report; `done` steps have finished."""
+  def report(self, done: int, means: dict[str, float]) -> dict[str, float]:
+    """Logs one short line and returns the rates since the last report.
+
+    `done` steps have finished; `means` are their metrics' means. The line
+    gives the step, the loss, the routed and delegator accuracies, the
+    throughput and the time left; every metric goes to TensorBoard and
+    `metrics.jsonl`.
+    """
     now = time.monotonic()
     seconds = max(now - self._last_time, 1e-9)
     steps = range(self._last_step, done)
@@ -283,10 +292,13 @@ class TrainingProgress:
     if self._peak is not None:
       rates["mfu"] = model_flops / seconds / (self._devices * self._peak)
       mfu = f", mfu {rates['mfu']:.1%}"
+    stage = objective.stage_at(self._config, done - 1)
+    # Warm-up routes nothing: its routed accuracy would read 0.
+    routed = "" if stage == "warmup" else f", routed {means['routed_accuracy']:.1%}"
     left = (self._num_steps - done) / steps_per_sec
-    logging.info("step %d/%d: %.2f steps/s, %.0f images/s (%.1f per device)%s, "
-                 "about %dm%02ds left", done, self._num_steps, steps_per_sec, images_per_sec,
-                 rates["images_per_sec_per_device"], mfu, left // 60, left % 60)
+    logging.info("step %d/%d (%s): loss %.4g%s, delegator %.1f%% | %.0f images/s%s | "
+                 "about %dm%02ds left", done, self._num_steps, stage, means["loss"], routed,
+                 100 * means["delegator_accuracy"], images_per_sec, mfu, left // 60, left % 60)
     return rates
 
 
@@ -314,10 +326,14 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   if is_chief:
     _write_run_files(trainer)
 
-  writer = metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, just_logging=not is_chief),
-      *([JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step)]
-        if is_chief and "://" not in workdir else [])])
+  # The console gets `progress`'s short line; every metric goes to TensorBoard
+  # and metrics.jsonl, written by the chief alone.
+  writers = []
+  if is_chief:
+    writers.append(metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)))
+    if "://" not in workdir:
+      writers.append(JsonlWriter(os.path.join(workdir, run_dir.METRICS), start_step))
+  writer = metric_writers.MultiWriter(writers)
   hooks = []
   if config.train.profile_steps and is_chief:
     hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
@@ -362,7 +378,8 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
         means = {k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
                  for k in history[-1][1]}
         # The device_get above waited for these steps: they are finished, not dispatched.
-        writer.write_scalars(done, {**means, "skipped_steps": skipped, **progress.report(done)})
+        writer.write_scalars(done, {**means, "skipped_steps": skipped,
+                                    **progress.report(done, means)})
         history = []
       if save:
         checkpointer.save(done, state, force=True)
@@ -436,13 +453,13 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
   results["mean_flops"] = f_d + (1 - results["early_exit_rate"]) * f_e
   if write_files and jax.process_index() == 0:
     workdir = trainer.workdir
-    checkpointing.write_json(os.path.join(workdir, "results.json"), results)
+    run_dir.write_json(os.path.join(workdir, run_dir.RESULTS), results)
     plots.accuracy_vs_flops(test_curve, results, os.path.join(workdir, "accuracy_vs_flops.png"))
     plots.expert_load(results, os.path.join(workdir, "expert_load.png"))
     plots.expert_portions(results, os.path.join(workdir, "expert_portions.png"))
     plots.early_exit_curve(test_curve, results, os.path.join(workdir, "early_exit_curve.png"))
     # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
-    checkpointing.write_json(os.path.join(workdir, "early_exit_curve.json"),
+    run_dir.write_json(os.path.join(workdir, run_dir.CURVE),
                              {k: v.tolist() for k, v in vars(test_curve).items()})
     class_names = trainer.info.class_names
     plots.routing_grid(routes, class_names, os.path.join(workdir, "routing_grid.png"))
@@ -460,7 +477,7 @@ def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str,
   """
   if config.train.compilation_cache_dir is not None:
     return config.train.compilation_cache_dir
-  return environment_dir or os.path.join(workdir, "compilation_cache")
+  return environment_dir or os.path.join(workdir, run_dir.COMPILATION_CACHE)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict[str, Any]]:

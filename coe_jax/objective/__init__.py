@@ -1,5 +1,8 @@
 """The CoE training objective of each stage, its config checks and schedule.
 
+Its parts, one module each: `transport` (the balanced transportation problem),
+`wgm`, `lgm` and `vcm` (the paper's three modules) and `losses` (the terms).
+
 Axis letters: B batch, N experts, K classes.
 
 From the paper: experts are trained on WGM-re-weighted losses over portions
@@ -28,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from coe_jax import lgm, losses, vcm, wgm
 from coe_jax.errors import require
+from coe_jax.objective import lgm, losses, vcm, wgm
 
 STAGES = ("warmup", "coadapt", "delegator")
 

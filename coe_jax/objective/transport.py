@@ -248,8 +248,8 @@ def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: in
      construction, even when Sinkhorn stopped early. The rounds are sorts
      over the batch rather than a per-sample scan, so the sequential depth
      is O(N), not O(B), which matters on accelerators at large batches (on
-     CPU a per-sample scan is about 1.5x faster, both well under 1 ms at
-     B=256, N=4).
+     CPU a per-sample scan is a little faster; both take a negligible share
+     of the step, benchmarks/README.md).
   3. Polishing (`_polish`): cancel positive-gain cycles of sample moves
      between experts until none is left: the optimum, up to a tolerance of
      1e-5 of the score range per cycle. After

@@ -1,7 +1,7 @@
 """Classifies image files with a trained CoE run, or with its LiteRT export.
 
-    python -m coe_jax.predict --workdir=runs/demo digit.png other.jpg
-    python -m coe_jax.predict --serving-dir=runs/demo/serving digit.png other.jpg
+    python -m coe_jax.serving.predict --workdir=runs/demo digit.png other.jpg
+    python -m coe_jax.serving.predict --serving-dir=runs/demo/serving digit.png other.jpg
     digit.png: 7  p=0.981  early exit
     other.jpg: 3  p=0.874  expert 2
 
@@ -9,8 +9,8 @@ Per image: the class name, its probability, and who answered (the delegator
 alone on an early exit, else the expert; "delegator, experts full" is a
 serving-mode overflow). Uses the run's calibrated threshold unless
 --threshold is given. --workdir runs the JAX `Predictor` on the latest
-checkpoint; --serving-dir runs `coe_jax.serving.LiteRTPredictor` on a
-directory written by `python -m coe_jax.export`, without importing JAX. A
+checkpoint; --serving-dir runs `coe_jax.serving.litert_predictor.LiteRTPredictor` on a
+directory written by `python -m coe_jax.serving.export`, without importing JAX. A
 missing or undecodable image, or a bad workdir or serving directory, is
 reported in one line and the exit status is 1.
 """
@@ -50,9 +50,9 @@ def _load(workdir: Optional[str], serving_dir: Optional[str]):
   """
   # pylint: disable=g-import-not-at-top
   if serving_dir is not None:
-    from coe_jax.serving import LiteRTPredictor
+    from coe_jax.serving.litert_predictor import LiteRTPredictor
     return LiteRTPredictor.load(serving_dir)
-  from coe_jax.inference import Predictor
+  from coe_jax.serving.jax_predictor import Predictor
   return Predictor.load(workdir)
 
 
@@ -79,12 +79,12 @@ def predict(workdir: Optional[str], paths: Sequence[str], threshold: Optional[fl
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m coe_jax.predict",
+  parser = argparse.ArgumentParser(prog="python -m coe_jax.serving.predict",
                                    description=__doc__.split("\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="the training run's workdir (JAX)")
   source.add_argument("--serving-dir",
-                      help="a directory written by python -m coe_jax.export (LiteRT)")
+                      help="a directory written by python -m coe_jax.serving.export (LiteRT)")
   parser.add_argument("--threshold", type=float, default=None,
                       help="early-exit threshold tau (default: the run's calibrated one)")
   parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, ...)")

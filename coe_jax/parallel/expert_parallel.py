@@ -13,25 +13,17 @@ convolutions sharded that way). The outputs come back as global arrays
 read with ordinary jax.numpy.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from coe_jax.models import stacked
 from coe_jax.models.coe import CoE
+from coe_jax.models.stacked import DELEGATOR, EXPERTS, Variables
+from coe_jax.parallel.mesh import ALL_DEVICES, DATA_AXIS, EXPERT_AXIS
 
-DATA_AXIS = "data"      # Mesh axis the batch is split along.
-EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
-# Batch-leading arrays split over every device of the mesh.
-ALL_DEVICES = PartitionSpec((DATA_AXIS, EXPERT_AXIS))
 BATCH_NORM_SCOPES = ("global", "replica")
-
-Variables = dict[str, Any]
-
-
-def _experts_of(variables: Variables) -> Variables:
-  return {collection: tree["experts"] for collection, tree in variables.items()}
-
 
 def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_input: bool,
                 expert_loop: str, mesh: Optional[Mesh]) -> jax.Array:
@@ -52,7 +44,7 @@ def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_i
 
   image_spec = PartitionSpec(DATA_AXIS) if shared_input else split
   return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(EXPERT_AXIS), image_spec),
-                       out_specs=split)(_experts_of(variables), images)
+                       out_specs=split)(stacked.part(variables, EXPERTS), images)
 
 
 def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
@@ -72,7 +64,9 @@ def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: ja
       images = jax.lax.with_sharding_constraint(images, every_device)
     return model.delegator(variables, images, train=True, rng=rng)
   axes = (DATA_AXIS, EXPERT_AXIS)
-  own = {collection: {"delegator": tree["delegator"]} for collection, tree in variables.items()}
+  # Only the delegator's variables enter the shard_map, under their key, as
+  # `model.delegator` reads them.
+  own = {collection: {DELEGATOR: tree[DELEGATOR]} for collection, tree in variables.items()}
 
   def run_local(own: Variables, images: jax.Array):
     # images: [B / (D E), H, W, Ch]; own: the delegator's variables, on every device.
@@ -98,7 +92,7 @@ def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.
   device's expert gradients are summed over the data axis, and no device
   computes another's experts.
   """
-  experts = _experts_of(variables)
+  experts = stacked.part(variables, EXPERTS)
   rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
   if mesh is None:
     return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,

@@ -1,6 +1,7 @@
 """The call both predictors share: user images in, CoE's answers out. Imports no JAX.
 
-`coe_jax.inference.Predictor` (JAX) and `coe_jax.serving.LiteRTPredictor`
+`coe_jax.serving.jax_predictor.Predictor` (JAX) and
+`coe_jax.serving.litert_predictor.LiteRTPredictor`
 (LiteRT, which must not import JAX or TensorFlow) subclass `PredictorBase`:
 each defines `route`, on images already at model input, and the attributes
 below; the preprocessing and the argument checks live here once.

@@ -18,14 +18,18 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from coe_jax import expert_parallel, objective, optim
-from coe_jax.models.coe import CoE, under_experts
+from coe_jax import objective
+from coe_jax.models.coe import CoE
+from coe_jax.models.stacked import DELEGATOR, EXPERTS, under_experts
+from coe_jax.parallel import expert_parallel
+from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
+from coe_jax.training import optim
 
 Batch = dict[str, jax.Array]
 # Arrays on every device.
 REPLICATED = PartitionSpec()
 # Micro-batches [M, B / M, ...], each split over every device.
-MICRO_ALL = PartitionSpec(None, (expert_parallel.DATA_AXIS, expert_parallel.EXPERT_AXIS))
+MICRO_ALL = PartitionSpec(None, (DATA_AXIS, EXPERT_AXIS))
 Metrics = dict[str, jax.Array]
 
 
@@ -134,7 +138,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
         expert_logits = jax.lax.stop_gradient(expert_parallel.run_experts(
             model, variables, images, shared_input=True, expert_loop=expert_loop,
             mesh=mesh))  # [N, B, K]
-        scoring_logits, expert_stats = expert_logits, state.batch_stats["experts"]
+        scoring_logits, expert_stats = expert_logits, state.batch_stats[EXPERTS]
       else:
         # Scored without dropout: LGM, VCM and distillation should not hinge
         # on each expert's own dropout mask.
@@ -144,7 +148,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
       loss, metrics = objective.coe_objective(
           class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
           scoring_logits=scoring_logits, replicate=replicate)
-      return loss, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
+      return loss, (metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats})
 
     # Frozen experts get zero gradients (their logits are stop_gradient-ed).
     return jax.grad(loss_fn, has_aux=True)(state.params)
@@ -186,7 +190,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
       scoring_logits = jax.lax.map(lambda x: expert_parallel.run_experts(
           model, {"params": state.params, "batch_stats": state.batch_stats}, x,
           shared_input=True, expert_loop=expert_loop, mesh=mesh), images)  # [M, N, B/M, K]
-      grads, expert_loss, expert_stats = zeros, jnp.zeros(()), state.batch_stats["experts"]
+      grads, expert_loss, expert_stats = zeros, jnp.zeros(()), state.batch_stats[EXPERTS]
     else:
       weights = split_micro(expert_targets.weights, microbatches)  # [M, B/M, N]
 
@@ -241,7 +245,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
                    delegator_loss=delegator_loss)
     metrics = {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
     delegator_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), delegator_stats)
-    return grads, (metrics, {"delegator": delegator_stats, "experts": expert_stats})
+    return grads, (metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats})
 
   def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(rng, state.step)

@@ -1,12 +1,6 @@
 """Checkpoints of a training run, through orbax.
 
-A run's workdir holds:
-
-    config.json      the config the run was started with
-    run.json         facts about the data (class names)
-    checkpoints/<step>/{state,meta}   orbax checkpoints, the last few kept
-    unreadable_checkpoints/<step>     checkpoints found unreadable, set aside
-    results.json     the final evaluation, with the calibrated threshold
+They live in `WORKDIR/checkpoints/<step>/{state,meta}` (`coe_jax.run_dir`).
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a killed save never becomes the latest checkpoint. A latest
@@ -19,7 +13,6 @@ than start afresh. Checkpoints are read through orbax only (no pickle).
 
 import json
 import logging as std_logging
-import os
 import sys
 from typing import Any, Optional
 
@@ -30,6 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from coe_jax import run_dir
 from coe_jax.errors import CoEError
 
 # Config keys that fix the structure and shapes of the saved state: a checkpoint
@@ -37,8 +31,6 @@ from coe_jax.errors import CoEError
 # fixes the layout of the optimizer state.
 SHAPE_KEYS = ("num_experts", "delegator", "expert", "data.image_size", "data.channels",
               "train.optimizer")
-# Where a training run moves checkpoints it cannot read, beside `checkpoints/`.
-UNREADABLE_DIR = "unreadable_checkpoints"
 # Longest reason quoted for an unreadable checkpoint; tensorstore's run to kilobytes.
 _MAX_REASON_CHARS = 300
 
@@ -75,7 +67,7 @@ class Checkpointer:
   """Periodic asynchronous saves and robust restores of one run's train state."""
 
   def __init__(self, workdir: str, *, keep: int, fingerprint: dict[str, Any]):
-    self.directory = str(epath.Path(workdir).resolve() / "checkpoints")
+    self.directory = str(epath.Path(workdir).resolve() / run_dir.CHECKPOINTS)
     self.fingerprint = fingerprint
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -111,7 +103,7 @@ class Checkpointer:
     Args:
       abstract_state: shapes, dtypes and shardings (from `jax.eval_shape` plus
         the state's shardings), so arrays land where the train step expects them.
-      set_aside_unreadable: move the skipped checkpoints to `UNREADABLE_DIR`
+      set_aside_unreadable: move the skipped checkpoints to `run_dir.UNREADABLE_CHECKPOINTS`
         (training does, so it can save those steps again; readers leave them).
 
     Raises:
@@ -150,10 +142,13 @@ class Checkpointer:
     return step, restored["state"]
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
-    """Moves these checkpoints to `UNREADABLE_DIR` on every host; step -> new path."""
+    """Moves these checkpoints to `run_dir.UNREADABLE_CHECKPOINTS` on every host.
+
+    Returns step -> new path.
+    """
     if not steps:
       return {}
-    target_dir = epath.Path(self.directory).parent / UNREADABLE_DIR
+    target_dir = epath.Path(self.directory).parent / run_dir.UNREADABLE_CHECKPOINTS
     moved = {}
     for step in steps:
       target = target_dir / str(step)
@@ -224,72 +219,3 @@ def _reason(error: Exception) -> str:
 def _first_line(error: Exception) -> str:
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
-
-
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes a file atomically: a reader sees the old file or the new one, never half.
-
-  Paths may be local or remote (gs://...), through etils.epath.
-  """
-  path = epath.Path(path)
-  tmp = path.parent / f"{path.name}.tmp"
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
-def write_json(path: str, payload: Any) -> None:
-  """Writes JSON atomically (`write_text_atomically`)."""
-  write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str) -> Any:
-  return json.loads(epath.Path(path).read_text())
-
-
-def load_for_inference(workdir: str):
-  """(config, eval variables, meta) of a run, for the predictor and the exporter.
-
-  `meta` has `class_names`, `num_classes`, `threshold` (the calibrated tau
-  from results.json; before the run has been evaluated, `eval.threshold` or,
-  if unset, infinity: no early exit) and `expected_exit_rate` (the hold-out's
-  exit rate at that tau, which sizes serving-mode expert buffers; 0 before).
-  """
-  from coe_jax import optim, train_step  # pylint: disable=g-import-not-at-top
-  from coe_jax.models.coe import CoE  # pylint: disable=g-import-not-at-top
-
-  config_path = os.path.join(workdir, "config.json")
-  if not epath.Path(config_path).is_file():
-    raise CoEError(f"workdir={workdir!r}: no config.json; is this the workdir of a training run?")
-  config = ml_collections.ConfigDict(read_json(config_path))
-  run_path = os.path.join(workdir, "run.json")
-  if not epath.Path(run_path).is_file():
-    raise CoEError(f"workdir={workdir!r}: no run.json; the run has not started training")
-  run = read_json(run_path)
-  model = CoE(config, run["num_classes"])
-  optimizer = optim.make_optimizer(config)
-  abstract = jax.eval_shape(
-      lambda: train_step.create_train_state(model, optimizer, config, jax.random.key(0)))
-  # Onto this process's first device, whatever devices the run was saved from:
-  # a checkpoint written by a pod or a multi-device mesh loads on a laptop.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
-  checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                              fingerprint=shape_fingerprint(config, run["num_classes"]))
-  try:
-    restored = checkpointer.restore_latest(abstract)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise CoEError(f"workdir={workdir!r}: no readable checkpoint in {checkpointer.directory}")
-  _, state = restored
-  results_path = os.path.join(workdir, "results.json")
-  if epath.Path(results_path).is_file():
-    results = read_json(results_path)
-    threshold, exit_rate = results["threshold"], results["expected_exit_rate"]
-  else:
-    threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
-    exit_rate = 0.0
-  meta = {"class_names": run["class_names"], "num_classes": run["num_classes"],
-          "threshold": threshold, "expected_exit_rate": exit_rate}
-  return config, state.eval_variables(), meta

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from coe_jax import transport
 from coe_jax.errors import require
+from coe_jax.objective import transport
 
 RULES = ("argmax", "balanced", "soft")
 RANDOM_RULE = "random"  # No LGM: not one of RULES, which score the experts.
