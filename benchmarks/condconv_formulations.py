@@ -24,15 +24,16 @@ Prints one JSON line (images/s per case and formulation, forward and
 forward+backward), then a table of the same numbers.
 """
 
-import argparse
 import json
 import os
+import sys
 import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from coe_jax.models.condconv import CondConv
 
@@ -173,26 +174,26 @@ def run_case(case: Case, batch: int, num_kernels: int, min_seconds: float
   return results
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--kernels", default="4,8", help="comma-separated E values")
-  parser.add_argument("--min_seconds", type=float, default=0.3,
-                      help="time spent measuring each (case, formulation, pass)")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    kernels = [int(e) for e in _KERNELS.value.split(",")]
+  except ValueError:
+    sys.exit(f"error: --kernels={_KERNELS.value!r}: expected integers, e.g. 4,8")
 
   rows = []
-  for num_kernels in (int(e) for e in args.kernels.split(",")):
+  for num_kernels in kernels:
     for case in CASES:
       rows.append(dict(case=case.name, kernels=num_kernels,
-                       images_per_s=run_case(case, args.batch, num_kernels,
-                                             args.min_seconds)))
+                       images_per_s=run_case(case, _BATCH.value, num_kernels,
+                                             _MIN_SECONDS.value)))
   print(json.dumps(dict(benchmark="condconv_formulations", backend=jax.default_backend(),
                         devices=jax.device_count(), cpu_count=os.cpu_count(),
-                        batch=args.batch, results=rows)))
+                        batch=_BATCH.value, results=rows)))
 
   names = list(rows[0]["images_per_s"])
-  print(f"\nimages/s, batch {args.batch}, forward / forward+backward "
+  print(f"\nimages/s, batch {_BATCH.value}, forward / forward+backward "
         f"({jax.default_backend()}, {jax.device_count()} device(s))")
   print(f"{'case':<28} {'E':>2} " + " ".join(f"{n:>17}" for n in names))
   for row in rows:
@@ -207,4 +208,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  # Defined here, not at import, so that other benchmarks can import this module.
+  _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
+  _KERNELS = flags.DEFINE_string("kernels", "4,8", "Comma-separated E values.")
+  _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.3,
+                                    "Time spent measuring each (case, formulation, pass).")
+  app.run(main)

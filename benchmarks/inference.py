@@ -77,11 +77,11 @@ own peak. `undelegated` lists per model the ops XNNPACK leaves to LiteRT's
 builtin kernels.
 """
 
-import argparse
 import functools
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -90,6 +90,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 
 from benchmarks.peak import measured_peak
 from coe_jax import flops, routing
@@ -467,35 +468,39 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="config file, e.g. configs/digits.py")
-  parser.add_argument("--json", required=True, help="where to write the report")
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--threshold", type=float, default=None)
-  parser.add_argument("--workdir", default=None, help="a trained run: its variables and threshold")
-  parser.add_argument("--steps", type=int, default=5, help="batches per variant and round")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--backend", choices=("jax", "litert"), default="jax",
-                      help="jax: the variants above; litert: the exported serving path")
-  parser.add_argument("--threads", type=int, default=None,
-                      help="LiteRT interpreter threads (litert backend; default: "
-                           "coe_jax.serving.litert_predictor's choice per network)")
-  args = parser.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    if args.backend == "litert":
-      report = run_litert(load_config(args.config), args.threshold, args.workdir, args.steps,
-                          args.rounds, args.threads)
+    if _BACKEND.value == "litert":
+      report = run_litert(load_config(_CONFIG.value), _THRESHOLD.value, _WORKDIR.value,
+                          _STEPS.value, _ROUNDS.value, _THREADS.value)
     else:
-      report = run(load_config(args.config), args.batch_size, args.threshold, args.workdir,
-                   args.steps, args.rounds)
+      report = run(load_config(_CONFIG.value), _BATCH_SIZE.value, _THRESHOLD.value,
+                   _WORKDIR.value, _STEPS.value, _ROUNDS.value)
   except CoEError as e:
-    raise SystemExit(f"error: {e}") from None
-  report["config"] = args.config
-  with open(args.json, "w", encoding="utf-8") as f:
+    sys.exit(f"error: {e}")
+  report["config"] = _CONFIG.value
+  with open(_JSON.value, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
-  print(format_litert_table(report) if args.backend == "litert" else format_table(report))
+  print(format_litert_table(report) if _BACKEND.value == "litert" else format_table(report))
 
 
 if __name__ == "__main__":
-  main()
+  # Defined here, not at import, so that other benchmarks and the tests can import this module.
+  _CONFIG = flags.DEFINE_string("config", None, "Config file, e.g. configs/digits.py.")
+  _JSON = flags.DEFINE_string("json", None, "Where to write the report.")
+  _BATCH_SIZE = flags.DEFINE_integer("batch-size", 64, "Images per batch (jax backend).")
+  _THRESHOLD = flags.DEFINE_float("threshold", None,
+                                  "Early-exit threshold tau (default: the --workdir run's "
+                                  "calibrated one, else the median delegator confidence).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run: its variables and threshold.")
+  _STEPS = flags.DEFINE_integer("steps", 5, "Batches per variant and round.")
+  _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each variant's best is reported.")
+  _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "litert"],
+                               "jax: the variants above; litert: the exported serving path.")
+  _THREADS = flags.DEFINE_integer("threads", None,
+                                  "LiteRT interpreter threads (litert backend; default: "
+                                  "coe_jax.serving.litert_predictor's choice per network).")
+  flags.mark_flags_as_required(["config", "json"])
+  app.run(main)

@@ -12,13 +12,13 @@ kernels need VNNI (AVX512-VNNI or AVX-VNNI); `cpu_flags` says whether this
 machine has it.
 """
 
-import argparse
 import json
 import os
 import time
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from benchmarks.peak import cpu_name
 
@@ -81,10 +81,9 @@ def measure(cases=CASES) -> dict[str, Any]:
   return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": 1, "rows": rows}
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--json", default="")
-  args = parser.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   report = measure()
   print(json.dumps(report))
@@ -95,10 +94,12 @@ def main(argv=None) -> None:
   for row in report["rows"]:
     print(f"| {row['case']} | {row['float32_gmacs_per_s']:.1f} | {row['int8_gmacs_per_s']:.1f} "
           f"| {row['int8_over_float32']:.2f} |")
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-  main()
+  # Defined here, not at import, so that other benchmarks and the tests can import this module.
+  _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
+  app.run(main)

@@ -36,15 +36,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import argparse
 import json
 import re
+import sys
 import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from coe_jax import flops
 from coe_jax.config_loading import load_config
@@ -139,31 +140,24 @@ def transport_at_scale(batch: int = 4096, num_experts: int = 32) -> dict[str, An
           "load_gap": int(loads.max() - loads.min()), "seconds": time.perf_counter() - start}
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/digits.py")
-  parser.add_argument("--num-experts", default="4,8,16,32")
-  parser.add_argument("--meshes", default="8x1,4x2,2x4")
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--expert-loop", default="auto")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--json", default="")
-  args = parser.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    meshes = [_mesh(m) for m in args.meshes.split(",")]
-    counts = [int(n) for n in args.num_experts.split(",")]
+    meshes = [_mesh(m) for m in _MESHES.value.split(",")]
+    counts = [int(n) for n in _NUM_EXPERTS.value.split(",")]
+  except CoEError as e:  # A ValueError too: caught first.
+    sys.exit(f"error: {e}")
   except ValueError:
-    raise SystemExit(f"--num-experts={args.num_experts!r}: expected integers, e.g. 4,8") from None
-  except CoEError as e:
-    raise SystemExit(str(e)) from None
+    sys.exit(f"error: --num-experts={_NUM_EXPERTS.value!r}: expected integers, e.g. 4,8")
   rows = []
   for n in counts:
     for data, expert in meshes:
       try:
-        row = measure(args.config, n, data, expert, args.batch_size, args.expert_loop,
-                      args.steps)
+        row = measure(_CONFIG.value, n, data, expert, _BATCH_SIZE.value, _EXPERT_LOOP.value,
+                      _STEPS.value)
       except CoEError as e:
-        raise SystemExit(str(e)) from None
+        sys.exit(f"error: {e}")
       rows.append(row)
       print(f"N={n} mesh {data}x{expert}: {row['gflops_per_device']:.3f} GFLOP/device, "
             f"{row['convolutions']} convolutions, compile {row['compile_s']:.0f} s", flush=True)
@@ -173,8 +167,8 @@ def main(argv=None) -> None:
     row["flops_vs_data_only"] = (row["gflops_per_device"] / base[0]["gflops_per_device"]
                                  if base else None)
   report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "config": args.config, "batch_size": args.batch_size,
-            "expert_loop": args.expert_loop, "rows": rows,
+            "config": _CONFIG.value, "batch_size": _BATCH_SIZE.value,
+            "expert_loop": _EXPERT_LOOP.value, "rows": rows,
             "transport": transport_at_scale()}
   print(json.dumps(report))
   columns = ("num_experts", "mesh", "gflops_per_device", "flops_vs_data_only",
@@ -190,10 +184,18 @@ def main(argv=None) -> None:
   print(f"transport B={t['batch']} N={t['num_experts']}: {t['sinkhorn_iterations']} Sinkhorn "
         f"iterations, converged {t['sinkhorn_converged']}, load gap {t['load_gap']}, "
         f"{t['seconds']:.3f} s")
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-  main()
+  # Defined here, not at import, so that other benchmarks and the tests can import this module.
+  _CONFIG = flags.DEFINE_string("config", "configs/digits.py", "Config file.")
+  _NUM_EXPERTS = flags.DEFINE_string("num-experts", "4,8,16,32", "Comma-separated N values.")
+  _MESHES = flags.DEFINE_string("meshes", "8x1,4x2,2x4", "Comma-separated DATAxEXPERT meshes.")
+  _BATCH_SIZE = flags.DEFINE_integer("batch-size", 64, "Global batch of the train step.")
+  _EXPERT_LOOP = flags.DEFINE_string("expert-loop", "auto", "The config's routing.expert_loop.")
+  _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps; the median is reported.")
+  _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
+  app.run(main)

@@ -23,9 +23,9 @@ delegator and every expert (`coe_jax.flops`) and a backward pass of twice its
 cost (gradients for activations and for weights).
 """
 
-import argparse
 import json
 import platform
+import sys
 import time
 from typing import Any, Callable
 
@@ -33,10 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 
 from benchmarks.peak import measured_peak
 from coe_jax import flops
 from coe_jax.config_loading import load_config
+from coe_jax.errors import CoEError
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
 from coe_jax.objective import lgm, vcm, wgm
@@ -138,23 +140,29 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/digits.py")
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--num-experts", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--json", default="")
-  args = parser.parse_args()
-  report = {"config": args.config,
-            **run(load_config(args.config), args.batch_size, args.num_experts, args.repeats)}
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    report = {"config": _CONFIG.value,
+              **run(load_config(_CONFIG.value), _BATCH_SIZE.value, _NUM_EXPERTS.value,
+                    _REPEATS.value)}
+  except CoEError as e:
+    sys.exit(f"error: {e}")
   print(json.dumps(report))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   print()
   print(format_table(report))
 
 
 if __name__ == "__main__":
-  main()
+  # Defined here, not at import, so that other benchmarks and the tests can import this module.
+  _CONFIG = flags.DEFINE_string("config", "configs/digits.py", "Config file.")
+  _BATCH_SIZE = flags.DEFINE_integer("batch-size", 256, "Images per step.")
+  _NUM_EXPERTS = flags.DEFINE_integer("num-experts", 4, "Experts N.")
+  _REPEATS = flags.DEFINE_integer("repeats", 10,
+                                  "Timed calls of each step; the median is reported.")
+  _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
+  app.run(main)

@@ -4,10 +4,11 @@ FLOPs here means multiply-adds, as in the mobile-network literature
 (MobileNetV3, EfficientNet, the CoE paper). The count walks the same
 `NetworkSpec` the Flax modules are built from, layer by layer:
 
-- convolutions: H_out * W_out * k * k * (C_in / groups) * C_out;
-- dense layers (squeeze-excitation, classifier, heads): C_in * C_out;
+- convolutions: H' * W' * k * k * (C / groups) * F, with H' x W' the output
+  map, k the kernel size, C the input and F the output channels;
+- dense layers (squeeze-excitation, classifier, heads): C * F;
 - CondConv adds its routing layer and the per-example kernel mixture
-  (num_kernels multiply-adds per kernel weight);
+  (R multiply-adds per kernel weight, R = `condconv_kernels`);
 - BatchNorm (folded into the convolutions at serving time), activations,
   pooling and residual additions are not counted.
 
@@ -58,7 +59,7 @@ def network_macs(spec: NetworkSpec, image_size: int, in_channels: int, num_outpu
       hidden = make_divisible(features * stage.expansion) if stage.expansion > 1 else features
       k = stage.condconv_kernels
       if k:
-        macs += features * k  # Routing: pooled input -> kernel weights, once per block.
+        macs += features * k  # Routing: pooled input -> R (here k) kernel weights, once per block.
       projected = not stage.fused or hidden != features
       if stage.fused:
         width = hidden if projected else stage.features

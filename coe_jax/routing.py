@@ -1,14 +1,14 @@
 """CoE inference: early exit, expert routing, dispatch and combine.
 
-Axis letters:
+Axis letters (docs/method.md, section 2):
   B   batch: the caller's images.
   G   groups: the batch is cut into G equal groups (one per device's share of
       the batch) and every group is routed on its own.
-  S   samples per group; B is padded up to G * S and the padding masked.
+  Q   samples per group; B is padded up to G * Q and the padding masked.
   N   experts.
-  C   capacity: slots in each expert's buffer, per group.
+  P   capacity: slots in each expert's buffer, per group.
   K   classes.
-  H, W, Ch  image height, width and channels.
+  H, W, C  image height, width and channels.
 
 Per sample, the answer is (docs/method.md, section 3): the delegator's class
 logits when their max softmax reaches the threshold tau (an early exit), else
@@ -22,7 +22,7 @@ static shapes, per group:
      The least confident samples are served first: the delegator's answer,
      their last resort, is the least likely to be right for them.
   3. `dispatch` gathers the images into the buffers by index.
-  4. The buffers [G, N, C, ...] are transposed to [N, G * C, ...], so the
+  4. The buffers [G, N, P, ...] are transposed to [N, G * P, ...], so the
      expert axis can be sharded on the mesh's `expert` axis, and all experts
      run at once (vmapped or unrolled over N). Under a mesh, each device runs
      its own experts on its own buffers (`expert_parallel.run_experts`).
@@ -30,8 +30,8 @@ static shapes, per group:
      are never read, and BatchNorm runs in inference mode, so each slot is
      computed on its own: padding cannot change a real sample's answer.
 
-Capacity C per group: S in `exact` mode (no sample can overflow), and
-ceil(capacity_factor * S * (1 - expected_exit_rate) / N) in `serving` mode.
+Capacity P per group: Q in `exact` mode (no sample can overflow), and
+ceil(capacity_factor * Q * (1 - expected_exit_rate) / N) in `serving` mode.
 
 The entry point is `route_and_predict`, jitted. Sweeping tau needs no router:
 evaluation records every expert's answer once (`coe_jax.evaluation`).
@@ -85,7 +85,7 @@ def expert_choice(selection_logits: jax.Array) -> jax.Array:
 
 def capacity(mode: str, group_size: int, num_experts: int, capacity_factor: float,
              expected_exit_rate: float) -> int:
-  """Slots per expert buffer and group (C), between 1 and the group size S."""
+  """Slots per expert buffer and group (P), between 1 and the group size Q."""
   require(mode in MODES, "routing.mode", mode, f"expected one of {', '.join(MODES)}")
   if mode == "exact":
     return group_size
@@ -118,17 +118,17 @@ def assign(preferences: jax.Array, active: jax.Array, capacity: int,
   it).
 
   Args:
-    preferences: int [S, N], each sample's experts ranked best first.
-    active: bool [S], the samples an expert should answer (not exited, not padding).
-    capacity: C, the slots in each expert's buffer.
-    priority: float [S], who is served first.
+    preferences: int [Q, N], each sample's experts ranked best first.
+    active: bool [Q], the samples an expert should answer (not exited, not padding).
+    capacity: P, the slots in each expert's buffer.
+    priority: float [Q], who is served first.
 
   Returns:
-    expert: int32 [S], the buffer each sample went to, or `NO_EXPERT`.
-    slot: int32 [S], its slot in that buffer (0 where `expert` is `NO_EXPERT`).
+    expert: int32 [Q], the buffer each sample went to, or `NO_EXPERT`.
+    slot: int32 [Q], its slot in that buffer (0 where `expert` is `NO_EXPERT`).
   """
-  order = jnp.argsort(-priority, stable=True)  # [S], the serving order
-  expert, slot = _assign_in_order(preferences[order], active[order], capacity)  # [S], [S]
+  order = jnp.argsort(-priority, stable=True)  # [Q], the serving order
+  expert, slot = _assign_in_order(preferences[order], active[order], capacity)  # [Q], [Q]
   # Back from serving order to sample order.
   return (jnp.zeros_like(expert).at[order].set(expert),
           jnp.zeros_like(slot).at[order].set(slot))
@@ -136,42 +136,42 @@ def assign(preferences: jax.Array, active: jax.Array, capacity: int,
 
 def _assign_in_order(preferences: jax.Array, active: jax.Array,
                      capacity: int) -> tuple[jax.Array, jax.Array]:
-  """`assign` with the samples served in their order: [S, N], [S] -> [S], [S]."""
+  """`assign` with the samples served in their order: [Q, N], [Q] -> [Q], [Q]."""
   num_samples, num_experts = preferences.shape
   # With a slot for every sample in every buffer, first choices always fit.
   num_rounds = 1 if capacity >= num_samples else num_experts
-  expert = jnp.full((num_samples,), NO_EXPERT, jnp.int32)  # [S]
-  slot = jnp.zeros((num_samples,), jnp.int32)  # [S]
+  expert = jnp.full((num_samples,), NO_EXPERT, jnp.int32)  # [Q]
+  slot = jnp.zeros((num_samples,), jnp.int32)  # [Q]
   load = jnp.zeros((num_experts,), jnp.int32)  # [N] slots already taken
   for rank in range(num_rounds):
-    waiting = active & (expert == NO_EXPERT)  # [S]
-    candidate = preferences[:, rank]  # [S]
-    requests = jax.nn.one_hot(candidate, num_experts, dtype=jnp.int32) * waiting[:, None]  # [S, N]
+    waiting = active & (expert == NO_EXPERT)  # [Q]
+    candidate = preferences[:, rank]  # [Q]
+    requests = jax.nn.one_hot(candidate, num_experts, dtype=jnp.int32) * waiting[:, None]  # [Q, N]
     # The slot each request would get: after the slots taken in earlier rounds,
     # in serving order among this round's requests for the same expert.
-    position = jnp.sum((jnp.cumsum(requests, axis=0) - 1 + load) * requests, axis=1)  # [S]
-    granted = waiting & (position < capacity)  # [S]
-    expert = jnp.where(granted, candidate, expert)  # [S]
-    slot = jnp.where(granted, position, slot)  # [S]
+    position = jnp.sum((jnp.cumsum(requests, axis=0) - 1 + load) * requests, axis=1)  # [Q]
+    granted = waiting & (position < capacity)  # [Q]
+    expert = jnp.where(granted, candidate, expert)  # [Q]
+    slot = jnp.where(granted, position, slot)  # [Q]
     load = jnp.minimum(load + jnp.sum(requests, axis=0), capacity)  # [N]
   return expert, slot
 
 
 def dispatch(images: jax.Array, expert: jax.Array, slot: jax.Array, num_experts: int,
              capacity: int) -> jax.Array:
-  """Gathers one group's samples into per-expert buffers: [S, ...] -> [N, C, ...].
+  """Gathers one group's samples into per-expert buffers: [Q, ...] -> [N, P, ...].
 
   Empty slots hold zeros.
   """
   num_samples = images.shape[0]
   num_slots = num_experts * capacity
   # Each sample's flat slot; samples no expert runs point past the end and are dropped.
-  target = jnp.where(expert == NO_EXPERT, num_slots, expert * capacity + slot)  # [S]
+  target = jnp.where(expert == NO_EXPERT, num_slots, expert * capacity + slot)  # [Q]
   # The sample in each slot; an empty slot points past the end and reads the fill value.
   source = jnp.full((num_slots,), num_samples, jnp.int32).at[target].set(
-      jnp.arange(num_samples, dtype=jnp.int32), mode="drop")  # [N * C]
-  buffers = jnp.take(images, source, axis=0, mode="fill", fill_value=0)  # [N * C, H, W, Ch]
-  return buffers.reshape(num_experts, capacity, *images.shape[1:])  # [N, C, H, W, Ch]
+      jnp.arange(num_samples, dtype=jnp.int32), mode="drop")  # [N * P]
+  buffers = jnp.take(images, source, axis=0, mode="fill", fill_value=0)  # [N * P, H, W, C]
+  return buffers.reshape(num_experts, capacity, *images.shape[1:])  # [N, P, H, W, C]
 
 
 def combine(expert_logits: jax.Array, fallback_logits: jax.Array, expert: jax.Array,
@@ -179,19 +179,19 @@ def combine(expert_logits: jax.Array, fallback_logits: jax.Array, expert: jax.Ar
   """Each sample's answer in sample order: its expert's slot, else the fallback.
 
   Args:
-    expert_logits: [N, C, K], the experts' outputs on their buffers.
-    fallback_logits: [S, K], the delegator's class logits.
-    expert: int [S], from `assign`.
-    slot: int [S], from `assign`.
+    expert_logits: [N, P, K], the experts' outputs on their buffers.
+    fallback_logits: [Q, K], the delegator's class logits.
+    expert: int [Q], from `assign`.
+    slot: int [Q], from `assign`.
 
   Returns:
-    [S, K]. Only slots that hold a sample are read.
+    [Q, K]. Only slots that hold a sample are read.
   """
   num_experts, capacity, num_classes = expert_logits.shape
-  flat = expert_logits.reshape(num_experts * capacity, num_classes)  # [N * C, K]
-  answered = expert != NO_EXPERT  # [S]
-  index = jnp.where(answered, expert * capacity + slot, 0)  # [S]
-  return jnp.where(answered[:, None], jnp.take(flat, index, axis=0), fallback_logits)  # [S, K]
+  flat = expert_logits.reshape(num_experts * capacity, num_classes)  # [N * P, K]
+  answered = expert != NO_EXPERT  # [Q]
+  index = jnp.where(answered, expert * capacity + slot, 0)  # [Q]
+  return jnp.where(answered[:, None], jnp.take(flat, index, axis=0), fallback_logits)  # [Q, K]
 
 
 def _constrain(x: jax.Array, mesh: Optional[Mesh], *spec: Optional[str]) -> jax.Array:
@@ -219,38 +219,38 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   require(isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
           "expected a positive integer")
   check_settings(mode, capacity_factor, expected_exit_rate, expert_loop)
-  require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, Ch]")
+  require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, C]")
   num_images, num_experts = images.shape[0], model.num_experts
   if mesh is not None:
     _check_mesh(mesh, num_experts, num_groups)
-  group_size = -(-num_images // num_groups)  # S
-  slots = capacity(mode, group_size, num_experts, capacity_factor, expected_exit_rate)  # C
+  group_size = -(-num_images // num_groups)  # Q
+  slots = capacity(mode, group_size, num_experts, capacity_factor, expected_exit_rate)  # P
   padded = num_groups * group_size
-  images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * S, H, W, Ch]
+  images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * Q, H, W, C]
   images = _constrain(images, mesh, DATA_AXIS)
   to_groups = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])
 
-  class_logits, selection_logits = model.delegator(variables, images)  # [G * S, K], [G * S, N]
+  class_logits, selection_logits = model.delegator(variables, images)  # [G * Q, K], [G * Q, N]
   class_logits, selection_logits = to_groups(class_logits), to_groups(selection_logits)
-  valid = to_groups(jnp.arange(padded) < num_images)  # [G, S]
-  early_exit = exit_mask(class_logits, threshold) & valid  # [G, S]
-  preferences = expert_preferences(selection_logits)  # [G, S, N]
+  valid = to_groups(jnp.arange(padded) < num_images)  # [G, Q]
+  early_exit = exit_mask(class_logits, threshold) & valid  # [G, Q]
+  preferences = expert_preferences(selection_logits)  # [G, Q, N]
   # In exact mode everyone fits and the order does not matter.
   expert, slot = jax.vmap(assign, in_axes=(0, 0, None, 0))(
-      preferences, valid & ~early_exit, slots, -confidence(class_logits))  # [G, S], [G, S]
+      preferences, valid & ~early_exit, slots, -confidence(class_logits))  # [G, Q], [G, Q]
 
   group_dispatch = functools.partial(dispatch, num_experts=num_experts, capacity=slots)
-  buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, C, H, W, Ch]
+  buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, P, H, W, C]
   buffers = buffers.swapaxes(0, 1).reshape(
-      num_experts, num_groups * slots, *images.shape[1:])  # [N, G * C, H, W, Ch]
+      num_experts, num_groups * slots, *images.shape[1:])  # [N, G * P, H, W, C]
   expert_logits = expert_parallel.run_experts(model, variables, buffers, shared_input=False,
-                              expert_loop=expert_loop, mesh=mesh)  # [N, G * C, K]
-  expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, C, K]
-  expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, C, K]
-  logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, S, K]
+                              expert_loop=expert_loop, mesh=mesh)  # [N, G * P, K]
+  expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, P, K]
+  expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, P, K]
+  logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, Q, K]
 
-  answered = expert != NO_EXPERT  # [G, S]
-  from_batch = lambda x: x.reshape(padded, *x.shape[2:])[:num_images]  # [G, S, ...] -> [B, ...]
+  answered = expert != NO_EXPERT  # [G, Q]
+  from_batch = lambda x: x.reshape(padded, *x.shape[2:])[:num_images]  # [G, Q, ...] -> [B, ...]
   metrics = dict(
       exit_rate=jnp.sum(early_exit) / num_images,
       expert_load=jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=(0, 1)),
@@ -281,9 +281,9 @@ def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
     model: the CoE.
     variables: its variables (under a mesh, the experts' leaves may be
       sharded on `EXPERT_AXIS`).
-    images: [B, H, W, Ch], values 0-255 (under a mesh, sharded on `DATA_AXIS`).
+    images: [B, H, W, C], values 0-255 (under a mesh, sharded on `DATA_AXIS`).
     threshold: tau, a scalar.
-    mode: "exact" (C = S) or "serving" (C from `capacity_factor`).
+    mode: "exact" (P = Q) or "serving" (P from `capacity_factor`).
     capacity_factor: serving mode's slack over a balanced load.
     expected_exit_rate: serving mode's planned early-exit rate rho.
     num_groups: G; each group routes its own samples. Under a mesh, a multiple

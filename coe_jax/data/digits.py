@@ -26,8 +26,8 @@ _MAX_VALUE = 16  # load_digits pixels are counts 0-16.
 @functools.lru_cache(maxsize=2)
 def _load(image_size: int, channels: int, holdout_fraction: float) -> memory.Splits:
   digits = datasets.load_digits()
-  pixels = np.round(digits.images * (255 / _MAX_VALUE)).astype(np.uint8)  # [N, 8, 8]
-  labels = digits.target.astype(np.int32)  # [N]
+  pixels = np.round(digits.images * (255 / _MAX_VALUE)).astype(np.uint8)  # [n, 8, 8]
+  labels = digits.target.astype(np.int32)  # [n]
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
       pixels, labels, test_size=_TEST_FRACTION, stratify=labels, random_state=_SPLIT_SEED)
   kept, held = memory.holdout_indices(train_y, holdout_fraction)

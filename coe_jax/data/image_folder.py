@@ -90,7 +90,7 @@ def _load(root: str, image_size: int, channels: int, holdout_fraction: float) ->
   for split, files in listing.items():
     paths[split] = [p for name in train_classes for p in files[name]]
     labels[split] = np.array([label for label, name in enumerate(train_classes)
-                              for _ in files[name]], np.int32)  # [N]
+                              for _ in files[name]], np.int32)  # [n], the split's examples
   # Before any image is read, so that a bad hold-out fails at once.
   kept, held = memory.holdout_indices(labels["train"], holdout_fraction)
   read = functools.partial(_read, image_size=image_size, channels=channels)

@@ -1,7 +1,7 @@
 """Batches from a data set held in memory as numpy arrays (digits, image_folder).
 
-Hold-out: `holdout_indices` sets aside round(`data.holdout_fraction` * N) of
-the N training examples to calibrate tau, stratified by class (each class
+Hold-out: `holdout_indices` sets aside round(`data.holdout_fraction` * n) of
+the n training examples to calibrate tau, stratified by class (each class
 gives its share, the rounding remainders going to the largest fractional
 shares) and drawn with a fixed seed, so every run of a config, whatever its
 `seed`, holds out the same examples. They are never in a training batch;
@@ -45,13 +45,13 @@ class Splits:
   """A data set in memory, already at model resolution.
 
   Attributes:
-    train_images: uint8 [N_train, S, S, C], the examples trained on.
-    train_labels: int32 [N_train].
-    holdout_images: uint8 [N_holdout, S, S, C], held out of the training split
-      to calibrate tau; N_holdout may be 0.
-    holdout_labels: int32 [N_holdout].
-    test_images: uint8 [N_test, S, S, C].
-    test_labels: int32 [N_test].
+    train_images: uint8 [n_train, S, S, C], the examples trained on.
+    train_labels: int32 [n_train].
+    holdout_images: uint8 [n_holdout, S, S, C], held out of the training split
+      to calibrate tau; n_holdout may be 0.
+    holdout_labels: int32 [n_holdout].
+    test_images: uint8 [n_test, S, S, C].
+    test_labels: int32 [n_test].
     class_names: name of each label.
     pad_mode: `np.pad` mode for the pixels a translation uncovers.
   """
@@ -77,19 +77,19 @@ def info(splits: Splits) -> common.DataInfo:
 def holdout_indices(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """Splits a training split into the examples trained on and the stratified hold-out.
 
-  Class k gives floor(h * n_k / N) of its n_k examples, h = round(fraction * N);
+  Class k gives floor(h * n_k / n) of its n_k examples, h = round(fraction * n);
   the rest of h goes one each to the classes with the largest remainders (ties
   broken at random), skipping classes that would lose their last training
   example. Which examples of a class are held out is random. All draws use
   `_HOLDOUT_SEED`.
 
   Args:
-    labels: int [N], the training split's labels.
+    labels: int [n], the training split's labels.
     fraction: the checked `data.holdout_fraction`, in [0, 0.5].
 
   Returns:
-    (train, holdout): sorted int indices into `labels`, [N - h] and [h],
-    disjoint and together 0..N-1.
+    (train, holdout): sorted int indices into `labels`, [n - h] and [h],
+    disjoint and together 0..n-1.
 
   Raises:
     CoEError: if the hold-out would be empty while `fraction` > 0, or would
@@ -98,7 +98,7 @@ def holdout_indices(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np
   size = len(labels)
   num_holdout = common.holdout_size(fraction, size)
   counts = np.bincount(labels)  # [K]
-  # h < N, so the floors leave every class at least one training example.
+  # h < n, so the floors leave every class at least one training example.
   quotas = num_holdout * counts / size  # [K]
   takes = np.floor(quotas).astype(np.int64)  # [K]
   rng = np.random.default_rng(_HOLDOUT_SEED)
@@ -109,7 +109,7 @@ def holdout_indices(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np
           f"holding out {num_holdout} of the {size} training examples would leave a class "
           "with no training example")
   takes[can_give[:missing]] += 1
-  held = np.zeros(size, bool)  # [N]
+  held = np.zeros(size, bool)  # [n]
   for label, take in enumerate(takes):
     held[rng.permutation(np.flatnonzero(labels == label))[:take]] = True
   return np.flatnonzero(~held), np.flatnonzero(held)

@@ -10,17 +10,17 @@ side for evaluation; with `pad_crop_flip` (CIFAR), a pad, random crop and
 flip of the whole image, evaluated whole. TensorFlow
 only feeds data and is kept off any accelerator.
 
-Hold-out: the first h = round(`data.holdout_fraction` * N) of the N examples
+Hold-out: the first h = round(`data.holdout_fraction` * n) of the n examples
 of `train` (`train[:h]`), a fixed slice, are held out to calibrate tau and
 evaluated like the test split; training reads `train[h:]` only. TFDS shuffles
 examples when it prepares a data set, so the slice is a random sample of the
 split, though not a stratified one; that every class keeps training examples
 is not checked, as it would mean reading the whole split.
 
-Sharding: process p of P owns the examples [p*n/P, (p+1)*n/P) of each part it
-reads (`train[h:]`, the hold-out, the evaluation split; n examples), read as
-absolute TFDS slices (`train[a:b]`). A process trains on its own shard only;
-the evaluation shards together hold every example once.
+Sharding: process p owns the examples [p*n/process_count, (p+1)*n/process_count)
+of each part it reads (`train[h:]`, the hold-out, the evaluation split; n
+examples), read as absolute TFDS slices (`train[a:b]`). A process trains on its
+own shard only; the evaluation shards together hold every example once.
 
 Determinism and resumption. The training stream of a process is a pure
 function of (seed, process, position), built without a stateful shuffle buffer:
@@ -190,7 +190,7 @@ def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: 
     data = _read(source, _TRAIN_SPLIT, first + lo, first + hi)
     windows.append((data.cache() if cache else data).batch(hi - lo))  # One element.
     sizes.append(hi - lo)
-  sizes = tf.constant(sizes, tf.int64)  # [W]
+  sizes = tf.constant(sizes, tf.int64)  # [num_windows]
   base_seed = tf.constant([config.seed, process_index], tf.int64)
   order_seed, window_seed = (tf.random.experimental.stateless_fold_in(base_seed, salt)
                              for salt in (_ORDER_SALT, _WINDOW_SALT))
@@ -201,8 +201,8 @@ def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: 
     offset = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
     order = tf.random.experimental.stateless_shuffle(
         tf.range(num_windows, dtype=tf.int64),
-        tf.random.experimental.stateless_fold_in(order_seed, epoch))  # [W]
-    ends = tf.cumsum(tf.gather(sizes, order))  # [W], stream offset where each window ends
+        tf.random.experimental.stateless_fold_in(order_seed, epoch))  # [num_windows]
+    ends = tf.cumsum(tf.gather(sizes, order))  # [num_windows], stream offset where each ends
     current = tf.searchsorted(ends, offset[None], side="right")[0]
     skip = offset - (ends[current] - sizes[order[current]])
     visits = order[current:]  # [V]

@@ -3,7 +3,9 @@
 `plots` draws the figures of a run and `report` prints its table; both read
 what this module computes.
 
-Axis letters: M evaluated examples, N experts, K classes.
+Axis letters: T evaluated examples (a whole evaluation split), B batch, N experts,
+K classes, H/W/C image height, width and channels, A example images per expert
+(docs/method.md, section 2).
 
 One pass over an evaluation split records, per example, the delegator's
 confidence and answer, its expert choice and every expert's answer. Because
@@ -36,16 +38,16 @@ NEAR_THRESHOLD = 1e-5
 
 @dataclasses.dataclass
 class EvalOutputs:
-  """What one pass over a split records; all arrays are over the M real examples."""
-  labels: np.ndarray                # [M] int
-  confidence: np.ndarray            # [M] delegator's max probability
-  delegator_prediction: np.ndarray  # [M] int
-  selected_expert: np.ndarray       # [M] int, argmax of the selection logits
-  expert_predictions: np.ndarray    # [N, M] int, every expert on every example
+  """What one pass over a split records; all arrays are over the T real examples."""
+  labels: np.ndarray                # [T] int
+  confidence: np.ndarray            # [T] delegator's max probability
+  delegator_prediction: np.ndarray  # [T] int
+  selected_expert: np.ndarray       # [T] int, argmax of the selection logits
+  expert_predictions: np.ndarray    # [N, T] int, every expert on every example
 
   @property
   def routed_prediction(self) -> np.ndarray:
-    """[M]: each example's answer from its selected expert (no early exit)."""
+    """[T]: each example's answer from its selected expert (no early exit)."""
     return np.take_along_axis(self.expert_predictions, self.selected_expert[None], axis=0)[0]
 
 
@@ -113,10 +115,10 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
 @dataclasses.dataclass
 class Sweep:
   """Accuracy and cost of CoE as tau sweeps over every distinct operating point."""
-  thresholds: np.ndarray   # [P] ascending
-  accuracy: np.ndarray     # [P]
-  exit_rate: np.ndarray    # [P]
-  mean_flops: np.ndarray   # [P]
+  thresholds: np.ndarray   # ascending, one per operating point (at most T + 1)
+  accuracy: np.ndarray     # one per operating point, as `thresholds`
+  exit_rate: np.ndarray    # one per operating point
+  mean_flops: np.ndarray   # one per operating point
 
 
 def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> Sweep:
@@ -126,8 +128,8 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
   router compares float32 confidences with tau, and the next float64 would
   round back to the largest confidence there, letting its samples exit.
   """
-  delegator_correct = outputs.delegator_prediction == outputs.labels  # [M]
-  routed_correct = outputs.routed_prediction == outputs.labels        # [M]
+  delegator_correct = outputs.delegator_prediction == outputs.labels  # [T]
+  routed_correct = outputs.routed_prediction == outputs.labels        # [T]
   order = np.argsort(-outputs.confidence, kind="stable")
   conf = outputs.confidence[order]
   # With k exits (the k most confident examples), accuracy is the delegator's
@@ -169,7 +171,7 @@ def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, 
 
 
 def answers_at(outputs: EvalOutputs, threshold: float) -> np.ndarray:
-  """[M]: CoE's answers at `threshold` in exact mode, from the recorded outputs."""
+  """[T]: CoE's answers at `threshold` in exact mode, from the recorded outputs."""
   exits = outputs.confidence >= threshold
   return np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
 
@@ -225,13 +227,13 @@ def portion_top1(outputs: EvalOutputs, num_experts: int) -> dict[str, list[Optio
   - `expert_top1_off_portion`: expert j on the other examples (their classes may
     be easier or harder, so this compares less directly).
   """
-  correct = outputs.expert_predictions == outputs.labels  # [N, M]
+  correct = outputs.expert_predictions == outputs.labels  # [N, T]
   mean = lambda hits: float(hits.mean()) if hits.size else None
   figures = {"expert_top1_own_portion": [], "other_experts_top1_on_portion": [],
              "expert_top1_off_portion": []}
   others = lambda j: np.arange(num_experts) != j  # [N]
   for j in range(num_experts):
-    mine = outputs.selected_expert == j  # [M]
+    mine = outputs.selected_expert == j  # [T]
     figures["expert_top1_own_portion"].append(mean(correct[j, mine]))
     figures["other_experts_top1_on_portion"].append(
         mean(correct[others(j)][:, mine]) if num_experts > 1 else None)
@@ -244,9 +246,9 @@ class Routing:
   """Where the jitted router sent the test examples at one threshold, for the figures."""
   class_by_expert: np.ndarray       # [K, N] int: examples of class k that expert j answered
   delegator_by_class: np.ndarray    # [K] int: examples of class k the delegator answered
-  examples: list[np.ndarray]        # N arrays [E_j, H, W, C] uint8: expert j's first images
-  example_labels: list[np.ndarray]  # N arrays [E_j] int: their classes
-  prediction: np.ndarray            # [M] int: the router's answers, in example order
+  examples: list[np.ndarray]        # N arrays [A_j, H, W, C] uint8: expert j's first images
+  example_labels: list[np.ndarray]  # N arrays [A_j] int: their classes
+  prediction: np.ndarray            # [T] int: the router's answers, in example order
 
 
 def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
@@ -294,8 +296,9 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
     to_delegator += int(np.sum(mask & ~out["early_exit"] & (out["expert"] < 0)))
     wanted = [examples_per_expert - sum(len(x) for x in kept) for kept in examples]
     if max(wanted) > 0:
-      # Images are fetched from the device only while some expert still lacks examples.
-      images = multihost_utils.process_allgather(batch["image"], tiled=True)[mask]  # [b, H, W, C]
+      # Images are fetched from the device only while some expert still lacks examples;
+      # `images` holds the batch's real rows alone.
+      images = multihost_utils.process_allgather(batch["image"], tiled=True)[mask]  # [B, H, W, C]
       for j in range(num_experts):
         rows = np.flatnonzero(expert == j)[:wanted[j]]
         examples[j].append(images[rows])

@@ -1,6 +1,7 @@
 """PNG plots: an evaluation's curves and routing, and the ablation's comparison.
 
-Axis letters: K classes, N experts, E example images per expert.
+Axis letters: K classes, N experts, A example images per expert, H/W/C image
+height, width and channels (docs/method.md, section 2).
 """
 
 import io

@@ -1,7 +1,9 @@
 """The CoE model: one delegator and N experts whose variables are stacked.
 
-Axis letters: B batch, N experts, C capacity (samples per expert buffer),
-K classes, H/W/Ch image height, width and channels.
+Axis letters: B batch, N experts, N' the stacked experts one call runs (all N,
+or N/E on a mesh whose expert axis has size E), K classes, H/W/C image height,
+width and channels; G routing groups and P capacity in the router's buffers
+(docs/method.md, section 2).
 
 The variables' layout, and the helpers that read it, are `coe_jax.models.stacked`'s.
 The experts share an architecture but start from distinct random keys.
@@ -75,21 +77,22 @@ class CoE:
   def run_stacked(self, experts: Variables, images: jax.Array, *, shared_input: bool,
                   train: bool = False, rngs: Optional[jax.Array] = None, loop: str = "vmap",
                   net: Optional[Expert] = None):
-    """Runs M stacked experts (all N, or a device's share of them under a mesh).
+    """Runs N' stacked experts (all N, or a device's share of them under a mesh).
 
-    Returns logits [M, B, K]; with `train`, (logits, deterministic logits, new
+    Returns logits [N', B, K]; with `train`, (logits, deterministic logits, new
     batch_stats), where the deterministic logits are those of the same pass
-    without dropout ([M, B, K]).
+    without dropout ([N', B, K]).
 
     Args:
-      experts: `{collection: tree}` whose leaves have a leading axis of M experts.
-      images: [B, H, W, Ch] seen by every expert when `shared_input`, else
-        per-expert buffers [M, C, H, W, Ch].
+      experts: `{collection: tree}` whose leaves have a leading axis of N' experts.
+      images: [B, H, W, C] seen by every expert when `shared_input`, else
+        per-expert buffers [N', B, H, W, C] (from the router, B = G * P slots,
+        or a device's share of them).
       train: BatchNorm in training mode, dropout on; returns updated statistics.
-      rngs: [M] dropout keys, one per expert (train only).
+      rngs: [N'] dropout keys, one per expert (train only).
       loop: "unroll" runs the experts one after another, each its own copy in
         the program; "scan" one after another through one copy, so the
-        program does not grow with M; "vmap" as one batched network (also one
+        program does not grow with N'; "vmap" as one batched network (also one
         copy). "auto" is "unroll" on CPUs, where XLA trains the unrolled
         experts fastest (benchmarks/README.md), and "scan" on accelerators.
       net: the expert network to apply; `expert_net` when None (the trainer
@@ -120,10 +123,10 @@ class CoE:
     outputs = [run_one(stacked.expert(experts, j),
                        images if shared_input else images[j], rngs[j])
                for j in range(rngs.shape[0])]
-    # Stacked on a leading expert axis: logits [M, B, K] (and the rest, in train mode).
+    # Stacked on a leading expert axis: logits [N', B, K] (and the rest, in train mode).
     return jax.tree.map(lambda *x: jnp.stack(x), *outputs)
 
   def expert(self, variables: Variables, index: int, images: jax.Array) -> jax.Array:
-    """Expert `index` alone on images [B, H, W, Ch]: logits [B, K] (inference mode)."""
+    """Expert `index` alone on images [B, H, W, C]: logits [B, K] (inference mode)."""
     own = stacked.expert(stacked.part(variables, EXPERTS), index)
     return self.expert_net.apply(own, images)

@@ -1,7 +1,7 @@
 """Dense convolutions, computed as matrix products on CPUs.
 
-Axis letters: B batch, H/W height and width, C input channels, F output
-channels, k kernel size.
+Axis letters: B batch, H/W height and width (H'/W' after the stride), C input
+channels, F output channels, k spatial kernel size (docs/method.md, section 2).
 
 XLA's CPU backend runs convolutions, and their weight gradients above all,
 slower than its matrix products (`benchmarks/train_step.py` times a whole

@@ -1,6 +1,7 @@
 """Depthwise convolution, computed as a sum of shifted products on CPUs.
 
-Axis letters: B batch, H/W height and width, C channels.
+Axis letters: B batch, H/W height and width (H'/W' after the stride), C channels,
+k spatial kernel size (docs/method.md, section 2).
 
 XLA's CPU backend runs depthwise convolutions (`feature_group_count = C`)
 far below the machine's speed, the backward pass especially. Written as k*k

@@ -1,6 +1,8 @@
 """MBConv blocks (MobileNetV2/V3, EfficientNet) with optional CondConv and PWLU.
 
-Axis letters: B batch, H height, W width, C channels (channels last).
+Axis letters: B batch, H/W height and width (H'/W' after the block's stride),
+C input channels (channels last), k spatial kernel size, R CondConv kernels
+(docs/method.md, section 2).
 
 A block is 1x1 expand -> depthwise k x k -> squeeze-excitation -> 1x1 project,
 BatchNorm after each convolution, an activation after the first two, and a
@@ -107,18 +109,18 @@ class MBConv(nn.Module):
       # (activated, as in EfficientNetV2) and there is no projection.
       width = hidden if hidden != in_features else self.features
       y = conv(width, self.kernel_size, strides=self.strides, name="fused")(y)
-      y = act(name="fused_act")(norm(name="fused_bn")(y), train)  # [B, H/s, W/s, width]
+      y = act(name="fused_act")(norm(name="fused_bn")(y), train)  # [B, H', W', width]
     else:
       if hidden != in_features:
         y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
         y = act(name="expand_act")(norm(name="expand_bn")(y), train)
       y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True,
                name="depthwise")(y)
-      y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H/s, W/s, hidden]
+      y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H', W', hidden]
     if self.se_ratio > 0:
       y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), dtype=self.dtype, name="se")(y)
     if not self.fused or hidden != in_features:
-      y = conv(self.features, 1, name="project")(y)  # [B, H/s, W/s, features]
+      y = conv(self.features, 1, name="project")(y)  # [B, H', W', features]
       y = norm(name="project_bn")(y)
     if self.strides == 1 and in_features == self.features:
       y = y + x
@@ -128,7 +130,7 @@ class MBConv(nn.Module):
     """Returns `conv(features, kernel, strides=1, depthwise=False, name=...)` -> layer."""
     if self.condconv_kernels:
       routing = CondConvRouting(self.condconv_kernels, dtype=self.dtype,
-                                name="routing")(x)  # [B, num_kernels]
+                                name="routing")(x)  # [B, R]
 
       def condconv(features, kernel, strides=1, depthwise=False, name=None):
         layer = CondConv(features=features, kernel_size=kernel, num_kernels=self.condconv_kernels,

@@ -1,7 +1,7 @@
 """The delegator and expert networks, built from one `NetworkSpec`.
 
-Axis letters: B batch, H height, W width, C channels, F pooled features,
-K classes, N experts.
+Axis letters: B batch, H/W height and width (H'/W' after a strided layer),
+C channels, F pooled features, K classes, N experts (docs/method.md, section 2).
 
 Networks take images as the data pipelines deliver them, values 0-255 of any
 dtype, [B, H, W, C], and normalise on the device: the host ships uint8, a

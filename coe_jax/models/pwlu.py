@@ -1,15 +1,16 @@
 """PWLU, the piecewise linear unit (Zhou et al., ICCV 2021, arXiv 2104.03693).
 
-Axis letters: C channels (the input's last axis), N+1 the grid points of the
-N = `num_intervals` intervals, and `...` any leading axes (batch and spatial
-axes of an input; stacked experts in front of a variable in `realign`).
+Axis letters: C channels (the input's last axis), I+1 the grid points of the
+I = `num_intervals` intervals, N experts, and `...` any leading axes (batch and
+spatial axes of an input; N stacked experts in front of a variable in
+`realign`) (docs/method.md, section 2).
 
-The unit has N intervals on [B_L, B_R], N+1 learnable heights Y_0..Y_N at the
-grid points B_L + i (B_R - B_L) / N, and learnable slopes K_L, K_R outside:
+The unit has I intervals on [B_L, B_R], I+1 learnable heights Y_0..Y_I at the
+grid points B_L + i (B_R - B_L) / I, and learnable slopes K_L, K_R outside:
 
   x < B_L:          Y_0 + K_L (x - B_L)
   B_L <= x <= B_R:  linear interpolation of the heights
-  x > B_R:          Y_N + K_R (x - B_R)
+  x > B_R:          Y_I + K_R (x - B_R)
 
 Phase I (`realigned == 0`) is exactly ReLU and tracks the running mean and
 variance of the inputs. `realign` starts phase II: bounds at mean -/+ 3 std,
@@ -55,31 +56,31 @@ formulation = Switch("PWLU", ("lookup", "ramps"), "lookup")
 
 
 def _relu_heights(left: jax.Array, right: jax.Array, num_intervals: int) -> jax.Array:
-  """ReLU at the grid points of [left, right]: [...] bounds -> [..., N+1]."""
-  fractions = jnp.arange(num_intervals + 1) / num_intervals  # [N+1]
+  """ReLU at the grid points of [left, right]: [...] bounds -> [..., I+1]."""
+  fractions = jnp.arange(num_intervals + 1) / num_intervals  # [I+1]
   return nn.relu(left[..., None] + (right - left)[..., None] * fractions)
 
 
 def _interval_width(left: jax.Array, right: jax.Array, num_intervals: int) -> jax.Array:
-  """(B_R - B_L) / N, [] or [C]; bounds that meet or cross still give a positive width."""
+  """(B_R - B_L) / I, [] or [C]; bounds that meet or cross still give a positive width."""
   return jnp.maximum(right - left, _MIN_RANGE) / num_intervals
 
 
 def _lookup(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
             left_slope: jax.Array, right_slope: jax.Array) -> jax.Array:
-  """The phase-II function by lookup, x [..., C]; parameters [] or [C] (heights [.., N+1])."""
+  """The phase-II function by lookup, x [..., C]; parameters [] or [C] (heights [.., I+1])."""
   # A JAX array even when the variables are numpy ones (host copies, as for
   # export): a traced index cannot index a numpy array.
   heights = jnp.asarray(heights)
   n = heights.shape[-1] - 1
   width = _interval_width(left, right, n)  # [] or [C]
   # Position on the grid in units of intervals; clipping makes points outside
-  # the range take Y_0 or Y_N, and the slope terms below add the outer lines.
+  # the range take Y_0 or Y_I, and the slope terms below add the outer lines.
   position = jnp.clip((x - left) / width, 0, n)  # [..., C]
   # floor has a zero gradient, so the heights' gradient comes from the gather
   # and the bounds' gradient from `position`.
   index = jnp.minimum(jnp.floor(position), n - 1).astype(jnp.int32)  # [..., C]
-  if heights.ndim == 2:  # Per channel: heights [C, N+1].
+  if heights.ndim == 2:  # Per channel: heights [C, I+1].
     channel = jnp.arange(heights.shape[0])  # [C], broadcast against index
     lower, upper = heights[channel, index], heights[channel, index + 1]  # [..., C]
   else:
@@ -94,15 +95,15 @@ def _ramps(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
   """The phase-II function as a sum of ramps, x [..., C]; parameters as in `_lookup`."""
   n = heights.shape[-1] - 1
   width = _interval_width(left, right, n)[..., None]  # [1] or [C, 1]
-  grid = left[..., None] + width * jnp.arange(n + 1)  # [N+1] or [C, N+1]: B_0..B_N
-  inside = jnp.diff(heights, axis=-1) / width  # [.., N], the slope on each interval
+  grid = left[..., None] + width * jnp.arange(n + 1)  # [I+1] or [C, I+1]: B_0..B_I
+  inside = jnp.diff(heights, axis=-1) / width  # [.., I], the slope on each interval
   # Slopes from left to right: 0 before B_0 (K_L enters through the min
-  # below), then the intervals', then K_R after B_N.
+  # below), then the intervals', then K_R after B_I.
   slopes = jnp.concatenate([jnp.zeros_like(inside[..., :1]), inside, right_slope[..., None]],
-                           axis=-1)  # [.., N+2]
-  kinks = jnp.diff(slopes, axis=-1)  # [.., N+1], the change of slope at each B_i
+                           axis=-1)  # [.., I+2]
+  kinks = jnp.diff(slopes, axis=-1)  # [.., I+1], the change of slope at each B_i
   y = heights[..., 0] + left_slope * jnp.minimum(x - left, 0)  # [..., C]
-  # One ramp at a time: a [..., C, N+1] stack of them exports as a reshape and
+  # One ramp at a time: a [..., C, I+1] stack of them exports as a reshape and
   # matrix products that ran slower than these elementwise ops.
   for i in range(n + 1):
     y = y + kinks[..., i] * nn.relu(x - grid[..., i])
@@ -113,9 +114,9 @@ class PWLU(nn.Module):
   """Piecewise linear unit with statistics-based realignment.
 
   Attributes:
-    num_intervals: N, the number of intervals on [B_L, B_R].
+    num_intervals: I, the number of intervals on [B_L, B_R].
     per_channel: one unit per channel (parameters and statistics get a C axis:
-      bounds and slopes [C], heights [C, N+1]) instead of one per layer.
+      bounds and slopes [C], heights [C, I+1]) instead of one per layer.
     momentum: of the running mean and variance kept in phase I.
     axis_name: a mesh axis (inside `shard_map`) whose devices' shares of the
       batch make up the batch: the statistics are those of the whole batch.
@@ -137,7 +138,7 @@ class PWLU(nn.Module):
     left = self.param("left_bound", nn.initializers.constant(-_BOUND_STDS), shape)
     right = self.param("right_bound", nn.initializers.constant(_BOUND_STDS), shape)
     heights = self.param("heights", lambda _: _relu_heights(
-        jnp.full(shape, -_BOUND_STDS), jnp.full(shape, _BOUND_STDS), n))  # [..., N+1]
+        jnp.full(shape, -_BOUND_STDS), jnp.full(shape, _BOUND_STDS), n))  # [..., I+1]
     left_slope = self.param("left_slope", nn.initializers.zeros_init(), shape)
     right_slope = self.param("right_slope", nn.initializers.ones_init(), shape)
     mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
@@ -174,7 +175,7 @@ def realign(variables: Mapping[str, Any]) -> dict[str, Any]:
   whose `batch_stats` entry at the same path holds `STAT_NAMES`. Its bounds
   become mean -/+ 3 std, its heights ReLU at the new grid points, K_L = 0,
   K_R = 1, and `realigned` = 1. Every leaf may carry extra leading axes (N
-  stacked experts: mean [N] or [N, C], heights [N, N+1] or [N, C, N+1]).
+  stacked experts: mean [N] or [N, C], heights [N, I+1] or [N, C, I+1]).
   Realigning an already realigned unit resets it from its frozen statistics.
   Pure and jit-compatible.
 

@@ -3,14 +3,15 @@
 Its parts, one module each: `transport` (the balanced transportation problem),
 `wgm`, `lgm` and `vcm` (the paper's three modules) and `losses` (the terms).
 
-Axis letters: B batch, N experts, K classes.
+Axis letters: B batch, M micro-batches (`train.microbatches`), N experts, K classes
+(docs/method.md, section 2).
 
 From the paper: experts are trained on WGM-re-weighted losses over portions
 given by a balanced transportation of the delegator's selection; the
 delegator learns expert selection from LGM's labels and makes a rough
 prediction; VCM is named (v1) but not defined.
 
-This project's reading (docs section 3): `L = L_E + lambda_sel * L_sel +
+This project's reading (docs/method.md, section 4): `L = L_E + lambda_sel * L_sel +
 lambda_D * L_D`, in three stages run in this order, each a fraction of
 `train.num_steps` (`train.stages`):
 - `warmup`: experts and delegator are plain classifiers. Every expert weighs
@@ -202,7 +203,10 @@ def delegator_targets(scoring_logits: jax.Array, selection_logits: jax.Array,
 
 def expert_loss(expert_logits: jax.Array, labels: jax.Array,
                 targets: ExpertTargets) -> jax.Array:
-  """`L_E` of these samples [N, B', K]: their share of the whole batch's loss."""
+  """`L_E` of these samples: their share of the whole batch's loss.
+
+  `expert_logits` are [N, B/M, K]: one micro-batch, or the whole batch when M = 1.
+  """
   return losses.weighted_expert_loss(expert_logits.astype(jnp.float32), labels,
                                      targets.weights, normaliser=targets.normaliser)
 
@@ -217,7 +221,7 @@ def delegator_side_loss(class_logits: jax.Array, selection_logits: jax.Array,
   means over it); `targets` is None in `warmup`, which has no selection loss
   and no distillation.
   """
-  class_logits = class_logits.astype(jnp.float32)  # [B', K]
+  class_logits = class_logits.astype(jnp.float32)  # [B/M, K]
   if targets is None:
     delegator_loss = share * losses.delegator_loss(
         class_logits, labels, label_smoothing=config.loss.label_smoothing)

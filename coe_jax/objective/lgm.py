@@ -1,6 +1,6 @@
 """LGM, the label generation module: the target of the delegator's selection.
 
-Axis letters: B batch, N experts, K classes.
+Axis letters: B batch, N experts, K classes (docs/method.md, section 2).
 
 From the paper: LGM generates the label that forms the delegator's
 expert-selection loss. The paper does not give the rule.
@@ -12,7 +12,7 @@ a target distribution over experts by one of three rules (`lgm.rule`):
 - `argmax`: one-hot of the best expert;
 - `balanced`: one-hot of the balanced transportation over `s` (the same solver
   as WGM), so that no expert is starved of selections;
-- `soft`: `softmax(s_i / T)` with `T = lgm.temperature`.
+- `soft`: `softmax(s_i / lgm.temperature)`.
 
 `random` (`RANDOM_RULE`) is LGM switched off, for ablations: one-hot labels
 drawn uniformly, whatever the experts score.
@@ -71,7 +71,7 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
     expert_logits: [N, B, K]. No gradient flows from the targets back to them.
     labels: [B] int class labels.
     rule: `argmax`, `balanced`, `soft`, or `random` for no LGM (static).
-    temperature: T of the `soft` rule, > 0.
+    temperature: the `soft` rule's temperature, > 0.
     rng: the key the `random` rule draws with (the other rules ignore it).
     **solver_kwargs: `epsilon`, `max_iterations` and `threshold` of
       `transport.balanced_assignment`, used by the `balanced` rule.

@@ -1,6 +1,6 @@
-"""The loss terms of CoE training (section 3 of docs), each a scalar.
+"""The loss terms of CoE training (docs/method.md, section 4), each a scalar.
 
-Axis letters: B batch, N experts, K classes.
+Axis letters: B batch, N experts, K classes (docs/method.md, section 2).
 
 From the paper: experts are trained with re-weighted losses (WGM), the
 delegator with an expert-selection loss whose label comes from LGM, and the
@@ -68,8 +68,9 @@ def delegator_loss(class_logits: jax.Array, labels: jax.Array, *, label_smoothin
   """The delegator's rough-prediction loss, `L_D`.
 
   `mean_i CE(z_D[i], smooth(y_i))`, plus, when `distill_logits` is given,
-  `distill_weight * T^2 * mean_i KL(softmax(z_T[i]/T) || softmax(z_D[i]/T))`
-  (Hinton et al.'s scaling, so the gradient size does not depend on T).
+  `distill_weight * temp^2 * mean_i KL(softmax(z_T[i]/temp) || softmax(z_D[i]/temp))`
+  with temp = `distill_temperature` (Hinton et al.'s scaling, so the gradient
+  size does not depend on temp).
 
   Args:
     class_logits: the delegator's class logits z_D [B, K].
@@ -78,7 +79,7 @@ def delegator_loss(class_logits: jax.Array, labels: jax.Array, *, label_smoothin
     distill_logits: teacher logits z_T [B, K], e.g. the selected expert's;
       treated as constants.
     distill_weight: weight of the distillation term.
-    distill_temperature: T > 0.
+    distill_temperature: temp > 0.
 
   Returns:
     Scalar loss.

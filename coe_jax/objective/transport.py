@@ -1,6 +1,7 @@
 """Balanced transportation: split a batch into equal portions, one per expert.
 
-Axis letters: B batch, N experts.
+Axis letters: B batch, N experts; N+1 counts the experts and the slack node of
+`_move_graph` (docs/method.md, section 2).
 
 From the paper: WGM partitions the training data into portions "by solving a
 balanced transportation problem" over the delegator's selection. The paper does
@@ -8,7 +9,7 @@ not say how the problem is solved or how a fractional plan becomes a partition.
 
 This project's reading: solve the entropic relaxation
 
-  max_A  sum_ij A_ij s_ij   s.t.  A 1_N = 1_B,  A^T 1_B = (B/N) 1_N,  A >= 0
+  max_pi  sum_ij pi_ij s_ij   s.t.  pi 1_N = 1_B,  pi^T 1_B = (B/N) 1_N,  pi >= 0
 
 with ott-jax's Sinkhorn (cost `-s`), round the soft plan greedily to a hard
 partition whose loads are floor(B/N) or ceil(B/N), then polish that partition
@@ -57,7 +58,7 @@ def _sinkhorn_plan(scores: jax.Array, *, epsilon: float, max_iterations: int,
       sinkhorn_iterations=jnp.asarray(out.n_iters, jnp.int32),
       sinkhorn_converged=jnp.asarray(out.converged, jnp.bool_),
   )
-  # log A_ij = (f_i + g_j - cost_ij) / epsilon; f_i is constant within a row
+  # log pi_ij = (f_i + g_j - cost_ij) / epsilon; f_i is constant within a row
   # and so irrelevant to which expert a sample prefers.
   adjusted = out.g[None, :] - cost  # [B, N]
   return adjusted, info
@@ -120,10 +121,10 @@ def _move_graph(scores: jax.Array, assignment: jax.Array,
                 floor_load: int) -> tuple[jax.Array, jax.Array]:
   """The improvement graph of a balanced partition.
 
-  Nodes are the N experts plus one slack node S (index N). Edge u -> v
+  Nodes are the N experts plus one slack node (index N). Edge u -> v
   between experts moves u's best-suited sample to v and gains
-  `max_{i in u} scores[i, v] - scores[i, u]`. Edges u -> S (u at floor) and
-  S -> v (v at ceil), gain 0, let a path from a ceil expert to a floor expert
+  `max_{i in u} scores[i, v] - scores[i, u]`. Edges u -> slack (u at floor) and
+  slack -> v (v at ceil), gain 0, let a path from a ceil expert to a floor expert
   close into a cycle: it hands the spare slot over. Applying a cycle keeps
   every load at floor or ceil.
 
@@ -150,11 +151,11 @@ def _improving_cycle(gains: jax.Array, tolerance: jax.Array) -> tuple[jax.Array,
   """Finds a cycle of positive total gain with Bellman-Ford, if there is one.
 
   Longest-path relaxation from a virtual source joined to every node; a node
-  still improving after M = N+1 rounds lies downstream of a positive cycle,
-  and walking its predecessors M times lands on that cycle.
+  still improving after N+1 rounds lies downstream of a positive cycle,
+  and walking its predecessors N+1 times lands on that cycle.
 
   Returns:
-    The cycle's edges [M, M] bool, and whether it is a closed cycle with gain
+    The cycle's edges [N+1, N+1] bool, and whether it is a closed cycle with gain
     above `tolerance` ([] bool).
   """
   nodes = gains.shape[0]
@@ -163,23 +164,23 @@ def _improving_cycle(gains: jax.Array, tolerance: jax.Array) -> tuple[jax.Array,
 
   def relax(_, state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
     best, pred, _ = state
-    candidate = best[:, None] + gains  # [M, M] (from, to)
-    improved = jnp.max(candidate, axis=0) > best + tolerance  # [M]
+    candidate = best[:, None] + gains  # [N+1, N+1] (from, to)
+    improved = jnp.max(candidate, axis=0) > best + tolerance  # [N+1]
     return (jnp.where(improved, jnp.max(candidate, axis=0), best),
             jnp.where(improved, jnp.argmax(candidate, axis=0), pred), improved)
 
   start = (jnp.zeros((nodes,), gains.dtype), jnp.arange(nodes), jnp.zeros((nodes,), jnp.bool_))
-  _, pred, improved = jax.lax.fori_loop(0, nodes, relax, start)  # [M] each
+  _, pred, improved = jax.lax.fori_loop(0, nodes, relax, start)  # [N+1] each
   node = jax.lax.fori_loop(0, nodes, lambda _, n: pred[n], jnp.argmax(improved))  # []
 
   def trace(_, state: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
     head, edges, closed = state
     tail = pred[head]
-    edge = (jnp.arange(nodes)[:, None] == tail) & (jnp.arange(nodes)[None, :] == head)  # [M, M]
+    edge = (jnp.arange(nodes)[:, None] == tail) & (jnp.arange(nodes)[None, :] == head)  # [N+1, N+1]
     return tail, edges | (edge & ~closed), closed | (tail == node)
 
   start = (node, jnp.zeros((nodes, nodes), jnp.bool_), jnp.zeros((), jnp.bool_))
-  _, edges, closed = jax.lax.fori_loop(0, nodes, trace, start)  # [M, M]
+  _, edges, closed = jax.lax.fori_loop(0, nodes, trace, start)  # [N+1, N+1]
   total = jnp.sum(jnp.where(edges, gains, 0.0))  # []
   return edges, jnp.any(improved) & closed & (total > tolerance)
 

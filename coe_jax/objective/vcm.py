@@ -1,6 +1,6 @@
 """VCM, the variance calculation module: where the choice of expert matters.
 
-Axis letters: B batch, N experts, K classes.
+Axis letters: B batch, N experts, K classes (docs/method.md, section 2).
 
 From the paper: VCM is named in v1 of the paper (dropped in v2); the public
 text does not define it.

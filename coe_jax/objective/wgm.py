@@ -1,6 +1,6 @@
 """WGM, the weight generation module: which samples each expert focuses on.
 
-Axis letters: B batch, N experts.
+Axis letters: B batch, N experts (docs/method.md, section 2).
 
 From the paper: WGM partitions the training data into portions, one per
 expert, from the delegator's selection by solving a balanced transportation
@@ -8,7 +8,7 @@ problem, and makes each expert focus on its portion by re-weighting the
 experts' losses.
 
 This project's reading (the paper gives neither the scores nor the weights):
-the transportation benefit is `G = log_softmax(g)`, the delegator's
+the transportation benefit is `log_softmax(g)`, the delegator's
 log-probability of selecting each expert, with the gradient stopped; the
 partition is the balanced assignment of `coe_jax.objective.transport`; expert j weighs
 sample i by 1 inside its portion and by `alpha` (`wgm.off_portion_weight`)

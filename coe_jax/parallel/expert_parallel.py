@@ -1,7 +1,8 @@
 """The stacked experts on a `data` x `expert` mesh: each device runs only its own.
 
-Axis letters: N experts, E the mesh's expert axis, D its data axis, B batch,
-K classes, H/W/Ch image height, width and channels.
+Axis letters: N experts, D and E the sizes of the mesh's data and expert axes,
+B batch, K classes, H/W/C image height, width and channels; G routing groups
+and P capacity in the router's buffers (docs/method.md, section 2).
 
 Device (d, e) holds experts [e N/E, (e+1) N/E) and the d-th share of the
 batch, and runs just those experts on just that share, inside `shard_map`.
@@ -29,16 +30,17 @@ def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_i
                 expert_loop: str, mesh: Optional[Mesh]) -> jax.Array:
   """Every expert in inference mode: logits [N, B, K].
 
-  `images` are [B, H, W, Ch] seen by every expert when `shared_input`, else
-  per-expert buffers [N, B, H, W, Ch]. Under a mesh, both axes of the output
-  are split: [N / E, B / D, K] on each device.
+  `images` are [B, H, W, C] seen by every expert when `shared_input`, else
+  per-expert buffers [N, B, H, W, C] (from the router, B = G * P slots).
+  Under a mesh, both axes of the output are split: [N / E, B / D, K] on each
+  device.
   """
   if mesh is None:
     return model.experts(variables, images, shared_input=shared_input, loop=expert_loop)
   split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
 
   def run_local(experts: Variables, images: jax.Array) -> jax.Array:
-    # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch] or [N / E, B / D, H, W, Ch].
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, C] or [N / E, B / D, H, W, C].
     return model.run_stacked(experts, images, shared_input=shared_input,
                              loop=expert_loop)  # [N / E, B / D, K]
 
@@ -69,7 +71,7 @@ def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: ja
   own = {collection: {DELEGATOR: tree[DELEGATOR]} for collection, tree in variables.items()}
 
   def run_local(own: Variables, images: jax.Array):
-    # images: [B / (D E), H, W, Ch]; own: the delegator's variables, on every device.
+    # images: [B / (D E), H, W, C]; own: the delegator's variables, on every device.
     device = jax.lax.axis_index(axes)
     outputs, stats = model.delegator(own, images, train=True, rng=jax.random.fold_in(rng, device))
     return outputs, jax.lax.pmean(stats, axes)
@@ -102,7 +104,7 @@ def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.
   net = model.expert_net.clone(batch_norm_axis=None if per_replica else DATA_AXIS)
 
   def run_local(experts: Variables, images: jax.Array, rngs: jax.Array):
-    # experts: leaves [N / E, ...]; images: [B / D, H, W, Ch]; rngs: [N / E].
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, C]; rngs: [N / E].
     shard = jax.lax.axis_index(DATA_AXIS)
     rngs = jax.vmap(lambda key: jax.random.fold_in(key, shard))(rngs)
     logits, deterministic, stats = model.run_stacked(

@@ -57,7 +57,6 @@ XNNPACK refused, and with it the whole model. (The runtime still falls back to
 LiteRT's builtin kernels for a model XNNPACK rejects; see `coe_jax.serving.litert_predictor`.)
 """
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -69,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from absl import flags
 from ai_edge_litert import schema_py_generated as schema
 from jax.experimental import jax2tf
 
@@ -79,6 +79,7 @@ from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.stacked import Variables
 from coe_jax.serving import jax_predictor, litert_predictor
+from coe_jax.serving.predict import parse_command_line
 
 QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")
@@ -486,21 +487,34 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
   return {"manifest": manifest, "top1": top1}
 
 
+def _flag_values() -> flags.FlagValues:
+  """The command line's flags, in a FlagValues of their own (see `coe_jax.serving.predict`)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The training run's workdir.", flag_values=fv)
+  flags.DEFINE_string("out", None, "SERVE_DIR to write the models into.", flag_values=fv)
+  flags.DEFINE_enum("quantize", None, ["int8"],
+                    "int8 post-training quantisation (default: float32).", flag_values=fv)
+  flags.DEFINE_integer("calibration-examples", 512, "Training images that calibrate int8.",
+                       flag_values=fv)
+  flags.DEFINE_integer("eval-examples", 2000, "Test examples to compare top-1 on (0 skips).",
+                       flag_values=fv)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+  return fv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m coe_jax.serving.export",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="the training run's workdir")
-  parser.add_argument("--out", required=True, help="SERVE_DIR to write the models into")
-  parser.add_argument("--quantize", choices=("int8",), default=None,
-                      help="int8 post-training quantisation (default: float32)")
-  parser.add_argument("--calibration-examples", type=int, default=512,
-                      help="training images that calibrate int8")
-  parser.add_argument("--eval-examples", type=int, default=2000,
-                      help="test examples to compare top-1 on (0 skips)")
-  args = parser.parse_args(argv)
+  """The command line: `argv` without the program's name (default `sys.argv[1:]`); exit status."""
+  fv = _flag_values()
   try:
-    export_run(args.workdir, args.out, quantize=args.quantize,
-               calibration_examples=args.calibration_examples, eval_examples=args.eval_examples)
+    rest = parse_command_line(fv, sys.argv[1:] if argv is None else argv,
+                              "python -m coe_jax.serving.export", __doc__)
+    if rest is None:
+      return 0
+    if rest:
+      raise CoEError(f"unexpected arguments: {' '.join(rest)}")
+    export_run(fv["workdir"].value, fv["out"].value, quantize=fv["quantize"].value,
+               calibration_examples=fv["calibration-examples"].value,
+               eval_examples=fv["eval-examples"].value)
   except CoEError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -6,7 +6,8 @@
     class_logits, selection_logits = p.delegator(images)
     expert_logits = p.expert(2, images)
 
-Axis letters: B batch, K classes, N experts, S the model's image size.
+Axis letters: B batch (a caller's images), H/W their height and width, C channels,
+S the model's image size, K classes, N experts (docs/method.md, section 2).
 
 Images go through the evaluation preprocessing of the run's data set
 (`coe_jax.data.preprocess_images`), then the jitted router

@@ -6,8 +6,9 @@
     class_logits, selection_logits = p.delegator(images)
     expert_logits = p.expert(2, images)
 
-The same call as `coe_jax.serving.jax_predictor.Predictor`. Axis letters: B batch, K
-classes, N experts, S the model's image size, C its channels.
+The same call as `coe_jax.serving.jax_predictor.Predictor`. Axis letters: B batch (a
+caller's images), H/W their height and width, C channels, S the model's image size,
+K classes, N experts (docs/method.md, section 2).
 
 Routing happens here, on the host: the delegator runs on the whole batch, the
 samples whose max class probability reaches tau exit with its logits, the rest

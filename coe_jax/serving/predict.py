@@ -15,11 +15,11 @@ missing or undecodable image, or a bad workdir or serving directory, is
 reported in one line and the exit status is 1.
 """
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from coe_jax.errors import CoEError
@@ -78,19 +78,60 @@ def predict(workdir: Optional[str], paths: Sequence[str], threshold: Optional[fl
   return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m coe_jax.serving.predict",
-                                   description=__doc__.split("\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="the training run's workdir (JAX)")
-  source.add_argument("--serving-dir",
-                      help="a directory written by python -m coe_jax.serving.export (LiteRT)")
-  parser.add_argument("--threshold", type=float, default=None,
-                      help="early-exit threshold tau (default: the run's calibrated one)")
-  parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, ...)")
-  args = parser.parse_args(argv)
+def _flag_values() -> flags.FlagValues:
+  """The command line's flags, in a FlagValues of their own, new for each `main` call.
+
+  Not absl's global FLAGS: tests call `main` in-process, more than once and next
+  to other command lines' flags of the same names (`--workdir`).
+  """
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The training run's workdir (JAX).", flag_values=fv)
+  flags.DEFINE_string("serving-dir", None,
+                      "A directory written by python -m coe_jax.serving.export (LiteRT).",
+                      flag_values=fv)
+  flags.DEFINE_float("threshold", None,
+                     "Early-exit threshold tau (default: the run's calibrated one).",
+                     flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["workdir", "serving-dir"], required=True,
+                                       flag_values=fv)
+  return fv
+
+
+_HELP = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def parse_command_line(fv: flags.FlagValues, argv: Sequence[str], prog: str,
+                       doc: str) -> Optional[list[str]]:
+  """Parses `argv` (without the program's name) into `fv`; returns the positional arguments.
+
+  None after printing `doc` and the flags' help for --help. A bad flag (unknown, a
+  value that does not parse, a missing required one) raises `CoEError` with absl's
+  one-line message, which names the flag and its value.
+  """
+  argv = list(argv)
+  flag_args = argv[:argv.index("--")] if "--" in argv else argv
+  if any(arg in _HELP for arg in flag_args):
+    flag_help = fv.get_help(include_special_flags=False).strip().splitlines()[1:]  # Not the module.
+    print(f"{doc.rstrip()}\n\nflags of {prog}:\n" + "\n".join(flag_help))
+    return None
   try:
-    lines = predict(args.workdir, args.images, args.threshold, serving_dir=args.serving_dir)
+    return fv([prog, *argv])[1:]
+  except flags.Error as e:
+    raise CoEError(str(e)) from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The command line: `argv` without the program's name (default `sys.argv[1:]`); exit status."""
+  fv = _flag_values()
+  try:
+    images = parse_command_line(fv, sys.argv[1:] if argv is None else argv,
+                                "python -m coe_jax.serving.predict", __doc__)
+    if images is None:
+      return 0
+    if not images:
+      raise CoEError("expected one or more IMAGE files (png, jpg, ...)")
+    lines = predict(fv["workdir"].value, images, fv["threshold"].value,
+                    serving_dir=fv["serving-dir"].value)
   except CoEError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -6,7 +6,8 @@
 each defines `route`, on images already at model input, and the attributes
 below; the preprocessing and the argument checks live here once.
 
-Axis letters: B batch, K classes, S the model's image size, C its channels.
+Axis letters: B batch (a caller's images), H/W their height and width, C channels,
+S the model's image size, K classes (docs/method.md, section 2).
 """
 
 import math

@@ -1,6 +1,7 @@
 """The train state and the jitted train step.
 
-Axis letters: B batch, N experts, K classes.
+Axis letters: B batch, M micro-batches (`train.microbatches`), N experts, K classes,
+H/W/C image height, width and channels (docs/method.md, section 2).
 
 One step runs the delegator and all N stacked experts on the batch, computes
 the CoE objective of the current stage (`coe_jax.objective`), and applies one
@@ -167,7 +168,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
     """
     delegator_rng, experts_rng, selection_rng = rngs
     batch, num_experts = labels.shape[0], model.num_experts
-    images = constrain(split_micro(images, microbatches), MICRO_ALL)  # [M, B/M, H, W, Ch]
+    images = constrain(split_micro(images, microbatches), MICRO_ALL)  # [M, B/M, H, W, C]
     whole_labels, labels = labels, split_micro(labels, microbatches)  # [B], [M, B/M]
     delegator_keys = jax.random.split(delegator_rng, microbatches)  # [M]
     expert_keys = jax.random.split(experts_rng, microbatches)  # [M]
@@ -250,7 +251,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
   def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(rng, state.step)
     rngs = tuple(jax.random.split(rng, 3))  # delegator, experts, selection
-    images, labels = batch["image"], batch["label"]  # [B, H, W, Ch], [B]
+    images, labels = batch["image"], batch["label"]  # [B, H, W, C], [B]
     pass_fn = one_pass if microbatches == 1 else micro_batched
     grads, (metrics, batch_stats) = pass_fn(state, images, labels, rngs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
