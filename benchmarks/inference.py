@@ -260,17 +260,16 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   mean_flops = f_d + (1 - exit_rate) * f_e
   # Serving mode plans with an exit rate below 1; at 0.99 C is 1 slot anyway.
   expected_exit_rate = min(exit_rate, 0.99)
-  capacity_factor = config.routing.capacity_factor
-  capacity = routing.capacity("serving", batch_size, num_experts, capacity_factor,
-                              expected_exit_rate)
+  spec = {loop: routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate,
+                                    loop) for loop in EXPERT_LOOPS}
+  capacity = spec["auto"].capacity(batch_size, num_experts)
 
   dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
   condconv_spec, condconv_scale = _sized(flops.condconv_network(config.expert), mean_flops, size,
                                          channels, num_classes)
   dense_flops, condconv_flops = dense_scale["flops"], condconv_scale["flops"]
   routed = {loop: functools.partial(routing.route_and_predict, model, variables, images,
-                                    threshold, mode="serving", capacity_factor=capacity_factor,
-                                    expected_exit_rate=expected_exit_rate, expert_loop=loop)
+                                    threshold, spec=spec[loop])
             for loop in EXPERT_LOOPS}
   variants = {
       **{f"coe_routed[{loop}]": fn for loop, fn in routed.items()},
@@ -300,7 +299,7 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
       benchmark="inference", backend=jax.default_backend(), device=jax.devices()[0].device_kind,
       cpu=platform.processor(), batch_size=batch_size, steps=steps, rounds=rounds,
       num_experts=num_experts, threshold=threshold, threshold_source=source,
-      exit_rate=exit_rate, capacity=capacity, capacity_factor=capacity_factor,
+      exit_rate=exit_rate, capacity=capacity, capacity_factor=config.routing.capacity_factor,
       overflow_to_expert=int(metrics["overflow_to_expert"]),
       overflow_to_delegator=int(metrics["overflow_to_delegator"]),
       delegator_flops=f_d, expert_flops=f_e, expert_loop=loop,
@@ -341,9 +340,9 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
   device_images = jnp.asarray(images)  # [32, S, S, C]
   jax_routed = functools.partial(
-      routing.route_and_predict, model, variables, threshold=threshold, mode="serving",
-      capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
-      expert_loop=config.routing.expert_loop)
+      routing.route_and_predict, model, variables, threshold=threshold,
+      spec=routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate,
+                               config.routing.expert_loop))
 
   predictors = {}
   with tempfile.TemporaryDirectory() as serve_dir:

@@ -37,12 +37,15 @@ The entry point is `route_and_predict`, jitted. Sweeping tau needs no router:
 evaluation records every expert's answer once (`coe_jax.evaluation`).
 """
 
+import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coe_jax.errors import require
@@ -83,28 +86,49 @@ def expert_choice(selection_logits: jax.Array) -> jax.Array:
   return jnp.argmax(selection_logits, axis=-1).astype(jnp.int32)
 
 
-def capacity(mode: str, group_size: int, num_experts: int, capacity_factor: float,
-             expected_exit_rate: float) -> int:
-  """Slots per expert buffer and group (P), between 1 and the group size Q."""
-  require(mode in MODES, "routing.mode", mode, f"expected one of {', '.join(MODES)}")
-  if mode == "exact":
-    return group_size
-  require(capacity_factor > 0, "routing.capacity_factor", capacity_factor,
-          "expected a positive number")
-  require(0 <= expected_exit_rate <= 1, "expected_exit_rate", expected_exit_rate,
-          "expected a rate in [0, 1]")
-  slots = capacity_factor * group_size * (1 - expected_exit_rate) / num_experts
-  # The small tolerance keeps float noise (e.g. 2.0000000000000004) from adding a
-  # slot. At least one slot, even where every sample is expected to exit.
-  return min(group_size, max(1, math.ceil(slots - 1e-9)))
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_settings(mode: str, capacity_factor: float, expected_exit_rate: float,
-                   expert_loop: str) -> None:
-  """Fails in one line (`CoEError`) naming a bad routing setting."""
-  capacity(mode, 1, 1, capacity_factor, expected_exit_rate)
-  require(expert_loop in EXPERT_LOOPS, "routing.expert_loop", expert_loop,
-          f"expected one of {', '.join(EXPERT_LOOPS)}")
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+  """How the router places the samples that do not exit; checked once, when built.
+
+  Frozen and hashable: `route_and_predict` takes it whole as one static
+  argument, and equal specs share a compilation. `from_config` builds it from
+  `config.routing`; a bad value fails there, in one line naming its key.
+  """
+  mode: str = "exact"              # exact (P = Q) | serving (P from capacity_factor)
+  capacity_factor: float = 1.25    # serving mode's slack over a balanced load
+  expected_exit_rate: float = 0.0  # serving mode's planned early-exit rate rho
+  expert_loop: str = "vmap"        # how each device runs its experts (`CoE.run_stacked`)
+
+  def __post_init__(self) -> None:
+    require(self.mode in MODES, "routing.mode", self.mode, f"expected one of {', '.join(MODES)}")
+    require(_is_number(self.capacity_factor) and self.capacity_factor > 0,
+            "routing.capacity_factor", self.capacity_factor, "expected a positive number")
+    require(_is_number(self.expected_exit_rate) and 0 <= self.expected_exit_rate <= 1,
+            "expected_exit_rate", self.expected_exit_rate, "expected a rate in [0, 1]")
+    require(self.expert_loop in EXPERT_LOOPS, "routing.expert_loop", self.expert_loop,
+            f"expected one of {', '.join(EXPERT_LOOPS)}")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  expected_exit_rate: float = 0.0) -> "RoutingSpec":
+    """The spec of `config.routing`; `expected_exit_rate` is the hold-out's at the calibrated
+    tau (`results.json`), 0 before calibration."""
+    routing = config.routing
+    return cls(mode=routing.mode, capacity_factor=routing.capacity_factor,
+               expected_exit_rate=expected_exit_rate, expert_loop=routing.expert_loop)
+
+  def capacity(self, group_size: int, num_experts: int) -> int:
+    """Slots per expert buffer and group (P), between 1 and the group size Q."""
+    if self.mode == "exact":
+      return group_size
+    slots = self.capacity_factor * group_size * (1 - self.expected_exit_rate) / num_experts
+    # The small tolerance keeps float noise (e.g. 2.0000000000000004) from adding a
+    # slot. At least one slot, even where every sample is expected to exit.
+    return min(group_size, max(1, math.ceil(slots - 1e-9)))
 
 
 def assign(preferences: jax.Array, active: jax.Array, capacity: int,
@@ -213,18 +237,16 @@ def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
 
 
 def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
-           mode: str, capacity_factor: float, expected_exit_rate: float, num_groups: int,
-           expert_loop: str, mesh: Optional[Mesh]) -> dict[str, Any]:
+           spec: RoutingSpec, num_groups: int, mesh: Optional[Mesh]) -> dict[str, Any]:
   """The traced body of `route_and_predict`."""
   require(isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
           "expected a positive integer")
-  check_settings(mode, capacity_factor, expected_exit_rate, expert_loop)
   require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, C]")
   num_images, num_experts = images.shape[0], model.num_experts
   if mesh is not None:
     _check_mesh(mesh, num_experts, num_groups)
   group_size = -(-num_images // num_groups)  # Q
-  slots = capacity(mode, group_size, num_experts, capacity_factor, expected_exit_rate)  # P
+  slots = spec.capacity(group_size, num_experts)  # P
   padded = num_groups * group_size
   images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * Q, H, W, C]
   images = _constrain(images, mesh, DATA_AXIS)
@@ -244,7 +266,7 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   buffers = buffers.swapaxes(0, 1).reshape(
       num_experts, num_groups * slots, *images.shape[1:])  # [N, G * P, H, W, C]
   expert_logits = expert_parallel.run_experts(model, variables, buffers, shared_input=False,
-                              expert_loop=expert_loop, mesh=mesh)  # [N, G * P, K]
+                              expert_loop=spec.expert_loop, mesh=mesh)  # [N, G * P, K]
   expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, P, K]
   expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, P, K]
   logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, Q, K]
@@ -262,16 +284,10 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
               selection_logits=from_batch(selection_logits), metrics=metrics)
 
 
-_STATIC = ("model", "mode", "capacity_factor", "expected_exit_rate", "num_groups", "expert_loop",
-           "mesh")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("model", "spec", "num_groups", "mesh"))
 def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
-                      threshold: jax.Array | float, *, mode: str = "exact",
-                      capacity_factor: float = 1.25, expected_exit_rate: float = 0.0,
-                      num_groups: int = 1, expert_loop: str = "vmap",
-                      mesh: Optional[Mesh] = None) -> dict[str, Any]:
+                      threshold: jax.Array | float, *, spec: RoutingSpec = RoutingSpec(),
+                      num_groups: int = 1, mesh: Optional[Mesh] = None) -> dict[str, Any]:
   """CoE's answer on a batch, routed with static shapes; jitted.
 
   `threshold` is traced, so sweeping it reuses one compilation; any real value
@@ -283,12 +299,9 @@ def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
       sharded on `EXPERT_AXIS`).
     images: [B, H, W, C], values 0-255 (under a mesh, sharded on `DATA_AXIS`).
     threshold: tau, a scalar.
-    mode: "exact" (P = Q) or "serving" (P from `capacity_factor`).
-    capacity_factor: serving mode's slack over a balanced load.
-    expected_exit_rate: serving mode's planned early-exit rate rho.
+    spec: the routing settings (mode, capacity, how the experts run).
     num_groups: G; each group routes its own samples. Under a mesh, a multiple
       of the `DATA_AXIS` size, so each device routes its own share.
-    expert_loop: "vmap" or "unroll" (`CoE.experts`).
     mesh: when given (with `DATA_AXIS` and `EXPERT_AXIS` axes), the groups are
       routed on their `DATA_AXIS` devices, the buffers are split over
       `EXPERT_AXIS` x `DATA_AXIS` (XLA moves the samples between devices), and
@@ -305,6 +318,5 @@ def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
       than their first choice), overflow_to_delegator (samples that should
       have gone to an expert but found every buffer full).
   """
-  return _route(model, variables, images, jnp.asarray(threshold, jnp.float32), mode=mode,
-                capacity_factor=capacity_factor, expected_exit_rate=expected_exit_rate,
-                num_groups=num_groups, expert_loop=expert_loop, mesh=mesh)
+  return _route(model, variables, images, jnp.asarray(threshold, jnp.float32), spec=spec,
+                num_groups=num_groups, mesh=mesh)

@@ -97,5 +97,5 @@ def test_the_no_exit_point_holds_in_float32_for_saturated_samples():
 
 
 def test_serving_capacity_takes_an_expected_exit_rate_of_one():
-  assert routing.capacity("serving", 64, 4, 1.25, 1.0) == 1
-  assert routing.capacity("serving", 64, 4, 1.25, 0.5) == 10
+  assert routing.RoutingSpec("serving", 1.25, 1.0).capacity(64, 4) == 1
+  assert routing.RoutingSpec("serving", 1.25, 0.5).capacity(64, 4) == 10

@@ -24,7 +24,7 @@ CLASS_NAMES = [f"digit_{k}" for k in range(10)]
 def _predictor(config, model, variables, threshold=0.5):
   return Predictor(model, variables, image_size=config.data.image_size,
                    channels=config.data.channels, class_names=CLASS_NAMES, threshold=threshold,
-                   routing_config=config.routing)
+                   routing_spec=routing.RoutingSpec.from_config(config))
 
 
 @pytest.fixture(scope="module")
@@ -99,25 +99,25 @@ def test_bad_input_is_named_in_one_line(setup, call, message):
 
 def test_serving_mode_predictor_routes_like_the_router(setup):
   config, model, variables, _ = setup
-  serving = config.routing.copy_and_resolve_references()
-  serving.mode = "serving"
-  serving.capacity_factor = 0.5
+  serving = config.copy_and_resolve_references()
+  serving.routing.mode = "serving"
+  serving.routing.capacity_factor = 0.5
   p = Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-                threshold=0.5, routing_config=serving)
+                threshold=0.5, routing_spec=routing.RoutingSpec.from_config(serving))
   images = _user_images((5, 16, 16, 3), seed=2)
-  routed = routing.route_and_predict(model, variables, images, 0.5, mode="serving",
-                                     capacity_factor=0.5)
+  routed = routing.route_and_predict(model, variables, images, 0.5,
+                                     spec=routing.RoutingSpec("serving", capacity_factor=0.5))
   np.testing.assert_array_equal(p(images)["expert"], routed["expert"])
   np.testing.assert_allclose(p(images)["logits"], routed["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_routing_config_is_named(setup):
   config, model, variables, _ = setup
-  bad = config.routing.copy_and_resolve_references()
-  bad.expert_loop = "spiral"
+  bad = config.copy_and_resolve_references()
+  bad.routing.expert_loop = "spiral"
   with pytest.raises(CoEError, match="routing.expert_loop='spiral'"):
     Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-              threshold=0.5, routing_config=bad)
+              threshold=0.5, routing_spec=routing.RoutingSpec.from_config(bad))
 
 
 def test_load_uses_the_runs_config_and_calibrated_threshold(setup, monkeypatch):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from coe_jax import data, evaluation
+from coe_jax import routing as routing_lib
 from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
 from tests.helpers import random_variables
@@ -26,7 +27,8 @@ def routed():
   outputs = evaluation.collect_outputs(model, variables, data.eval_batches(config))
   threshold = float(np.median(outputs.confidence))  # About half the examples exit.
   figures, routing = evaluation.routed_figures(
-      model, variables, data.eval_batches(config), threshold, config, expected_exit_rate=0.5,
+      model, variables, data.eval_batches(config), threshold,
+      routing_lib.RoutingSpec.from_config(config, expected_exit_rate=0.5),
       examples_per_expert=plots.GRID_EXAMPLES)
   images = np.concatenate([b["image"][b["mask"]] for b in data.eval_batches(config)])
   return outputs, threshold, figures, routing, images

@@ -1,5 +1,7 @@
 """Routing: early exit, dispatch into expert buffers, overflow, and a device mesh."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +77,7 @@ def test_routed_output_equals_per_sample_definition(model_and_variables, per_sam
   compilations = routing.route_and_predict._cache_size()
   for threshold in _thresholds(per_sample):
     out = routing.route_and_predict(model, variables, images, threshold, num_groups=num_groups,
-                                    expert_loop=expert_loop)
+                                    spec=routing.RoutingSpec(expert_loop=expert_loop))
     logits, exits, expert = _reference(per_sample, threshold)
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(out["early_exit"], exits)
@@ -141,21 +143,35 @@ def test_exit_at_the_threshold_and_ranked_preferences():
 
 
 def test_capacity():
-  assert routing.capacity("exact", 16, 4, 1.25, 0.5) == 16
-  assert routing.capacity("serving", 16, 4, 1.25, 0.5) == 3  # ceil(2.5)
-  assert routing.capacity("serving", 16, 4, 1.0, 0.0) == 4
-  assert routing.capacity("serving", 16, 4, 0.01, 0.0) == 1
-  assert routing.capacity("serving", 16, 4, 100.0, 0.0) == 16
+  assert routing.RoutingSpec("exact", 1.25, 0.5).capacity(16, 4) == 16
+  assert routing.RoutingSpec("serving", 1.25, 0.5).capacity(16, 4) == 3  # ceil(2.5)
+  assert routing.RoutingSpec("serving", 1.0, 0.0).capacity(16, 4) == 4
+  assert routing.RoutingSpec("serving", 0.01, 0.0).capacity(16, 4) == 1
+  assert routing.RoutingSpec("serving", 100.0, 0.0).capacity(16, 4) == 16
   with pytest.raises(CoEError, match="routing.mode='fast'"):
-    routing.capacity("fast", 16, 4, 1.0, 0.0)
+    routing.RoutingSpec("fast", 1.0, 0.0).capacity(16, 4)
   with pytest.raises(CoEError, match="routing.capacity_factor=0"):
-    routing.capacity("serving", 16, 4, 0, 0.0)
+    routing.RoutingSpec("serving", 0, 0.0).capacity(16, 4)
 
 
 def test_bad_expert_loop_is_named(model_and_variables):
   model, variables = model_and_variables
   with pytest.raises(CoEError, match="routing.expert_loop='spiral'"):
-    routing.route_and_predict(model, variables, random_images(0, 4), 0.5, expert_loop="spiral")
+    routing.route_and_predict(model, variables, random_images(0, 4), 0.5,
+                              spec=routing.RoutingSpec(expert_loop="spiral"))
+
+
+def test_the_routing_spec_is_built_once_from_the_config_frozen_and_hashable():
+  config = tiny_config()
+  config.routing.mode, config.routing.capacity_factor = "serving", 0.5
+  spec = routing.RoutingSpec.from_config(config, expected_exit_rate=0.25)
+  assert spec == routing.RoutingSpec("serving", 0.5, 0.25, config.routing.expert_loop)
+  assert hash(spec) == hash(routing.RoutingSpec.from_config(config, expected_exit_rate=0.25))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.mode = "exact"
+  config.routing.capacity_factor = -1.0
+  with pytest.raises(CoEError, match=r"routing\.capacity_factor=-1\.0: expected a positive"):
+    routing.RoutingSpec.from_config(config)
 
 
 def _all_prefer_in_order(variables):
@@ -186,8 +202,9 @@ def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_var
   variables = _all_prefer_in_order(variables)
   images = random_images(2, 15)  # 2 groups of S = 8, the last slot padding.
   # C = ceil(0.5 * 8 * (1 - 0) / 4) = 1 slot per expert and group.
-  out = routing.route_and_predict(model, variables, images, 1.5, mode="serving",
-                                  capacity_factor=0.5, num_groups=2)
+  out = routing.route_and_predict(model, variables, images, 1.5,
+                                  spec=routing.RoutingSpec("serving", capacity_factor=0.5),
+                                  num_groups=2)
   # Per group, the least confident samples take experts 0, 1, 2, 3 in turn;
   # the rest get the delegator.
   confidence = _confidence(model, variables, images)
@@ -219,8 +236,8 @@ def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
   threshold = _thresholds(per_sample)[1]
   exits = _reference(per_sample, threshold)[1]
   # One group of 13: C = ceil(0.3 * 13 / 4) = 1.
-  out = routing.route_and_predict(model, variables, images, threshold, mode="serving",
-                                  capacity_factor=0.3)
+  out = routing.route_and_predict(model, variables, images, threshold,
+                                  spec=routing.RoutingSpec("serving", capacity_factor=0.3))
   expected = _least_confident_first(_confidence(model, variables, images), ~exits)
   np.testing.assert_array_equal(out["early_exit"], exits)
   np.testing.assert_array_equal(out["expert"], expected)
@@ -234,7 +251,8 @@ def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loo
   model, variables = model_and_variables
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
   images = random_images(3, 16)
-  kwargs = dict(mode=mode, capacity_factor=1.0, num_groups=4, expert_loop=expert_loop)
+  kwargs = dict(spec=routing.RoutingSpec(mode, capacity_factor=1.0, expert_loop=expert_loop),
+                num_groups=4)
   no_exit = routing.route_and_predict(model, variables, images, 1.5, **kwargs)
   threshold = float(np.median(routing.confidence(no_exit["class_logits"])))
   single = routing.route_and_predict(model, variables, images, threshold, **kwargs)

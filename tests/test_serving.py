@@ -33,7 +33,7 @@ def served(tmp_path_factory):
   export.export_coe(model, variables, out, class_names=CLASS_NAMES, threshold=0.5,
                     crop_fraction=1.0, model_flops=flops.count(config, len(CLASS_NAMES)))
   reference = Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-                        threshold=0.5, routing_config=config.routing)
+                        threshold=0.5, routing_spec=routing.RoutingSpec.from_config(config))
   return out, reference, LiteRTPredictor.load(out)
 
 

@@ -252,13 +252,12 @@ class Routing:
 
 
 def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
-                   config: Any, *, expected_exit_rate: float,
-                   mesh: Optional[jax.sharding.Mesh] = None,
+                   spec: routing.RoutingSpec, *, mesh: Optional[jax.sharding.Mesh] = None,
                    examples_per_expert: int = 0,
                    progress: Optional[Progress] = None) -> tuple[dict[str, Any], Routing]:
   """Top-1, exits and loads of the jitted router at `threshold` over `batches`, and its routing.
 
-  Routing runs as in serving, with `routing.mode` and its overflow policy; in
+  Routing runs as in serving, with `spec`'s mode and overflow policy; in
   exact mode it must agree with `summary` on the same split. The returned
   `Routing` counts classes by the expert (or delegator) that answered them
   and keeps up to `examples_per_expert` images per expert, so the figures
@@ -273,10 +272,8 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
   example_labels = [[] for _ in range(num_experts)]
   predictions = []
   for batch in batches:
-    out = routing.route_and_predict(
-        model, variables, batch["image"], threshold, mode=config.routing.mode,
-        capacity_factor=config.routing.capacity_factor, expected_exit_rate=expected_exit_rate,
-        num_groups=num_groups, expert_loop=config.routing.expert_loop, mesh=mesh)
+    out = routing.route_and_predict(model, variables, batch["image"], threshold, spec=spec,
+                                    num_groups=num_groups, mesh=mesh)
     # The whole global batch on every process: on a pod, each process holds
     # only its own share of these arrays.
     out = multihost_utils.process_allgather(
@@ -309,7 +306,7 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
   routed = max(int(load.sum()), 1)
   figures = {"top1": correct / total, "early_exit_rate": exits / total,
              "expert_load": [float(x) for x in load / routed],
-             "routing_mode": config.routing.mode, "overflow_to_delegator": to_delegator}
+             "routing_mode": spec.mode, "overflow_to_delegator": to_delegator}
   image_shape = model.image_shape
   stacked = [np.concatenate(x) if x else np.zeros((0, *image_shape), np.uint8) for x in examples]
   labels = [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)

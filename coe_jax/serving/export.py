@@ -428,7 +428,8 @@ def jax_top1(model: CoE, variables: Variables, split: EvalSplit, threshold: floa
     labels = split.labels[start:start + batch_size]
     # Padded to one shape, so the router compiles once; padding rows are dropped.
     padded = np.pad(images, ((0, batch_size - len(images)),) + ((0, 0),) * 3)
-    out = routing.route_and_predict(model, variables, padded, threshold, expert_loop=expert_loop)
+    out = routing.route_and_predict(model, variables, padded, threshold,
+                                    spec=routing.RoutingSpec(expert_loop=expert_loop))
     predicted = np.argmax(np.asarray(out["logits"])[:len(labels)], -1)
     correct += int(np.sum(predicted == labels))
   return 100.0 * correct / len(split.labels)

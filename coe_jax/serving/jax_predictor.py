@@ -23,7 +23,7 @@ non-numeric values raise `CoEError`.
 """
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -91,7 +91,8 @@ class Predictor(PredictorBase):
 
   def __init__(self, model: CoE, variables: dict[str, Any], *, image_size: int, channels: int,
                class_names: Sequence[str], threshold: float,
-               routing_config: Mapping[str, Any], crop_fraction: float = 1.0):
+               routing_spec: routing.RoutingSpec = routing.RoutingSpec(),
+               crop_fraction: float = 1.0):
     """Builds a predictor from a model and its variables.
 
     Args:
@@ -101,8 +102,7 @@ class Predictor(PredictorBase):
       channels: the model's input channels (`config.data.channels`).
       class_names: K names, in label order.
       threshold: the default tau (the calibrated one).
-      routing_config: `config.routing` (mode, capacity_factor, expert_loop,
-        and optionally expected_exit_rate, else 0 for serving-mode capacity).
+      routing_spec: how to route (`RoutingSpec.from_config(config, expected_exit_rate)`).
       crop_fraction: the evaluation centre crop (`coe_jax.data.eval_crop_fraction`).
     """
     require(len(class_names) == model.num_classes, "class_names", len(class_names),
@@ -115,12 +115,7 @@ class Predictor(PredictorBase):
     self.class_names = list(class_names)
     self.threshold = check_threshold(threshold)
     self.num_experts = model.num_experts
-    self._routing = dict(mode=routing_config["mode"],
-                         capacity_factor=routing_config["capacity_factor"],
-                         expected_exit_rate=routing_config.get("expected_exit_rate", 0.0),
-                         expert_loop=routing_config["expert_loop"], num_groups=1)
-    routing.check_settings(self._routing["mode"], self._routing["capacity_factor"],
-                           self._routing["expected_exit_rate"], self._routing["expert_loop"])
+    self.routing_spec = routing_spec
     self._delegator = jax.jit(model.delegator)
     self._expert = jax.jit(model.expert)
 
@@ -132,13 +127,13 @@ class Predictor(PredictorBase):
     return cls(model, variables, image_size=config.data.image_size,
                channels=config.data.channels, class_names=meta["class_names"],
                threshold=meta["threshold"],
-               routing_config={**config.routing, "expected_exit_rate": meta["expected_exit_rate"]},
+               routing_spec=routing.RoutingSpec.from_config(config, meta["expected_exit_rate"]),
                crop_fraction=eval_crop_fraction(config))
 
   def route(self, pixels: np.ndarray, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
     """`__call__` on images already at model input, uint8 [B, S, S, C]."""
     out = routing.route_and_predict(self.model, self.variables, pixels, self.tau(threshold),
-                                    **self._routing)
+                                    spec=self.routing_spec)
     return {key: np.asarray(out[key]) for key in ("logits", "early_exit", "expert")}
 
   def delegator(self, images: Any) -> tuple[np.ndarray, np.ndarray]:

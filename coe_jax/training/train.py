@@ -150,8 +150,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           "expected None or a positive number of multiply-adds")
   require(config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
           "expected a positive integer")
-  routing.check_settings(config.routing.mode, config.routing.capacity_factor, 0.0,
-                         config.routing.expert_loop)
+  routing.RoutingSpec.from_config(config)  # Fails on a bad routing setting.
   objective.validate_config(config)
 
 
@@ -443,8 +442,8 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
   results.update(threshold_rule=how, threshold_source=source,
                  expected_exit_rate=expected_exit_rate)
   routed, routes = evaluation.routed_figures(
-      trainer.model, variables, batches("test"), threshold, config,
-      expected_exit_rate=expected_exit_rate, mesh=trainer.mesh,
+      trainer.model, variables, batches("test"), threshold,
+      routing.RoutingSpec.from_config(config, expected_exit_rate), mesh=trainer.mesh,
       examples_per_expert=plots.GRID_EXAMPLES if write_files else 0,
       progress=evaluation.Progress("routing test", sizes["test"]))
   if config.routing.mode == "exact":
