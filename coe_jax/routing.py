@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from coe_jax.answers import NO_EXPERT
 from coe_jax.errors import require
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import EXPERT_LOOPS, Variables
@@ -55,7 +56,6 @@ from coe_jax.parallel import expert_parallel
 from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
 
 MODES = ("exact", "serving")
-NO_EXPERT = -1          # `expert` of a sample answered by the delegator.
 
 
 

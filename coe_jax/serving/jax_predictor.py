@@ -31,6 +31,7 @@ import numpy as np
 from etils import epath
 
 from coe_jax import routing, run_dir
+from coe_jax.answers import ANSWER_KEYS
 from coe_jax.data import eval_crop_fraction
 from coe_jax.errors import CoEError, require
 from coe_jax.models.coe import CoE
@@ -134,7 +135,7 @@ class Predictor(PredictorBase):
     """`__call__` on images already at model input, uint8 [B, S, S, C]."""
     out = routing.route_and_predict(self.model, self.variables, pixels, self.tau(threshold),
                                     spec=self.routing_spec)
-    return {key: np.asarray(out[key]) for key in ("logits", "early_exit", "expert")}
+    return {key: np.asarray(out[key]) for key in ANSWER_KEYS}
 
   def delegator(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
     """The delegator alone: (class_logits [B, K], selection_logits [B, N])."""

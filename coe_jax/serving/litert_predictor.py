@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from coe_jax.answers import NO_EXPERT
 from coe_jax.errors import CoEError, require
 from coe_jax.serving.predictor_base import PredictorBase
 
@@ -39,7 +40,6 @@ FORMAT = "coe-jax-litert"
 FORMAT_VERSION = 1
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
-NO_EXPERT = -1  # `expert` of a sample the delegator answered.
 # Networks below this many multiply-adds per image get one thread by default:
 # XNNPACK synchronises its threads after every op, which costs more than a
 # small op's work (figures in benchmarks/README.md).

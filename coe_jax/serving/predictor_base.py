@@ -64,10 +64,7 @@ class PredictorBase:
       threshold: tau; None uses the calibrated one.
 
     Returns:
-      logits: float32 [B, K].
-      early_exit: bool [B], True where the delegator answered alone.
-      expert: int [B], the expert that answered; -1 where the delegator did
-        (an early exit, or in the JAX router's serving mode a sample that
-        found every expert full).
+      `coe_jax.answers`' keys: logits float32 [B, K]; early_exit bool [B];
+      expert int [B], `NO_EXPERT` (-1) where the delegator answered.
     """
     return self.route(self.preprocess(images), threshold)
