@@ -79,7 +79,7 @@ from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.stacked import Variables
 from coe_jax.serving import jax_predictor, litert_predictor
-from coe_jax.serving.predict import parse_command_line
+from coe_jax.serving.predict import run_command_line
 
 QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")
@@ -506,20 +506,15 @@ def _flag_values() -> flags.FlagValues:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """The command line: `argv` without the program's name (default `sys.argv[1:]`); exit status."""
   fv = _flag_values()
-  try:
-    rest = parse_command_line(fv, sys.argv[1:] if argv is None else argv,
-                              "python -m coe_jax.serving.export", __doc__)
-    if rest is None:
-      return 0
+
+  def body(rest: list[str]) -> None:
     if rest:
       raise CoEError(f"unexpected arguments: {' '.join(rest)}")
     export_run(fv["workdir"].value, fv["out"].value, quantize=fv["quantize"].value,
                calibration_examples=fv["calibration-examples"].value,
                eval_examples=fv["eval-examples"].value)
-  except CoEError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+
+  return run_command_line(fv, argv, "python -m coe_jax.serving.export", __doc__, body)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ reported in one line and the exit status is 1.
 """
 
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from absl import flags
@@ -120,23 +120,34 @@ def parse_command_line(fv: flags.FlagValues, argv: Sequence[str], prog: str,
     raise CoEError(str(e)) from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """The command line: `argv` without the program's name (default `sys.argv[1:]`); exit status."""
-  fv = _flag_values()
+def run_command_line(fv: flags.FlagValues, argv: Optional[Sequence[str]], prog: str, doc: str,
+                     body: Callable[[list[str]], None]) -> int:
+  """Parses `argv` (default `sys.argv[1:]`) and runs `body` on the positional arguments.
+
+  The exit status: 0, or 1 after one `error: ...` line for a bad flag or a
+  `CoEError` from `body`. --help prints `doc` and the flags.
+  """
   try:
-    images = parse_command_line(fv, sys.argv[1:] if argv is None else argv,
-                                "python -m coe_jax.serving.predict", __doc__)
-    if images is None:
-      return 0
-    if not images:
-      raise CoEError("expected one or more IMAGE files (png, jpg, ...)")
-    lines = predict(fv["workdir"].value, images, fv["threshold"].value,
-                    serving_dir=fv["serving-dir"].value)
+    rest = parse_command_line(fv, sys.argv[1:] if argv is None else argv, prog, doc)
+    if rest is not None:
+      body(rest)
   except CoEError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print("\n".join(lines))
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The command line: `argv` without the program's name (default `sys.argv[1:]`); exit status."""
+  fv = _flag_values()
+
+  def body(images: list[str]) -> None:
+    if not images:
+      raise CoEError("expected one or more IMAGE files (png, jpg, ...)")
+    print("\n".join(predict(fv["workdir"].value, images, fv["threshold"].value,
+                            serving_dir=fv["serving-dir"].value)))
+
+  return run_command_line(fv, argv, "python -m coe_jax.serving.predict", __doc__, body)
 
 
 if __name__ == "__main__":
