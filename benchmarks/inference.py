@@ -41,7 +41,7 @@ one (on random images the exit rate then says little about real data); else the
 median delegator confidence on the benchmark images, so about half of them exit.
 
 Both expert loops (vmap, unroll) are timed for coe_routed and all_experts; the
-ratios use the config's `routing.expert_loop`.
+ratios use the config's `expert_loop`.
 
 --backend=litert exports the CoE (`coe_jax.serving.export`) in float32 and in int8
 (calibrated on other random images of the same size) and measures the CPU
@@ -291,7 +291,7 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
     method, executed = flops_of[name.split("[")[0]]
     results[name] = dict(images_per_s=batch_size / s, flops_per_image=float(method),
                          executed_flops_per_image=float(executed))
-  loop = config.routing.expert_loop
+  loop = config.expert_loop
   speed = lambda name: results[name]["images_per_s"]
   routed_speed = speed(f"coe_routed[{loop}]")
   metrics = jax.device_get(routed[loop]()["metrics"])
@@ -342,7 +342,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   jax_routed = functools.partial(
       routing.route_and_predict, model, variables, threshold=threshold,
       spec=routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate,
-                               config.routing.expert_loop))
+                               config.expert_loop))
 
   predictors = {}
   with tempfile.TemporaryDirectory() as serve_dir:

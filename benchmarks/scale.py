@@ -71,7 +71,7 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
   config.num_experts = num_experts
   config.mesh.data, config.mesh.expert = data, expert
   config.train.batch_size = batch_size
-  config.routing.expert_loop = expert_loop
+  config.expert_loop = expert_loop
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train.Trainer(config, workdir, devices=jax.devices()[:data * expert])
   size, channels = config.data.image_size, config.data.channels
@@ -195,7 +195,7 @@ if __name__ == "__main__":
   _NUM_EXPERTS = flags.DEFINE_string("num-experts", "4,8,16,32", "Comma-separated N values.")
   _MESHES = flags.DEFINE_string("meshes", "8x1,4x2,2x4", "Comma-separated DATAxEXPERT meshes.")
   _BATCH_SIZE = flags.DEFINE_integer("batch-size", 64, "Global batch of the train step.")
-  _EXPERT_LOOP = flags.DEFINE_string("expert-loop", "auto", "The config's routing.expert_loop.")
+  _EXPERT_LOOP = flags.DEFINE_string("expert-loop", "auto", "The config's expert_loop.")
   _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps; the median is reported.")
   _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
   app.run(main)

@@ -54,10 +54,9 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from coe_jax import data, flops, run_dir
+from coe_jax import config_base, data, flops, run_dir
 from coe_jax.errors import CoEError
 from coe_jax.evaluation import plots
-from coe_jax.objective import lgm
 from coe_jax.parallel import expert_parallel
 from coe_jax.training import train
 from coe_jax.training.train_step import TrainState
@@ -113,7 +112,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int,
   if variant == "no_wgm":
     config.wgm.off_portion_weight = 1.0
   elif variant == "no_lgm":
-    config.lgm.rule = lgm.RANDOM_RULE
+    config.lgm.rule = config_base.RANDOM_RULE
   elif variant == "no_vcm":
     config.vcm.enabled = False
   elif variant == "ensemble" or flops_factor(variant) is not None:
@@ -167,7 +166,7 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
   @functools.partial(jax.jit, out_shardings=trainer.replicated)
   def hits(variables, batch):
     logits = expert_parallel.run_experts(model, variables, batch["image"], shared_input=True,
-                                         expert_loop=config.routing.expert_loop,
+                                         expert_loop=config.expert_loop,
                                          mesh=trainer.mesh)  # [N, B, K]
     probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)  # [B, K]
     correct = (jnp.argmax(probs, axis=-1) == batch["label"]) & batch["mask"]  # [B]
@@ -192,8 +191,8 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
       stopped (SIGTERM) before the end.
   """
   saved_config = epath.Path(workdir) / run_dir.CONFIG
-  if saved_config.exists() and run_dir.read_json(str(saved_config)) != json.loads(
-      config.to_json()):
+  if saved_config.exists() and config_base.upgrade(run_dir.read_json(str(saved_config))) != (
+      json.loads(config.to_json())):
     raise CoEError(f"workdir={workdir!r}: holds a run of another config (other overrides?); "
                    "use a new --workdir")
   run_file = epath.Path(workdir) / run_dir.ABLATION_RUN

@@ -1,13 +1,284 @@
-"""The config schema: every key with its default, and builders for networks.
+"""The config schema: every key's default beside the values it accepts.
 
 Every config starts from `base_config()` and changes what it needs, so all
 configs have the same keys and command-line overrides work on any of them.
+`validate(config)` checks each key against the rule written next to its
+default, then the rules that join keys; the entry points run it once, when
+the config is loaded (`config_loading`, the trainer, `load_for_inference`).
+A bad value fails there, before any data is read or anything compiled, in
+one line naming the key. What depends on the machine or the data (the mesh
+against the devices, `data.num_classes` against the data set) is checked
+where those are known.
 """
 
-from typing import Any, Sequence
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
 from ml_collections import config_dict
+
+from coe_jax.errors import CoEError, require
+
+# The values of the choice keys. The modules that implement the choices import
+# these names, so the schema and the code cannot drift apart.
+ACTIVATIONS = ("relu", "hard_swish", "swish", "pwlu")
+EXPERT_LOOPS = ("auto", "unroll", "scan", "vmap")
+REMAT_MODES = ("none", "block", "full")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+NONFINITE_POLICIES = ("stop", "skip")
+BATCH_NORM_SCOPES = ("global", "replica")
+STAGES = ("warmup", "coadapt", "delegator")  # Training stages, in the order they run.
+LGM_RULES = ("argmax", "balanced", "soft")
+RANDOM_RULE = "random"  # No LGM (ablations): not one of LGM_RULES, which score the experts.
+ROUTING_MODES = ("exact", "serving")
+AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """The values one config key accepts, and the words of its one-line error."""
+  accepts: Callable[[Any], bool]
+  expected: str  # "expected ...", after "key=value: " in the error.
+
+  def check(self, key: str, value: Any) -> None:
+    require(self.accepts(value), key, value, self.expected)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """A config key: its default and its rule. `placeholder` types a None default."""
+  default: Any
+  rule: Rule
+  placeholder: Optional[type] = None
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_of(choices: Sequence[str], note: str = "") -> Rule:
+  return Rule(lambda v: v in choices, f"expected one of {', '.join(choices)}{note}")
+
+
+def real(accepts: Callable[[float], bool], expected: str) -> Rule:
+  """A finite number that `accepts` takes."""
+  return Rule(lambda v: _is_real(v) and accepts(v), expected)
+
+
+def optional(rule: Rule, expected: str) -> Rule:
+  """None, or a value `rule` accepts."""
+  return Rule(lambda v: v is None or rule.accepts(v), expected)
+
+
+POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "expected a positive integer")
+NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "expected a non-negative integer")
+ODD_KERNEL = Rule(lambda v: _is_int(v) and v >= 1 and v % 2 == 1, "expected an odd kernel size")
+POSITIVE = real(lambda v: v > 0, "expected a positive number")
+FLAG = Rule(lambda v: isinstance(v, bool), "expected True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "expected a string")
+UNIT_INTERVAL_OPEN = real(lambda v: 0 <= v < 1, "expected a value in [0, 1)")
+COEFFICIENT = real(lambda v: v >= 0, "expected a finite, non-negative coefficient")
+STAGE_FRACTION = real(lambda v: v >= 0, "expected a non-negative fraction of train.num_steps")
+LEARNING_RATE = real(lambda v: v > 0, "expected a positive learning rate")
+WARMUP_STEPS = Rule(lambda v: _is_int(v) and v >= 0, "expected a non-negative number of steps")
+
+
+# Each section: key -> Key(default, rule). Comments say what the key means.
+_SCHEMA: dict[str, Any] = dict(
+    seed=Key(0, Rule(_is_int, "expected an integer")),
+    num_experts=Key(4, POSITIVE_INT),
+    # How each device runs its stacked experts, in training and inference:
+    # unroll (one copy of the network per expert in the program: fastest on
+    # CPUs), scan (one copy, run once per expert: the program does not grow
+    # with num_experts), vmap (one batched network), auto (unroll on CPUs,
+    # scan on accelerators).
+    expert_loop=Key("auto", one_of(EXPERT_LOOPS)),
+    data=dict(
+        # digits | image_folder | any TFDS name (imagenet2012, ...); an unknown
+        # name fails when the data is opened.
+        name=Key("digits", Rule(lambda v: isinstance(v, str) and bool(v),
+                                "expected digits, image_folder or a TFDS name")),
+        path=Key("", TEXT),           # image_folder root (DIR/train/<class>/*, DIR/test/<class>/*)
+        tfds_data_dir=Key("", TEXT),  # TFDS data dir; empty = TFDS default / $TFDS_DATA_DIR
+        # Training and evaluation resolution (square).
+        image_size=Key(32, Rule(lambda v: _is_int(v) and v > 0,
+                                "expected a positive size in pixels")),
+        channels=Key(3, Rule(lambda v: v in (1, 3), "expected 1 (grey) or 3 (RGB)")),
+        # Classes of the data set; the trainer takes the number from the data and
+        # checks it against this when set. The FLOPs tool reads it.
+        num_classes=Key(None, Rule(lambda v: v is None or (_is_int(v) and v >= 2),
+                                   "expected None (from the data) or at least 2 classes"), int),
+        # Training augmentation (coe_jax/data/common.py): auto = translate in
+        # memory, inception_crop on TFDS. Each source checks it supports the choice.
+        augment=Key("auto", one_of(AUGMENTATIONS)),
+        # Share of train held out (never trained on) to calibrate tau; 0 = none.
+        # Above half, calibration costs more training data than it is worth and
+        # a small class could lose all its training examples.
+        holdout_fraction=Key(0.1, real(
+            lambda v: 0 <= v <= 0.5,
+            "expected a share of the training split in [0, 0.5] (0 = no hold-out)")),
+        shuffle_buffer=Key(10_000, POSITIVE_INT),
+        cache=Key(True, FLAG),
+    ),
+    train=dict(
+        batch_size=Key(128, POSITIVE_INT),  # global batch, split over the mesh's data axis
+        num_steps=Key(1000, POSITIVE_INT),
+        # Stage lengths as fractions of num_steps, run in this order: warmup
+        # (plain classifiers), coadapt (WGM + LGM + VCM), delegator (frozen
+        # experts). They sum to 1; a stage left out has length 0.
+        stages=dict(warmup=Key(0.2, STAGE_FRACTION), coadapt=Key(0.8, STAGE_FRACTION),
+                    delegator=Key(0.0, STAGE_FRACTION)),
+        optimizer=Key("rmsprop", one_of(OPTIMIZERS)),
+        # Each stage has its own schedule over its own steps: linear warm-up to
+        # its peak, then cosine decay to 0 at the stage's end (training/optim.py).
+        learning_rate=Key(0.016, LEARNING_RATE),  # peak of every stage that sets none
+        warmup_steps=Key(100, WARMUP_STEPS),  # of every stage that sets none; at most half a stage
+        stage_schedules={stage: dict(
+            learning_rate=Key(None, optional(LEARNING_RATE, LEARNING_RATE.expected),
+                              float),  # None = train.learning_rate
+            warmup_steps=Key(None, optional(WARMUP_STEPS, WARMUP_STEPS.expected),
+                             int))  # None = train.warmup_steps
+            for stage in STAGES},
+        weight_decay=Key(1e-5, real(lambda v: v >= 0, "expected a non-negative weight decay")),
+        momentum=Key(0.9, UNIT_INTERVAL_OPEN),
+        ema_decay=Key(0.0, UNIT_INTERVAL_OPEN),  # 0 disables the parameter EMA used for evaluation
+        compute_dtype=Key("float32", one_of(COMPUTE_DTYPES)),
+        # Activation memory: none (save every activation for the backward
+        # pass), block (save each MBConv block's input, recompute inside),
+        # full (save only each network's input).
+        remat=Key("none", one_of(REMAT_MODES)),
+        # Gradient accumulation: each step runs the batch in this many passes.
+        # WGM, LGM and VCM still see the whole batch; BatchNorm sees each pass's.
+        microbatches=Key(1, POSITIVE_INT),
+        # BatchNorm's statistics on a mesh: global (the whole batch's, one
+        # all-reduce per layer) | replica (each device's own samples', as
+        # MobileNet/EfficientNet TPU recipes do; the running averages agree).
+        batch_norm_scope=Key("global", one_of(BATCH_NORM_SCOPES)),
+        # PWLU phase I -> II at this fraction of training.
+        pwlu_realign_fraction=Key(0.05, real(lambda v: 0 <= v < 1,
+                                             "expected a fraction in [0, 1)")),
+        checkpoint_every_steps=Key(500, POSITIVE_INT),
+        # Compiled programs kept across restarts, so a resumed run does not
+        # recompile: None = JAX_COMPILATION_CACHE_DIR if set, else
+        # WORKDIR/compilation_cache; "" = off.
+        compilation_cache_dir=Key(None, optional(TEXT, "expected None or a directory"), str),
+        keep_checkpoints=Key(3, Rule(lambda v: _is_int(v) and v >= 1, "expected at least 1")),
+        log_every_steps=Key(50, POSITIVE_INT),
+        eval_every_steps=Key(0, NON_NEGATIVE_INT),  # 0 = evaluate at the end only
+        # What a non-finite loss or gradient does.
+        nonfinite=Key("stop", one_of(NONFINITE_POLICIES)),
+        # >0: profile this many steps early in training (clu Profile).
+        profile_steps=Key(0, NON_NEGATIVE_INT),
+        # FLOP/s of one device for the logged model-FLOPs utilisation (mfu):
+        # None = the table in coe_jax/flops.py for known TPUs and GPUs.
+        peak_flops_per_device=Key(None, optional(POSITIVE, "expected None or a positive FLOP/s"),
+                                  float),
+    ),
+    wgm=dict(
+        # alpha: an expert's loss weight outside its portion.
+        off_portion_weight=Key(0.2, real(lambda v: 0 <= v <= 1, "expected a weight in [0, 1]")),
+        sinkhorn_epsilon=Key(0.05, POSITIVE),
+        sinkhorn_max_iterations=Key(200, POSITIVE_INT),
+        sinkhorn_threshold=Key(1e-3, POSITIVE),
+    ),
+    lgm=dict(
+        rule=Key("balanced", Rule(lambda v: v in LGM_RULES or v == RANDOM_RULE,
+                                  f"expected one of {', '.join(LGM_RULES)} "
+                                  f"(or {RANDOM_RULE}: LGM off, for ablations)")),
+        temperature=Key(1.0, POSITIVE),
+    ),
+    vcm=dict(enabled=Key(True, FLAG)),
+    loss=dict(
+        selection_weight=Key(1.0, COEFFICIENT),  # lambda_sel
+        delegator_weight=Key(1.0, COEFFICIENT),  # lambda_D
+        label_smoothing=Key(0.1, UNIT_INTERVAL_OPEN),
+        distill_weight=Key(0.0, COEFFICIENT),  # delegator distillation towards the selected expert
+        distill_temperature=Key(1.0, POSITIVE),
+    ),
+    eval=dict(
+        # tau; None = calibrate on the hold-out.
+        threshold=Key(None, Rule(
+            lambda v: v is None or (_is_real(v) and 0 <= v <= 1) or v == math.inf,
+            "expected None (calibrate), a value in [0, 1], or inf (never exit early)"), float),
+        # Calibrate tau to this mean budget of multiply-adds per image.
+        target_mean_flops=Key(None, optional(
+            POSITIVE, "expected None or a positive number of multiply-adds"), float),
+        batch_size=Key(256, POSITIVE_INT),
+    ),
+    routing=dict(
+        # exact (P = Q) | serving (P from capacity_factor)
+        mode=Key("exact", one_of(ROUTING_MODES)),
+        capacity_factor=Key(1.25, POSITIVE),  # serving mode's slack over a balanced load
+    ),
+    mesh=dict(
+        data=Key(-1, Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
+                          "expected -1 (all remaining devices) or a positive integer")),
+        expert=Key(1, POSITIVE_INT),
+    ),
+)
+
+# The networks (`delegator`, `expert`): `network(...)` sets them in each config.
+_NETWORK: dict[str, Key] = dict(
+    stem_features=Key(16, POSITIVE_INT),  # channels of the stem's convolution
+    stem_kernel=Key(3, ODD_KERNEL),
+    stem_stride=Key(2, POSITIVE_INT),
+    stages=Key((), Rule(lambda v: isinstance(v, (list, tuple)) and len(v) >= 1,
+                        "expected a list of at least one stage")),  # `stage(...)` entries
+    head_features=Key(1280, POSITIVE_INT),  # channels of the 1x1 convolution before pooling
+    # Width of the hidden dense layer after pooling (as in MobileNetV3); 0 for none.
+    classifier_features=Key(0, Rule(lambda v: _is_int(v) and v >= 0,
+                                    "expected 0 (none) or a positive width")),
+    activation=Key("hard_swish", one_of(ACTIVATIONS)),
+    width_multiplier=Key(1.0, POSITIVE),
+    depth_multiplier=Key(1.0, POSITIVE),
+    dropout_rate=Key(0.0, real(lambda v: 0 <= v < 1, "expected a rate in [0, 1)")),
+    # CondConv kernels per convolution, from stage `condconv_from_stage` on; 0 = off.
+    condconv_kernels=Key(0, Rule(lambda v: _is_int(v) and v >= 0,
+                                 "expected 0 (off) or a positive number of kernels")),
+    condconv_from_stage=Key(0, NON_NEGATIVE_INT),
+    pwlu_intervals=Key(16, POSITIVE_INT),
+    pwlu_per_channel=Key(False, FLAG),
+)
+
+# One entry of a network's `stages`: `stage(...)` builds one.
+_STAGE: dict[str, Rule] = dict(
+    features=POSITIVE_INT,
+    depth=POSITIVE_INT,
+    kernel=ODD_KERNEL,
+    expansion=real(lambda v: v >= 1, "expected an expansion ratio >= 1"),
+    stride=POSITIVE_INT,
+    se_ratio=real(lambda v: 0 <= v <= 1, "expected a ratio in [0, 1]"),
+    # "" = the network's activation.
+    activation=Rule(lambda v: v == "" or v in ACTIVATIONS,
+                    f"expected one of {', '.join(ACTIVATIONS)} ('' = the network's)"),
+    fused=FLAG,
+)
+# The stage keys a hand-written stage may leave out.
+_STAGE_OPTIONAL = ("activation", "fused")
+NETWORKS = ("delegator", "expert")
+
+
+def _defaults(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  values = {}
+  for name, entry in schema.items():
+    if isinstance(entry, Key):
+      values[name] = (config_dict.placeholder(entry.placeholder) if entry.placeholder
+                      else entry.default)
+    else:
+      values[name] = _defaults(entry)
+  return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with defaults; `delegator` and `expert` are set by each config."""
+  return _defaults(_SCHEMA)
 
 
 def stage(features: int, depth: int, kernel: int, expansion: float, stride: int,
@@ -23,144 +294,122 @@ def stage(features: int, depth: int, kernel: int, expansion: float, stride: int,
 
 
 def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features: int,
-            classifier_features: int = 0, activation: str = "hard_swish",
-            stem_stride: int = 2, condconv_kernels: int = 0,
-            condconv_from_stage: int = 0) -> ml_collections.ConfigDict:
+            **settings: Any) -> ml_collections.ConfigDict:
   """An MBConv network: stem, stages, 1x1 head conv, pooling, classifier.
 
-  Args:
-    stem_features: channels of the stem's 3x3 convolution.
-    stages: `stage(...)` entries, applied in order.
-    head_features: channels of the 1x1 convolution before global pooling.
-    classifier_features: width of the hidden dense layer after pooling (as in
-      MobileNetV3); 0 for none.
-    activation: relu | hard_swish | swish | pwlu.
-    stem_stride: stride of the stem convolution.
-    condconv_kernels: CondConv kernels per convolution; 0 disables CondConv.
-    condconv_from_stage: CondConv is used from this stage index on.
+  `settings` overrides the other keys' defaults (`_NETWORK`, which says what
+  each means), e.g. `activation="relu"`, `stem_stride=1`, `condconv_kernels=4`.
   """
-  return ml_collections.ConfigDict(dict(
-      stem_features=stem_features,
-      stem_kernel=3,
-      stem_stride=stem_stride,
-      stages=tuple(stages),
-      head_features=head_features,
-      classifier_features=classifier_features,
-      activation=activation,
-      width_multiplier=1.0,
-      depth_multiplier=1.0,
-      dropout_rate=0.0,
-      condconv_kernels=condconv_kernels,
-      condconv_from_stage=condconv_from_stage,
-      pwlu_intervals=16,
-      pwlu_per_channel=False,
-  ))
+  unknown = sorted(set(settings) - set(_NETWORK))
+  if unknown:
+    raise CoEError(f"network({unknown[0]}=...): no such network key; expected some of "
+                   f"{', '.join(_NETWORK)}")
+  values = {name: key.default for name, key in _NETWORK.items()}
+  values.update(settings, stem_features=stem_features, stages=tuple(stages),
+                head_features=head_features)
+  return ml_collections.ConfigDict(values)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """All keys with defaults; `delegator` and `expert` are set by each config."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_experts = 4
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key of `config` and the rules that join keys.
 
-  c.data = ml_collections.ConfigDict(dict(
-      name="digits",        # digits | image_folder | any TFDS name (imagenet2012, ...)
-      path="",              # image_folder root (DIR/train/<class>/*, DIR/test/<class>/*)
-      tfds_data_dir="",     # TFDS data dir; empty = TFDS default / $TFDS_DATA_DIR
-      image_size=32,        # training and evaluation resolution (square)
-      channels=3,
-      # Classes of the data set; the trainer takes the number from the data and
-      # checks it against this when set. The FLOPs tool reads it.
-      num_classes=config_dict.placeholder(int),
-      # Training augmentation: auto | translate | inception_crop | pad_crop_flip
-      # (coe_jax/data/common.py); auto = translate in memory, inception_crop on TFDS.
-      augment="auto",
-      holdout_fraction=0.1,  # share of train held out (never trained on) to calibrate tau; 0 = none
-      shuffle_buffer=10_000,
-      cache=True,
-  ))
+  Raises:
+    CoEError: one line naming the first bad, unknown or missing key and its value.
+  """
+  extra = {name: config[name] for name in NETWORKS if name in config}
+  _check_section(config, _SCHEMA, "", extra=tuple(extra))
+  for name, net in extra.items():
+    validate_network(net, name)
+  stages = dict(config.train.stages.items())
+  total = sum(stages.values())
+  require(abs(total - 1) <= 1e-6, "train.stages", stages,
+          f"expected fractions that sum to 1 (they sum to {total:g})")
+  require(config.eval.threshold is not None or config.data.holdout_fraction > 0,
+          "data.holdout_fraction", config.data.holdout_fraction,
+          "tau is calibrated on a hold-out of the training split, never on the test split: "
+          "hold some out, or fix tau with eval.threshold")
 
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=128,       # global batch, split over the mesh's data axis
-      num_steps=1000,
-      # Stage lengths as fractions of num_steps, run in this order:
-      # warmup (plain classifiers), coadapt (WGM + LGM + VCM), delegator (frozen experts).
-      stages=ml_collections.ConfigDict(dict(warmup=0.2, coadapt=0.8, delegator=0.0)),
-      optimizer="rmsprop",  # rmsprop | sgd | adamw
-      # Each stage has its own schedule over its own steps: linear warm-up to its
-      # peak, then cosine decay to 0 at the stage's end (coe_jax/training/optim.py).
-      learning_rate=0.016,  # peak learning rate of every stage that sets none
-      warmup_steps=100,     # warm-up of every stage that sets none; at most half a stage
-      stage_schedules=ml_collections.ConfigDict({
-          stage: ml_collections.ConfigDict(dict(
-              learning_rate=config_dict.placeholder(float),  # None = train.learning_rate
-              warmup_steps=config_dict.placeholder(int)))    # None = train.warmup_steps
-          for stage in ("warmup", "coadapt", "delegator")}),
-      weight_decay=1e-5,
-      momentum=0.9,
-      ema_decay=0.0,        # 0 disables the parameter EMA used for evaluation
-      compute_dtype="float32",  # float32 | bfloat16
-      # Activation memory: none (save every activation for the backward pass),
-      # block (save each MBConv block's input, recompute inside), full (save
-      # only each network's input).
-      remat="none",         # none | block | full
-      # Gradient accumulation: each step runs the batch in this many passes.
-      # WGM, LGM and VCM still see the whole batch; BatchNorm sees each pass's.
-      microbatches=1,
-      # BatchNorm's statistics on a mesh: global (the whole batch's, one
-      # all-reduce per layer) | replica (each device's own samples', as
-      # MobileNet/EfficientNet TPU recipes do; the running averages agree).
-      batch_norm_scope="global",
-      pwlu_realign_fraction=0.05,  # PWLU phase I -> II at this fraction of training
-      checkpoint_every_steps=500,
-      # Compiled programs kept across restarts, so a resumed run does not
-      # recompile: None = JAX_COMPILATION_CACHE_DIR if set, else
-      # WORKDIR/compilation_cache; "" = off.
-      compilation_cache_dir=config_dict.placeholder(str),
-      keep_checkpoints=3,
-      log_every_steps=50,
-      eval_every_steps=0,   # 0 = evaluate at the end only
-      nonfinite="stop",     # stop | skip: what a non-finite loss or gradient does
-      profile_steps=0,      # >0: profile this many steps early in training (clu Profile)
-      # FLOP/s of one device for the logged model-FLOPs utilisation (mfu):
-      # None = the table in coe_jax/flops.py for known TPUs and GPUs.
-      peak_flops_per_device=config_dict.placeholder(float),
-  ))
 
-  c.wgm = ml_collections.ConfigDict(dict(
-      off_portion_weight=0.2,  # alpha: an expert's loss weight outside its portion
-      sinkhorn_epsilon=0.05,
-      sinkhorn_max_iterations=200,
-      sinkhorn_threshold=1e-3,
-  ))
-  # rule: argmax | balanced | soft, or random (LGM off, for ablations).
-  c.lgm = ml_collections.ConfigDict(dict(rule="balanced", temperature=1.0))
-  c.vcm = ml_collections.ConfigDict(dict(enabled=True))
-  c.loss = ml_collections.ConfigDict(dict(
-      selection_weight=1.0,  # lambda_sel
-      delegator_weight=1.0,  # lambda_D
-      label_smoothing=0.1,
-      distill_weight=0.0,    # delegator distillation towards the selected expert
-      distill_temperature=1.0,
-  ))
+def validate_network(net: Mapping[str, Any], name: str) -> None:
+  """Checks a network entry (`delegator`, `expert`) and each of its stages."""
+  _check_section(net, _NETWORK, f"{name}.")
+  for index, entry in enumerate(net["stages"]):
+    key = f"{name}.stages[{index}]"
+    required = [field for field in _STAGE if field not in _STAGE_OPTIONAL]
+    require(isinstance(entry, Mapping) and all(field in entry for field in required), key, entry,
+            f"expected a stage with {', '.join(required)} (coe_jax.config_base.stage builds one)")
+    for field, value in entry.items():
+      require(field in _STAGE, f"{key}.{field}", value,
+              f"no such stage key; expected some of {', '.join(_STAGE)}")
+      _STAGE[field].check(f"{key}.{field}", value)
 
-  c.eval = ml_collections.ConfigDict(dict(
-      threshold=config_dict.placeholder(float),          # None = calibrate on held-out data
-      target_mean_flops=config_dict.placeholder(float),  # calibrate tau to this budget
-      batch_size=256,
-  ))
-  c.routing = ml_collections.ConfigDict(dict(
-      mode="exact",          # exact (C = group size) | serving (C from capacity_factor)
-      capacity_factor=1.25,
-      # How each device runs its stacked experts, in training and inference:
-      # unroll (one copy of the network per expert in the program: fastest on
-      # CPUs), scan (one copy, run once per expert: the program does not grow
-      # with num_experts), vmap (one batched network), auto (unroll on CPUs,
-      # scan on accelerators).
-      expert_loop="auto",  # auto | unroll | scan | vmap
-  ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))  # -1 = all remaining devices
-  return c
+
+def check(config: ml_collections.ConfigDict, *keys: str) -> None:
+  """Checks the dotted `keys` of `config` against their rules.
+
+  For the components that take a config directly (the model builds from a
+  config a user may have written by hand): the same rule, the same error.
+  """
+  for key in keys:
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    check_value(key, value)
+
+
+def check_value(key: str, value: Any) -> None:
+  """Checks `value` against the rule of the dotted config `key`.
+
+  For the functions whose arguments carry a config value (`RoutingSpec`,
+  `CoE.run_stacked`'s loop, LGM's rule).
+  """
+  entry: Any = _SCHEMA
+  for part in key.split("."):
+    entry = entry[part]
+  entry.rule.check(key, value)
+
+
+def _check_section(section: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
+                   extra: Sequence[str] = ()) -> None:
+  """Checks `section` against `schema`: no unknown key, no missing one, each value."""
+  for name in section.keys():
+    if name in extra:
+      continue
+    require(name in schema, f"{prefix}{name}", section[name], _unknown(name, schema, prefix))
+  for name, entry in schema.items():
+    key = f"{prefix}{name}"
+    if name not in section:
+      # A stage left out of train.stages has length 0; any other key is needed.
+      require(prefix == "train.stages.", key, None, "missing from the config")
+      continue
+    if isinstance(entry, Key):
+      entry.rule.check(key, section[name])
+    else:
+      require(isinstance(section[name], Mapping) or hasattr(section[name], "keys"), key,
+              section[name], "expected a section of keys")
+      _check_section(section[name], entry, f"{key}.")
+
+
+def _unknown(name: str, schema: Mapping[str, Any], prefix: str) -> str:
+  where = prefix.rstrip(".") or "the config"
+  if len(schema) <= 6:
+    return f"no such key in {where}; expected one of {', '.join(schema)}"
+  close = difflib.get_close_matches(name, list(schema), n=1)
+  return f"no such key in {where}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+  """A run's saved config.json in today's layout: keys renamed since are moved.
+
+  `routing.expert_loop` became the top-level `expert_loop` (it is read by
+  training too, not only by the router).
+  """
+  saved = dict(saved)
+  routing = dict(saved.get("routing", {}))
+  if "expert_loop" in routing and "expert_loop" not in saved:
+    saved["expert_loop"] = routing.pop("expert_loop")
+    saved["routing"] = routing
+  return saved
 
 
 def mobilenet_v3_large_stages(se_ratio: float = 0.25) -> list[dict[str, Any]]:

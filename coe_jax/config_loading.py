@@ -14,11 +14,12 @@ import sys
 import ml_collections
 from absl import app, flags
 
+from coe_jax import config_base
 from coe_jax.errors import CoEError
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """Runs the config file at `path` and returns its `get_config()`.
+  """Runs the config file at `path` and returns its `get_config()`, validated.
 
   Config files are Python and run as code, as in every ml_collections
   project: only load files you trust.
@@ -28,7 +29,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f"coe_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  config = module.get_config()
+  config_base.validate(config)
+  return config
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -59,10 +62,13 @@ def _unknown_key(argv: list[str], error: Exception) -> str:
 
 
 def flag_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
-  """The config of a `DEFINE_config_file` flag; CoEError if its file could not be loaded.
+  """The config of a `DEFINE_config_file` flag, with its overrides, validated.
 
   config_flags defers a load failure (a missing file) to the config's first
   use, and then raises it with a traceback and a multi-line message.
+
+  Raises:
+    CoEError: if its file could not be loaded, or a key has a bad value.
   """
   config = holder.value
   try:
@@ -71,4 +77,5 @@ def flag_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
     reason = str(e).strip().splitlines()[-1].strip()
     raise CoEError(f"{holder.name}={flags.FLAGS[holder.name].config_filename!r}: cannot load it "
                    f"({reason})") from None
+  config_base.validate(config)
   return config

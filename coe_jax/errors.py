@@ -12,6 +12,12 @@ class CoEError(ValueError):
 
 
 def require(condition: bool, key: str, value: Any, expectation: str) -> None:
-  """Raises `CoEError("key=value: expectation")` unless `condition` holds."""
+  """Raises `CoEError("key=value: expectation")` unless `condition` holds.
+
+  The value's repr is kept on one line (a ConfigDict's spans several).
+  """
   if not condition:
-    raise CoEError(f"{key}={value!r}: {expectation}")
+    shown = repr(value)
+    if "\n" in shown:
+      shown = " ".join(shown.split())
+    raise CoEError(f"{key}={shown}: {expectation}")

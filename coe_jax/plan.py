@@ -81,7 +81,7 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
           "the planner reads no data: set the number of classes")
   config.mesh.data, config.mesh.expert = data, expert
   # The loop an accelerator takes, not the CPU's: the plan is for the pod.
-  config.routing.expert_loop = stacked.resolve_loop(config.routing.expert_loop, "gpu")
+  config.expert_loop = stacked.resolve_loop(config.expert_loop, "gpu")
   # The shapes alone: no data set is read.
   info = DataInfo(num_classes, [str(k) for k in range(num_classes)], 0, 0, 0)
   with tempfile.TemporaryDirectory() as workdir:
@@ -108,7 +108,7 @@ def plan(config, data: int, expert: int, hbm_gib: float) -> dict[str, Any]:
       "config_experts": config.num_experts, "mesh": f"{data}x{expert}", "devices": data * expert,
       "global_batch": batch, "remat": config.train.remat,
       "microbatches": config.train.microbatches,
-      "compute_dtype": config.train.compute_dtype, "expert_loop": config.routing.expert_loop,
+      "compute_dtype": config.train.compute_dtype, "expert_loop": config.expert_loop,
       "gflops_per_device": flops.train_step_flops(config, num_classes) / (data * expert) / 1e9,
       # XLA's cost analysis counts a loop's body once: with scanned experts or
       # micro-batches it sees one expert and one micro-batch.

@@ -48,15 +48,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from coe_jax import config_base
 from coe_jax.answers import NO_EXPERT
 from coe_jax.errors import require
 from coe_jax.models.coe import CoE
-from coe_jax.models.stacked import EXPERT_LOOPS, Variables
+from coe_jax.models.stacked import Variables
 from coe_jax.parallel import expert_parallel
 from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
-
-MODES = ("exact", "serving")
-
 
 
 def confidence(class_logits: jax.Array) -> jax.Array:
@@ -96,7 +94,8 @@ class RoutingSpec:
 
   Frozen and hashable: `route_and_predict` takes it whole as one static
   argument, and equal specs share a compilation. `from_config` builds it from
-  `config.routing`; a bad value fails there, in one line naming its key.
+  `config.routing`; a bad value fails there, in one line naming its key
+  (the rules are `config_base`'s).
   """
   mode: str = "exact"              # exact (P = Q) | serving (P from capacity_factor)
   capacity_factor: float = 1.25    # serving mode's slack over a balanced load
@@ -104,22 +103,20 @@ class RoutingSpec:
   expert_loop: str = "vmap"        # how each device runs its experts (`CoE.run_stacked`)
 
   def __post_init__(self) -> None:
-    require(self.mode in MODES, "routing.mode", self.mode, f"expected one of {', '.join(MODES)}")
-    require(_is_number(self.capacity_factor) and self.capacity_factor > 0,
-            "routing.capacity_factor", self.capacity_factor, "expected a positive number")
+    config_base.check_value("routing.mode", self.mode)
+    config_base.check_value("routing.capacity_factor", self.capacity_factor)
     require(_is_number(self.expected_exit_rate) and 0 <= self.expected_exit_rate <= 1,
             "expected_exit_rate", self.expected_exit_rate, "expected a rate in [0, 1]")
-    require(self.expert_loop in EXPERT_LOOPS, "routing.expert_loop", self.expert_loop,
-            f"expected one of {', '.join(EXPERT_LOOPS)}")
+    config_base.check_value("expert_loop", self.expert_loop)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
                   expected_exit_rate: float = 0.0) -> "RoutingSpec":
-    """The spec of `config.routing`; `expected_exit_rate` is the hold-out's at the calibrated
-    tau (`results.json`), 0 before calibration."""
+    """The spec of `config.routing` and `config.expert_loop`; `expected_exit_rate` is the
+    hold-out's at the calibrated tau (`results.json`), 0 before calibration."""
     routing = config.routing
     return cls(mode=routing.mode, capacity_factor=routing.capacity_factor,
-               expected_exit_rate=expected_exit_rate, expert_loop=routing.expert_loop)
+               expected_exit_rate=expected_exit_rate, expert_loop=config.expert_loop)
 
   def capacity(self, group_size: int, num_experts: int) -> int:
     """Slots per expert buffer and group (P), between 1 and the group size Q."""

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coe_jax import ablate, flops, objective, run_dir
+from coe_jax import ablate, config_base, flops, objective, run_dir
 from coe_jax.config_base import base_config
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
@@ -214,7 +214,7 @@ def test_random_lgm_labels_are_uniform_one_hot_and_ignore_the_experts():
 def test_random_rule_passes_validation_and_trains_the_selection():
   config = base_config()
   config.lgm.rule = "random"
-  objective.validate_config(config)
+  config_base.validate(config)
   k = jax.random.split(jax.random.key(1), 4)
   args = (jax.random.normal(k[0], (16, K)), jax.random.normal(k[1], (16, N)),
           jax.random.normal(k[2], (N, 16, K)), jax.random.randint(k[3], (16,), 0, K))
@@ -224,4 +224,4 @@ def test_random_rule_passes_validation_and_trains_the_selection():
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)
   config.lgm.rule = "randm"
   with pytest.raises(CoEError, match=r"^lgm.rule='randm'"):
-    objective.validate_config(config)
+    config_base.validate(config)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from coe_jax import config_base
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
-from coe_jax.training import train
 from tests.helpers import error_line, make_image_folder, run_module
 from tests.tiny import config_path
 
@@ -49,7 +49,7 @@ def test_other_bad_values_fail_the_same_check(key, value):
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(CoEError, match=f"^{key}={value}: expected"):
-    train.validate_config(config)
+    config_base.validate(config)
 
 
 def test_missing_data_path(tmp_path):

@@ -17,7 +17,7 @@ def _config(data: int, expert: int, loop: str = "unroll", num_experts: int = 4):
   config = train_config()
   config.num_experts = num_experts
   config.mesh.data, config.mesh.expert = data, expert
-  config.routing.expert_loop = loop
+  config.expert_loop = loop
   # Plain SGD: Adam would turn gradients that are zero up to float order into
   # learning-rate-sized steps, and hide a real difference in that noise.
   config.train.optimizer, config.train.momentum = "sgd", 0.0

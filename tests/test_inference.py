@@ -114,8 +114,8 @@ def test_serving_mode_predictor_routes_like_the_router(setup):
 def test_bad_routing_config_is_named(setup):
   config, model, variables, _ = setup
   bad = config.copy_and_resolve_references()
-  bad.routing.expert_loop = "spiral"
-  with pytest.raises(CoEError, match="routing.expert_loop='spiral'"):
+  bad.expert_loop = "spiral"
+  with pytest.raises(CoEError, match="^expert_loop='spiral'"):
     Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
               threshold=0.5, routing_spec=routing.RoutingSpec.from_config(bad))
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import objective
+from coe_jax import config_base, objective
 from coe_jax.config_base import base_config
 from coe_jax.errors import CoEError
 from coe_jax.objective import lgm, losses
@@ -179,7 +179,7 @@ def test_bad_config_values(key, value):
   config = base_config()
   _set(config, key, value)
   with pytest.raises(CoEError) as error:
-    objective.validate_config(config)
+    config_base.validate(config)
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith(f"{key}={value!r}: "), message
@@ -190,7 +190,7 @@ def test_bad_rule_message():
   config.lgm.rule = "best"
   with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, "
                                      r"soft \(or random: LGM off, for ablations\)$"):
-    objective.validate_config(config)
+    config_base.validate(config)
 
 
 @pytest.mark.parametrize("stages,key", [
@@ -202,11 +202,11 @@ def test_bad_stages(stages, key):
   config = base_config()
   config.train.stages = stages
   with pytest.raises(CoEError, match=rf"^{key}=[^\n]*$"):
-    objective.validate_config(config)
+    config_base.validate(config)
 
 
 def test_base_config_is_valid():
-  objective.validate_config(base_config())
+  config_base.validate(base_config())
 
 
 def test_stage_schedule():

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from coe_jax import config_base
 from coe_jax.errors import CoEError
 from coe_jax.objective import lgm, vcm, wgm
 
@@ -61,7 +62,7 @@ def test_wgm_weights_carry_no_gradient():
   np.testing.assert_array_equal(jax.grad(weighted_cost)(selection_logits), np.zeros((B, N)))
 
 
-@pytest.mark.parametrize("rule", lgm.RULES)
+@pytest.mark.parametrize("rule", config_base.LGM_RULES)
 def test_lgm_picks_the_best_expert(rule):
   best = jnp.arange(B) % N  # balanced, so the balanced rule agrees with argmax
   labels = jnp.arange(B) % K

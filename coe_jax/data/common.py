@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from coe_jax import config_base
 from coe_jax.errors import require
 
 if TYPE_CHECKING:
@@ -21,15 +22,11 @@ TFDS_CROP_FRACTION = 0.875
 #   pad_crop_flip: CIFAR's standard, zero-padding by an eighth of the side
 #     (4 px at 32 px), a random crop back to the side, and a horizontal flip.
 # `auto` is translate for the in-memory sources, inception_crop for TFDS.
-AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
 IN_MEMORY_AUGMENTATIONS = ("translate", "pad_crop_flip")
 TFDS_AUGMENTATIONS = ("inception_crop", "pad_crop_flip")
 # What `eval_batches` can pass over: the evaluation split, or the examples held
 # out of the training split to calibrate tau.
 EVAL_SPLITS = ("test", "holdout")
-# Above this the calibration would cost more training data than it is worth, and
-# a small class could lose all its training examples.
-_MAX_HOLDOUT_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +48,14 @@ class DataInfo:
   num_test: int
 
 
-def check_image_config(config: ml_collections.ConfigDict) -> None:
-  """Checks `data.image_size` and `data.channels`."""
-  require(config.data.image_size > 0, "data.image_size", config.data.image_size,
-          "expected a positive size in pixels")
-  require(config.data.channels in (1, 3), "data.channels", config.data.channels,
-          "expected 1 (grey) or 3 (RGB)")
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the `data` keys every source reads, by `config_base`'s rules.
+
+  A source can be opened with a config no entry point has validated (a
+  notebook's), and a bad value must still fail in one line.
+  """
+  config_base.check(config, "data.image_size", "data.channels", "data.holdout_fraction",
+                    "data.augment")
 
 
 def augmentation(config: ml_collections.ConfigDict, in_memory: bool) -> str:
@@ -65,9 +64,9 @@ def augmentation(config: ml_collections.ConfigDict, in_memory: bool) -> str:
   supported = IN_MEMORY_AUGMENTATIONS if in_memory else TFDS_AUGMENTATIONS
   if choice == "auto":
     return supported[0]
+  config_base.check(config, "data.augment")
   require(choice in supported, "data.augment", choice,
-          f"expected one of auto, {', '.join(supported)} for data.name={config.data.name!r}"
-          if choice in AUGMENTATIONS else f"expected one of {', '.join(AUGMENTATIONS)}")
+          f"expected one of auto, {', '.join(supported)} for data.name={config.data.name!r}")
   return choice
 
 
@@ -79,15 +78,6 @@ def pad_crop_margin(image_size: int) -> int:
 def check_eval_split(split: str) -> None:
   """Checks the `split` argument of `eval_batches`."""
   require(split in EVAL_SPLITS, "split", split, f"expected one of {EVAL_SPLITS}")
-
-
-def holdout_fraction(config: ml_collections.ConfigDict) -> float:
-  """`data.holdout_fraction`, checked to lie in [0, 0.5]."""
-  fraction = config.data.holdout_fraction
-  require(0 <= fraction <= _MAX_HOLDOUT_FRACTION, "data.holdout_fraction", fraction,
-          f"expected a share of the training split in [0, {_MAX_HOLDOUT_FRACTION}] "
-          "(0 = no hold-out)")
-  return float(fraction)
 
 
 def holdout_size(fraction: float, num_examples: int) -> int:

@@ -48,5 +48,6 @@ def _load(image_size: int, channels: int, holdout_fraction: float) -> memory.Spl
 
 def load(config: ml_collections.ConfigDict) -> memory.Splits:
   """All three splits at `data.image_size` x `data.image_size` x `data.channels`."""
-  common.check_image_config(config)
-  return _load(config.data.image_size, config.data.channels, common.holdout_fraction(config))
+  common.check_data_config(config)
+  return _load(config.data.image_size, config.data.channels,
+               float(config.data.holdout_fraction))

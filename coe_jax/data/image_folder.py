@@ -116,6 +116,6 @@ def _load(root: str, image_size: int, channels: int, holdout_fraction: float) ->
 
 def load(config: ml_collections.ConfigDict) -> memory.Splits:
   """The three splits of the folder at `data.path`, at model resolution."""
-  common.check_image_config(config)
+  common.check_data_config(config)
   return _load(config.data.path, config.data.image_size, config.data.channels,
-               common.holdout_fraction(config))
+               float(config.data.holdout_fraction))

@@ -122,8 +122,8 @@ def _source(name: str, data_dir: str) -> _Source:
 
 def _open(config: ml_collections.ConfigDict) -> tuple[_Source, int]:
   """The data set and h, the size of the hold-out `train[:h]`, with the config checked."""
-  common.check_image_config(config)
-  fraction = common.holdout_fraction(config)
+  common.check_data_config(config)
+  fraction = float(config.data.holdout_fraction)
   source = _source(config.data.name, config.data.tfds_data_dir)
   return source, common.holdout_size(fraction, source.num_examples(_TRAIN_SPLIT))
 

@@ -15,34 +15,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from coe_jax import config_base
 from coe_jax.errors import require
 from coe_jax.models import stacked
-from coe_jax.models.networks import REMAT_MODES, Delegator, Expert
+from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
-from coe_jax.models.stacked import DELEGATOR, EXPERT_LOOPS, EXPERTS, Variables
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from coe_jax.models.stacked import DELEGATOR, EXPERTS, Variables
 
 
 class CoE:
   """The delegator and the N stacked experts of one config."""
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
-    num_experts = config.num_experts
-    require(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts,
-            "expected a positive integer")
+    config_base.check(config, "num_experts", "train.compute_dtype", "train.remat")
     require(num_classes >= 2, "num_classes", num_classes, "expected at least 2 classes")
-    dtype_name = config.train.compute_dtype
-    require(dtype_name in COMPUTE_DTYPES, "train.compute_dtype", dtype_name,
-            f"expected one of {', '.join(COMPUTE_DTYPES)}")
-    dtype = COMPUTE_DTYPES[dtype_name]
+    num_experts = config.num_experts
+    dtype = jnp.dtype(config.train.compute_dtype)
     self.num_experts = num_experts
     self.num_classes = num_classes
     self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.delegator_spec = NetworkSpec.from_config(config.delegator, "delegator")
     self.expert_spec = NetworkSpec.from_config(config.expert, "expert")
     remat = config.train.remat
-    require(remat in REMAT_MODES, "train.remat", remat, f"expected one of {', '.join(REMAT_MODES)}")
     self.delegator_net = Delegator(self.delegator_spec, num_classes, num_experts, dtype=dtype,
                                    remat=remat)
     self.expert_net = Expert(self.expert_spec, num_classes, dtype=dtype, remat=remat)
@@ -98,8 +92,7 @@ class CoE:
       net: the expert network to apply; `expert_net` when None (the trainer
         passes one whose BatchNorm reduces over a mesh axis).
     """
-    require(loop in EXPERT_LOOPS, "routing.expert_loop", loop,
-            f"expected one of {', '.join(EXPERT_LOOPS)}")
+    config_base.check_value("expert_loop", loop)
     loop = stacked.resolve_loop(loop, jax.default_backend())
     net = net if net is not None else self.expert_net
     if rngs is None:

@@ -25,8 +25,6 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return (images.astype(dtype) - 127.5) / 127.5
 
 
-REMAT_MODES = ("none", "block", "full")
-
 
 def _rematerialised(module: type[nn.Module], wanted: bool) -> type[nn.Module]:
   """`module`, recomputed in the backward pass instead of saving its activations, if wanted.
@@ -41,7 +39,7 @@ class Backbone(nn.Module):
   spec: NetworkSpec
   dtype: Any = jnp.float32
   batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
-  remat: str = "none"  # REMAT_MODES: "block" saves each MBConv block's input alone.
+  remat: str = "none"  # config_base.REMAT_MODES: "block" saves each MBConv block's input alone.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -80,7 +78,7 @@ class Expert(nn.Module):
   num_classes: int
   dtype: Any = jnp.float32
   batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
-  remat: str = "none"  # REMAT_MODES; "full" saves only the images.
+  remat: str = "none"  # config_base.REMAT_MODES; "full" saves only the images.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, with_deterministic: bool = False):
@@ -111,7 +109,7 @@ class Delegator(nn.Module):
   num_classes: int
   num_experts: int
   dtype: Any = jnp.float32
-  remat: str = "none"  # REMAT_MODES
+  remat: str = "none"  # config_base.REMAT_MODES
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:

@@ -18,8 +18,6 @@ import jax
 Variables = dict[str, Any]
 DELEGATOR = "delegator"
 EXPERTS = "experts"
-# How the stacked experts run (`routing.expert_loop`): see `CoE.run_stacked`.
-EXPERT_LOOPS = ("auto", "unroll", "scan", "vmap")
 
 
 def part(variables: Variables, name: str) -> Variables:

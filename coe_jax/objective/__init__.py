@@ -1,4 +1,4 @@
-"""The CoE training objective of each stage, its config checks and schedule.
+"""The CoE training objective of each stage, and its schedule.
 
 Its parts, one module each: `transport` (the balanced transportation problem),
 `wgm`, `lgm` and `vcm` (the paper's three modules) and `losses` (the terms).
@@ -25,65 +25,15 @@ lambda_D * L_D`, in three stages run in this order, each a fraction of
   delegator.
 """
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from coe_jax.config_base import STAGES
 from coe_jax.errors import require
 from coe_jax.objective import lgm, losses, vcm, wgm
-
-STAGES = ("warmup", "coadapt", "delegator")
-
-
-def _is_real(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the keys the objective and its schedule read.
-
-  Raises:
-    CoEError: one line naming the first bad key and its value.
-  """
-  alpha = config.wgm.off_portion_weight
-  require(_is_real(alpha) and 0 <= alpha <= 1, "wgm.off_portion_weight", alpha,
-          "expected a weight in [0, 1]")
-  epsilon = config.wgm.sinkhorn_epsilon
-  require(_is_real(epsilon) and epsilon > 0, "wgm.sinkhorn_epsilon", epsilon,
-          "expected a positive number")
-  iterations = config.wgm.sinkhorn_max_iterations
-  require(isinstance(iterations, int) and iterations >= 1, "wgm.sinkhorn_max_iterations",
-          iterations, "expected a positive integer")
-  threshold = config.wgm.sinkhorn_threshold
-  require(_is_real(threshold) and threshold > 0, "wgm.sinkhorn_threshold", threshold,
-          "expected a positive number")
-  # `random` (no LGM) is an ablation: accepted, and named apart from the rules.
-  lgm.check_rule(config.lgm.rule)
-  temperature = config.lgm.temperature
-  require(_is_real(temperature) and temperature > 0, "lgm.temperature", temperature,
-          "expected a positive number")
-  for key in ("selection_weight", "delegator_weight", "distill_weight"):
-    value = config.loss[key]
-    require(_is_real(value) and value >= 0, f"loss.{key}", value,
-            "expected a finite, non-negative coefficient")
-  smoothing = config.loss.label_smoothing
-  require(_is_real(smoothing) and 0 <= smoothing < 1, "loss.label_smoothing", smoothing,
-          "expected a value in [0, 1)")
-  temperature = config.loss.distill_temperature
-  require(_is_real(temperature) and temperature > 0, "loss.distill_temperature", temperature,
-          "expected a positive number")
-  fractions = dict(config.train.stages.items())
-  for name, fraction in fractions.items():
-    require(name in STAGES, f"train.stages.{name}", fraction,
-            f"unknown stage; expected one of {', '.join(STAGES)}")
-    require(_is_real(fraction) and fraction >= 0, f"train.stages.{name}", fraction,
-            "expected a non-negative fraction of train.num_steps")
-  total = sum(fractions.values())
-  require(abs(total - 1) <= 1e-6, "train.stages", fractions,
-          f"expected fractions that sum to 1 (they sum to {total:g})")
 
 
 def stage_boundaries(config: ml_collections.ConfigDict) -> tuple[tuple[str, int, int], ...]:
@@ -94,11 +44,7 @@ def stage_boundaries(config: ml_collections.ConfigDict) -> tuple[tuple[str, int,
   `[0, num_steps)` exactly whatever the float rounding of the fractions.
   """
   num_steps = config.train.num_steps
-  require(isinstance(num_steps, int) and num_steps > 0, "train.num_steps", num_steps,
-          "expected a positive integer")
-  fractions = [config.train.stages.get(name, 0.0) for name in STAGES]
-  require(any(f > 0 for f in fractions), "train.stages", dict(config.train.stages.items()),
-          "expected at least one stage with a positive fraction")
+  fractions = [config.train.stages.get(name, 0.0) for name in STAGES]  # Sum to 1 (validated).
   last = max(i for i, fraction in enumerate(fractions) if fraction > 0)
   bounds, start, cumulative = [], 0, 0.0
   for i, (name, fraction) in enumerate(zip(STAGES[:last + 1], fractions)):
@@ -292,7 +238,7 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
     selection_logits: the delegator's selection logits g [B, N].
     expert_logits: every expert on every sample, z [N, B, K].
     labels: [B] int class labels.
-    config: the run's config (read at trace time; `validate_config` it first).
+    config: the run's config (read at trace time; `config_base.validate` it first).
     stage: `warmup`, `coadapt` or `delegator` (static).
     rng: a key for the draws of `lgm.rule='random'` (needed by that rule only).
     scoring_logits: the experts' logits [N, B, K] that LGM, VCM, distillation

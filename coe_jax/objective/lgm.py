@@ -14,7 +14,7 @@ a target distribution over experts by one of three rules (`lgm.rule`):
   as WGM), so that no expert is starved of selections;
 - `soft`: `softmax(s_i / lgm.temperature)`.
 
-`random` (`RANDOM_RULE`) is LGM switched off, for ablations: one-hot labels
+`random` (`config_base.RANDOM_RULE`) is LGM switched off, for ablations: one-hot labels
 drawn uniformly, whatever the experts score.
 """
 
@@ -23,11 +23,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from coe_jax import config_base
+from coe_jax.config_base import RANDOM_RULE
 from coe_jax.errors import require
 from coe_jax.objective import transport
-
-RULES = ("argmax", "balanced", "soft")
-RANDOM_RULE = "random"  # No LGM: not one of RULES, which score the experts.
 
 
 def expert_scores(expert_logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -44,12 +43,6 @@ def expert_scores(expert_logits: jax.Array, labels: jax.Array) -> jax.Array:
   log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(expert_logits), axis=-1)  # [N, B, K]
   true_class = jnp.broadcast_to(labels[None, :, None], log_probs.shape[:2] + (1,))  # [N, B, 1]
   return jnp.take_along_axis(log_probs, true_class, axis=-1)[..., 0].T  # [B, N]
-
-
-def check_rule(rule: str) -> None:
-  """Raises a one-line `CoEError` naming `lgm.rule` unless it is a rule or `random`."""
-  require(rule in RULES or rule == RANDOM_RULE, "lgm.rule", rule,
-          f"expected one of {', '.join(RULES)} (or {RANDOM_RULE}: LGM off, for ablations)")
 
 
 def random_targets(rng: jax.Array, batch: int, num_experts: int) -> jax.Array:
@@ -80,7 +73,7 @@ def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
     targets: [B, N], a probability distribution over experts per sample.
     info: the solver's info for `balanced`, else empty.
   """
-  check_rule(rule)
+  config_base.check_value("lgm.rule", rule)
   if rule == RANDOM_RULE:
     require(rng is not None, "rng", rng, f"lgm.rule={RANDOM_RULE!r} draws its labels with a key")
     num_experts, batch = expert_logits.shape[:2]

@@ -24,7 +24,6 @@ from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import DELEGATOR, EXPERTS, Variables
 from coe_jax.parallel.mesh import ALL_DEVICES, DATA_AXIS, EXPERT_AXIS
 
-BATCH_NORM_SCOPES = ("global", "replica")
 
 def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_input: bool,
                 expert_loop: str, mesh: Optional[Mesh]) -> jax.Array:

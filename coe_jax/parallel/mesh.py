@@ -41,8 +41,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     size = config[section][name]
     require(size % data == 0, key, size, f"expected a multiple of the mesh's data axis ({data})")
   microbatches = config.train.microbatches
-  require(isinstance(microbatches, int) and microbatches >= 1, "train.microbatches",
-          microbatches, "expected a positive integer")
   require(config.train.batch_size % (data * microbatches) == 0, "train.microbatches",
           microbatches, f"expected a divisor of the per-device batch "
           f"({config.train.batch_size} / {data} data shards)")

@@ -479,7 +479,7 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
   if eval_examples:
     split = eval_split(config, eval_examples)
     tau = float(meta["threshold"])
-    top1["jax"] = jax_top1(model, variables, split, tau, config.routing.expert_loop,
+    top1["jax"] = jax_top1(model, variables, split, tau, config.expert_loop,
                            config.eval.batch_size)
     top1["litert"] = litert_top1(litert_predictor.LiteRTPredictor.load(out_dir), split, tau)
     log(f"test top-1 on {len(split.labels)} examples at threshold {tau:.4f}: "

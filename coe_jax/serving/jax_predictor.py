@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from coe_jax import routing, run_dir
+from coe_jax import config_base, routing, run_dir
 from coe_jax.answers import ANSWER_KEYS
 from coe_jax.data import eval_crop_fraction
 from coe_jax.errors import CoEError, require
@@ -51,7 +51,8 @@ def load_for_inference(
   config_path = os.path.join(workdir, run_dir.CONFIG)
   if not epath.Path(config_path).is_file():
     raise CoEError(f"workdir={workdir!r}: no config.json; is this the workdir of a training run?")
-  config = ml_collections.ConfigDict(run_dir.read_json(config_path))
+  config = ml_collections.ConfigDict(config_base.upgrade(run_dir.read_json(config_path)))
+  config_base.validate(config)
   run_path = os.path.join(workdir, run_dir.RUN)
   if not epath.Path(run_path).is_file():
     raise CoEError(f"workdir={workdir!r}: no run.json; the run has not started training")

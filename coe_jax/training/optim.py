@@ -16,25 +16,20 @@ import jax
 import ml_collections
 import optax
 
-from coe_jax import objective
-from coe_jax.errors import require
+from coe_jax import config_base, objective
 
-OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+# The keys the optimizer reads.
+_KEYS = ("train.optimizer", "train.learning_rate", "train.warmup_steps", "train.weight_decay",
+         "train.momentum", *(f"train.stage_schedules.{stage}.{key}" for stage in config_base.STAGES
+                             for key in ("learning_rate", "warmup_steps")))
 
 
 def stage_schedule(config: ml_collections.ConfigDict, stage: str) -> tuple[float, int]:
   """(peak learning rate, warm-up steps) of `stage`, its own settings over the defaults."""
   train = config.train
   own = train.stage_schedules[stage]
-  key = f"train.stage_schedules.{stage}"
   peak = own.learning_rate if own.learning_rate is not None else train.learning_rate
   warmup = own.warmup_steps if own.warmup_steps is not None else train.warmup_steps
-  name = f"{key}.learning_rate" if own.learning_rate is not None else "train.learning_rate"
-  require(isinstance(peak, (int, float)) and peak > 0, name, peak,
-          "expected a positive learning rate")
-  name = f"{key}.warmup_steps" if own.warmup_steps is not None else "train.warmup_steps"
-  require(isinstance(warmup, int) and warmup >= 0, name, warmup,
-          "expected a non-negative number of steps")
   return float(peak), warmup
 
 
@@ -64,11 +59,9 @@ def _decay_mask(params):
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optax optimizer named by `train.optimizer`, with the schedule and weight decay."""
+  config_base.check(config, *_KEYS)  # Also built from hand-made configs (notebooks, tools).
   train = config.train
   name = train.optimizer
-  require(name in OPTIMIZERS, "train.optimizer", name, f"expected one of {', '.join(OPTIMIZERS)}")
-  require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay,
-          "expected a non-negative weight decay")
   schedule = learning_rate_schedule(config)
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=train.weight_decay, mask=_decay_mask)
@@ -77,6 +70,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     # for MobileNetV3 and EfficientNet.
     rule = optax.rmsprop(schedule, decay=0.9, eps=1e-3, momentum=train.momentum,
                          eps_in_sqrt=True)
-  else:
+  else:  # sgd
     rule = optax.sgd(schedule, momentum=train.momentum, nesterov=True)
   return optax.chain(optax.add_decayed_weights(train.weight_decay, mask=_decay_mask), rule)

@@ -28,17 +28,15 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from coe_jax import data, evaluation, flops, objective, routing, run_dir
+from coe_jax import config_base, data, evaluation, flops, objective, routing, run_dir
 from coe_jax.errors import CoEError, require
 from coe_jax.evaluation import plots
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
-from coe_jax.parallel import expert_parallel
 from coe_jax.parallel import mesh as mesh_lib
 from coe_jax.training import checkpointing, optim
 from coe_jax.training.train_step import TrainState, create_train_state, make_train_step
 
-NONFINITE_POLICIES = ("stop", "skip")
 LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
 
 
@@ -111,49 +109,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the keys the trainer reads; networks and objective check their own.
-
-  Runs before any data is loaded or anything compiled, so bad values fail at once.
-  """
-  require(isinstance(config.num_experts, int) and config.num_experts >= 1, "num_experts",
-          config.num_experts, "expected a positive integer")
-  train = config.train
-  require(isinstance(train.batch_size, int) and train.batch_size > 0, "train.batch_size",
-          train.batch_size, "expected a positive integer")
-  require(isinstance(train.num_steps, int) and train.num_steps > 0, "train.num_steps",
-          train.num_steps, "expected a positive integer")
-  require(train.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
-          train.checkpoint_every_steps, "expected a positive integer")
-  require(train.keep_checkpoints >= 1, "train.keep_checkpoints", train.keep_checkpoints,
-          "expected at least 1")
-  require(train.log_every_steps > 0, "train.log_every_steps", train.log_every_steps,
-          "expected a positive integer")
-  require(train.nonfinite in NONFINITE_POLICIES, "train.nonfinite", train.nonfinite,
-          f"expected one of {', '.join(NONFINITE_POLICIES)}")
-  require(train.batch_norm_scope in expert_parallel.BATCH_NORM_SCOPES, "train.batch_norm_scope",
-          train.batch_norm_scope, f"expected one of {', '.join(expert_parallel.BATCH_NORM_SCOPES)}")
-  require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay,
-          "expected a value in [0, 1)")
-  require(0 <= train.pwlu_realign_fraction < 1, "train.pwlu_realign_fraction",
-          train.pwlu_realign_fraction, "expected a fraction in [0, 1)")
-  threshold = config.eval.threshold
-  require(threshold is None or 0 <= threshold <= 1 or threshold == float("inf"),
-          "eval.threshold", threshold,
-          "expected None (calibrate), a value in [0, 1], or inf (never exit early)")
-  require(threshold is not None or config.data.holdout_fraction > 0, "data.holdout_fraction",
-          config.data.holdout_fraction,
-          "tau is calibrated on a hold-out of the training split, never on the test split: "
-          "hold some out, or fix tau with eval.threshold")
-  target = config.eval.target_mean_flops
-  require(target is None or target > 0, "eval.target_mean_flops", target,
-          "expected None or a positive number of multiply-adds")
-  require(config.eval.batch_size > 0, "eval.batch_size", config.eval.batch_size,
-          "expected a positive integer")
-  routing.RoutingSpec.from_config(config)  # Fails on a bad routing setting.
-  objective.validate_config(config)
-
-
 def _check_workdir(workdir: str) -> None:
   try:
     path = epath.Path(workdir)
@@ -172,7 +127,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None,
                info: Optional[data.DataInfo] = None):
     """`info` stands in for the data set's (the planner compiles steps with no data at hand)."""
-    validate_config(config)
+    config_base.validate(config)
     self.config = config
     self.workdir = workdir
     self.info = info if info is not None else data.get_info(config)
@@ -422,14 +377,14 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
 
   def outputs_of(split):
     return evaluation.collect_outputs(
-        trainer.model, variables, batches(split), expert_loop=config.routing.expert_loop,
+        trainer.model, variables, batches(split), expert_loop=config.expert_loop,
         mesh=trainer.mesh, progress=evaluation.Progress(f"evaluating {split}", sizes[split]))
 
   holdout = outputs_of("holdout") if sizes["holdout"] else None
   if config.eval.threshold is not None:
     threshold, how, source = config.eval.threshold, "fixed", "config"
   else:
-    # validate_config refuses to calibrate without a hold-out.
+    # config_base.validate refuses to calibrate without a hold-out.
     threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d, f_e),
                                           config.eval.target_mean_flops)
     source = "holdout"

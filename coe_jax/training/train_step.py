@@ -119,7 +119,7 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   ema_decay = config.train.ema_decay
-  expert_loop = config.routing.expert_loop
+  expert_loop = config.expert_loop
   schedule = optim.learning_rate_schedule(config)
 
   microbatches = config.train.microbatches
