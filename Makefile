@@ -6,7 +6,7 @@ CONFIG ?= configs/digits.py
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench constraints clean
+.PHONY: venv demo test lint format bench constraints clean
 
 venv: $(STAMP)
 
@@ -25,9 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# ruff's settings are in pyproject.toml: pyflakes, pycodestyle, sorted imports.
+# Settings in pyproject.toml. ruff: pyflakes, pycodestyle, sorted imports;
+# yapf: the layout, shown as a diff here and applied by `make format`.
+SOURCES := coe_jax tests benchmarks configs
 lint: $(STAMP)
-	$(VENV)/bin/ruff check coe_jax tests benchmarks configs
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/yapf --diff --recursive --parallel $(SOURCES)
+
+format: $(STAMP)
+	$(VENV)/bin/yapf --in-place --recursive --parallel $(SOURCES)
+	$(VENV)/bin/ruff check --fix --quiet $(SOURCES)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.inference --config=$(CONFIG) --json=$(WORKDIR)/bench_inference.json

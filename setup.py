@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0", "scipy>=1.17.1", "nbclient>=0.11.0",
-                 "nbformat>=5.11.1", "ipykernel>=7.4.0", "ruff>=0.17.6"],
+                 "nbformat>=5.11.1", "ipykernel>=7.4.0", "ruff>=0.17.6",
+                 "yapf>=0.43.0"],
         "serve": ["ai-edge-litert>=2.3.0", "numpy>=2.4.6", "Pillow>=13.0.0"],
         # NVIDIA GPUs (launch/gpu.sh). jax pins its CUDA plugin to its own
         # version, so `-c constraints.txt` fixes both.

@@ -42,9 +42,11 @@ Formulation = Callable[[jax.Array, jax.Array, jax.Array, int, int], jax.Array]
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: int, groups: int) -> jax.Array:
   """NHWC x HWIO convolution with 'SAME' padding, as `nn.Conv` does it."""
-  return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  return jax.lax.conv_general_dilated(x,
+                                      kernel, (strides, strides),
+                                      "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
 
 
 def mixed_grouped(x: jax.Array, kernel: jax.Array, alpha: jax.Array, strides: int,
@@ -84,9 +86,9 @@ def vmap_conv(x: jax.Array, kernel: jax.Array, alpha: jax.Array, strides: int,
 class Case(NamedTuple):
   """One convolution shape, as found in MobileNetV3's later stages."""
   name: str
-  size: int       # input H = W
-  channels: int   # C
-  features: int   # F
+  size: int  # input H = W
+  channels: int  # C
+  features: int  # F
   kernel_size: int
   strides: int
   depthwise: bool
@@ -126,7 +128,10 @@ _CPU_DEPTHWISE_TRAIN_INFEASIBLE = {
 
 def _layer_formulation(case: Case, num_kernels: int) -> Formulation:
   """The CondConv layer as a formulation: its kernel is set to the given one."""
-  layer = CondConv(case.features, case.kernel_size, num_kernels, case.strides,
+  layer = CondConv(case.features,
+                   case.kernel_size,
+                   num_kernels,
+                   case.strides,
                    depthwise=case.depthwise)
 
   def apply(x, kernel, alpha, strides, groups):
@@ -136,8 +141,8 @@ def _layer_formulation(case: Case, num_kernels: int) -> Formulation:
   return apply
 
 
-def run_case(case: Case, batch: int, num_kernels: int, min_seconds: float
-             ) -> dict[str, dict[str, float | str | None]]:
+def run_case(case: Case, batch: int, num_kernels: int,
+             min_seconds: float) -> dict[str, dict[str, float | str | None]]:
   """Images/s of every formulation on one case, forward and forward+backward.
 
   `train` is None (with the reason in `train_skipped`) where it cannot run.
@@ -145,11 +150,11 @@ def run_case(case: Case, batch: int, num_kernels: int, min_seconds: float
   groups = case.channels if case.depthwise else 1
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (batch, case.size, case.size, case.channels))
-  kernel = jax.random.normal(
-      keys[1], (num_kernels, case.kernel_size, case.kernel_size,
-                case.channels // groups, case.features)) / case.kernel_size
+  kernel = jax.random.normal(keys[1], (num_kernels, case.kernel_size, case.kernel_size,
+                                       case.channels // groups, case.features)) / case.kernel_size
   alpha = jax.nn.sigmoid(jax.random.normal(keys[2], (batch, num_kernels)))
-  formulations = dict(mixed_grouped=mixed_grouped, stacked_outputs=stacked_outputs,
+  formulations = dict(mixed_grouped=mixed_grouped,
+                      stacked_outputs=stacked_outputs,
                       vmap_conv=vmap_conv,
                       per_tap=_layer_formulation(case, num_kernels))
 
@@ -158,12 +163,15 @@ def run_case(case: Case, batch: int, num_kernels: int, min_seconds: float
   for name, formulation in formulations.items():
     forward = jax.jit(lambda x, w, a, f=formulation: f(x, w, a, case.strides, groups))
     # Training cost: gradients to the input, the kernels and the routing.
-    loss = lambda x, w, a, f=formulation: jnp.sum(f(x, w, a, case.strides, groups) ** 2)
+    loss = lambda x, w, a, f=formulation: jnp.sum(f(x, w, a, case.strides, groups)**2)
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     y = forward(x, kernel, alpha)
     if reference is None:
       reference = y
-    np.testing.assert_allclose(y, reference, rtol=2e-3, atol=2e-3 * float(jnp.std(reference)),
+    np.testing.assert_allclose(y,
+                               reference,
+                               rtol=2e-3,
+                               atol=2e-3 * float(jnp.std(reference)),
                                err_msg=f"{name} disagrees on {case.name}")
     results[name] = {"forward": batch / _time(lambda: forward(x, kernel, alpha), min_seconds)}
     infeasible = case.depthwise and jax.default_backend() == "cpu"
@@ -185,24 +193,31 @@ def main(argv):
   rows = []
   for num_kernels in kernels:
     for case in CASES:
-      rows.append(dict(case=case.name, kernels=num_kernels,
-                       images_per_s=run_case(case, _BATCH.value, num_kernels,
-                                             _MIN_SECONDS.value)))
-  print(json.dumps(dict(benchmark="condconv_formulations", backend=jax.default_backend(),
-                        devices=jax.device_count(), cpu_count=os.cpu_count(),
-                        batch=_BATCH.value, results=rows)))
+      rows.append(
+          dict(case=case.name,
+               kernels=num_kernels,
+               images_per_s=run_case(case, _BATCH.value, num_kernels, _MIN_SECONDS.value)))
+  print(
+      json.dumps(
+          dict(benchmark="condconv_formulations",
+               backend=jax.default_backend(),
+               devices=jax.device_count(),
+               cpu_count=os.cpu_count(),
+               batch=_BATCH.value,
+               results=rows)))
 
   names = list(rows[0]["images_per_s"])
   print(f"\nimages/s, batch {_BATCH.value}, forward / forward+backward "
         f"({jax.default_backend()}, {jax.device_count()} device(s))")
   print(f"{'case':<28} {'E':>2} " + " ".join(f"{n:>17}" for n in names))
   for row in rows:
-    cells = " ".join(
-        f"{r['forward']:>7.0f} / {'-' if r['train'] is None else round(r['train']):<7}"
-        for r in row["images_per_s"].values())
+    cells = " ".join(f"{r['forward']:>7.0f} / {'-' if r['train'] is None else round(r['train']):<7}"
+                     for r in row["images_per_s"].values())
     print(f"{row['case']:<28} {row['kernels']:>2} {cells}")
-  skipped = {name: r["train_skipped"] for row in rows
-             for name, r in row["images_per_s"].items() if "train_skipped" in r}
+  skipped = {
+      name: r["train_skipped"]
+      for row in rows for name, r in row["images_per_s"].items() if "train_skipped" in r
+  }
   for name, reason in skipped.items():
     print(f"-: {name} not trained on depthwise cases: {reason}")
 

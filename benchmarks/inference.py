@@ -114,7 +114,8 @@ def _sized(network: ml_collections.ConfigDict, target: float, image_size: int, c
   """`network` scaled to `target` FLOPs (`flops.scaled_to_flops`): its spec and multipliers."""
   sizing = flops.scaled_to_flops(network, target, image_size, channels, num_classes)
   spec = NetworkSpec.from_config(sizing.apply(network), "expert")
-  return spec, dict(width=sizing.width_multiplier, depth=sizing.depth_multiplier,
+  return spec, dict(width=sizing.width_multiplier,
+                    depth=sizing.depth_multiplier,
                     flops=sizing.flops)
 
 
@@ -147,8 +148,8 @@ def _random_variables(init: Callable[..., Any], *args: Any) -> Any:
   return pwlu.realign(jax.jit(init)(*args))
 
 
-def _plain_network(spec: NetworkSpec, num_classes: int, images: jax.Array
-                   ) -> Callable[[], jax.Array]:
+def _plain_network(spec: NetworkSpec, num_classes: int,
+                   images: jax.Array) -> Callable[[], jax.Array]:
   """A jitted forward pass of one network with fresh variables on `images`."""
   net = Expert(spec, num_classes)
   variables = _random_variables(net.init, jax.random.key(1), images[:1])
@@ -170,7 +171,8 @@ def _all_experts(model: CoE, loop: str) -> Callable[..., jax.Array]:
   return run
 
 
-def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[str],
+def _model_and_variables(config: ml_collections.ConfigDict,
+                         workdir: Optional[str],
                          compute_dtype: Optional[str] = None):
   """(config, model, variables, meta): a trained run's, or the config's with random variables.
 
@@ -188,9 +190,10 @@ def _model_and_variables(config: ml_collections.ConfigDict, workdir: Optional[st
   if not workdir:
     # Running statistics while the PWLUs are still ReLUs (phase I), then the
     # PWLUs moved to phase II from them, as `_random_variables` does.
-    variables = pwlu.realign(_data_statistics(
-        model, jax.jit(model.init)(jax.random.key(0)),
-        _random_images(STATISTICS_IMAGES, config, seed=2)))
+    variables = pwlu.realign(
+        _data_statistics(model,
+                         jax.jit(model.init)(jax.random.key(0)),
+                         _random_images(STATISTICS_IMAGES, config, seed=2)))
   return config, model, variables, meta
 
 
@@ -206,20 +209,24 @@ def _data_statistics(model: CoE, variables: Any, images: np.ndarray) -> Any:
   # BatchNorm's and PWLU's momentum, the m above.
   momentum = mbconv.BatchNorm.keywords["momentum"]
   assert pwlu.PWLU.momentum == momentum, (pwlu.PWLU.momentum, momentum)
-  nets = {"delegator": Delegator(model.delegator_spec, model.num_classes, model.num_experts),
-          "experts": Expert(model.expert_spec, model.num_classes)}
+  nets = {
+      "delegator": Delegator(model.delegator_spec, model.num_classes, model.num_experts),
+      "experts": Expert(model.expert_spec, model.num_classes)
+  }
   stats = dict(variables["batch_stats"])
   for part, net in nets.items():
     updated = jax.jit(lambda own, net=net: net.apply(
-        own, images, train=True, mutable=["batch_stats"],
-        rngs={"dropout": jax.random.key(0)})[1]["batch_stats"])
+        own, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})[1][
+            "batch_stats"])
     own = {collection: tree[part] for collection, tree in variables.items()}
     if part == "delegator":
       parts = [own]
     else:  # Experts are stacked on a leading axis: one at a time, then stacked again.
       parts = [jax.tree.map(lambda v, j=j: v[j], own) for j in range(model.num_experts)]
-    solved = [jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum),
-                           updated(p), p["batch_stats"]) for p in parts]
+    solved = [
+        jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum), updated(p),
+                     p["batch_stats"]) for p in parts
+    ]
     stats[part] = solved[0] if part == "delegator" else jax.tree.map(
         lambda *leaves: jnp.stack(leaves), *solved)
   return {**variables, "batch_stats": stats}
@@ -240,10 +247,10 @@ def _threshold(model: CoE, variables: Any, images: jax.Array, threshold: Optiona
   return threshold, source, float(np.mean(confidence >= threshold))
 
 
-def _random_images(batch_size: int, config: ml_collections.ConfigDict, seed: int = 0
-                   ) -> np.ndarray:
+def _random_images(batch_size: int, config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
   size, channels = config.data.image_size, config.data.channels
-  return np.random.default_rng(seed).integers(0, 256, (batch_size, size, size, channels),
+  return np.random.default_rng(seed).integers(0,
+                                              256, (batch_size, size, size, channels),
                                               dtype=np.uint8)  # [B, S, S, C]
 
 
@@ -260,24 +267,29 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   mean_flops = f_d + (1 - exit_rate) * f_e
   # Serving mode plans with an exit rate below 1; at 0.99 C is 1 slot anyway.
   expected_exit_rate = min(exit_rate, 0.99)
-  spec = {loop: routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate,
-                                    loop) for loop in EXPERT_LOOPS}
+  spec = {
+      loop: routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate, loop)
+      for loop in EXPERT_LOOPS
+  }
   capacity = spec["auto"].capacity(batch_size, num_experts)
 
   dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
   condconv_spec, condconv_scale = _sized(flops.condconv_network(config.expert), mean_flops, size,
                                          channels, num_classes)
   dense_flops, condconv_flops = dense_scale["flops"], condconv_scale["flops"]
-  routed = {loop: functools.partial(routing.route_and_predict, model, variables, images,
-                                    threshold, spec=spec[loop])
-            for loop in EXPERT_LOOPS}
-  variants = {
-      **{f"coe_routed[{loop}]": fn for loop, fn in routed.items()},
-      **{f"all_experts[{loop}]": functools.partial(_all_experts(model, loop), variables, images,
-                                                   threshold) for loop in EXPERT_LOOPS},
-      "dense_equal_flops": _plain_network(dense_spec, num_classes, images),
-      "condconv_equal_flops": _plain_network(condconv_spec, num_classes, images),
-  }
+  variants = {}
+  for loop in EXPERT_LOOPS:
+    variants[f"coe_routed[{loop}]"] = functools.partial(routing.route_and_predict,
+                                                        model,
+                                                        variables,
+                                                        images,
+                                                        threshold,
+                                                        spec=spec[loop])
+  for loop in EXPERT_LOOPS:
+    variants[f"all_experts[{loop}]"] = functools.partial(_all_experts(model, loop), variables,
+                                                         images, threshold)
+  variants["dense_equal_flops"] = _plain_network(dense_spec, num_classes, images)
+  variants["condconv_equal_flops"] = _plain_network(condconv_spec, num_classes, images)
   seconds = _time_rounds(variants, steps, rounds)
 
   flops_of = {  # (method's FLOPs per image, FLOPs the device executes per image)
@@ -289,21 +301,36 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   results = {}
   for name, s in seconds.items():
     method, executed = flops_of[name.split("[")[0]]
-    results[name] = dict(images_per_s=batch_size / s, flops_per_image=float(method),
+    results[name] = dict(images_per_s=batch_size / s,
+                         flops_per_image=float(method),
                          executed_flops_per_image=float(executed))
   loop = config.expert_loop
   speed = lambda name: results[name]["images_per_s"]
   routed_speed = speed(f"coe_routed[{loop}]")
-  metrics = jax.device_get(routed[loop]()["metrics"])
+  metrics = jax.device_get(variants[f"coe_routed[{loop}]"]()["metrics"])
   return dict(
-      benchmark="inference", backend=jax.default_backend(), device=jax.devices()[0].device_kind,
-      cpu=platform.processor(), batch_size=batch_size, steps=steps, rounds=rounds,
-      num_experts=num_experts, threshold=threshold, threshold_source=source,
-      exit_rate=exit_rate, capacity=capacity, capacity_factor=config.routing.capacity_factor,
+      benchmark="inference",
+      backend=jax.default_backend(),
+      device=jax.devices()[0].device_kind,
+      cpu=platform.processor(),
+      batch_size=batch_size,
+      steps=steps,
+      rounds=rounds,
+      num_experts=num_experts,
+      threshold=threshold,
+      threshold_source=source,
+      exit_rate=exit_rate,
+      capacity=capacity,
+      capacity_factor=config.routing.capacity_factor,
       overflow_to_expert=int(metrics["overflow_to_expert"]),
       overflow_to_delegator=int(metrics["overflow_to_delegator"]),
-      delegator_flops=f_d, expert_flops=f_e, expert_loop=loop,
-      multipliers={"dense_equal_flops": dense_scale, "condconv_equal_flops": condconv_scale},
+      delegator_flops=f_d,
+      expert_flops=f_e,
+      expert_loop=loop,
+      multipliers={
+          "dense_equal_flops": dense_scale,
+          "condconv_equal_flops": condconv_scale
+      },
       results=results,
       ratios={
           "coe_routed / dense_equal_flops": routed_speed / speed("dense_equal_flops"),
@@ -318,8 +345,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
 
 
 def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
-               workdir: Optional[str], steps: int, rounds: int, threads: Optional[int]
-               ) -> dict[str, Any]:
+               workdir: Optional[str], steps: int, rounds: int,
+               threads: Optional[int]) -> dict[str, Any]:
   """Measures LiteRT serving, float32 and int8, against the JAX router; returns the report."""
   # TensorFlow and the LiteRT runtime are needed by this backend only.
   from coe_jax.serving import export, litert_predictor  # pylint: disable=g-import-not-at-top
@@ -339,32 +366,44 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   dense_flops = dense_scale["flops"]
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
   device_images = jnp.asarray(images)  # [32, S, S, C]
-  jax_routed = functools.partial(
-      routing.route_and_predict, model, variables, threshold=threshold,
-      spec=routing.RoutingSpec("serving", config.routing.capacity_factor, expected_exit_rate,
-                               config.expert_loop))
+  jax_routed = functools.partial(routing.route_and_predict,
+                                 model,
+                                 variables,
+                                 threshold=threshold,
+                                 spec=routing.RoutingSpec("serving", config.routing.capacity_factor,
+                                                          expected_exit_rate, config.expert_loop))
 
   predictors = {}
   with tempfile.TemporaryDirectory() as serve_dir:
     # Calibrated on other images than the timed ones, as a real export is.
-    for quantization, calibration in (("float32", None),
-                                      ("int8", _random_images(LITERT_BATCH, config, seed=1))):
+    for quantization, calibration in (("float32", None), ("int8",
+                                                          _random_images(LITERT_BATCH,
+                                                                         config,
+                                                                         seed=1))):
       out = os.path.join(serve_dir, quantization)
-      export.export_coe(model, variables, out, class_names=[str(k) for k in range(num_classes)],
-                        threshold=threshold, crop_fraction=1.0, model_flops=cost,
+      export.export_coe(model,
+                        variables,
+                        out,
+                        class_names=[str(k) for k in range(num_classes)],
+                        threshold=threshold,
+                        crop_fraction=1.0,
+                        model_flops=cost,
                         calibration=calibration)
       predictors[quantization] = litert_predictor.LiteRTPredictor.load(out, num_threads=threads)
     dense_net = Expert(dense_spec, num_classes)
-    dense_variables = jax.device_get(_random_variables(dense_net.init, jax.random.key(1),
-                                                        images[:1]))
+    dense_variables = jax.device_get(
+        _random_variables(dense_net.init, jax.random.key(1), images[:1]))
     dense_path = os.path.join(serve_dir, "dense.tflite")
     with open(dense_path, "wb") as f:
-      f.write(export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
-                             model.image_shape))
-    dense = litert_predictor.Network(dense_path, {"sha256": litert_predictor.sha256(dense_path),
-                                         "outputs": {"logits": [1, num_classes]}},
-                            model.image_shape,
-                            threads or litert_predictor.default_threads(dense_flops))
+      f.write(
+          export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
+                         model.image_shape))
+    dense = litert_predictor.Network(dense_path, {
+        "sha256": litert_predictor.sha256(dense_path),
+        "outputs": {
+            "logits": [1, num_classes]
+        }
+    }, model.image_shape, threads or litert_predictor.default_threads(dense_flops))
   predictor, int8 = predictors["float32"], predictors["int8"]
   int8_threshold = threshold
   if median_threshold:
@@ -375,8 +414,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
 
   one, many = "[batch=1]", f"[batch={LITERT_BATCH}]"
   variants = {}
-  for prefix, p, tau in (("litert_", predictor, threshold),
-                         ("litert_int8_", int8, int8_threshold)):
+  for prefix, p, tau in (("litert_", predictor, threshold), ("litert_int8_", int8, int8_threshold)):
     variants[f"{prefix}coe_routed{one}"] = (
         lambda p=p, tau=tau: [p.route(images[i:i + 1], tau) for i in range(len(images))])
     variants[f"{prefix}coe_routed{many}"] = lambda p=p, tau=tau: p.route(images, tau)
@@ -401,19 +439,37 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   for name, s in seconds.items():
     per_image = flops_per_image(name)
     images_per_s = LITERT_BATCH / s
-    results[name] = dict(images_per_s=images_per_s, flops_per_image=float(per_image),
+    results[name] = dict(images_per_s=images_per_s,
+                         flops_per_image=float(per_image),
                          macs_per_s=images_per_s * per_image,
                          percent_of_peak=100 * images_per_s * per_image / peak["macs_per_s"])
   speed = lambda name: results[name]["images_per_s"]
   return dict(
-      benchmark="inference", backend="litert", cpu=peak["cpu"], peak=peak,
-      threads={"coe (delegator, experts)": predictor.threads, "dense": dense.threads},
-      delegates=predictor.delegates, undelegated=predictor.undelegated,
-      int8=dict(delegates=int8.delegates, undelegated=int8.undelegated,
-                threshold=int8_threshold, exit_rate=int8_exit_rate),
-      batch_size=LITERT_BATCH, steps=steps, rounds=rounds,
-      num_experts=num_experts, threshold=threshold, threshold_source=source, exit_rate=exit_rate,
-      delegator_flops=f_d, expert_flops=f_e, load_average=os.getloadavg(), results=results,
+      benchmark="inference",
+      backend="litert",
+      cpu=peak["cpu"],
+      peak=peak,
+      threads={
+          "coe (delegator, experts)": predictor.threads,
+          "dense": dense.threads
+      },
+      delegates=predictor.delegates,
+      undelegated=predictor.undelegated,
+      int8=dict(delegates=int8.delegates,
+                undelegated=int8.undelegated,
+                threshold=int8_threshold,
+                exit_rate=int8_exit_rate),
+      batch_size=LITERT_BATCH,
+      steps=steps,
+      rounds=rounds,
+      num_experts=num_experts,
+      threshold=threshold,
+      threshold_source=source,
+      exit_rate=exit_rate,
+      delegator_flops=f_d,
+      expert_flops=f_e,
+      load_average=os.getloadavg(),
+      results=results,
       ratios={
           f"litert_int8_coe_routed{many} / litert_coe_routed{many}":
               speed(f"litert_int8_coe_routed{many}") / speed(f"litert_coe_routed{many}"),
@@ -435,16 +491,17 @@ def format_litert_table(report: dict[str, Any]) -> str:
   """The LiteRT report as a table with its ratios."""
   delegates = lambda d: "/".join(sorted(set(d)))
   builtin = lambda undelegated: sorted({op for ops in undelegated for op in ops}) or "none"
-  lines = [f"LiteRT (float32 {delegates(report['delegates'])}, int8 "
-           f"{delegates(report['int8']['delegates'])}; threads {report['threads']}) "
-           f"on {report['cpu']}; "
-           f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
-           f"exit rate {report['exit_rate']:.2f} (int8: threshold "
-           f"{report['int8']['threshold']:.4f}, exit rate {report['int8']['exit_rate']:.2f})",
-           f"ops on builtin kernels: float32 {builtin(report['undelegated'])}, "
-           f"int8 {builtin(report['int8']['undelegated'])}",
-           f"peak: {report['peak']['derivation']}",
-           f"{'variant':<32} {'images/s':>10} {'MFLOPs/image':>13} {'GMAC/s':>8} {'% peak':>7}"]
+  lines = [
+      f"LiteRT (float32 {delegates(report['delegates'])}, int8 "
+      f"{delegates(report['int8']['delegates'])}; threads {report['threads']}) "
+      f"on {report['cpu']}; "
+      f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
+      f"exit rate {report['exit_rate']:.2f} (int8: threshold "
+      f"{report['int8']['threshold']:.4f}, exit rate {report['int8']['exit_rate']:.2f})",
+      f"ops on builtin kernels: float32 {builtin(report['undelegated'])}, "
+      f"int8 {builtin(report['int8']['undelegated'])}", f"peak: {report['peak']['derivation']}",
+      f"{'variant':<32} {'images/s':>10} {'MFLOPs/image':>13} {'GMAC/s':>8} {'% peak':>7}"
+  ]
   for name, r in report["results"].items():
     lines.append(f"{name:<32} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
                  f"{r['macs_per_s'] / 1e9:>8.2f} {r['percent_of_peak']:>7.1f}")
@@ -454,15 +511,19 @@ def format_litert_table(report: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
   """The report as a table with its ratios."""
-  lines = [f"batch {report['batch_size']} on {report['backend']} ({report['device']}); "
-           f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
-           f"exit rate {report['exit_rate']:.2f}; capacity C={report['capacity']} per expert",
-           f"{'variant':<24} {'images/s':>10} {'MFLOPs/image':>13} {'executed':>9}"]
+  lines = [
+      f"batch {report['batch_size']} on {report['backend']} ({report['device']}); "
+      f"threshold {report['threshold']:.4f}: {report['threshold_source']}; "
+      f"exit rate {report['exit_rate']:.2f}; capacity C={report['capacity']} per expert",
+      f"{'variant':<24} {'images/s':>10} {'MFLOPs/image':>13} {'executed':>9}"
+  ]
   for name, r in report["results"].items():
     lines.append(f"{name:<24} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
                  f"{r['executed_flops_per_image'] / 1e6:>9.3f}")
-  lines += [f"{name}: width x{m['width']:.2f}, depth x{m['depth']}"
-            for name, m in report["multipliers"].items()]
+  lines += [
+      f"{name}: width x{m['width']:.2f}, depth x{m['depth']}"
+      for name, m in report["multipliers"].items()
+  ]
   lines += [f"{k}: {v:.2f}" for k, v in {**report["ratios"], **report["expert_loop_speed"]}.items()]
   return "\n".join(lines)
 
@@ -475,8 +536,8 @@ def main(argv):
       report = run_litert(load_config(_CONFIG.value), _THRESHOLD.value, _WORKDIR.value,
                           _STEPS.value, _ROUNDS.value, _THREADS.value)
     else:
-      report = run(load_config(_CONFIG.value), _BATCH_SIZE.value, _THRESHOLD.value,
-                   _WORKDIR.value, _STEPS.value, _ROUNDS.value)
+      report = run(load_config(_CONFIG.value), _BATCH_SIZE.value, _THRESHOLD.value, _WORKDIR.value,
+                   _STEPS.value, _ROUNDS.value)
   except CoEError as e:
     sys.exit(f"error: {e}")
   report["config"] = _CONFIG.value
@@ -490,16 +551,16 @@ if __name__ == "__main__":
   _CONFIG = flags.DEFINE_string("config", None, "Config file, e.g. configs/digits.py.")
   _JSON = flags.DEFINE_string("json", None, "Where to write the report.")
   _BATCH_SIZE = flags.DEFINE_integer("batch-size", 64, "Images per batch (jax backend).")
-  _THRESHOLD = flags.DEFINE_float("threshold", None,
-                                  "Early-exit threshold tau (default: the --workdir run's "
-                                  "calibrated one, else the median delegator confidence).")
+  _THRESHOLD = flags.DEFINE_float(
+      "threshold", None, "Early-exit threshold tau (default: the --workdir run's "
+      "calibrated one, else the median delegator confidence).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run: its variables and threshold.")
   _STEPS = flags.DEFINE_integer("steps", 5, "Batches per variant and round.")
   _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each variant's best is reported.")
   _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "litert"],
                                "jax: the variants above; litert: the exported serving path.")
-  _THREADS = flags.DEFINE_integer("threads", None,
-                                  "LiteRT interpreter threads (litert backend; default: "
-                                  "coe_jax.serving.litert_predictor's choice per network).")
+  _THREADS = flags.DEFINE_integer(
+      "threads", None, "LiteRT interpreter threads (litert backend; default: "
+      "coe_jax.serving.litert_predictor's choice per network).")
   flags.mark_flags_as_required(["config", "json"])
   app.run(main)

@@ -37,8 +37,8 @@ def _convert(size: int, channels: int, kernel: int, int8: bool) -> bytes:
   if int8:
     rng = np.random.default_rng(0)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: (
-        [rng.random((1, size, size, channels), np.float32)] for _ in range(8))
+    converter.representative_dataset = lambda: ([rng.random((1, size, size, channels), np.float32)]
+                                                for _ in range(8))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
   return converter.convert()
 
@@ -75,9 +75,13 @@ def measure(cases=CASES) -> dict[str, Any]:
     macs = LAYERS * size * size * channels * channels * kernel * kernel
     f32 = _seconds_per_call(_convert(size, channels, kernel, int8=False))
     int8 = _seconds_per_call(_convert(size, channels, kernel, int8=True))
-    rows.append({"case": f"{size}x{size}x{channels} k{kernel}", "macs": macs,
-                 "float32_gmacs_per_s": macs / f32 / 1e9, "int8_gmacs_per_s": macs / int8 / 1e9,
-                 "int8_over_float32": f32 / int8})
+    rows.append({
+        "case": f"{size}x{size}x{channels} k{kernel}",
+        "macs": macs,
+        "float32_gmacs_per_s": macs / f32 / 1e9,
+        "int8_gmacs_per_s": macs / int8 / 1e9,
+        "int8_over_float32": f32 / int8
+    })
   return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": 1, "rows": rows}
 
 
@@ -87,8 +91,8 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   report = measure()
   print(json.dumps(report))
-  print(f"{report['cpu']}, one thread; flags: "
-        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu_flags"].items()))
+  print(f"{report['cpu']}, one thread; flags: " +
+        ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu_flags"].items()))
   print("| convolutions | float32 G multiply-adds/s | int8 G multiply-adds/s | int8 / float32 |")
   print("|---|---|---|---|")
   for row in report["rows"]:

@@ -53,8 +53,12 @@ def measured_peak(size: int = MATMUL_SIZE, repeats: int = REPEATS) -> dict[str, 
     np.matmul(a, b, out=out)
     seconds.append(time.perf_counter() - start)
   best = min(seconds)
-  macs = size ** 3 / best
-  return dict(macs_per_s=macs, gmacs_per_s=macs / 1e9, seconds=best, matmul_size=size,
-              repeats=repeats, cpu=cpu_name(),
+  macs = size**3 / best
+  return dict(macs_per_s=macs,
+              gmacs_per_s=macs / 1e9,
+              seconds=best,
+              matmul_size=size,
+              repeats=repeats,
+              cpu=cpu_name(),
               derivation=f"measured: float32 {size}x{size} numpy matmul, best of {repeats}, "
-                         f"{macs / 1e9:.1f} G multiply-adds/s")
+              f"{macs / 1e9:.1f} G multiply-adds/s")

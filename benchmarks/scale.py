@@ -32,8 +32,8 @@ import os
 
 # Fake devices for the meshes: set before jax starts its backend.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
@@ -77,9 +77,11 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
   size, channels = config.data.image_size, config.data.channels
   sharding = trainer.batch_sharding
   abstract_batch = {
-      "image": jax.ShapeDtypeStruct((batch_size, size, size, channels), np.uint8,
-                                    sharding=sharding),
-      "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding)}
+      "image":
+          jax.ShapeDtypeStruct((batch_size, size, size, channels), np.uint8, sharding=sharding),
+      "label":
+          jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding)
+  }
   step = trainer.compile_step("coadapt")
   start = time.perf_counter()
   with conv.formulation("conv"):  # Convolutions as an accelerator's program has them.
@@ -103,23 +105,38 @@ def measure(config_path: str, num_experts: int, data: int, expert: int, batch_si
   start = time.perf_counter()
   for stage in ("warmup", "delegator"):
     with conv.formulation("conv"):
-      trainer.compile_step(stage).lower(
-          trainer.abstract_state, abstract_batch, jax.random.key(0)).compile()
+      trainer.compile_step(stage).lower(trainer.abstract_state, abstract_batch,
+                                        jax.random.key(0)).compile()
   run_compile_s = compile_s + time.perf_counter() - start
   return {
-      "num_experts": num_experts, "mesh": f"{data}x{expert}",
-      "gflops_per_device": compiled.cost_analysis()["flops"] / 1e9,
-      "model_gflops_per_device": flops.train_step_flops(
-          config, trainer.info.num_classes) / (data * expert) / 1e9,
-      "temp_mib": memory.temp_size_in_bytes / 2**20,
-      "argument_mib": memory.argument_size_in_bytes / 2**20,
-      "convolutions": len(re.findall(r"= \S+ convolution\(", text)),
-      "all_reduce": len(re.findall(r"all-reduce(-start)?\(", text)),
-      "all_gather": len(re.findall(r"all-gather(-start)?\(", text)),
-      "collective_permute": len(re.findall(r"collective-permute(-start)?\(", text)),
-      "compile_s": compile_s, "run_compile_s": run_compile_s,
-      "step_s": float(np.median(times[1:])),
-      "sinkhorn_iterations": float(metrics["sinkhorn_iterations"]),
+      "num_experts":
+          num_experts,
+      "mesh":
+          f"{data}x{expert}",
+      "gflops_per_device":
+          compiled.cost_analysis()["flops"] / 1e9,
+      "model_gflops_per_device":
+          flops.train_step_flops(config, trainer.info.num_classes) / (data * expert) / 1e9,
+      "temp_mib":
+          memory.temp_size_in_bytes / 2**20,
+      "argument_mib":
+          memory.argument_size_in_bytes / 2**20,
+      "convolutions":
+          len(re.findall(r"= \S+ convolution\(", text)),
+      "all_reduce":
+          len(re.findall(r"all-reduce(-start)?\(", text)),
+      "all_gather":
+          len(re.findall(r"all-gather(-start)?\(", text)),
+      "collective_permute":
+          len(re.findall(r"collective-permute(-start)?\(", text)),
+      "compile_s":
+          compile_s,
+      "run_compile_s":
+          run_compile_s,
+      "step_s":
+          float(np.median(times[1:])),
+      "sinkhorn_iterations":
+          float(metrics["sinkhorn_iterations"]),
   }
 
 
@@ -128,16 +145,20 @@ def transport_at_scale(batch: int = 4096, num_experts: int = 32) -> dict[str, An
   rng = np.random.default_rng(0)
   logits = 8.0 * rng.standard_normal((batch, num_experts)).astype(np.float32)
   scores = jax.nn.log_softmax(logits, axis=-1)  # [B, N]
-  solve = jax.jit(lambda s: transport.balanced_assignment(
-      s, epsilon=0.05, max_iterations=200, threshold=1e-3))
+  solve = jax.jit(
+      lambda s: transport.balanced_assignment(s, epsilon=0.05, max_iterations=200, threshold=1e-3))
   assignment, info = jax.block_until_ready(solve(scores))
   start = time.perf_counter()
   jax.block_until_ready(solve(scores))
   loads = np.bincount(np.asarray(assignment), minlength=num_experts)
-  return {"batch": batch, "num_experts": num_experts,
-          "sinkhorn_iterations": int(info["sinkhorn_iterations"]),
-          "sinkhorn_converged": bool(info["sinkhorn_converged"]),
-          "load_gap": int(loads.max() - loads.min()), "seconds": time.perf_counter() - start}
+  return {
+      "batch": batch,
+      "num_experts": num_experts,
+      "sinkhorn_iterations": int(info["sinkhorn_iterations"]),
+      "sinkhorn_converged": bool(info["sinkhorn_converged"]),
+      "load_gap": int(loads.max() - loads.min()),
+      "seconds": time.perf_counter() - start
+  }
 
 
 def main(argv):
@@ -159,22 +180,27 @@ def main(argv):
       except CoEError as e:
         sys.exit(f"error: {e}")
       rows.append(row)
-      print(f"N={n} mesh {data}x{expert}: {row['gflops_per_device']:.3f} GFLOP/device, "
-            f"{row['convolutions']} convolutions, compile {row['compile_s']:.0f} s", flush=True)
+      print(
+          f"N={n} mesh {data}x{expert}: {row['gflops_per_device']:.3f} GFLOP/device, "
+          f"{row['convolutions']} convolutions, compile {row['compile_s']:.0f} s",
+          flush=True)
   for row in rows:
-    base = [r for r in rows if r["num_experts"] == row["num_experts"]
-            and r["mesh"].endswith("x1")]
-    row["flops_vs_data_only"] = (row["gflops_per_device"] / base[0]["gflops_per_device"]
-                                 if base else None)
-  report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "config": _CONFIG.value, "batch_size": _BATCH_SIZE.value,
-            "expert_loop": _EXPERT_LOOP.value, "rows": rows,
-            "transport": transport_at_scale()}
+    base = [r for r in rows if r["num_experts"] == row["num_experts"] and r["mesh"].endswith("x1")]
+    row["flops_vs_data_only"] = (row["gflops_per_device"] /
+                                 base[0]["gflops_per_device"] if base else None)
+  report = {
+      "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "config": _CONFIG.value,
+      "batch_size": _BATCH_SIZE.value,
+      "expert_loop": _EXPERT_LOOP.value,
+      "rows": rows,
+      "transport": transport_at_scale()
+  }
   print(json.dumps(report))
   columns = ("num_experts", "mesh", "gflops_per_device", "flops_vs_data_only",
-             "model_gflops_per_device", "temp_mib",
-             "convolutions", "all_reduce", "all_gather", "collective_permute", "compile_s",
-             "run_compile_s", "step_s")
+             "model_gflops_per_device", "temp_mib", "convolutions", "all_reduce", "all_gather",
+             "collective_permute", "compile_s", "run_compile_s", "step_s")
   print("| " + " | ".join(columns) + " |")
   print("|" + "---|" * len(columns))
   for row in rows:

@@ -72,9 +72,10 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   state = create_train_state(model, optimizer, config, jax.random.key(0))
   size, channels = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, channels)),
-                                jnp.uint8),
-           "label": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)}
+  batch = {
+      "image": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, channels)), jnp.uint8),
+      "label": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)
+  }
   key = jax.random.key(1)
 
   timings = {}
@@ -85,8 +86,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   # matrix products (`coe_jax.models.conv`): the formulation's speed-up.
   with conv.formulation("conv"):
     step = jax.jit(make_train_step(model, optimizer, config, "coadapt"))
-    timings["train_step_as_convolutions"] = _seconds_per_call(
-        lambda: step(state, batch, key), repeats)
+    timings["train_step_as_convolutions"] = _seconds_per_call(lambda: step(state, batch, key),
+                                                              repeats)
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   _, selection_logits = model.delegator(variables, batch["image"])
@@ -97,13 +98,16 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
 
   @jax.jit
   def modules(selection_logits, expert_logits, labels):
-    weights, _, _ = wgm.expert_loss_weights(
-        selection_logits, off_portion_weight=config.wgm.off_portion_weight, **solver)
-    targets, _ = lgm.selection_targets(expert_logits, labels, rule=config.lgm.rule,
+    weights, _, _ = wgm.expert_loss_weights(selection_logits,
+                                            off_portion_weight=config.wgm.off_portion_weight,
+                                            **solver)
+    targets, _ = lgm.selection_targets(expert_logits,
+                                       labels,
+                                       rule=config.lgm.rule,
                                        temperature=config.lgm.temperature,
-                                       rng=jax.random.key(0), **solver)
-    sample_weights = vcm.selection_sample_weights(expert_logits, labels,
-                                                  enabled=config.vcm.enabled)
+                                       rng=jax.random.key(0),
+                                       **solver)
+    sample_weights = vcm.selection_sample_weights(expert_logits, labels, enabled=config.vcm.enabled)
     return weights, targets, sample_weights
 
   timings["wgm_lgm_vcm"] = _seconds_per_call(
@@ -113,30 +117,37 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   cost = flops.count(config, num_classes)
   step_macs = 3 * batch_size * (cost["delegator_flops"] + num_experts * cost["expert_flops"])
   return {
-      "batch_size": batch_size, "num_experts": num_experts,
-      "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+      "batch_size": batch_size,
+      "num_experts": num_experts,
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind),
       "machine": platform.processor() or platform.machine(),
-      **{f"{k}_ms": 1e3 * v for k, v in timings.items()},
+      **{
+          f"{k}_ms": 1e3 * v for k, v in timings.items()
+      },
       "share": timings["wgm_lgm_vcm"] / timings["train_step"],
       "images_per_s": batch_size / timings["train_step"],
       "matmul_speedup": timings["train_step_as_convolutions"] / timings["train_step"],
       "step_macs": step_macs,
-      **{f"{k}_percent_of_peak": 100 * step_macs / timings[k] / peak["macs_per_s"]
-         for k in STEPS},
+      **{
+          f"{k}_percent_of_peak": 100 * step_macs / timings[k] / peak["macs_per_s"] for k in STEPS
+      },
       "peak": peak,
   }
 
 
 def format_table(report: dict[str, Any]) -> str:
   """The report as a table: each part's time, share of the step and % of the peak."""
-  lines = [f"peak: {report['peak']['derivation']}; "
-           f"a step: {report['step_macs'] / 1e9:.2f} G multiply-adds (estimated)",
-           f"{'part':<28}{'ms':>10}{'share of train step':>24}{'% peak':>8}"]
+  lines = [
+      f"peak: {report['peak']['derivation']}; "
+      f"a step: {report['step_macs'] / 1e9:.2f} G multiply-adds (estimated)",
+      f"{'part':<28}{'ms':>10}{'share of train step':>24}{'% peak':>8}"
+  ]
   for name in (*STEPS, "wgm_lgm_vcm"):
     of_peak = report.get(f"{name}_percent_of_peak")
     lines.append(f"{name:<28}{report[f'{name}_ms']:>10.2f}"
-                 f"{report[f'{name}_ms'] / report['train_step_ms']:>23.1%}"
-                 + (f"{of_peak:>8.1f}" if of_peak is not None else ""))
+                 f"{report[f'{name}_ms'] / report['train_step_ms']:>23.1%}" +
+                 (f"{of_peak:>8.1f}" if of_peak is not None else ""))
   return "\n".join(lines)
 
 
@@ -144,9 +155,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    report = {"config": _CONFIG.value,
-              **run(load_config(_CONFIG.value), _BATCH_SIZE.value, _NUM_EXPERTS.value,
-                    _REPEATS.value)}
+    report = {
+        "config": _CONFIG.value,
+        **run(load_config(_CONFIG.value), _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value)
+    }
   except CoEError as e:
     sys.exit(f"error: {e}")
   print(json.dumps(report))

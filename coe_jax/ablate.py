@@ -63,8 +63,8 @@ from coe_jax.training.train_step import TrainState
 
 # The single-network family besides `single` (1x): multiples of CoE's mean FLOPs.
 FAMILY = (0.5, 0.7, 1.4, 2.0)
-VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single",
-            *(f"single_{f:g}x" for f in FAMILY), "condconv", "ensemble")
+VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single", *(f"single_{f:g}x" for f in FAMILY),
+            "condconv", "ensemble")
 DESCRIPTIONS = {
     "coe": "full CoE: WGM + LGM + VCM, early exit",
     "no_wgm": "without WGM: uniform expert weights (wgm.off_portion_weight=1)",
@@ -102,7 +102,9 @@ def _check_variant(variant: str) -> None:
                    "or single_<f>x (f a positive number)")
 
 
-def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int,
+def variant_config(config: ml_collections.ConfigDict,
+                   variant: str,
+                   seed: int,
                    sizing: Optional[flops.Sizing] = None) -> ml_collections.ConfigDict:
   """The config of one variant at one seed; the sized variants need `sizing`
   (multipliers on the expert network, or on its CondConv form for `condconv`)."""
@@ -136,8 +138,9 @@ def _network_of(config: ml_collections.ConfigDict, variant: str) -> ml_collectio
 def variant_sizing(config: ml_collections.ConfigDict, variant: str, num_classes: int,
                    coe_mean_flops: float) -> flops.Sizing:
   """The multipliers of a sized variant, from full CoE's mean FLOPs."""
-  return flops.scaled_to_flops(_network_of(config, variant), flops_factor(variant) * coe_mean_flops,
-                               config.data.image_size, config.data.channels, num_classes)
+  return flops.scaled_to_flops(_network_of(config, variant),
+                               flops_factor(variant) * coe_mean_flops, config.data.image_size,
+                               config.data.channels, num_classes)
 
 
 def flops_ratio_at_equal_accuracy(family: Sequence[tuple[float, float]], coe_top1: float,
@@ -165,7 +168,10 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
 
   @functools.partial(jax.jit, out_shardings=trainer.replicated)
   def hits(variables, batch):
-    logits = expert_parallel.run_experts(model, variables, batch["image"], shared_input=True,
+    logits = expert_parallel.run_experts(model,
+                                         variables,
+                                         batch["image"],
+                                         shared_input=True,
                                          expert_loop=config.expert_loop,
                                          mesh=trainer.mesh)  # [N, B, K]
     probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)  # [B, K]
@@ -174,7 +180,8 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
 
   variables = state.eval_variables()
   correct = total = 0
-  for batch in data.eval_batches(config, process_index=jax.process_index(),
+  for batch in data.eval_batches(config,
+                                 process_index=jax.process_index(),
                                  process_count=jax.process_count()):
     c, t = jax.device_get(hits(variables, trainer.global_batch(batch)))
     correct, total = correct + int(c), total + int(t)
@@ -191,8 +198,8 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
       stopped (SIGTERM) before the end.
   """
   saved_config = epath.Path(workdir) / run_dir.CONFIG
-  if saved_config.exists() and config_base.upgrade(run_dir.read_json(str(saved_config))) != (
-      json.loads(config.to_json())):
+  if saved_config.exists() and config_base.upgrade(run_dir.read_json(
+      str(saved_config))) != (json.loads(config.to_json())):
     raise CoEError(f"workdir={workdir!r}: holds a run of another config (other overrides?); "
                    "use a new --workdir")
   run_file = epath.Path(workdir) / run_dir.ABLATION_RUN
@@ -207,12 +214,15 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
                    "to resume")
   results = train.evaluate(trainer, state)
   if flops_factor(variant) is not None:
-    row = dict(top1=results["expert_top1"][0], mean_flops=results["expert_flops"],
-               early_exit_rate=None, top1_no_early_exit=None)
+    row = dict(top1=results["expert_top1"][0],
+               mean_flops=results["expert_flops"],
+               early_exit_rate=None,
+               top1_no_early_exit=None)
   elif variant == "ensemble":
     row = dict(top1=ensemble_top1(trainer, state),
                mean_flops=config.num_experts * results["expert_flops"],
-               early_exit_rate=None, top1_no_early_exit=None)
+               early_exit_rate=None,
+               top1_no_early_exit=None)
   else:
     row = {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
   row.update(expert_flops=results["expert_flops"], seconds=time.time() - started)
@@ -225,7 +235,7 @@ def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> 
   mean = sum(values) / len(values)
   if len(values) == 1:
     return f"{mean:.{digits}f}"
-  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  sd = math.sqrt(sum((v - mean)**2 for v in values) / (len(values) - 1))
   return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
@@ -240,8 +250,8 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
       "Mean FLOPs are multiply-adds per image, averaged over the test split (CoE variants at "
       "their calibrated tau).", "",
       "| variant | what | top-1 (%) | per seed (%) | top-1, no early exit (%) | "
-      "mean FLOPs (M) | early exits (%) |",
-      "|---|---|---|---|---|---|---|"]
+      "mean FLOPs (M) | early exits (%) |", "|---|---|---|---|---|---|---|"
+  ]
   for row in rows:
     runs = row["runs"]
     per_seed = ", ".join(f"{100 * r['top1']:.2f}" for r in runs)
@@ -261,10 +271,12 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
                  f"{100 * (sizing.flops / sizing.target - 1):+.1f}% from its target of "
                  f"{sizing.target / 1e6:.4f}M.")
   if any(_is_family(row["name"]) for row in rows):
-    lines += ["", "`flops_ratio_at_equal_accuracy` (FLOPs the single-network family needs to "
-              "reach CoE's top-1, over CoE's mean FLOPs): " +
-              (f"{ratio:.2f}" if ratio is not None else
-               "not reached within the family (CoE's top-1 lies outside its range)")]
+    lines += [
+        "", "`flops_ratio_at_equal_accuracy` (FLOPs the single-network family needs to "
+        "reach CoE's top-1, over CoE's mean FLOPs): " +
+        (f"{ratio:.2f}" if ratio is not None else
+         "not reached within the family (CoE's top-1 lies outside its range)")
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -276,8 +288,11 @@ def _mean(values: Sequence[float]) -> float:
   return sum(values) / len(values)
 
 
-def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
-                 variants: Sequence[str] = VARIANTS, command: str = "") -> str:
+def run_ablation(config: ml_collections.ConfigDict,
+                 workdir: str,
+                 seeds: int,
+                 variants: Sequence[str] = VARIANTS,
+                 command: str = "") -> str:
   """Runs the variants over the seeds and writes the table, JSON and plot; returns the table.
 
   The sized variants need full CoE's mean FLOPs, so `coe` always runs with them.
@@ -307,33 +322,50 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int,
     runs = []
     for s in range(seeds):
       variant_dir = os.path.join(workdir, variant, f"seed{s}")
-      print(f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: "
-            f"{variant_dir}", flush=True)
+      print(
+          f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: "
+          f"{variant_dir}",
+          flush=True)
       run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
                         variant_dir)
       exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
                if run["early_exit_rate"] is not None else "")
-      print(f"    top-1 {100 * run['top1']:.2f}%, mean FLOPs {run['mean_flops'] / 1e6:.4f}M"
-            f"{exits} ({run['seconds']:.0f} s)", flush=True)
+      print(
+          f"    top-1 {100 * run['top1']:.2f}%, mean FLOPs {run['mean_flops'] / 1e6:.4f}M"
+          f"{exits} ({run['seconds']:.0f} s)",
+          flush=True)
       runs.append(run)
     rows.append({"name": variant, "runs": runs})
 
-  summary = [{"name": row["name"], "top1": _mean([r["top1"] for r in row["runs"]]),
-              "mean_flops": _mean([r["mean_flops"] for r in row["runs"]])} for row in rows]
+  summary = [{
+      "name": row["name"],
+      "top1": _mean([r["top1"] for r in row["runs"]]),
+      "mean_flops": _mean([r["mean_flops"] for r in row["runs"]])
+  } for row in rows]
   family = [(r["mean_flops"], r["top1"]) for r in summary if _is_family(r["name"])]
   ratio = None
   if family and rows[0]["name"] == "coe":
     ratio = flops_ratio_at_equal_accuracy(family, summary[0]["top1"], summary[0]["mean_flops"])
   table = format_table(rows, sizings, ratio, command)
   epath.Path(workdir, "ablation.md").write_text(table)
-  run_dir.write_json(os.path.join(workdir, run_dir.ABLATION), {
-      "command": command, "seeds": seeds, "flops_ratio_at_equal_accuracy": ratio,
-      "rows": rows, "sizings": {k: dataclasses.asdict(v) for k, v in sizings.items()}})
+  run_dir.write_json(
+      os.path.join(workdir, run_dir.ABLATION), {
+          "command": command,
+          "seeds": seeds,
+          "flops_ratio_at_equal_accuracy": ratio,
+          "rows": rows,
+          "sizings": {
+              k: dataclasses.asdict(v) for k, v in sizings.items()
+          }
+      })
   curve_path = os.path.join(workdir, "coe", "seed0", run_dir.CURVE)
   curve = run_dir.read_json(curve_path) if epath.Path(curve_path).exists() else None
-  plot_rows = [{"name": row["name"], "top1": [r["top1"] for r in row["runs"]],
-                "mean_flops": _mean([r["mean_flops"] for r in row["runs"]]),
-                "family": _is_family(row["name"])} for row in rows]
+  plot_rows = [{
+      "name": row["name"],
+      "top1": [r["top1"] for r in row["runs"]],
+      "mean_flops": _mean([r["mean_flops"] for r in row["runs"]]),
+      "family": _is_family(row["name"])
+  } for row in rows]
   plots.ablation(plot_rows, os.path.join(workdir, "ablation.png"), curve=curve)
   return table
 
@@ -354,7 +386,9 @@ def main(argv):
 
 if __name__ == "__main__":
   # Defined here, not at import, so other entry points can import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+  _CONFIG = config_flags.DEFINE_config_file("config",
+                                            None,
+                                            "Path to a config file.",
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the ablation's runs and report.")
   _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per variant: seed, seed + 1, ...")

@@ -89,7 +89,6 @@ STAGE_FRACTION = real(lambda v: v >= 0, "expected a non-negative fraction of tra
 LEARNING_RATE = real(lambda v: v > 0, "expected a positive learning rate")
 WARMUP_STEPS = Rule(lambda v: _is_int(v) and v >= 0, "expected a non-negative number of steps")
 
-
 # Each section: key -> Key(default, rule). Comments say what the key means.
 _SCHEMA: dict[str, Any] = dict(
     seed=Key(0, Rule(_is_int, "expected an integer")),
@@ -103,9 +102,11 @@ _SCHEMA: dict[str, Any] = dict(
     data=dict(
         # digits | image_folder | any TFDS name (imagenet2012, ...); an unknown
         # name fails when the data is opened.
-        name=Key("digits", Rule(lambda v: isinstance(v, str) and bool(v),
-                                "expected digits, image_folder or a TFDS name")),
-        path=Key("", TEXT),           # image_folder root (DIR/train/<class>/*, DIR/test/<class>/*)
+        name=Key(
+            "digits",
+            Rule(lambda v: isinstance(v, str) and bool(v),
+                 "expected digits, image_folder or a TFDS name")),
+        path=Key("", TEXT),  # image_folder root (DIR/train/<class>/*, DIR/test/<class>/*)
         tfds_data_dir=Key("", TEXT),  # TFDS data dir; empty = TFDS default / $TFDS_DATA_DIR
         # Training and evaluation resolution (square).
         image_size=Key(32, Rule(lambda v: _is_int(v) and v > 0,
@@ -113,17 +114,20 @@ _SCHEMA: dict[str, Any] = dict(
         channels=Key(3, Rule(lambda v: v in (1, 3), "expected 1 (grey) or 3 (RGB)")),
         # Classes of the data set; the trainer takes the number from the data and
         # checks it against this when set. The FLOPs tool reads it.
-        num_classes=Key(None, Rule(lambda v: v is None or (_is_int(v) and v >= 2),
-                                   "expected None (from the data) or at least 2 classes"), int),
+        num_classes=Key(
+            None,
+            Rule(lambda v: v is None or (_is_int(v) and v >= 2),
+                 "expected None (from the data) or at least 2 classes"), int),
         # Training augmentation (coe_jax/data/common.py): auto = translate in
         # memory, inception_crop on TFDS. Each source checks it supports the choice.
         augment=Key("auto", one_of(AUGMENTATIONS)),
         # Share of train held out (never trained on) to calibrate tau; 0 = none.
         # Above half, calibration costs more training data than it is worth and
         # a small class could lose all its training examples.
-        holdout_fraction=Key(0.1, real(
-            lambda v: 0 <= v <= 0.5,
-            "expected a share of the training split in [0, 0.5] (0 = no hold-out)")),
+        holdout_fraction=Key(
+            0.1,
+            real(lambda v: 0 <= v <= 0.5,
+                 "expected a share of the training split in [0, 0.5] (0 = no hold-out)")),
         shuffle_buffer=Key(10_000, POSITIVE_INT),
         cache=Key(True, FLAG),
     ),
@@ -133,19 +137,23 @@ _SCHEMA: dict[str, Any] = dict(
         # Stage lengths as fractions of num_steps, run in this order: warmup
         # (plain classifiers), coadapt (WGM + LGM + VCM), delegator (frozen
         # experts). They sum to 1; a stage left out has length 0.
-        stages=dict(warmup=Key(0.2, STAGE_FRACTION), coadapt=Key(0.8, STAGE_FRACTION),
+        stages=dict(warmup=Key(0.2, STAGE_FRACTION),
+                    coadapt=Key(0.8, STAGE_FRACTION),
                     delegator=Key(0.0, STAGE_FRACTION)),
         optimizer=Key("rmsprop", one_of(OPTIMIZERS)),
         # Each stage has its own schedule over its own steps: linear warm-up to
         # its peak, then cosine decay to 0 at the stage's end (training/optim.py).
         learning_rate=Key(0.016, LEARNING_RATE),  # peak of every stage that sets none
         warmup_steps=Key(100, WARMUP_STEPS),  # of every stage that sets none; at most half a stage
-        stage_schedules={stage: dict(
-            learning_rate=Key(None, optional(LEARNING_RATE, LEARNING_RATE.expected),
-                              float),  # None = train.learning_rate
-            warmup_steps=Key(None, optional(WARMUP_STEPS, WARMUP_STEPS.expected),
-                             int))  # None = train.warmup_steps
-            for stage in STAGES},
+        stage_schedules={
+            stage:
+                dict(
+                    learning_rate=Key(None, optional(LEARNING_RATE, LEARNING_RATE.expected),
+                                      float),  # None = train.learning_rate
+                    warmup_steps=Key(None, optional(WARMUP_STEPS, WARMUP_STEPS.expected),
+                                     int))  # None = train.warmup_steps
+            for stage in STAGES
+        },
         weight_decay=Key(1e-5, real(lambda v: v >= 0, "expected a non-negative weight decay")),
         momentum=Key(0.9, UNIT_INTERVAL_OPEN),
         ema_decay=Key(0.0, UNIT_INTERVAL_OPEN),  # 0 disables the parameter EMA used for evaluation
@@ -189,9 +197,12 @@ _SCHEMA: dict[str, Any] = dict(
         sinkhorn_threshold=Key(1e-3, POSITIVE),
     ),
     lgm=dict(
-        rule=Key("balanced", Rule(lambda v: v in LGM_RULES or v == RANDOM_RULE,
-                                  f"expected one of {', '.join(LGM_RULES)} "
-                                  f"(or {RANDOM_RULE}: LGM off, for ablations)")),
+        rule=Key(
+            "balanced",
+            Rule(
+                lambda v: v in LGM_RULES or v == RANDOM_RULE,
+                f"expected one of {', '.join(LGM_RULES)} "
+                f"(or {RANDOM_RULE}: LGM off, for ablations)")),
         temperature=Key(1.0, POSITIVE),
     ),
     vcm=dict(enabled=Key(True, FLAG)),
@@ -204,12 +215,13 @@ _SCHEMA: dict[str, Any] = dict(
     ),
     eval=dict(
         # tau; None = calibrate on the hold-out.
-        threshold=Key(None, Rule(
-            lambda v: v is None or (_is_real(v) and 0 <= v <= 1) or v == math.inf,
-            "expected None (calibrate), a value in [0, 1], or inf (never exit early)"), float),
+        threshold=Key(
+            None,
+            Rule(lambda v: v is None or (_is_real(v) and 0 <= v <= 1) or v == math.inf,
+                 "expected None (calibrate), a value in [0, 1], or inf (never exit early)"), float),
         # Calibrate tau to this mean budget of multiply-adds per image.
-        target_mean_flops=Key(None, optional(
-            POSITIVE, "expected None or a positive number of multiply-adds"), float),
+        target_mean_flops=Key(
+            None, optional(POSITIVE, "expected None or a positive number of multiply-adds"), float),
         batch_size=Key(256, POSITIVE_INT),
     ),
     routing=dict(
@@ -218,8 +230,10 @@ _SCHEMA: dict[str, Any] = dict(
         capacity_factor=Key(1.25, POSITIVE),  # serving mode's slack over a balanced load
     ),
     mesh=dict(
-        data=Key(-1, Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
-                          "expected -1 (all remaining devices) or a positive integer")),
+        data=Key(
+            -1,
+            Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
+                 "expected -1 (all remaining devices) or a positive integer")),
         expert=Key(1, POSITIVE_INT),
     ),
 )
@@ -229,19 +243,21 @@ _NETWORK: dict[str, Key] = dict(
     stem_features=Key(16, POSITIVE_INT),  # channels of the stem's convolution
     stem_kernel=Key(3, ODD_KERNEL),
     stem_stride=Key(2, POSITIVE_INT),
-    stages=Key((), Rule(lambda v: isinstance(v, (list, tuple)) and len(v) >= 1,
-                        "expected a list of at least one stage")),  # `stage(...)` entries
+    stages=Key((),
+               Rule(lambda v: isinstance(v, (list, tuple)) and len(v) >= 1,
+                    "expected a list of at least one stage")),  # `stage(...)` entries
     head_features=Key(1280, POSITIVE_INT),  # channels of the 1x1 convolution before pooling
     # Width of the hidden dense layer after pooling (as in MobileNetV3); 0 for none.
-    classifier_features=Key(0, Rule(lambda v: _is_int(v) and v >= 0,
-                                    "expected 0 (none) or a positive width")),
+    classifier_features=Key(
+        0, Rule(lambda v: _is_int(v) and v >= 0, "expected 0 (none) or a positive width")),
     activation=Key("hard_swish", one_of(ACTIVATIONS)),
     width_multiplier=Key(1.0, POSITIVE),
     depth_multiplier=Key(1.0, POSITIVE),
     dropout_rate=Key(0.0, real(lambda v: 0 <= v < 1, "expected a rate in [0, 1)")),
     # CondConv kernels per convolution, from stage `condconv_from_stage` on; 0 = off.
-    condconv_kernels=Key(0, Rule(lambda v: _is_int(v) and v >= 0,
-                                 "expected 0 (off) or a positive number of kernels")),
+    condconv_kernels=Key(
+        0, Rule(lambda v: _is_int(v) and v >= 0,
+                "expected 0 (off) or a positive number of kernels")),
     condconv_from_stage=Key(0, NON_NEGATIVE_INT),
     pwlu_intervals=Key(16, POSITIVE_INT),
     pwlu_per_channel=Key(False, FLAG),
@@ -269,8 +285,8 @@ def _defaults(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
   values = {}
   for name, entry in schema.items():
     if isinstance(entry, Key):
-      values[name] = (config_dict.placeholder(entry.placeholder) if entry.placeholder
-                      else entry.default)
+      values[name] = (config_dict.placeholder(entry.placeholder)
+                      if entry.placeholder else entry.default)
     else:
       values[name] = _defaults(entry)
   return ml_collections.ConfigDict(values)
@@ -281,16 +297,28 @@ def base_config() -> ml_collections.ConfigDict:
   return _defaults(_SCHEMA)
 
 
-def stage(features: int, depth: int, kernel: int, expansion: float, stride: int,
-          se_ratio: float = 0.25, activation: str = "", fused: bool = False) -> dict[str, Any]:
+def stage(features: int,
+          depth: int,
+          kernel: int,
+          expansion: float,
+          stride: int,
+          se_ratio: float = 0.25,
+          activation: str = "",
+          fused: bool = False) -> dict[str, Any]:
   """One MBConv stage: `depth` blocks, the first with `stride`.
 
   An empty `activation` means the network's default activation. `fused`
   blocks (EfficientNetV2's Fused-MBConv) replace the 1x1 expansion and the
   depthwise k x k convolution by one dense k x k convolution.
   """
-  return dict(features=features, depth=depth, kernel=kernel, expansion=expansion,
-              stride=stride, se_ratio=se_ratio, activation=activation, fused=fused)
+  return dict(features=features,
+              depth=depth,
+              kernel=kernel,
+              expansion=expansion,
+              stride=stride,
+              se_ratio=se_ratio,
+              activation=activation,
+              fused=fused)
 
 
 def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features: int,
@@ -305,7 +333,9 @@ def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features:
     raise CoEError(f"network({unknown[0]}=...): no such network key; expected some of "
                    f"{', '.join(_NETWORK)}")
   values = {name: key.default for name, key in _NETWORK.items()}
-  values.update(settings, stem_features=stem_features, stages=tuple(stages),
+  values.update(settings,
+                stem_features=stem_features,
+                stages=tuple(stages),
                 head_features=head_features)
   return ml_collections.ConfigDict(values)
 
@@ -322,12 +352,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_network(net, name)
   stages = dict(config.train.stages.items())
   total = sum(stages.values())
-  require(abs(total - 1) <= 1e-6, "train.stages", stages,
-          f"expected fractions that sum to 1 (they sum to {total:g})")
-  require(config.eval.threshold is not None or config.data.holdout_fraction > 0,
-          "data.holdout_fraction", config.data.holdout_fraction,
-          "tau is calibrated on a hold-out of the training split, never on the test split: "
-          "hold some out, or fix tau with eval.threshold")
+  require(
+      abs(total - 1) <= 1e-6, "train.stages", stages,
+      f"expected fractions that sum to 1 (they sum to {total:g})")
+  require(
+      config.eval.threshold is not None or config.data.holdout_fraction > 0,
+      "data.holdout_fraction", config.data.holdout_fraction,
+      "tau is calibrated on a hold-out of the training split, never on the test split: "
+      "hold some out, or fix tau with eval.threshold")
 
 
 def validate_network(net: Mapping[str, Any], name: str) -> None:
@@ -336,8 +368,9 @@ def validate_network(net: Mapping[str, Any], name: str) -> None:
   for index, entry in enumerate(net["stages"]):
     key = f"{name}.stages[{index}]"
     required = [field for field in _STAGE if field not in _STAGE_OPTIONAL]
-    require(isinstance(entry, Mapping) and all(field in entry for field in required), key, entry,
-            f"expected a stage with {', '.join(required)} (coe_jax.config_base.stage builds one)")
+    require(
+        isinstance(entry, Mapping) and all(field in entry for field in required), key, entry,
+        f"expected a stage with {', '.join(required)} (coe_jax.config_base.stage builds one)")
     for field, value in entry.items():
       require(field in _STAGE, f"{key}.{field}", value,
               f"no such stage key; expected some of {', '.join(_STAGE)}")
@@ -369,7 +402,9 @@ def check_value(key: str, value: Any) -> None:
   entry.rule.check(key, value)
 
 
-def _check_section(section: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
+def _check_section(section: Mapping[str, Any],
+                   schema: Mapping[str, Any],
+                   prefix: str,
                    extra: Sequence[str] = ()) -> None:
   """Checks `section` against `schema`: no unknown key, no missing one, each value."""
   for name in section.keys():
@@ -385,8 +420,9 @@ def _check_section(section: Mapping[str, Any], schema: Mapping[str, Any], prefix
     if isinstance(entry, Key):
       entry.rule.check(key, section[name])
     else:
-      require(isinstance(section[name], Mapping) or hasattr(section[name], "keys"), key,
-              section[name], "expected a section of keys")
+      require(
+          isinstance(section[name], Mapping) or hasattr(section[name], "keys"), key, section[name],
+          "expected a section of keys")
       _check_section(section[name], entry, f"{key}.")
 
 
@@ -426,13 +462,16 @@ def mobilenet_v3_large_stages(se_ratio: float = 0.25) -> list[dict[str, Any]]:
 
 def small_delegator(width_multiplier: float) -> ml_collections.ConfigDict:
   """A MobileNetV3-Small-like delegator for 224 px inputs."""
-  net = network(
-      stem_features=16, head_features=576, classifier_features=1024,
-      stages=[stage(16, 1, 3, 1, 2, activation="relu"),
-              stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
-              stage(40, 3, 5, 4, 2),
-              stage(48, 2, 5, 3, 1),
-              stage(96, 3, 5, 6, 2)])
+  net = network(stem_features=16,
+                head_features=576,
+                classifier_features=1024,
+                stages=[
+                    stage(16, 1, 3, 1, 2, activation="relu"),
+                    stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
+                    stage(40, 3, 5, 4, 2),
+                    stage(48, 2, 5, 3, 1),
+                    stage(96, 3, 5, 6, 2)
+                ])
   net.width_multiplier = width_multiplier
   return net
 
@@ -447,13 +486,13 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
   # experts train on 99% of ImageNet, close to the paper's full training set.
   c.data.holdout_fraction = 0.01
   c.train.batch_size = 4096
-  c.train.num_steps = 93_800           # 300 epochs of 1,281,167 images
+  c.train.num_steps = 93_800  # 300 epochs of 1,281,167 images
   c.train.stages.warmup = 0.1
   c.train.stages.coadapt = 0.85
   c.train.stages.delegator = 0.05
   c.train.optimizer = "rmsprop"
   c.train.learning_rate = 0.016 * 4096 / 256
-  c.train.warmup_steps = 1560          # 5 epochs, at the start of warmup and of coadapt
+  c.train.warmup_steps = 1560  # 5 epochs, at the start of warmup and of coadapt
   # The delegator stage (frozen experts) fine-tunes at a tenth of the peak
   # with a short warm-up: our choice; the paper gives no schedule.
   c.train.stage_schedules.delegator.learning_rate = 0.1 * c.train.learning_rate

@@ -54,8 +54,9 @@ def _unknown_key(argv: list[str], error: Exception) -> str:
     error = error.args[0]  # AttributeError(KeyError("'name'\nDid you mean ...?"))
   lines = str(error.args[0] if error.args else error).splitlines() or [""]
   missing = lines[0].strip("'\"")
-  overrides = [arg.lstrip("-").split("=", 1)[0] for arg in argv[1:]
-               if re.match(r"--?config\.", arg)]
+  overrides = [
+      arg.lstrip("-").split("=", 1)[0] for arg in argv[1:] if re.match(r"--?config\.", arg)
+  ]
   key = next((o for o in overrides if missing in o.split(".")[1:]), f"config.{missing}")
   hint = " ".join(line.strip() for line in lines[1:])
   return f"--{key}: the config has no such key" + (f" ({hint})" if hint else "")

@@ -31,7 +31,11 @@ from coe_jax.errors import CoEError
 from coe_jax.models.spec import NetworkSpec, make_divisible
 
 
-def _conv_macs(size: int, kernel: int, in_features: int, out_features: int, groups: int = 1,
+def _conv_macs(size: int,
+               kernel: int,
+               in_features: int,
+               out_features: int,
+               groups: int = 1,
                condconv_kernels: int = 0) -> int:
   """Multiply-adds of one convolution producing a size x size map."""
   weights = kernel * kernel * (in_features // groups) * out_features
@@ -102,7 +106,8 @@ def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> 
   return {"delegator_flops": delegator, "expert_flops": expert, "max_flops": delegator + expert}
 
 
-def train_step_flops(config: ml_collections.ConfigDict, num_classes: int,
+def train_step_flops(config: ml_collections.ConfigDict,
+                     num_classes: int,
                      stage: str = "coadapt") -> float:
   """Model FLOPs of one train step over the global batch, at 2 FLOPs a multiply-add.
 
@@ -113,8 +118,8 @@ def train_step_flops(config: ml_collections.ConfigDict, num_classes: int,
   """
   macs = count(config, num_classes)
   expert_passes = 1 if stage == "delegator" else 3
-  per_image = (3 * macs["delegator_flops"]
-               + expert_passes * config.num_experts * macs["expert_flops"])
+  per_image = (3 * macs["delegator_flops"] +
+               expert_passes * config.num_experts * macs["expert_flops"])
   return 2 * per_image * config.train.batch_size
 
 
@@ -183,12 +188,12 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
     ("TPU v4", (275e12, 275e12)),
     ("TPU v5 lite", (197e12, 197e12)),  # v5e
     ("TPU v5e", (197e12, 197e12)),
-    ("TPU v5", (459e12, 459e12)),       # v5p
+    ("TPU v5", (459e12, 459e12)),  # v5p
     ("TPU v6 lite", (918e12, 918e12)),  # v6e (Trillium)
     ("TPU v6e", (918e12, 918e12)),
     ("A100", (312e12, 156e12)),
     ("H100 PCIe", (756e12, 378e12)),
-    ("H100", (989e12, 495e12)),         # SXM
+    ("H100", (989e12, 495e12)),  # SXM
     ("H200", (989e12, 495e12)),
 )
 
@@ -211,7 +216,9 @@ def main(argv):
 
 if __name__ == "__main__":
   # Defined here, not at import, so other entry points can import this module.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+  _CONFIG = config_flags.DEFINE_config_file("config",
+                                            None,
+                                            "Path to a config file.",
                                             lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)

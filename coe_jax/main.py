@@ -30,7 +30,9 @@ from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
 from coe_jax.parallel import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+_CONFIG = config_flags.DEFINE_config_file("config",
+                                          None,
+                                          "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])

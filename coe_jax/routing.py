@@ -97,26 +97,30 @@ class RoutingSpec:
   `config.routing`; a bad value fails there, in one line naming its key
   (the rules are `config_base`'s).
   """
-  mode: str = "exact"              # exact (P = Q) | serving (P from capacity_factor)
-  capacity_factor: float = 1.25    # serving mode's slack over a balanced load
+  mode: str = "exact"  # exact (P = Q) | serving (P from capacity_factor)
+  capacity_factor: float = 1.25  # serving mode's slack over a balanced load
   expected_exit_rate: float = 0.0  # serving mode's planned early-exit rate rho
-  expert_loop: str = "vmap"        # how each device runs its experts (`CoE.run_stacked`)
+  expert_loop: str = "vmap"  # how each device runs its experts (`CoE.run_stacked`)
 
   def __post_init__(self) -> None:
     config_base.check_value("routing.mode", self.mode)
     config_base.check_value("routing.capacity_factor", self.capacity_factor)
-    require(_is_number(self.expected_exit_rate) and 0 <= self.expected_exit_rate <= 1,
-            "expected_exit_rate", self.expected_exit_rate, "expected a rate in [0, 1]")
+    require(
+        _is_number(self.expected_exit_rate) and 0 <= self.expected_exit_rate <= 1,
+        "expected_exit_rate", self.expected_exit_rate, "expected a rate in [0, 1]")
     config_base.check_value("expert_loop", self.expert_loop)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
+  def from_config(cls,
+                  config: ml_collections.ConfigDict,
                   expected_exit_rate: float = 0.0) -> "RoutingSpec":
     """The spec of `config.routing` and `config.expert_loop`; `expected_exit_rate` is the
     hold-out's at the calibrated tau (`results.json`), 0 before calibration."""
     routing = config.routing
-    return cls(mode=routing.mode, capacity_factor=routing.capacity_factor,
-               expected_exit_rate=expected_exit_rate, expert_loop=config.expert_loop)
+    return cls(mode=routing.mode,
+               capacity_factor=routing.capacity_factor,
+               expected_exit_rate=expected_exit_rate,
+               expert_loop=config.expert_loop)
 
   def capacity(self, group_size: int, num_experts: int) -> int:
     """Slots per expert buffer and group (P), between 1 and the group size Q."""
@@ -151,8 +155,7 @@ def assign(preferences: jax.Array, active: jax.Array, capacity: int,
   order = jnp.argsort(-priority, stable=True)  # [Q], the serving order
   expert, slot = _assign_in_order(preferences[order], active[order], capacity)  # [Q], [Q]
   # Back from serving order to sample order.
-  return (jnp.zeros_like(expert).at[order].set(expert),
-          jnp.zeros_like(slot).at[order].set(slot))
+  return (jnp.zeros_like(expert).at[order].set(expert), jnp.zeros_like(slot).at[order].set(slot))
 
 
 def _assign_in_order(preferences: jax.Array, active: jax.Array,
@@ -189,8 +192,9 @@ def dispatch(images: jax.Array, expert: jax.Array, slot: jax.Array, num_experts:
   # Each sample's flat slot; samples no expert runs point past the end and are dropped.
   target = jnp.where(expert == NO_EXPERT, num_slots, expert * capacity + slot)  # [Q]
   # The sample in each slot; an empty slot points past the end and reads the fill value.
-  source = jnp.full((num_slots,), num_samples, jnp.int32).at[target].set(
-      jnp.arange(num_samples, dtype=jnp.int32), mode="drop")  # [N * P]
+  source = jnp.full((num_slots,),
+                    num_samples, jnp.int32).at[target].set(jnp.arange(num_samples, dtype=jnp.int32),
+                                                           mode="drop")  # [N * P]
   buffers = jnp.take(images, source, axis=0, mode="fill", fill_value=0)  # [N * P, H, W, C]
   return buffers.reshape(num_experts, capacity, *images.shape[1:])  # [N, P, H, W, C]
 
@@ -236,8 +240,9 @@ def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
 def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
            spec: RoutingSpec, num_groups: int, mesh: Optional[Mesh]) -> dict[str, Any]:
   """The traced body of `route_and_predict`."""
-  require(isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
-          "expected a positive integer")
+  require(
+      isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
+      "expected a positive integer")
   require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, C]")
   num_images, num_experts = images.shape[0], model.num_experts
   if mesh is not None:
@@ -255,15 +260,20 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   early_exit = exit_mask(class_logits, threshold) & valid  # [G, Q]
   preferences = expert_preferences(selection_logits)  # [G, Q, N]
   # In exact mode everyone fits and the order does not matter.
-  expert, slot = jax.vmap(assign, in_axes=(0, 0, None, 0))(
-      preferences, valid & ~early_exit, slots, -confidence(class_logits))  # [G, Q], [G, Q]
+  expert, slot = jax.vmap(assign,
+                          in_axes=(0, 0, None, 0))(preferences, valid & ~early_exit, slots,
+                                                   -confidence(class_logits))  # [G, Q], [G, Q]
 
   group_dispatch = functools.partial(dispatch, num_experts=num_experts, capacity=slots)
   buffers = jax.vmap(group_dispatch)(to_groups(images), expert, slot)  # [G, N, P, H, W, C]
-  buffers = buffers.swapaxes(0, 1).reshape(
-      num_experts, num_groups * slots, *images.shape[1:])  # [N, G * P, H, W, C]
-  expert_logits = expert_parallel.run_experts(model, variables, buffers, shared_input=False,
-                              expert_loop=spec.expert_loop, mesh=mesh)  # [N, G * P, K]
+  buffers = buffers.swapaxes(0, 1).reshape(num_experts, num_groups * slots,
+                                           *images.shape[1:])  # [N, G * P, H, W, C]
+  expert_logits = expert_parallel.run_experts(model,
+                                              variables,
+                                              buffers,
+                                              shared_input=False,
+                                              expert_loop=spec.expert_loop,
+                                              mesh=mesh)  # [N, G * P, K]
   expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, P, K]
   expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, P, K]
   logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, Q, K]
@@ -276,15 +286,23 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
       overflow_to_expert=jnp.sum(answered & (expert != preferences[..., 0])),
       overflow_to_delegator=jnp.sum(valid & ~early_exit & ~answered),
   )
-  return dict(logits=from_batch(logits), early_exit=from_batch(early_exit),
-              expert=from_batch(expert), class_logits=from_batch(class_logits),
-              selection_logits=from_batch(selection_logits), metrics=metrics)
+  return dict(logits=from_batch(logits),
+              early_exit=from_batch(early_exit),
+              expert=from_batch(expert),
+              class_logits=from_batch(class_logits),
+              selection_logits=from_batch(selection_logits),
+              metrics=metrics)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "num_groups", "mesh"))
-def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
-                      threshold: jax.Array | float, *, spec: RoutingSpec = RoutingSpec(),
-                      num_groups: int = 1, mesh: Optional[Mesh] = None) -> dict[str, Any]:
+def route_and_predict(model: CoE,
+                      variables: Variables,
+                      images: jax.Array,
+                      threshold: jax.Array | float,
+                      *,
+                      spec: RoutingSpec = RoutingSpec(),
+                      num_groups: int = 1,
+                      mesh: Optional[Mesh] = None) -> dict[str, Any]:
   """CoE's answer on a batch, routed with static shapes; jitted.
 
   `threshold` is traced, so sweeping it reuses one compilation; any real value
@@ -315,5 +333,10 @@ def route_and_predict(model: CoE, variables: Variables, images: jax.Array,
       than their first choice), overflow_to_delegator (samples that should
       have gone to an expert but found every buffer full).
   """
-  return _route(model, variables, images, jnp.asarray(threshold, jnp.float32), spec=spec,
-                num_groups=num_groups, mesh=mesh)
+  return _route(model,
+                variables,
+                images,
+                jnp.asarray(threshold, jnp.float32),
+                spec=spec,
+                num_groups=num_groups,
+                mesh=mesh)

@@ -37,17 +37,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10
   c.data.augment = "pad_crop_flip"
   # Fused-MBConv stages: dense convolutions use a CPU far better than depthwise ones.
-  c.delegator = common.network(
-      stem_features=16, stem_stride=2, head_features=128, activation="hard_swish",
-      stages=[common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
-              common.stage(32, 2, 3, 1, 2, se_ratio=0.0, fused=True),
-              common.stage(48, 2, 3, 3, 2)])
-  c.expert = common.network(
-      stem_features=16, stem_stride=1, head_features=192, activation="relu",
-      stages=[common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
-              common.stage(32, 1, 3, 1, 2, se_ratio=0.0, fused=True),
-              common.stage(64, 2, 3, 1, 2, se_ratio=0.0, fused=True),
-              common.stage(96, 1, 3, 1, 2, se_ratio=0.0, fused=True)])
+  c.delegator = common.network(stem_features=16,
+                               stem_stride=2,
+                               head_features=128,
+                               activation="hard_swish",
+                               stages=[
+                                   common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
+                                   common.stage(32, 2, 3, 1, 2, se_ratio=0.0, fused=True),
+                                   common.stage(48, 2, 3, 3, 2)
+                               ])
+  c.expert = common.network(stem_features=16,
+                            stem_stride=1,
+                            head_features=192,
+                            activation="relu",
+                            stages=[
+                                common.stage(16, 1, 3, 1, 1, se_ratio=0.0, fused=True),
+                                common.stage(32, 1, 3, 1, 2, se_ratio=0.0, fused=True),
+                                common.stage(64, 2, 3, 1, 2, se_ratio=0.0, fused=True),
+                                common.stage(96, 1, 3, 1, 2, se_ratio=0.0, fused=True)
+                            ])
   c.train.batch_size = 128
   c.train.num_steps = 1100
   c.train.optimizer = "adamw"

@@ -22,13 +22,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "digits"
   c.data.image_size = 16
   c.data.num_classes = 10
-  c.delegator = common.network(
-      stem_features=8, stem_stride=2, head_features=32, activation="hard_swish",
-      stages=[common.stage(8, 1, 3, 1, 1), common.stage(16, 1, 3, 2, 2)])
-  c.expert = common.network(
-      stem_features=16, stem_stride=1, head_features=96, activation="hard_swish",
-      stages=[common.stage(16, 1, 3, 1, 1), common.stage(24, 1, 3, 3, 2),
-              common.stage(40, 1, 3, 3, 2)])
+  c.delegator = common.network(stem_features=8,
+                               stem_stride=2,
+                               head_features=32,
+                               activation="hard_swish",
+                               stages=[common.stage(8, 1, 3, 1, 1),
+                                       common.stage(16, 1, 3, 2, 2)])
+  c.expert = common.network(stem_features=16,
+                            stem_stride=1,
+                            head_features=96,
+                            activation="hard_swish",
+                            stages=[
+                                common.stage(16, 1, 3, 1, 1),
+                                common.stage(24, 1, 3, 3, 2),
+                                common.stage(40, 1, 3, 3, 2)
+                            ])
   c.train.batch_size = 64
   c.train.num_steps = 1500
   c.train.optimizer = "adamw"

@@ -30,9 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_experts = 4
   common.imagenet_recipe(c)
   c.delegator = common.small_delegator(width_multiplier=0.35)
-  c.expert = common.network(stem_features=16, head_features=960, classifier_features=1280,
-                            stages=common.mobilenet_v3_large_stages(), activation="pwlu",
-                            condconv_kernels=4, condconv_from_stage=4)
+  c.expert = common.network(stem_features=16,
+                            head_features=960,
+                            classifier_features=1280,
+                            stages=common.mobilenet_v3_large_stages(),
+                            activation="pwlu",
+                            condconv_kernels=4,
+                            condconv_from_stage=4)
   c.expert.width_multiplier = 0.5
   c.expert.dropout_rate = 0.2
   return c

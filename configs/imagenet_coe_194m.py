@@ -29,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_experts = 4
   common.imagenet_recipe(c)
   c.delegator = common.small_delegator(width_multiplier=0.5)
-  c.expert = common.network(stem_features=16, head_features=960, classifier_features=1280,
+  c.expert = common.network(stem_features=16,
+                            head_features=960,
+                            classifier_features=1280,
                             stages=common.mobilenet_v3_large_stages())
   c.expert.width_multiplier = 0.75
   c.expert.dropout_rate = 0.2

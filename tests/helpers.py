@@ -22,8 +22,11 @@ from coe_jax.models.coe import CoE
 from tests.tiny import REPO, tiny_config
 
 # Class -> constant pixel each of its images has, in the mode its files use.
-IMAGE_FOLDER_CLASSES = {"cat": ("L", 90), "dog": ("RGB", (200, 40, 10)),
-                        "zebra": ("RGBA", (10, 120, 250, 0))}
+IMAGE_FOLDER_CLASSES = {
+    "cat": ("L", 90),
+    "dog": ("RGB", (200, 40, 10)),
+    "zebra": ("RGBA", (10, 120, 250, 0))
+}
 
 # Examples per split of the fake imagenet2012 that `write_prepared_tfds` writes.
 IMAGENET_SIZES = {"train": 20, "validation": 9}
@@ -91,8 +94,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
   """`python -m module args...` from the repository root, its output captured."""
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        cwd=REPO, env=subprocess_env(), timeout=300)
+  return subprocess.run([sys.executable, "-m", module, *args],
+                        capture_output=True,
+                        text=True,
+                        cwd=REPO,
+                        env=subprocess_env(),
+                        timeout=300)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -186,8 +193,7 @@ def write_prepared_tfds(root, name, sizes, example, shards=2):
       with tf.io.TFRecordWriter(path) as writer:
         for i in ids:
           writer.write(features.serialize_example(example(split, int(i))))
-  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features,
-                                     check_data=False)
+  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features, check_data=False)
 
 
 def imagenet_example(split, i):
@@ -195,10 +201,14 @@ def imagenet_example(split, i):
   height, width = rng.integers(24, 60, size=2)
   y, x = np.mgrid[0:height, 0:width]
   frequencies = rng.uniform(0.05, 0.3, size=3)
-  image = np.stack([127 + 120 * np.sin(f * x + c) * np.cos(f * y) for c, f in
-                    enumerate(frequencies)], -1)  # [H, W, 3], smooth like a photo.
-  return {"image": image.round().astype(np.uint8), "label": i % 1000,
-          "file_name": f"{split}_{i}.JPEG"}
+  image = np.stack(
+      [127 + 120 * np.sin(f * x + c) * np.cos(f * y) for c, f in enumerate(frequencies)],
+      -1)  # [H, W, 3], smooth like a photo.
+  return {
+      "image": image.round().astype(np.uint8),
+      "label": i % 1000,
+      "file_name": f"{split}_{i}.JPEG"
+  }
 
 
 def sgd_at_peak(config) -> None:
@@ -219,7 +229,8 @@ def assert_same_update(state, new_state, params, batch_stats) -> None:
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * scale)
   for a, b in zip(jax.tree.leaves(jax.device_get(new_state.batch_stats)),
-                  jax.tree.leaves(jax.device_get(batch_stats)), strict=True):
+                  jax.tree.leaves(jax.device_get(batch_stats)),
+                  strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -252,22 +263,27 @@ def grouped_reference_step(model, optimizer, config, stage, state, batch, *,
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
     experts = {collection: tree["experts"] for collection, tree in variables.items()}
-    (class_logits, selection_logits), delegator_stats = jax.vmap(
-        lambda x: model.delegator(variables, x, train=True, rng=rng))(
-            split(batch["image"], groups[0]))
+    (class_logits, selection_logits
+    ), delegator_stats = jax.vmap(lambda x: model.delegator(variables, x, train=True, rng=rng))(
+        split(batch["image"], groups[0]))
     expert_images = split(batch["image"], groups[1])
     if stage == "delegator":
-      expert_logits = jax.lax.stop_gradient(jax.vmap(lambda x: model.experts(
-          variables, x, shared_input=True, loop="unroll"))(expert_images))
+      expert_logits = jax.lax.stop_gradient(
+          jax.vmap(lambda x: model.experts(variables, x, shared_input=True, loop="unroll"))(
+              expert_images))
       expert_stats = state.batch_stats["experts"]
     else:
-      expert_logits, _, expert_stats = jax.vmap(lambda x: model.run_stacked(
-          experts, x, shared_input=True, train=True,
-          rngs=jax.random.split(rng, model.num_experts), loop="unroll"))(expert_images)
+      expert_logits, _, expert_stats = jax.vmap(
+          lambda x: model.run_stacked(experts,
+                                      x,
+                                      shared_input=True,
+                                      train=True,
+                                      rngs=jax.random.split(rng, model.num_experts),
+                                      loop="unroll"))(expert_images)
       expert_stats = mean(expert_stats)
     loss, _ = objective.coe_objective(join(class_logits), join(selection_logits),
-                                      join(expert_logits, batch_axis=1), batch["label"],
-                                      config, stage)
+                                      join(expert_logits, batch_axis=1), batch["label"], config,
+                                      stage)
     return loss, {"delegator": mean(delegator_stats), "experts": expert_stats}
 
   grads, batch_stats = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -280,6 +296,9 @@ def pad_crop_flip_candidates(image: np.ndarray, margin: int) -> list[np.ndarray]
   (zeros filled in), flipped or not."""
   size = image.shape[0]
   padded = np.pad(image, ((margin, margin), (margin, margin), (0, 0)))
-  crops = [padded[top:top + size, left:left + size]
-           for top in range(2 * margin + 1) for left in range(2 * margin + 1)]
+  crops = [
+      padded[top:top + size, left:left + size]
+      for top in range(2 * margin + 1)
+      for left in range(2 * margin + 1)
+  ]
   return crops + [crop[:, ::-1] for crop in crops]

@@ -26,19 +26,26 @@ from tests.tiny import REPO, config_path
 VARIANTS = ("coe", "single", "ensemble")
 OVERRIDES = (f"--variants={','.join(VARIANTS)}", "--config.num_experts=2",
              "--config.train.num_steps=4", "--config.train.warmup_steps=1",
-             "--config.train.batch_size=32",
-             "--config.train.log_every_steps=2", "--config.eval.threshold=1.0")
+             "--config.train.batch_size=32", "--config.train.log_every_steps=2",
+             "--config.eval.threshold=1.0")
 
 
 def _ablate(workdir: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             # One CPU device (not the suite's 8 fake ones), and quick compilation
-             # for programs that run a few steps.
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  return subprocess.run(
-      [sys.executable, "-m", "coe_jax.ablate", f"--config={config_path('digits')}",
-       f"--workdir={workdir}", "--seeds=1", *OVERRIDES],
-      capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      # One CPU device (not the suite's 8 fake ones), and quick compilation
+      # for programs that run a few steps.
+      XLA_FLAGS="--xla_backend_optimization_level=0")
+  return subprocess.run([
+      sys.executable, "-m", "coe_jax.ablate", f"--config={config_path('digits')}",
+      f"--workdir={workdir}", "--seeds=1", *OVERRIDES
+  ],
+                        capture_output=True,
+                        text=True,
+                        cwd=REPO,
+                        env=env,
+                        timeout=900)
 
 
 def _read(workdir: str, *parts: str):
@@ -108,8 +115,7 @@ def _config_of(workdir: str, variant: str) -> ml_collections.ConfigDict:
 def test_each_variant_switches_what_it_says():
   config = load_config(config_path("digits"))
   size = flops.Sizing(0.5, 2.0, 1, 1.0)
-  configs = {v: ablate.variant_config(config, v, seed=3, sizing=size)
-             for v in ablate.VARIANTS}
+  configs = {v: ablate.variant_config(config, v, seed=3, sizing=size) for v in ablate.VARIANTS}
   assert all(c.seed == 3 for c in configs.values())
   assert configs["coe"].to_dict() == {**config.to_dict(), "seed": 3}
   assert configs["no_wgm"].wgm.off_portion_weight == 1.0
@@ -138,8 +144,8 @@ def test_a_finished_run_is_reused_not_retrained(ablation):
   workdir, _ = ablation
   variant_dir = os.path.join(workdir, "coe", "seed0")
   # Returns before building a trainer: a finished run is read back.
-  assert ablate.run_variant(_config_of(workdir, "coe"), "coe", variant_dir) == _read(
-      variant_dir, run_dir.ABLATION_RUN)
+  assert ablate.run_variant(_config_of(workdir, "coe"), "coe",
+                            variant_dir) == _read(variant_dir, run_dir.ABLATION_RUN)
 
 
 def test_a_workdir_of_another_config_is_refused(ablation):
@@ -161,10 +167,11 @@ def test_sized_variants_come_close_to_their_multiple_of_coes_flops():
   same = ablate.variant_sizing(config, "single", 10, expert)
   assert (same.width_multiplier, same.depth_multiplier, same.flops) == (1.0, 1.0, expert)
   # The sizing's FLOPs are those of the network the variant trains.
-  sized = ablate.variant_config(config, "single_0.7x", 0, ablate.variant_sizing(
-      config, "single_0.7x", 10, expert))
-  assert flops.count(sized, 10)["expert_flops"] == ablate.variant_sizing(
-      config, "single_0.7x", 10, expert).flops
+  sized = ablate.variant_config(config, "single_0.7x", 0,
+                                ablate.variant_sizing(config, "single_0.7x", 10, expert))
+  assert flops.count(sized,
+                     10)["expert_flops"] == ablate.variant_sizing(config, "single_0.7x", 10,
+                                                                  expert).flops
 
 
 def test_flops_ratio_at_equal_accuracy_interpolates_in_log_flops():
@@ -172,8 +179,8 @@ def test_flops_ratio_at_equal_accuracy_interpolates_in_log_flops():
   # CoE at 2 FLOPs with the top-1 the family reaches at 4: ratio 2.
   assert ablate.flops_ratio_at_equal_accuracy(family, 0.80, 2.0) == pytest.approx(2.0)
   # Halfway between 0.70 and 0.80: sqrt(2 * 4) FLOPs.
-  assert ablate.flops_ratio_at_equal_accuracy(family, 0.75, 1.0) == pytest.approx(8 ** 0.5)
-  assert ablate.flops_ratio_at_equal_accuracy(family[::-1], 0.75, 1.0) == pytest.approx(8 ** 0.5)
+  assert ablate.flops_ratio_at_equal_accuracy(family, 0.75, 1.0) == pytest.approx(8**0.5)
+  assert ablate.flops_ratio_at_equal_accuracy(family[::-1], 0.75, 1.0) == pytest.approx(8**0.5)
   assert ablate.flops_ratio_at_equal_accuracy(family, 0.90, 1.0) is None  # CoE beats them all.
   assert ablate.flops_ratio_at_equal_accuracy(family, 0.55, 1.0) is None  # Below the family.
 
@@ -218,9 +225,9 @@ def test_random_rule_passes_validation_and_trains_the_selection():
   k = jax.random.split(jax.random.key(1), 4)
   args = (jax.random.normal(k[0], (16, K)), jax.random.normal(k[1], (16, N)),
           jax.random.normal(k[2], (N, 16, K)), jax.random.randint(k[3], (16,), 0, K))
-  grad = jax.jit(jax.grad(lambda g: objective.coe_objective(
-      args[0], g, args[2], args[3], config, "coadapt", jax.random.key(0)
-  )[1]["selection_loss"]))(args[1])
+  grad = jax.jit(
+      jax.grad(lambda g: objective.coe_objective(args[0], g, args[2], args[3], config, "coadapt",
+                                                 jax.random.key(0))[1]["selection_loss"]))(args[1])
   assert np.all(np.isfinite(grad)) and np.any(grad != 0)
   config.lgm.rule = "randm"
   with pytest.raises(CoEError, match=r"^lgm.rule='randm'"):

@@ -6,22 +6,23 @@ from benchmarks import inference, int8_conv, peak, train_step
 from coe_jax import flops
 from tests.tiny import tiny_config
 
-LITERT_VARIANTS = {"litert_coe_routed[batch=1]", "litert_coe_routed[batch=32]",
-                   "litert_int8_coe_routed[batch=1]", "litert_int8_coe_routed[batch=32]",
-                   "litert_expert", "litert_int8_expert", "litert_dense_equal_flops",
-                   "jax_coe_routed[batch=1]", "jax_coe_routed[batch=32]"}
-INT8_RATIOS = {"litert_int8_coe_routed[batch=32] / litert_coe_routed[batch=32]",
-               "litert_int8_coe_routed[batch=1] / litert_coe_routed[batch=1]",
-               "litert_int8_expert / litert_expert"}
-PEAK_KEYS = {"macs_per_s", "gmacs_per_s", "seconds", "matmul_size", "repeats", "cpu",
-             "derivation"}
+LITERT_VARIANTS = {
+    "litert_coe_routed[batch=1]", "litert_coe_routed[batch=32]", "litert_int8_coe_routed[batch=1]",
+    "litert_int8_coe_routed[batch=32]", "litert_expert", "litert_int8_expert",
+    "litert_dense_equal_flops", "jax_coe_routed[batch=1]", "jax_coe_routed[batch=32]"
+}
+INT8_RATIOS = {
+    "litert_int8_coe_routed[batch=32] / litert_coe_routed[batch=32]",
+    "litert_int8_coe_routed[batch=1] / litert_coe_routed[batch=1]",
+    "litert_int8_expert / litert_expert"
+}
+PEAK_KEYS = {"macs_per_s", "gmacs_per_s", "seconds", "matmul_size", "repeats", "cpu", "derivation"}
 
 
 def _check_peak(measured):
   """A measured peak: its rate is the matmul's multiply-adds over the best time."""
   assert set(measured) == PEAK_KEYS
-  assert measured["macs_per_s"] == pytest.approx(measured["matmul_size"] ** 3
-                                                 / measured["seconds"])
+  assert measured["macs_per_s"] == pytest.approx(measured["matmul_size"]**3 / measured["seconds"])
   assert measured["gmacs_per_s"] == pytest.approx(measured["macs_per_s"] / 1e9)
   assert measured["derivation"].startswith("measured: float32 ")
   assert f"{measured['gmacs_per_s']:.1f} G multiply-adds/s" in measured["derivation"]
@@ -38,16 +39,15 @@ def test_int8_convolution_benchmark_times_both_precisions_of_the_same_layers():
   report = int8_conv.measure(cases=((8, 16, 1),))
   (row,) = report["rows"]
   assert row["case"] == "8x8x16 k1" and row["macs"] == int8_conv.LAYERS * 8 * 8 * 16 * 16
-  assert row["int8_over_float32"] == pytest.approx(
-      row["int8_gmacs_per_s"] / row["float32_gmacs_per_s"])
+  assert row["int8_over_float32"] == pytest.approx(row["int8_gmacs_per_s"] /
+                                                   row["float32_gmacs_per_s"])
   assert set(report["cpu_flags"]) == {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}
 
 
 def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   # PWLU: the benchmark moves it to phase II, and the export must take that.
   config = tiny_config(num_experts=2, activation="pwlu")
-  report = inference.run_litert(config, threshold=None, workdir=None, steps=1, rounds=1,
-                                threads=1)
+  report = inference.run_litert(config, threshold=None, workdir=None, steps=1, rounds=1, threads=1)
   assert set(report["results"]) == LITERT_VARIANTS
   assert report["delegates"] == ["xnnpack"] * 3 and report["threads"]["dense"] == 1
   assert report["int8"]["delegates"] == ["xnnpack"] * 3
@@ -65,10 +65,10 @@ def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
       assert result["flops_per_image"] == pytest.approx(coe_flops(report["int8"]["exit_rate"]))
     if name.endswith("_expert"):
       assert result["flops_per_image"] == report["expert_flops"], name
-    assert result["macs_per_s"] == pytest.approx(result["images_per_s"]
-                                                 * result["flops_per_image"]), name
-    assert result["percent_of_peak"] == pytest.approx(100 * result["macs_per_s"]
-                                                      / report["peak"]["macs_per_s"]), name
+    assert result["macs_per_s"] == pytest.approx(result["images_per_s"] *
+                                                 result["flops_per_image"]), name
+    assert result["percent_of_peak"] == pytest.approx(100 * result["macs_per_s"] /
+                                                      report["peak"]["macs_per_s"]), name
   speed = lambda name: report["results"][name]["images_per_s"]
   assert INT8_RATIOS <= set(report["ratios"])
   for ratio in INT8_RATIOS | {"litert_coe_routed[batch=1] / jax_coe_routed[batch=1]"}:
@@ -88,8 +88,8 @@ def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak
   assert report["step_macs"] == 3 * 8 * (cost["delegator_flops"] + 2 * cost["expert_flops"])
   assert report["share"] == pytest.approx(report["wgm_lgm_vcm_ms"] / report["train_step_ms"])
   assert report["images_per_s"] == pytest.approx(8e3 / report["train_step_ms"])
-  assert report["matmul_speedup"] == pytest.approx(
-      report["train_step_as_convolutions_ms"] / report["train_step_ms"])
+  assert report["matmul_speedup"] == pytest.approx(report["train_step_as_convolutions_ms"] /
+                                                   report["train_step_ms"])
   for step in train_step.STEPS:
     assert report[f"{step}_percent_of_peak"] == pytest.approx(
         100 * report["step_macs"] / (report[f"{step}_ms"] / 1e3) / report["peak"]["macs_per_s"])

@@ -41,8 +41,8 @@ def test_bad_config_value(tmp_path, override, fragment):
   assert not (workdir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key, value", [
-    ("num_experts", 0), ("eval.threshold", -0.1), ("train.batch_size", -8)])
+@pytest.mark.parametrize("key, value", [("num_experts", 0), ("eval.threshold", -0.1),
+                                        ("train.batch_size", -8)])
 def test_other_bad_values_fail_the_same_check(key, value):
   """The other side of each range, in-process: the CLI reports these checks' messages."""
   config = load_config(DIGITS)
@@ -54,14 +54,14 @@ def test_other_bad_values_fail_the_same_check(key, value):
 
 def test_missing_data_path(tmp_path):
   missing = str(tmp_path / "nowhere")
-  line = error_line(_main(tmp_path / "run", "--config.data.name=image_folder",
-                          f"--config.data.path={missing}"))
+  line = error_line(
+      _main(tmp_path / "run", "--config.data.name=image_folder", f"--config.data.path={missing}"))
   assert f"data.path={missing!r}" in line and "does not exist" in line
 
 
 def _folder_error(tmp_path, root) -> str:
-  return error_line(_main(tmp_path / "run", "--config.data.name=image_folder",
-                          f"--config.data.path={root}"))
+  return error_line(
+      _main(tmp_path / "run", "--config.data.name=image_folder", f"--config.data.path={root}"))
 
 
 def test_image_folder_without_classes(tmp_path):
@@ -126,8 +126,8 @@ def test_predict_on_an_undecodable_file(tmp_path):
   bad = str(tmp_path / "notes.png")
   with open(bad, "w") as f:
     f.write("not an image")
-  line = error_line(run_module("coe_jax.serving.predict", f"--workdir={tmp_path / 'run'}", good,
-                               bad))
+  line = error_line(
+      run_module("coe_jax.serving.predict", f"--workdir={tmp_path / 'run'}", good, bad))
   assert f"image={bad!r}: cannot decode it as an image" in line
 
 
@@ -142,8 +142,8 @@ def test_export_to_a_directory_that_cannot_be_made(tmp_path, where):
     if not os.path.isdir("/proc"):
       pytest.skip("no /proc on this system")
     out, reason = "/proc/coe_jax_serve", "cannot create a directory in /proc"
-  line = error_line(run_module("coe_jax.serving.export", f"--workdir={tmp_path / 'run'}",
-                               f"--out={out}"))
+  line = error_line(
+      run_module("coe_jax.serving.export", f"--workdir={tmp_path / 'run'}", f"--out={out}"))
   assert f"out={out!r}: not writable ({reason}" in line
   assert os.listdir(tmp_path) == (["a_file"] if where == "under_a_file" else [])
 

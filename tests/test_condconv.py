@@ -24,8 +24,7 @@ CASES = [(False, 1, 1), (False, 1, 2), (False, 3, 2), (True, 3, 1), (True, 3, 2)
 
 def _layer(depthwise: bool, kernel_size: int, strides: int, use_bias: bool = False):
   features = CHANNELS if depthwise else FEATURES
-  return CondConv(features, kernel_size, KERNELS, strides, depthwise=depthwise,
-                  use_bias=use_bias)
+  return CondConv(features, kernel_size, KERNELS, strides, depthwise=depthwise, use_bias=use_bias)
 
 
 def _inputs(seed: int = 0):
@@ -37,10 +36,12 @@ def _inputs(seed: int = 0):
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: int, depthwise: bool) -> jax.Array:
   """The plain convolution: x [B, H, W, C], kernel [K, K, C/groups, F]."""
-  return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1] if depthwise else 1,
-      precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.conv_general_dilated(x,
+                                      kernel, (strides, strides),
+                                      "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=x.shape[-1] if depthwise else 1,
+                                      precision=jax.lax.Precision.HIGHEST)
 
 
 def _setup(depthwise: bool, kernel_size: int, strides: int):
@@ -60,18 +61,20 @@ def _per_kernel_outputs(params, x, strides: int, depthwise: bool) -> jax.Array:
 
 def _mixture(params, x, alpha, strides: int, depthwise: bool) -> jax.Array:
   """sum_e alpha_be (W_e * x_b + bias_e): [B, H', W', F]."""
-  return jnp.einsum("ebhwf,be->bhwf", _per_kernel_outputs(params, x, strides, depthwise),
-                    alpha, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("ebhwf,be->bhwf",
+                    _per_kernel_outputs(params, x, strides, depthwise),
+                    alpha,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 @pytest.mark.parametrize("depthwise,kernel_size,strides", CASES)
 def test_layer_matches_plain_convolutions(depthwise, kernel_size, strides):
   layer, params, x, alpha = _setup(depthwise, kernel_size, strides)
-  assert params["kernel"].shape == (KERNELS, kernel_size, kernel_size,
-                                    1 if depthwise else CHANNELS, layer.features)
+  assert params["kernel"].shape == (KERNELS, kernel_size, kernel_size, 1 if depthwise else CHANNELS,
+                                    layer.features)
   apply = jax.jit(lambda params, x, alpha: layer.apply({"params": params}, x, alpha))
-  outputs = jax.jit(_per_kernel_outputs, static_argnums=(2, 3))(
-      params, x, strides, depthwise)  # [E, B, H', W', F]
+  outputs = jax.jit(_per_kernel_outputs, static_argnums=(2, 3))(params, x, strides,
+                                                                depthwise)  # [E, B, H', W', F]
   out = -(-SIZE // strides)
   assert outputs.shape[1:] == (BATCH, out, out, layer.features)
 
@@ -93,8 +96,7 @@ def test_gradients_match_the_mixture(depthwise, kernel_size, strides):
   loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
   grads = jax.jit(jax.grad(loss(apply), argnums=(0, 1, 2)))(params, x, alpha)
   expected = jax.jit(jax.grad(loss(mixture), argnums=(0, 1, 2)))(params, x, alpha)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-               grads, expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, expected)
 
 
 def test_one_hot_routing_matches_flax_conv():
@@ -102,12 +104,17 @@ def test_one_hot_routing_matches_flax_conv():
   layer = _layer(depthwise, kernel_size, strides)
   x, _ = _inputs()
   variables = jax.jit(layer.init)(jax.random.key(1), x, jnp.ones((BATCH, KERNELS)))
-  conv = nn.Conv(layer.features, (kernel_size, kernel_size), strides=strides, padding="SAME",
-                 use_bias=False, feature_group_count=CHANNELS)
+  conv = nn.Conv(layer.features, (kernel_size, kernel_size),
+                 strides=strides,
+                 padding="SAME",
+                 use_bias=False,
+                 feature_group_count=CHANNELS)
   params = {"params": {"kernel": variables["params"]["kernel"][1]}}
   routing = jax.nn.one_hot(jnp.full((BATCH,), 1), KERNELS)
   np.testing.assert_allclose(jax.jit(layer.apply)(variables, x, routing),
-                             jax.jit(conv.apply)(params, x), rtol=1e-5, atol=1e-5)
+                             jax.jit(conv.apply)(params, x),
+                             rtol=1e-5,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -116,8 +123,7 @@ def test_each_kernel_is_initialised_like_a_plain_conv(depthwise):
   features = channels if depthwise else 32
   x = jnp.zeros((1, 4, 4, channels))
   layer = CondConv(features, kernel_size, KERNELS, depthwise=depthwise)
-  kernels = jax.jit(layer.init)(jax.random.key(0), x,
-                                jnp.ones((1, KERNELS)))["params"]["kernel"]
+  kernels = jax.jit(layer.init)(jax.random.key(0), x, jnp.ones((1, KERNELS)))["params"]["kernel"]
   conv = nn.Conv(features, (kernel_size, kernel_size),
                  feature_group_count=channels if depthwise else 1)
   plain = jax.jit(conv.init)(jax.random.key(0), x)["params"]["kernel"]
@@ -150,12 +156,17 @@ def test_bad_shapes_are_reported():
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters(depthwise):
   layer, params, x, alpha = _setup(depthwise, 3, 1)
-  fast = CondConv(layer.features, 3, KERNELS, 1, depthwise=depthwise, use_bias=True,
+  fast = CondConv(layer.features,
+                  3,
+                  KERNELS,
+                  1,
+                  depthwise=depthwise,
+                  use_bias=True,
                   dtype=jnp.bfloat16)
   y = jax.jit(fast.apply)({"params": params}, x, alpha)
   assert y.dtype == jnp.bfloat16
-  assert {leaf.dtype for leaf in jax.tree.leaves(fast.init(jax.random.key(1), x, alpha))} == {
-      jnp.dtype(jnp.float32)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(fast.init(jax.random.key(1), x, alpha))
+         } == {jnp.dtype(jnp.float32)}
   expected = _mixture(params, x, alpha, 1, depthwise)
   scale = float(jnp.abs(expected).max())
   np.testing.assert_allclose(y.astype(jnp.float32), expected, atol=0.03 * scale)

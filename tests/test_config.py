@@ -56,8 +56,9 @@ def test_every_key_refuses_a_value_of_no_kind_in_one_line_naming_it(key):
 def test_values_out_of_range_name_key_value_and_range(key, value, fragment):
   config = tiny_config()
   _set(config, key, value)
-  with pytest.raises(CoEError, match="^" + fragment.replace("[", r"\[").replace("(", r"\(")
-                     .replace(")", r"\)")):
+  with pytest.raises(CoEError,
+                     match="^" +
+                     fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
     config_base.validate(config)
 
 
@@ -65,15 +66,18 @@ def test_a_misspelt_key_is_refused_with_the_nearest_name():
   """ConfigDict lets `config.train.num_step = 5` add a new key; validation catches it."""
   config = tiny_config()
   config.train.num_step = 5
-  with pytest.raises(CoEError, match=r"^train\.num_step=5: no such key in train "
-                                     r"\(did you mean num_steps\?\)$"):
+  with pytest.raises(CoEError,
+                     match=r"^train\.num_step=5: no such key in train "
+                     r"\(did you mean num_steps\?\)$"):
     config_base.validate(config)
   config = tiny_config()
   config.expert.stages = (dict(config.expert.stages[0], kernal=3),)
   with pytest.raises(CoEError, match=r"^expert\.stages\[0\]\.kernal=3: no such stage key"):
     config_base.validate(config)
   with pytest.raises(CoEError, match=r"^network\(stem_strid=\.\.\.\): no such network key"):
-    config_base.network(stem_features=8, head_features=16, stem_strid=1,
+    config_base.network(stem_features=8,
+                        head_features=16,
+                        stem_strid=1,
                         stages=[config_base.stage(8, 1, 3, 1, 1)])
 
 

@@ -9,9 +9,11 @@ import pytest
 from coe_jax.models import conv
 
 
-@pytest.mark.parametrize("shape,features,kernel,strides", [
-    ((2, 8, 8, 5), 7, 1, 1), ((2, 9, 9, 3), 4, 3, 1), ((2, 9, 8, 3), 6, 3, 2),
-    ((1, 8, 8, 2), 3, 3, 2), ((1, 7, 7, 2), 3, 5, 2)])
+@pytest.mark.parametrize("shape,features,kernel,strides", [((2, 8, 8, 5), 7, 1, 1),
+                                                           ((2, 9, 9, 3), 4, 3, 1),
+                                                           ((2, 9, 8, 3), 6, 3, 2),
+                                                           ((1, 8, 8, 2), 3, 3, 2),
+                                                           ((1, 7, 7, 2), 3, 5, 2)])
 def test_matmul_equals_convolution(shape, features, kernel, strides):
   x = jax.random.normal(jax.random.key(0), shape)
   layer = conv.Conv(features, kernel, strides)

@@ -11,7 +11,11 @@ from coe_jax.data import digits, memory
 from coe_jax.errors import CoEError
 
 
-def _config(batch_size=64, eval_batch_size=100, seed=0, image_size=16, channels=3,
+def _config(batch_size=64,
+            eval_batch_size=100,
+            seed=0,
+            image_size=16,
+            channels=3,
             holdout_fraction=0.1):
   config = config_base.base_config()
   config.seed = seed
@@ -53,8 +57,7 @@ def test_shapes_and_dtypes():
 
 def test_split_is_fixed_and_stratified():
   info = data.get_info(_config())
-  assert (info.num_classes, info.num_train, info.num_holdout, info.num_test) == (10, 1293, 144,
-                                                                                 360)
+  assert (info.num_classes, info.num_train, info.num_holdout, info.num_test) == (10, 1293, 144, 360)
   assert info.class_names == [str(d) for d in range(10)]
   test_labels = np.concatenate([b["label"][b["mask"]] for b in data.eval_batches(_config())])
   per_class = np.bincount(datasets.load_digits().target)
@@ -70,8 +73,8 @@ def test_holdout_partitions_the_training_split():
     splits = digits.load(_config(holdout_fraction=fraction))
     # Disjoint and together the whole training split (as multisets, as digits has duplicates).
     assert _examples(np.concatenate([splits.train_images, splits.holdout_images]),
-                     np.concatenate([splits.train_labels, splits.holdout_labels])) == _examples(
-                         full.train_images, full.train_labels)
+                     np.concatenate([splits.train_labels, splits.holdout_labels
+                                    ])) == _examples(full.train_images, full.train_labels)
     assert len(splits.holdout_labels) == round(fraction * 1437)
     # Stratified: every class gives its share, to within one example.
     share = fraction * np.bincount(full.train_labels)
@@ -117,29 +120,34 @@ def test_epoch_visits_every_training_example_once():
 
 def test_processes_split_each_global_batch():
   whole = _take(data.train_batches(_config(), start_step=5), 2)
-  parts = [_take(data.train_batches(_config(), start_step=5, process_index=p, process_count=4), 2)
-           for p in range(4)]
+  parts = [
+      _take(data.train_batches(_config(), start_step=5, process_index=p, process_count=4), 2)
+      for p in range(4)
+  ]
   for step in range(2):
     assert parts[0][step]["image"].shape[0] == 16
     for key in ("image", "label"):
-      np.testing.assert_array_equal(
-          np.concatenate([part[step][key] for part in parts]), whole[step][key])
+      np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]),
+                                    whole[step][key])
 
 
-@pytest.mark.parametrize("split, process_count, eval_batch_size", [
-    ("test", 1, 100), ("test", 1, 360), ("test", 3, 99), ("holdout", 1, 100),
-    ("holdout", 3, 99)])
+@pytest.mark.parametrize("split, process_count, eval_batch_size",
+                         [("test", 1, 100), ("test", 1, 360), ("test", 3, 99), ("holdout", 1, 100),
+                          ("holdout", 3, 99)])
 def test_eval_covers_every_example_once(split, process_count, eval_batch_size):
   config = _config(eval_batch_size=eval_batch_size)
-  passes = [list(data.eval_batches(config, p, process_count, split=split))
-            for p in range(process_count)]
+  passes = [
+      list(data.eval_batches(config, p, process_count, split=split)) for p in range(process_count)
+  ]
   assert len({len(batches) for batches in passes}) == 1  # Same count on every process.
   # Global batch i is the processes' batches i side by side.
-  merged = {key: np.concatenate([b[key] for batches in zip(*passes) for b in batches])
-            for key in ("image", "label", "mask")}
+  merged = {
+      key: np.concatenate([b[key] for batches in zip(*passes) for b in batches])
+      for key in ("image", "label", "mask")
+  }
   splits = digits.load(config)
-  images, labels = ((splits.test_images, splits.test_labels) if split == "test"
-                    else (splits.holdout_images, splits.holdout_labels))
+  images, labels = ((splits.test_images, splits.test_labels) if split == "test" else
+                    (splits.holdout_images, splits.holdout_labels))
   size = {"test": 360, "holdout": 144}[split]
   assert len(merged["mask"]) == -(-size // eval_batch_size) * eval_batch_size
   np.testing.assert_array_equal(merged["mask"], np.arange(len(merged["mask"])) < size)
@@ -164,8 +172,8 @@ def test_translation_moves_pixels_and_fills():
   moved = memory._translate(images, np.array([[1, -2], [0, 0]]), "constant")
   assert moved[0, 3, 0, 0] == 9 and moved[0].sum() == 9
   np.testing.assert_array_equal(moved[1], images[1])
-  edge = memory._translate(np.arange(5, dtype=np.uint8)[None, None, :, None].repeat(5, 1),
-                           np.array([[0, 2]]), "edge")
+  edge = memory._translate(
+      np.arange(5, dtype=np.uint8)[None, None, :, None].repeat(5, 1), np.array([[0, 2]]), "edge")
   np.testing.assert_array_equal(edge[0, 0, :, 0], [0, 0, 0, 1, 2])
 
 

@@ -12,10 +12,10 @@ from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.training import train
 from tests.helpers import (
-  IMAGE_FOLDER_CLASSES,
-  make_image_folder,
-  pad_crop_flip_candidates,
-  save_image,
+    IMAGE_FOLDER_CLASSES,
+    make_image_folder,
+    pad_crop_flip_candidates,
+    save_image,
 )
 from tests.tiny import config_path
 
@@ -102,13 +102,18 @@ def test_pad_crop_flip_pads_with_zeros_crops_and_flips(tmp_path):
   config.data.augment = "pad_crop_flip"
   assert data.eval_crop_fraction(config) == 1.0  # Evaluated whole.
   train = np.concatenate([b["image"] for b in itertools.islice(data.train_batches(config), 8)])
-  sources = [np.asarray(Image.open(tmp_path / "train" / name / f"{i}.png"))
-             for name in ("a", "b") for i in range(4)]  # [8, 8, 3] each
+  sources = [
+      np.asarray(Image.open(tmp_path / "train" / name / f"{i}.png"))
+      for name in ("a", "b")
+      for i in range(4)
+  ]  # [8, 8, 3] each
   kinds = []  # Index of the first matching candidate: shift (dy, dx) = divmod(k % 9, 3) - 1.
   for image in train:  # [8, 8, 3]; 8 px -> margin 1.
-    matches = [k for source in sources
-               for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=1))
-               if np.array_equal(candidate, image)]
+    matches = [
+        k for source in sources
+        for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=1))
+        if np.array_equal(candidate, image)
+    ]
     assert matches, "not a zero-padded crop of any training image"
     kinds.append(matches[0])
   flipped = sum(k >= 9 for k in kinds)
@@ -124,8 +129,8 @@ def test_cifar10_config_reads_an_image_folder(tmp_path):
     for name in classes:
       os.makedirs(tmp_path / split / name)
       for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            tmp_path / split / name / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3),
+                                     dtype=np.uint8)).save(tmp_path / split / name / f"{i}.jpg")
   config = load_config(config_path("cifar10"))
   assert config.data.name == "cifar10" and config.data.augment == "pad_crop_flip"
   config.data.name, config.data.path = "image_folder", str(tmp_path)
@@ -139,7 +144,8 @@ def test_cifar10_config_reads_an_image_folder(tmp_path):
 def test_unsupported_augmentation_is_one_line(folder):
   config = _config(folder)
   config.data.augment = "inception_crop"
-  with pytest.raises(CoEError, match="data.augment='inception_crop': expected one of auto, "
+  with pytest.raises(CoEError,
+                     match="data.augment='inception_crop': expected one of auto, "
                      "translate, pad_crop_flip for data.name='image_folder'"):
     list(itertools.islice(data.train_batches(config), 1))
   config.data.augment = "mixup"
@@ -252,8 +258,10 @@ def test_bad_holdout(tmp_path, per_class, fraction, match):
 
 def test_corrupt_files_fail_naming_the_first_and_counting(tmp_path):
   root = make_image_folder(tmp_path)
-  bad = [os.path.join(root, "train", "cat", "broken.png"),
-         os.path.join(root, "train", "dog", "truncated.jpg")]
+  bad = [
+      os.path.join(root, "train", "cat", "broken.png"),
+      os.path.join(root, "train", "dog", "truncated.jpg")
+  ]
   with open(bad[0], "wb") as f:
     f.write(b"definitely not a png")
   with open(os.path.join(root, "train", "dog", "1.jpg"), "rb") as f:

@@ -22,10 +22,10 @@ from PIL import Image
 from coe_jax import config_base, data
 from coe_jax.errors import CoEError
 from tests.helpers import (
-  IMAGENET_SIZES,
-  imagenet_example,
-  pad_crop_flip_candidates,
-  write_prepared_tfds,
+    IMAGENET_SIZES,
+    imagenet_example,
+    pad_crop_flip_candidates,
+    write_prepared_tfds,
 )
 
 _MNIST = {"train": 50, "test": 23}
@@ -45,8 +45,15 @@ def data_dir(tmp_path_factory):
   return root
 
 
-def _config(data_dir, name="mnist", batch_size=4, eval_batch_size=6, channels=1,
-            image_size=8, shuffle_buffer=7, seed=0, holdout_fraction=0.1):
+def _config(data_dir,
+            name="mnist",
+            batch_size=4,
+            eval_batch_size=6,
+            channels=1,
+            image_size=8,
+            shuffle_buffer=7,
+            seed=0,
+            holdout_fraction=0.1):
   config = config_base.base_config()
   config.seed = seed
   config.data.holdout_fraction = holdout_fraction
@@ -72,8 +79,7 @@ def _take(iterator, n):
 
 def test_info(data_dir):
   mnist = data.get_info(_config(data_dir))
-  assert (mnist.num_classes, mnist.num_train, mnist.num_holdout, mnist.num_test) == (10, 45, 5,
-                                                                                     23)
+  assert (mnist.num_classes, mnist.num_train, mnist.num_holdout, mnist.num_test) == (10, 45, 5, 23)
   assert mnist.class_names[:3] == ["0", "1", "2"]
   imagenet = data.get_info(_config(data_dir, "imagenet2012"))
   # imagenet2012 has no labelled test split: evaluation uses validation.
@@ -82,8 +88,7 @@ def test_info(data_dir):
   assert imagenet.class_names[0] == "n01440764"
 
 
-@pytest.mark.parametrize("name, channels", [("mnist", 3), ("imagenet2012", 1),
-                                            ("imagenet2012", 3)])
+@pytest.mark.parametrize("name, channels", [("mnist", 3), ("imagenet2012", 1), ("imagenet2012", 3)])
 def test_shapes_and_channels(data_dir, name, channels):
   config = _config(data_dir, name, channels=channels, image_size=10)
   train = next(data.train_batches(config))
@@ -96,8 +101,9 @@ def test_shapes_and_channels(data_dir, name, channels):
 
 
 def test_every_epoch_is_a_permutation_of_the_shard(data_dir):
-  ids = np.concatenate([_ids(b["image"]) for b in _take(data.train_batches(
-      _config(data_dir, batch_size=5)), 27)])  # Three epochs of 45.
+  ids = np.concatenate([
+      _ids(b["image"]) for b in _take(data.train_batches(_config(data_dir, batch_size=5)), 27)
+  ])  # Three epochs of 45.
   epochs = ids.reshape(3, 45)
   for epoch in epochs:
     np.testing.assert_array_equal(np.sort(epoch), np.arange(5, 50))  # Never the hold-out.
@@ -131,9 +137,14 @@ def test_each_epoch_augments_an_example_anew(data_dir):
 
 
 def test_processes_train_on_disjoint_shards(data_dir):
-  firsts = [np.concatenate([_ids(b["image"]) for b in _take(data.train_batches(
-      _config(data_dir, batch_size=10, holdout_fraction=0.2), process_index=p,
-      process_count=2), 4)]) for p in range(2)]  # Hold-out 0..9, shards 10..29 and 30..49.
+  firsts = [
+      np.concatenate([
+          _ids(b["image"]) for b in _take(
+              data.train_batches(_config(data_dir, batch_size=10, holdout_fraction=0.2),
+                                 process_index=p,
+                                 process_count=2), 4)
+      ]) for p in range(2)
+  ]  # Hold-out 0..9, shards 10..29 and 30..49.
   assert sorted(firsts[0]) == list(range(10, 30)) and sorted(firsts[1]) == list(range(30, 50))
 
 
@@ -146,18 +157,21 @@ def test_holdout_and_training_partition_the_train_split(data_dir):
     assert sum(map(len, held)) == holdout == data.get_info(config).num_holdout
 
 
-@pytest.mark.parametrize("split, process_count, eval_batch_size", [
-    ("test", 1, 6), ("test", 1, 23), ("test", 3, 6), ("holdout", 1, 4), ("holdout", 3, 6)])
+@pytest.mark.parametrize("split, process_count, eval_batch_size", [("test", 1, 6), ("test", 1, 23),
+                                                                   ("test", 3, 6),
+                                                                   ("holdout", 1, 4),
+                                                                   ("holdout", 3, 6)])
 def test_eval_pass_covers_every_example_once(data_dir, split, process_count, eval_batch_size):
   config = _config(data_dir, eval_batch_size=eval_batch_size, holdout_fraction=0.2)
   # The test split is ids 100..122; the hold-out is train[:10], ids 0..9.
   first, size = (_TEST_ID_OFFSET, 23) if split == "test" else (0, 10)
-  passes = [list(data.eval_batches(config, p, process_count, split=split))
-            for p in range(process_count)]
+  passes = [
+      list(data.eval_batches(config, p, process_count, split=split)) for p in range(process_count)
+  ]
   # Every process yields as many batches as the largest shard needs, no more.
   largest_shard = math.ceil(size / process_count)
-  assert [len(b) for b in passes] == [math.ceil(largest_shard / len(passes[0][0]["mask"]))
-                                      ] * process_count
+  assert [len(b) for b in passes
+         ] == [math.ceil(largest_shard / len(passes[0][0]["mask"]))] * process_count
   ids, labels = [], []
   for batches in passes:
     for batch in batches:
@@ -179,9 +193,13 @@ def test_eval_matches_serving_preprocessing(data_dir, split, tfds_split):
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   files = builder.as_dataset(split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
   # What a user would do: decode the JPEG with Pillow, then preprocess.
-  served = np.concatenate([data.preprocess_images(
-      np.asarray(Image.open(io.BytesIO(ex["image"])))[None], 16, 3,
-      crop_fraction=data.eval_crop_fraction(config)) for ex in tfds.as_numpy(files)])
+  served = np.concatenate([
+      data.preprocess_images(np.asarray(Image.open(io.BytesIO(ex["image"])))[None],
+                             16,
+                             3,
+                             crop_fraction=data.eval_crop_fraction(config))
+      for ex in tfds.as_numpy(files)
+  ])
   difference = np.abs(served.astype(int) - batch["image"][batch["mask"]].astype(int))
   assert difference.max() <= 1  # Rounding only: no augmentation, the evaluation crop.
 
@@ -198,18 +216,21 @@ def test_pad_crop_flip_pads_the_whole_image_crops_and_flips(data_dir):
   train = np.concatenate([b["image"] for b in _take(data.train_batches(config), 3)])
   kinds = []
   for image in train:  # [16, 16, 3]; 16 px -> margin 2, 25 shifts.
-    matches = [k for source in sources
-               for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=2))
-               if np.array_equal(candidate, image)]
+    matches = [
+        k for source in sources
+        for k, candidate in enumerate(pad_crop_flip_candidates(source, margin=2))
+        if np.array_equal(candidate, image)
+    ]
     assert matches, "not a zero-padded crop of any training image"
     kinds.append(matches[0])
   assert 0 < sum(k >= 25 for k in kinds) < len(train)  # Some flipped, some not.
   assert 0 < sum(k % 25 != 12 for k in kinds)  # Some shifted.
 
 
-@pytest.mark.parametrize("fraction, match", [
-    (0.6, "expected a share of the training split in"), (-0.1, "expected a share"),
-    (0.01, "holds out no example of the 50 training examples")])
+@pytest.mark.parametrize("fraction, match",
+                         [(0.6, "expected a share of the training split in"),
+                          (-0.1, "expected a share"),
+                          (0.01, "holds out no example of the 50 training examples")])
 def test_bad_holdout_fraction(data_dir, fraction, match):
   config = _config(data_dir, holdout_fraction=fraction)
   for make in (data.get_info, data.train_batches, data.eval_batches):

@@ -9,14 +9,18 @@ import pytest
 from coe_jax.models import depthwise
 
 
-@pytest.mark.parametrize("shape,kernel,strides", [
-    ((2, 9, 9, 5), 3, 1), ((2, 9, 8, 4), 3, 2), ((1, 7, 7, 3), 5, 2), ((2, 6, 6, 2), 5, 1),
-    ((2, 8, 8, 3), 3, 2), ((1, 6, 7, 2), 5, 2), ((1, 4, 4, 2), 5, 3)])
+@pytest.mark.parametrize("shape,kernel,strides", [((2, 9, 9, 5), 3, 1), ((2, 9, 8, 4), 3, 2),
+                                                  ((1, 7, 7, 3), 5, 2), ((2, 6, 6, 2), 5, 1),
+                                                  ((2, 8, 8, 3), 3, 2), ((1, 6, 7, 2), 5, 2),
+                                                  ((1, 4, 4, 2), 5, 3)])
 def test_taps_equal_grouped_convolution(shape, kernel, strides):
   x = jax.random.normal(jax.random.key(0), shape)
   layer = depthwise.DepthwiseConv(kernel, strides)
   variables = layer.init(jax.random.key(1), x)
-  reference = nn.Conv(shape[-1], (kernel, kernel), strides=strides, padding="SAME", use_bias=False,
+  reference = nn.Conv(shape[-1], (kernel, kernel),
+                      strides=strides,
+                      padding="SAME",
+                      use_bias=False,
                       feature_group_count=shape[-1])
   loss = lambda apply, v, x: jnp.sum(jnp.sin(apply(v, x)))
   with depthwise.formulation("taps"):

@@ -12,10 +12,11 @@ def _outputs(seed=0, m=200, n=4, k=5, ties=False):
   conf = rng.uniform(0.2, 1.0, m)
   if ties:
     conf = np.round(conf, 1)
-  return evaluation.EvalOutputs(
-      labels=rng.integers(0, k, m), confidence=conf,
-      delegator_prediction=rng.integers(0, k, m), selected_expert=rng.integers(0, n, m),
-      expert_predictions=rng.integers(0, k, (n, m)))
+  return evaluation.EvalOutputs(labels=rng.integers(0, k, m),
+                                confidence=conf,
+                                delegator_prediction=rng.integers(0, k, m),
+                                selected_expert=rng.integers(0, n, m),
+                                expert_predictions=rng.integers(0, k, (n, m)))
 
 
 def _brute_force(outputs, tau, f_d, f_e):
@@ -67,17 +68,21 @@ def test_portion_top1_compares_each_expert_with_the_others_on_its_portion():
   expert 2 (never selected) always is."""
   labels = np.array([0, 1, 2, 3, 4, 0])
   selected = np.array([0, 0, 1, 1, 0, 1])
-  experts = np.stack([np.where(selected == 0, labels, (labels + 1) % 5),
-                      (labels + 1) % 5, labels])  # [N=3, M]
-  outputs = evaluation.EvalOutputs(labels=labels, confidence=np.zeros(6),
-                                   delegator_prediction=labels, selected_expert=selected,
+  experts = np.stack([np.where(selected == 0, labels, (labels + 1) % 5), (labels + 1) % 5,
+                      labels])  # [N=3, M]
+  outputs = evaluation.EvalOutputs(labels=labels,
+                                   confidence=np.zeros(6),
+                                   delegator_prediction=labels,
+                                   selected_expert=selected,
                                    expert_predictions=experts)
   figures = evaluation.portion_top1(outputs, 3)
-  assert figures == {"expert_top1_own_portion": [1.0, 0.0, None],
-                     # Portion 0: expert 1 never right, expert 2 always: 0.5. Portion 1:
-                     # expert 0 wrong there, expert 2 right: 0.5. Portion 2 is empty.
-                     "other_experts_top1_on_portion": [0.5, 0.5, None],
-                     "expert_top1_off_portion": [0.0, 0.0, 1.0]}
+  assert figures == {
+      "expert_top1_own_portion": [1.0, 0.0, None],
+      # Portion 0: expert 1 never right, expert 2 always: 0.5. Portion 1:
+      # expert 0 wrong there, expert 2 right: 0.5. Portion 2 is empty.
+      "other_experts_top1_on_portion": [0.5, 0.5, None],
+      "expert_top1_off_portion": [0.0, 0.0, 1.0]
+  }
   results = evaluation.summary(outputs, evaluation.sweep(outputs, 1.0, 2.0), 2.0, 3, 1.0, 2.0)
   assert {k: results[k] for k in figures} == figures
 

@@ -48,12 +48,16 @@ def one_device():
   return _train(_config(1, 1))
 
 
-@pytest.mark.parametrize("data,expert,loop", [
-    (8, 1, "unroll"), (2, 4, "unroll"), (2, 4, "scan"),
-    # jax 0.10.2 miscompiles vmapped 1x1 convolutions whose kernels are sharded
-    # on the vmapped axis; inside shard_map each device's kernels are its own.
-    (4, 2, "vmap"),
-])
+@pytest.mark.parametrize(
+    "data,expert,loop",
+    [
+        (8, 1, "unroll"),
+        (2, 4, "unroll"),
+        (2, 4, "scan"),
+        # jax 0.10.2 miscompiles vmapped 1x1 convolutions whose kernels are sharded
+        # on the vmapped axis; inside shard_map each device's kernels are its own.
+        (4, 2, "vmap"),
+    ])
 def test_a_sharded_run_trains_as_one_device(one_device, data, expert, loop):
   losses, variables = _train(_config(data, expert, loop))
   np.testing.assert_allclose(losses, one_device[0], rtol=1e-5)
@@ -63,10 +67,12 @@ def test_a_sharded_run_trains_as_one_device(one_device, data, expert, loop):
 
 def test_micro_batches_on_a_mesh_train_as_on_one_device():
   """Gradient accumulation under expert parallelism: shard_map inside the micro-batch loop."""
+
   def config(data, expert):
     c = _config(data, expert)
     c.train.microbatches = 2
     return c
+
   losses, variables = _train(config(2, 4))
   want_losses, want_variables = _train(config(1, 1))
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
@@ -78,10 +84,16 @@ def _lowered_step(config):
   """The co-adaptation step lowered for abstract inputs (no data, no state)."""
   trainer = _trainer(config)
   image_size = config.data.image_size
-  batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, image_size, image_size, 3),
-                                         np.uint8, sharding=trainer.batch_sharding),
-           "label": jax.ShapeDtypeStruct((config.train.batch_size,), np.int32,
-                                         sharding=trainer.batch_sharding)}
+  batch = {
+      "image":
+          jax.ShapeDtypeStruct((config.train.batch_size, image_size, image_size, 3),
+                               np.uint8,
+                               sharding=trainer.batch_sharding),
+      "label":
+          jax.ShapeDtypeStruct((config.train.batch_size,),
+                               np.int32,
+                               sharding=trainer.batch_sharding)
+  }
   return trainer.compile_step("coadapt").lower(trainer.abstract_state, batch, jax.random.key(0))
 
 
@@ -107,19 +119,20 @@ def test_per_replica_batch_norm_uses_each_devices_samples_with_fewer_all_reduces
   before, host_batch = jax.device_get((state, batch))  # The step donates its state.
   new_state, _ = trainer.compile_step("coadapt")(state, batch, jax.random.key(0))
   params, batch_stats = jax.jit(lambda s, b: grouped_reference_step(
-      trainer.model, trainer.optimizer, config, "coadapt", s, b, groups=(4, 2),
-      strided=False))(before, host_batch)
+      trainer.model, trainer.optimizer, config, "coadapt", s, b, groups=(4, 2), strided=False))(
+          before, host_batch)
   assert_same_update(before, jax.device_get(new_state), params, batch_stats)
 
   def all_reduces(scope):
     config.train.batch_norm_scope = scope
     return len(re.findall(r"all-reduce(-start)?\(", _lowered_step(config).compile().as_text()))
+
   assert all_reduces("replica") < all_reduces("global")
 
 
 def test_each_device_program_holds_only_its_own_experts():
-  everything = _convolutions(_config(8, 1))      # delegator + 4 experts
-  one_each = _convolutions(_config(2, 4))        # delegator + 1 expert
+  everything = _convolutions(_config(8, 1))  # delegator + 4 experts
+  one_each = _convolutions(_config(2, 4))  # delegator + 1 expert
   two_each = _convolutions(_config(2, 4, num_experts=8))  # delegator + 2 experts
   per_expert = two_each - one_each
   assert per_expert > 0

@@ -59,8 +59,12 @@ def fp32(run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8(run, tmp_path_factory):
   out, lines = str(tmp_path_factory.mktemp("serve_int8")), []
-  result = export.export_run(run, out, quantize="int8", calibration_examples=64,
-                             eval_examples=360, log=lines.append)
+  result = export.export_run(run,
+                             out,
+                             quantize="int8",
+                             calibration_examples=64,
+                             eval_examples=360,
+                             log=lines.append)
   return out, result, lines
 
 
@@ -80,9 +84,14 @@ def test_manifest_describes_the_run(run, fp32):
   assert manifest["threshold"] == results["threshold"]
   assert len(manifest["class_names"]) == 10
   assert (manifest["num_experts"], manifest["num_classes"]) == (2, 10)
-  assert manifest["preprocessing"] == {"image_size": 16, "channels": 3, "crop_fraction": 1.0,
-                                       "input_dtype": "uint8", "input_range": [0, 255],
-                                       "batch_size": 1}
+  assert manifest["preprocessing"] == {
+      "image_size": 16,
+      "channels": 3,
+      "crop_fraction": 1.0,
+      "input_dtype": "uint8",
+      "input_range": [0, 255],
+      "batch_size": 1
+  }
   assert manifest["flops"] == flops.count(config, 10)
   assert manifest["quantization"] == "float32"
   models = manifest["models"]
@@ -119,8 +128,13 @@ def test_pwlu_and_condconv_export_to_ops_xnnpack_runs_and_match_jax(tmp_path):
   model = CoE(config, num_classes=4)
   rng = np.random.default_rng(0)
   variables = _uneven_pwlu(jax.jit(model.init)(jax.random.key(0)), rng)
-  export.export_coe(model, variables, str(tmp_path), class_names=list("abcd"), threshold=0.5,
-                    crop_fraction=1.0, model_flops=flops.count(config, 4))
+  export.export_coe(model,
+                    variables,
+                    str(tmp_path),
+                    class_names=list("abcd"),
+                    threshold=0.5,
+                    crop_fraction=1.0,
+                    model_flops=flops.count(config, 4))
   for name in ("delegator.tflite", "expert_0.tflite"):
     ops = export.op_names(_read(os.path.join(tmp_path, name)))
     # PWLU's lookup would bring gathers and selects, which XNNPACK does not run.
@@ -130,10 +144,14 @@ def test_pwlu_and_condconv_export_to_ops_xnnpack_runs_and_match_jax(tmp_path):
   images = rng.integers(0, 256, (6, 16, 16, 3), np.uint8)
   for j in range(2):  # The JAX model computes PWLU by lookup, its training formulation.
     expected = np.asarray(model.expert(variables, j, images))
-    np.testing.assert_allclose(lite.expert(j, images), expected, rtol=1e-4,
+    np.testing.assert_allclose(lite.expert(j, images),
+                               expected,
+                               rtol=1e-4,
                                atol=1e-4 * np.abs(expected).max())
   expected = np.asarray(model.delegator(variables, images)[0])
-  np.testing.assert_allclose(lite.delegator(images)[0], expected, rtol=1e-4,
+  np.testing.assert_allclose(lite.delegator(images)[0],
+                             expected,
+                             rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
 
 
@@ -142,7 +160,9 @@ def test_unfolded_batchnorm_is_detected():
   scale = np.arange(1, 5, dtype=np.float32)
 
   def fn(images):  # A convolution whose output is also returned cannot absorb the scale.
-    y = jax.lax.conv_general_dilated(images.astype(np.float32), kernel, (1, 1), "SAME",
+    y = jax.lax.conv_general_dilated(images.astype(np.float32),
+                                     kernel, (1, 1),
+                                     "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return {"scaled": y * scale, "raw": y}
 
@@ -160,13 +180,19 @@ def test_float32_round_trip_matches_the_jax_predictor(run, fp32):
   class_logits, selection_logits = reference.delegator(images)
   confidence = np.asarray(routing.confidence(class_logits))
   lite_class, lite_selection = lite.delegator(images)
-  np.testing.assert_allclose(lite_class, class_logits, rtol=1e-4,
+  np.testing.assert_allclose(lite_class,
+                             class_logits,
+                             rtol=1e-4,
                              atol=1e-4 * np.abs(class_logits).max())
-  np.testing.assert_allclose(lite_selection, selection_logits, rtol=1e-4,
+  np.testing.assert_allclose(lite_selection,
+                             selection_logits,
+                             rtol=1e-4,
                              atol=1e-4 * np.abs(selection_logits).max())
   for j in range(2):
     expected = reference.expert(j, images)
-    np.testing.assert_allclose(lite.expert(j, images), expected, rtol=1e-4,
+    np.testing.assert_allclose(lite.expert(j, images),
+                               expected,
+                               rtol=1e-4,
                                atol=1e-4 * np.abs(expected).max())
   # The calibrated tau, and taus that send about half and a quarter to the experts.
   for tau in (reference.threshold, float(np.median(confidence)),
@@ -213,13 +239,15 @@ def _dead_squeeze_excitation():
   """A conv, then a squeeze-excitation whose ReLU units are dead on every image, then logits."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)
-  kernel, reduce, expand, expand_bias, head = (
-      normal(3, 3, 3, 8), normal(8, 4), normal(4, 8), normal(8), normal(8, 5))
+  kernel, reduce, expand, expand_bias, head = (normal(3, 3, 3, 8), normal(8, 4), normal(4, 8),
+                                               normal(8), normal(8, 5))
   # Pooled values are far below 10: the ReLU after this bias is 0 on every image.
   reduce_bias = np.full(4, -10.0, np.float32)
 
   def fn(images):
-    x = jax.lax.conv_general_dilated(images.astype(np.float32) / 255, kernel, (1, 1), "SAME",
+    x = jax.lax.conv_general_dilated(images.astype(np.float32) / 255,
+                                     kernel, (1, 1),
+                                     "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     pooled = jnp.mean(x, (1, 2))  # [1, 8]
     gate = jax.nn.sigmoid(jax.nn.relu(pooled @ reduce + reduce_bias) @ expand + expand_bias)

@@ -25,11 +25,15 @@ def test_count_matches_xla_cost_analysis(fused):
   of the CPU's matrix-product form, which are not multiply-adds. `fused` makes
   the first two stages Fused-MBConv (expansion 1, then 4)."""
   se_ratio = 0.0
-  net = config_base.network(
-      stem_features=16, head_features=96, classifier_features=64, activation="relu",
-      stages=[config_base.stage(16, 1, 3, 1, 1, se_ratio=se_ratio, fused=fused),
-              config_base.stage(24, 2, 3, 4, 2, se_ratio=se_ratio, fused=fused),
-              config_base.stage(32, 2, 5, 4, 2, se_ratio=se_ratio)])
+  net = config_base.network(stem_features=16,
+                            head_features=96,
+                            classifier_features=64,
+                            activation="relu",
+                            stages=[
+                                config_base.stage(16, 1, 3, 1, 1, se_ratio=se_ratio, fused=fused),
+                                config_base.stage(24, 2, 3, 4, 2, se_ratio=se_ratio, fused=fused),
+                                config_base.stage(32, 2, 5, 4, 2, se_ratio=se_ratio)
+                            ])
   spec = NetworkSpec.from_config(net, "expert")
   module = Expert(spec, num_classes=10)
   images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
@@ -64,9 +68,12 @@ def test_imagenet_configs_meet_their_budgets(name, low, high):
 
 
 def test_cli_prints_one_json_line():
-  out = subprocess.run([sys.executable, "-m", "coe_jax.flops",
-                        f"--config={config_path('imagenet_coe_194m')}"],
-                       cwd=REPO, capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+      [sys.executable, "-m", "coe_jax.flops", f"--config={config_path('imagenet_coe_194m')}"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True).stdout
   lines = out.strip().splitlines()
   assert len(lines) == 1
   counts = json.loads(lines[0])
@@ -75,9 +82,13 @@ def test_cli_prints_one_json_line():
 
 
 def test_cli_names_a_bad_key():
-  result = subprocess.run([sys.executable, "-m", "coe_jax.flops",
-                           f"--config={config_path('digits')}", "--config.expert.stem_kernel=2"],
-                          cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run([
+      sys.executable, "-m", "coe_jax.flops", f"--config={config_path('digits')}",
+      "--config.expert.stem_kernel=2"
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       "error: expert.stem_kernel=2: expected an odd kernel size")
@@ -95,11 +106,15 @@ def test_train_step_flops_count_three_passes_per_trained_network():
   assert flops.train_step_flops(config, 10, "delegator") == 2 * 8 * (3 * delegator + n * expert)
 
 
-@pytest.mark.parametrize("kind, dtype, peak", [
-    ("TPU v4", "bfloat16", 275e12), ("TPU v5 lite", "bfloat16", 197e12),
-    ("TPU v5", "bfloat16", 459e12), ("TPU v6 lite", "float32", 918e12),
-    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12), ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
-    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
-    ("NVIDIA H200", "bfloat16", 989e12), ("cpu", "float32", None)])
+@pytest.mark.parametrize("kind, dtype, peak", [("TPU v4", "bfloat16", 275e12),
+                                               ("TPU v5 lite", "bfloat16", 197e12),
+                                               ("TPU v5", "bfloat16", 459e12),
+                                               ("TPU v6 lite", "float32", 918e12),
+                                               ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+                                               ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+                                               ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+                                               ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+                                               ("NVIDIA H200", "bfloat16", 989e12),
+                                               ("cpu", "float32", None)])
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert flops.peak_flops_per_device(kind, dtype) == peak

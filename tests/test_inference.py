@@ -22,8 +22,12 @@ CLASS_NAMES = [f"digit_{k}" for k in range(10)]
 
 
 def _predictor(config, model, variables, threshold=0.5):
-  return Predictor(model, variables, image_size=config.data.image_size,
-                   channels=config.data.channels, class_names=CLASS_NAMES, threshold=threshold,
+  return Predictor(model,
+                   variables,
+                   image_size=config.data.image_size,
+                   channels=config.data.channels,
+                   class_names=CLASS_NAMES,
+                   threshold=threshold,
                    routing_spec=routing.RoutingSpec.from_config(config))
 
 
@@ -75,8 +79,10 @@ def test_threshold_default_and_extremes(setup):
   assert not nobody_exits["early_exit"].any()
   np.testing.assert_array_equal(nobody_exits["expert"], selection_logits.argmax(-1))
   for i, j in enumerate(nobody_exits["expert"]):
-    np.testing.assert_allclose(nobody_exits["logits"][i], p.expert(int(j), images)[i],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nobody_exits["logits"][i],
+                               p.expert(int(j), images)[i],
+                               rtol=1e-4,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize("call,message", [
@@ -102,10 +108,18 @@ def test_serving_mode_predictor_routes_like_the_router(setup):
   serving = config.copy_and_resolve_references()
   serving.routing.mode = "serving"
   serving.routing.capacity_factor = 0.5
-  p = Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-                threshold=0.5, routing_spec=routing.RoutingSpec.from_config(serving))
+  p = Predictor(model,
+                variables,
+                image_size=16,
+                channels=3,
+                class_names=CLASS_NAMES,
+                threshold=0.5,
+                routing_spec=routing.RoutingSpec.from_config(serving))
   images = _user_images((5, 16, 16, 3), seed=2)
-  routed = routing.route_and_predict(model, variables, images, 0.5,
+  routed = routing.route_and_predict(model,
+                                     variables,
+                                     images,
+                                     0.5,
                                      spec=routing.RoutingSpec("serving", capacity_factor=0.5))
   np.testing.assert_array_equal(p(images)["expert"], routed["expert"])
   np.testing.assert_allclose(p(images)["logits"], routed["logits"], rtol=1e-5, atol=1e-6)
@@ -116,16 +130,25 @@ def test_bad_routing_config_is_named(setup):
   bad = config.copy_and_resolve_references()
   bad.expert_loop = "spiral"
   with pytest.raises(CoEError, match="^expert_loop='spiral'"):
-    Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-              threshold=0.5, routing_spec=routing.RoutingSpec.from_config(bad))
+    Predictor(model,
+              variables,
+              image_size=16,
+              channels=3,
+              class_names=CLASS_NAMES,
+              threshold=0.5,
+              routing_spec=routing.RoutingSpec.from_config(bad))
 
 
 def test_load_uses_the_runs_config_and_calibrated_threshold(setup, monkeypatch):
   config, _, variables, _ = setup
-  meta = {"class_names": CLASS_NAMES, "num_classes": 10, "threshold": 0.25,
-          "expected_exit_rate": 0.0}
-  monkeypatch.setattr(jax_predictor, "load_for_inference",
-                      lambda workdir: (config, variables, meta) if workdir == "run" else None)
+  meta = {
+      "class_names": CLASS_NAMES,
+      "num_classes": 10,
+      "threshold": 0.25,
+      "expected_exit_rate": 0.0
+  }
+  monkeypatch.setattr(jax_predictor, "load_for_inference", lambda workdir: (config, variables, meta)
+                      if workdir == "run" else None)
   p = Predictor.load("run")
   assert p.threshold == 0.25 and p.class_names == CLASS_NAMES
   assert (p.image_size, p.channels, p.num_experts) == (16, 3, 3)
@@ -140,8 +163,10 @@ def _write_image(path, shape, seed=0):
 def test_cli_prints_one_line_per_image(setup, tmp_path, monkeypatch, capsys):
   p = setup[3]
   monkeypatch.setattr(jax_predictor.Predictor, "load", classmethod(lambda cls, workdir: p))
-  paths = [_write_image(tmp_path / "a.png", (20, 20)),
-           _write_image(tmp_path / "b.png", (12, 18, 3))]
+  paths = [
+      _write_image(tmp_path / "a.png", (20, 20)),
+      _write_image(tmp_path / "b.png", (12, 18, 3))
+  ]
   assert predict.main(["--workdir=run", *paths]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2
@@ -168,9 +193,15 @@ def test_cli_undecodable_image_and_bad_workdir(tmp_path, capsys):
 
 def test_cli_missing_image_exits_nonzero_without_traceback(tmp_path):
   missing = str(tmp_path / "missing.png")
-  result = subprocess.run([sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={tmp_path}",
-                           missing], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+      [sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={tmp_path}", missing],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=120,
+      env={
+          **os.environ, "JAX_PLATFORMS": "cpu"
+      })
   assert result.returncode == 1
   assert result.stderr.strip() == f"error: image={missing!r}: no such file"
   assert result.stdout == ""

@@ -11,9 +11,11 @@ from tests.tiny import REPO
 POD = os.path.join(REPO, "launch", "tpu_pod.sh")
 LOCAL = os.path.join(REPO, "launch", "local.sh")
 WORKER = os.path.join(REPO, "launch", "tpu_worker.sh")
-POD_ARGS = ["--dry-run", "--name=coe194", "--zone=us-central2-b", "--accelerator=v4-64",
-            "--config=configs/imagenet_coe_194m.py", "--workdir=gs://bucket/runs/coe194",
-            "--tfds-data-dir=gs://bucket/tfds", "--repo=https://example.org/coe-jax.git"]
+POD_ARGS = [
+    "--dry-run", "--name=coe194", "--zone=us-central2-b", "--accelerator=v4-64",
+    "--config=configs/imagenet_coe_194m.py", "--workdir=gs://bucket/runs/coe194",
+    "--tfds-data-dir=gs://bucket/tfds", "--repo=https://example.org/coe-jax.git"
+]
 
 
 def _run(*args):
@@ -42,16 +44,17 @@ def test_pod_dry_run_creates_installs_and_trains_detached_on_all_workers():
     assert part in train, part
 
 
-@pytest.mark.parametrize("action, workers, worker_command", [
-    ("--status", "all", "status ~/coe-run"), ("--attach", "0", "log ~/coe-run"),
-    ("--stop", "all", "stop ~/coe-run")])
+@pytest.mark.parametrize("action, workers, worker_command",
+                         [("--status", "all", "status ~/coe-run"),
+                          ("--attach", "0", "log ~/coe-run"), ("--stop", "all", "stop ~/coe-run")])
 def test_pod_follows_and_stops_a_detached_run(action, workers, worker_command):
   result = _run(POD, "--dry-run", action, "--name=coe194", "--zone=us-central2-b")
   assert result.returncode == 0, result.stderr
   assert result.stdout.replace("\\", "").split() == [
       "gcloud", "compute", "tpus", "tpu-vm", "ssh", "coe194", "--zone=us-central2-b",
       f"--worker={workers}", "--command=cd", "coe-jax", "&&", "launch/tpu_worker.sh",
-      *worker_command.split()]
+      *worker_command.split()
+  ]
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
@@ -73,10 +76,17 @@ def _launch_with_states(tmp_path, states, *flags):
   (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
   (bin_dir / "gcloud").chmod(0o755)
   (tmp_path / "states").write_text("\n".join(states) + "\n")
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COE_POLL_SECONDS": "0",
-         "FAKE_STATES": str(tmp_path / "states"), "FAKE_CALLS": str(tmp_path / "calls")}
-  result = subprocess.run(["bash", POD, *POD_ARGS[1:], *flags], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+  env = {
+      **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+      "COE_POLL_SECONDS": "0",
+      "FAKE_STATES": str(tmp_path / "states"),
+      "FAKE_CALLS": str(tmp_path / "calls")
+  }
+  result = subprocess.run(["bash", POD, *POD_ARGS[1:], *flags],
+                          capture_output=True,
+                          text=True,
+                          cwd=REPO,
+                          env=env)
   assert result.returncode == 0, result.stderr
   calls = (tmp_path / "calls").read_text().splitlines()
   # "tpu-vm create NAME ..." -> "tpu-vm create", plus the worker action of an ssh.
@@ -92,8 +102,10 @@ def _launch_with_states(tmp_path, states, *flags):
 
 def test_pod_launch_recreates_a_preempted_spot_vm(tmp_path):
   verbs, calls, stderr = _launch_with_states(tmp_path, ["PREEMPTED", "READY"], "--spot")
-  assert verbs == ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe",
-                   "tpu-vm ssh install", "tpu-vm ssh start"]
+  assert verbs == [
+      "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe", "tpu-vm ssh install",
+      "tpu-vm ssh start"
+  ]
   assert "--spot" in calls[2] and "--quiet" in calls[1]
   assert "coe194 is PREEMPTED: deleting and creating it again" in stderr
 
@@ -106,13 +118,16 @@ def test_pod_launch_reuses_a_ready_vm(tmp_path):
 def test_pod_launch_waits_for_and_recreates_queued_resources(tmp_path):
   verbs, calls, _ = _launch_with_states(
       tmp_path, ["ABSENT", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], "--queued")
-  assert verbs == ["queued-resources describe", "queued-resources create",
-                   *["queued-resources describe"] * 3, "tpu-vm ssh install", "tpu-vm ssh start"]
+  assert verbs == [
+      "queued-resources describe", "queued-resources create", *["queued-resources describe"] * 3,
+      "tpu-vm ssh install", "tpu-vm ssh start"
+  ]
   assert "--node-id=coe194" in calls[1] and "--runtime-version=" in calls[1]
   verbs, calls, _ = _launch_with_states(tmp_path / "x", ["SUSPENDED", "ACTIVE"], "--queued",
                                         "--spot")
-  assert verbs[:3] == ["queued-resources describe", "queued-resources delete",
-                       "queued-resources create"]
+  assert verbs[:3] == [
+      "queued-resources describe", "queued-resources delete", "queued-resources create"
+  ]
   assert "--force" in calls[1] and "--spot" in calls[2]
 
 
@@ -123,8 +138,12 @@ def test_worker_runs_detached_reports_and_stops(tmp_path):
   env = {**os.environ, "COE_LOG_COPY_SECONDS": "0.2"}
 
   def worker(*args):
-    return subprocess.run(["bash", WORKER, *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=60).stdout
+    return subprocess.run(["bash", WORKER, *map(str, args)],
+                          capture_output=True,
+                          text=True,
+                          cwd=REPO,
+                          env=env,
+                          timeout=60).stdout
 
   slow = "trap 'echo checkpoint; exit 143' TERM; echo training; sleep 60 & wait"
   assert "started" in worker("start", run_dir, workdir, "--", "bash", "-c", slow)

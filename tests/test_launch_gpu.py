@@ -22,8 +22,7 @@ GPU = os.path.join(REPO, "launch", "gpu.sh")
 PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 BASE = ["--config=configs/digits.py", "--workdir=runs/x"]
 # What a user's shell may hold; each run starts without them.
-CLUSTER_ENV = ("COE_COORDINATOR_ADDRESS", "COE_NUM_PROCESSES", "COE_PROCESS_ID",
-               "COE_DISTRIBUTED")
+CLUSTER_ENV = ("COE_COORDINATOR_ADDRESS", "COE_NUM_PROCESSES", "COE_PROCESS_ID", "COE_DISTRIBUTED")
 
 
 def _run(*args, env=None, path=None):
@@ -31,7 +30,11 @@ def _run(*args, env=None, path=None):
   full.update(env or {})
   if path:
     full["PATH"] = f"{path}{os.pathsep}{full['PATH']}"
-  return subprocess.run(["bash", GPU, *args], capture_output=True, text=True, cwd=REPO, env=full,
+  return subprocess.run(["bash", GPU, *args],
+                        capture_output=True,
+                        text=True,
+                        cwd=REPO,
+                        env=full,
                         timeout=60)
 
 
@@ -43,15 +46,18 @@ def _lines(result):
 def test_single_node_dry_run_installs_then_trains():
   install_venv, install_cuda, train = _lines(_run("--dry-run", *BASE, "--", "--config.seed=3"))
   assert install_venv == f"make -C {REPO} venv"
-  assert install_cuda.replace("\\", "") == (
-      f"{REPO}/.venv/bin/pip install -q -e {REPO}[cuda] -c {REPO}/constraints.txt")
+  assert install_cuda.replace(
+      "\\", "") == (f"{REPO}/.venv/bin/pip install -q -e {REPO}[cuda] -c {REPO}/constraints.txt")
   assert train == f"{PYTHON} -m coe_jax.main {' '.join(BASE)} --config.seed=3"
 
 
 @pytest.mark.parametrize("source", ["flags", "environment"])
 def test_multi_node_dry_run_gives_main_the_processes(source):
-  cluster = {"COE_COORDINATOR_ADDRESS": "node0:1234", "COE_NUM_PROCESSES": "4",
-             "COE_PROCESS_ID": "3"}
+  cluster = {
+      "COE_COORDINATOR_ADDRESS": "node0:1234",
+      "COE_NUM_PROCESSES": "4",
+      "COE_PROCESS_ID": "3"
+  }
   if source == "flags":
     result = _run("--dry-run", "--no-install", *BASE, "--coordinator=node0:1234",
                   "--num-processes=4", "--process-id=3")
@@ -59,7 +65,8 @@ def test_multi_node_dry_run_gives_main_the_processes(source):
     result = _run("--dry-run", "--no-install", *BASE, env=cluster)
   assert _lines(result) == [
       f"{PYTHON} -m coe_jax.main {' '.join(BASE)} --coordinator_address=node0:1234 "
-      "--num_processes=4 --process_id=3"]
+      "--num_processes=4 --process_id=3"
+  ]
 
 
 def _slurm_dry_run(*args):
@@ -68,14 +75,14 @@ def _slurm_dry_run(*args):
   start = lines.index(next(line for line in lines if line.startswith("cat > ")))
   end = lines.index("EOF")
   job = re.fullmatch(r"cat > (\S+) <<'EOF'", lines[start]).group(1)
-  return [line.strip() for line in lines[:start] + lines[end + 1:]], job, "\n".join(
-      lines[start + 1:end])
+  return [line.strip() for line in lines[:start] + lines[end + 1:]
+         ], job, "\n".join(lines[start + 1:end])
 
 
 def test_slurm_dry_run_writes_a_job_script_then_submits_it():
-  commands, job, script = _slurm_dry_run(
-      "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--time=12:00:00", "--port=9999",
-      *BASE, "--", "--config.train.batch_size=1024")
+  commands, job, script = _slurm_dry_run("--nodes=4", "--gpus-per-node=8", "--partition=gpu",
+                                         "--time=12:00:00", "--port=9999", *BASE, "--",
+                                         "--config.train.batch_size=1024")
   assert job == "runs/x/slurm/train.sbatch"
   assert commands == ["mkdir -p runs/x/slurm", f"sbatch {job}"]
   for header in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
@@ -114,12 +121,18 @@ def test_slurm_job_runs_main_once_per_node_with_its_index(tmp_path):
   _stand_in(bin_dir, "sbatch", 'echo "sbatch $*"')
   _stand_in(bin_dir, "scontrol", 'echo "gpu-a"; echo "gpu-b"; echo "gpu-c"')
   # Each task with its own SLURM_PROCID, as a dry run: it prints main's command.
-  _stand_in(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\n'
-                             'for i in 0 1 2; do '
-                             'SLURM_NTASKS=3 SLURM_PROCID=$i "$@" --dry-run; done')
+  _stand_in(
+      bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\n'
+      'for i in 0 1 2; do '
+      'SLURM_NTASKS=3 SLURM_PROCID=$i "$@" --dry-run; done')
   workdir = tmp_path / "run"
-  submitted = _lines(_run("--slurm", "--nodes=3", "--no-install", "--config=configs/digits.py",
-                          f"--workdir={workdir}", path=bin_dir))
+  submitted = _lines(
+      _run("--slurm",
+           "--nodes=3",
+           "--no-install",
+           "--config=configs/digits.py",
+           f"--workdir={workdir}",
+           path=bin_dir))
   job = workdir / "slurm" / "train.sbatch"
   assert submitted == [f"sbatch {job}"]
   _, _, dry_script = _slurm_dry_run("--nodes=3", "--no-install", "--config=configs/digits.py",
@@ -131,27 +144,31 @@ def test_slurm_job_runs_main_once_per_node_with_its_index(tmp_path):
   result = subprocess.run(["bash", str(job)], capture_output=True, text=True, env=env, timeout=60)
   assert _lines(result) == [
       f"{PYTHON} -m coe_jax.main --config=configs/digits.py --workdir={workdir} "
-      f"--coordinator_address=gpu-a:8476 --num_processes=3 --process_id={i}" for i in range(3)]
+      f"--coordinator_address=gpu-a:8476 --num_processes=3 --process_id={i}" for i in range(3)
+  ]
 
 
 @pytest.mark.parametrize("args, env, fragment", [
     (["--workdir=runs/x"], {}, "missing --config"),
     (["--config=configs/digits.py"], {}, "missing --workdir"),
     ([*BASE, "--gpus=8"], {}, "unknown argument --gpus=8"),
-    ([*BASE, "--coordinator=node0:1234", "--num-processes=2", "--process-id=2"], {},
-     "--process-id=2: expected an integer from 0 to 1"),
-    ([*BASE], {"COE_COORDINATOR_ADDRESS": "node0:1234", "COE_NUM_PROCESSES": "2",
-               "COE_PROCESS_ID": "-1"}, "COE_PROCESS_ID=-1: expected an integer from 0 to 1"),
-    ([*BASE, "--coordinator=node0", "--num-processes=2", "--process-id=0"], {},
-     "--coordinator=node0: expected HOST:PORT"),
-    ([*BASE, "--coordinator=node0:1234", "--num-processes=0", "--process-id=0"], {},
-     "--num-processes=0: expected an integer >= 1"),
+    ([*BASE, "--coordinator=node0:1234", "--num-processes=2", "--process-id=2"
+     ], {}, "--process-id=2: expected an integer from 0 to 1"),
+    ([*BASE], {
+        "COE_COORDINATOR_ADDRESS": "node0:1234",
+        "COE_NUM_PROCESSES": "2",
+        "COE_PROCESS_ID": "-1"
+    }, "COE_PROCESS_ID=-1: expected an integer from 0 to 1"),
+    ([*BASE, "--coordinator=node0", "--num-processes=2", "--process-id=0"
+     ], {}, "--coordinator=node0: expected HOST:PORT"),
+    ([*BASE, "--coordinator=node0:1234", "--num-processes=0", "--process-id=0"
+     ], {}, "--num-processes=0: expected an integer >= 1"),
     ([*BASE, "--coordinator=node0:1234", "--process-id=0"], {}, "missing --num-processes=N"),
     ([*BASE, "--slurm"], {}, "--slurm needs --nodes=N"),
     ([*BASE, "--slurm", "--nodes=two"], {}, "--nodes=two: expected an integer >= 1"),
     ([*BASE, "--slurm", "--nodes=2", "--process-id=1"], {}, "--process-id=1: not with --slurm"),
-    (["--config=configs/digits.py", "--workdir=gs://b/run", "--slurm", "--nodes=2"], {},
-     "--workdir=gs://b/run: with --slurm"),
+    (["--config=configs/digits.py", "--workdir=gs://b/run", "--slurm", "--nodes=2"
+     ], {}, "--workdir=gs://b/run: with --slurm"),
     ([*BASE, "--nodes=2"], {}, "--nodes=2: only with --slurm"),
 ])
 def test_bad_arguments_fail_in_one_line(args, env, fragment):
@@ -163,11 +180,15 @@ def test_bad_arguments_fail_in_one_line(args, env, fragment):
 
 # coe_jax.parallel.distributed
 
+
 def test_resolve_reads_flags_then_the_environment():
   explicit = {"coordinator_address": "node0:1234", "num_processes": 4, "process_id": 3}
   assert distributed.resolve("node0:1234", "4", "3", environ={}) == explicit
-  environ = {"COE_COORDINATOR_ADDRESS": "node0:1234", "COE_NUM_PROCESSES": "4",
-             "COE_PROCESS_ID": "1"}
+  environ = {
+      "COE_COORDINATOR_ADDRESS": "node0:1234",
+      "COE_NUM_PROCESSES": "4",
+      "COE_PROCESS_ID": "1"
+  }
   assert distributed.resolve(environ=environ) == {**explicit, "process_id": 1}
   # A flag stands for its own variable; the others still count.
   assert distributed.resolve(process_id="3", environ=environ) == explicit
@@ -179,8 +200,10 @@ def test_resolve_reads_flags_then_the_environment():
 @pytest.mark.parametrize("flags, environ, message", [
     (("node0:1234", None, "0"), {}, "num_processes=None: --coordinator_address, --num_processes "
      "and --process_id (or COE_COORDINATOR_ADDRESS"),
-    ((None, None, None), {"COE_PROCESS_ID": "0", "COE_DISTRIBUTED": "1"},
-     "coordinator_address=None"),
+    ((None, None, None), {
+        "COE_PROCESS_ID": "0",
+        "COE_DISTRIBUTED": "1"
+    }, "coordinator_address=None"),
     (("node0", "2", "0"), {}, "coordinator_address='node0': expected HOST:PORT"),
     ((":1234", "2", "0"), {}, "coordinator_address=':1234': expected HOST:PORT"),
     (("node0:http", "2", "0"), {}, "coordinator_address='node0:http'"),
@@ -188,8 +211,11 @@ def test_resolve_reads_flags_then_the_environment():
     (("node0:1234", "two", "0"), {}, "num_processes='two': expected an integer >= 1"),
     (("node0:1234", "0", "0"), {}, "num_processes='0': expected an integer >= 1"),
     (("node0:1234", "2", "2"), {}, "process_id='2': expected an integer from 0 to 1"),
-    ((None, None, None), {"COE_COORDINATOR_ADDRESS": "node0:1234", "COE_NUM_PROCESSES": "2",
-                          "COE_PROCESS_ID": "-1"}, "COE_PROCESS_ID='-1': expected an integer"),
+    ((None, None, None), {
+        "COE_COORDINATOR_ADDRESS": "node0:1234",
+        "COE_NUM_PROCESSES": "2",
+        "COE_PROCESS_ID": "-1"
+    }, "COE_PROCESS_ID='-1': expected an integer"),
 ])
 def test_resolve_names_what_is_missing_or_bad(flags, environ, message):
   with pytest.raises(CoEError) as error:
@@ -201,8 +227,9 @@ def test_resolve_names_what_is_missing_or_bad(flags, environ, message):
 def _initialize_calls(monkeypatch):
   """What `jax.distributed.initialize` is called with, and the CPU collectives then."""
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append(
-      (args, kwargs, jax.config.jax_cpu_collectives_implementation)))
+  monkeypatch.setattr(
+      jax.distributed, "initialize", lambda *args, **kwargs: calls.append(
+          (args, kwargs, jax.config.jax_cpu_collectives_implementation)))
   chosen = jax.config.jax_cpu_collectives_implementation
   jax.config.update("jax_cpu_collectives_implementation", None)  # As jax before 0.10 had it.
   yield calls
@@ -223,8 +250,12 @@ def test_initialize_lets_jax_detect_or_does_nothing(initialize_calls):
 
 
 @pytest.mark.parametrize("num_processes, platforms, chosen, wanted", [
-    (2, None, None, True), (2, "cpu", None, True), (2, "cuda,cpu", None, True),
-    (2, "cuda", None, False), (1, None, None, False), (2, None, "mpi", False),
+    (2, None, None, True),
+    (2, "cpu", None, True),
+    (2, "cuda,cpu", None, True),
+    (2, "cuda", None, False),
+    (1, None, None, False),
+    (2, None, "mpi", False),
 ])
 def test_gloo_where_the_cpu_computes_across_processes(num_processes, platforms, chosen, wanted):
   # pylint: disable-next=protected-access
@@ -233,8 +264,8 @@ def test_gloo_where_the_cpu_computes_across_processes(num_processes, platforms, 
 
 def test_main_with_a_bad_num_processes_fails_in_one_line(tmp_path):
   workdir = tmp_path / "run"
-  line = error_line(run_module("coe_jax.main", f"--config={config_path('digits')}",
-                               f"--workdir={workdir}", "--coordinator_address=localhost:1234",
-                               "--num_processes=2.5", "--process_id=0"))
+  line = error_line(
+      run_module("coe_jax.main", f"--config={config_path('digits')}", f"--workdir={workdir}",
+                 "--coordinator_address=localhost:1234", "--num_processes=2.5", "--process_id=0"))
   assert line == "error: num_processes='2.5': expected an integer >= 1"
   assert not workdir.exists()

@@ -25,8 +25,8 @@ def test_the_state_splits_each_stacked_expert_leaf_and_replicates_the_rest():
   mesh = mesh_lib.make_mesh(config, jax.devices()[:8])
   assert dict(mesh.shape) == {mesh_lib.DATA_AXIS: 4, mesh_lib.EXPERT_AXIS: 2}
   model = CoE(config, num_classes=10)
-  state = jax.eval_shape(lambda: train_step.create_train_state(
-      model, optim.make_optimizer(config), config, jax.random.key(0)))
+  state = jax.eval_shape(lambda: train_step.create_train_state(model, optim.make_optimizer(config),
+                                                               config, jax.random.key(0)))
   shardings = mesh_lib.state_shardings(state, mesh, config.num_experts)
   counts = {"split": 0, "replicated": 0}
 
@@ -38,8 +38,9 @@ def test_the_state_splits_each_stacked_expert_leaf_and_replicates_the_rest():
 
   jax.tree_util.tree_map_with_path(check, state, shardings)
   assert min(counts.values()) > 10, counts
-  fields = {path[0].name for path, _ in jax.tree_util.tree_leaves_with_path(state)
-            if under_experts(path)}
+  fields = {
+      path[0].name for path, _ in jax.tree_util.tree_leaves_with_path(state) if under_experts(path)
+  }
   assert fields == {"params", "batch_stats", "ema_params", "opt_state"}, fields
 
 

@@ -48,7 +48,9 @@ def test_stacked_experts_equal_each_expert_alone(model_and_variables, loop):
   per_buffer = model.experts(variables, buffers, shared_input=False, loop=loop)
   for j in range(3):
     np.testing.assert_allclose(shared[j], model.expert(variables, j, images), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(per_buffer[j], model.expert(variables, j, buffers[j]), rtol=1e-5,
+    np.testing.assert_allclose(per_buffer[j],
+                               model.expert(variables, j, buffers[j]),
+                               rtol=1e-5,
                                atol=1e-5)
   assert not np.allclose(shared[0], shared[1])
 
@@ -56,7 +58,10 @@ def test_stacked_experts_equal_each_expert_alone(model_and_variables, loop):
 def test_training_mode_updates_stacked_batch_stats(model_and_variables):
   model, variables = model_and_variables
   images = _images(jax.random.key(3), (8, 16, 16, 3))
-  logits, deterministic, stats = model.experts(variables, images, shared_input=True, train=True,
+  logits, deterministic, stats = model.experts(variables,
+                                               images,
+                                               shared_input=True,
+                                               train=True,
                                                rng=jax.random.key(4))
   assert logits.shape == (3, 8, 10)
   np.testing.assert_array_equal(deterministic, logits)  # No dropout in this config.
@@ -97,7 +102,11 @@ def test_condconv_stages_only_where_configured():
 
 @pytest.mark.parametrize("strides,features,residual", [(1, 8, True), (2, 8, False), (1, 16, False)])
 def test_mbconv_residual_only_when_shapes_match(strides, features, residual):
-  block = MBConv(features=features, kernel_size=3, strides=strides, expansion=2, se_ratio=0.25,
+  block = MBConv(features=features,
+                 kernel_size=3,
+                 strides=strides,
+                 expansion=2,
+                 se_ratio=0.25,
                  activation="relu")
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
   variables = block.init(jax.random.key(1), x, train=False)
@@ -118,8 +127,13 @@ def test_mbconv_residual_only_when_shapes_match(strides, features, residual):
 def test_fused_mbconv_is_one_dense_convolution_then_the_projection(expansion):
   """Fused-MBConv: a dense k x k convolution (BatchNorm, activation), then the 1x1
   projection when it expands; compared with the same layers written out."""
-  block = MBConv(features=8, kernel_size=3, strides=2, expansion=expansion, se_ratio=0.0,
-                 activation="relu", fused=True)
+  block = MBConv(features=8,
+                 kernel_size=3,
+                 strides=2,
+                 expansion=expansion,
+                 se_ratio=0.0,
+                 activation="relu",
+                 fused=True)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
   variables = block.init(jax.random.key(1), x, train=False)
   params = variables["params"]
@@ -133,7 +147,9 @@ def test_fused_mbconv_is_one_dense_convolution_then_the_projection(expansion):
     p, stats = variables["params"][name], variables["batch_stats"][name]
     return (y - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-3) * p["scale"] + p["bias"]
 
-  y = jax.lax.conv_general_dilated(x, variables["params"]["fused"]["kernel"], (2, 2), "SAME",
+  y = jax.lax.conv_general_dilated(x,
+                                   variables["params"]["fused"]["kernel"], (2, 2),
+                                   "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   y = jax.nn.relu(bn(y, "fused_bn"))
   if expansion > 1:
@@ -186,7 +202,10 @@ def test_bad_stage_configs_name_stage_and_value(field, value, fragment):
 
 @pytest.mark.parametrize("stages,fragment", [
     ((1,), "delegator.stages[0]=1: expected a stage with features, depth"),
-    (({"features": 8, "depth": 1},), "delegator.stages[0]={'features': 8, 'depth': 1}"),
+    (({
+        "features": 8,
+        "depth": 1
+    },), "delegator.stages[0]={'features': 8, 'depth': 1}"),
     ((), "delegator.stages=(): expected a list of at least one stage"),
 ])
 def test_stages_that_are_not_stage_dicts_are_refused_in_one_line(stages, fragment):
@@ -203,11 +222,20 @@ def test_deterministic_logits_are_the_same_pass_without_dropout(model_and_variab
   images = _images(jax.random.key(6), (8, 16, 16, 3))
   config = tiny_config(num_experts=3)
   config.expert.dropout_rate = 0.5
-  logits, deterministic, stats = CoE(config, num_classes=10).experts(
-      variables, images, shared_input=True, train=True, rng=jax.random.key(7), loop="unroll")
+  logits, deterministic, stats = CoE(config, num_classes=10).experts(variables,
+                                                                     images,
+                                                                     shared_input=True,
+                                                                     train=True,
+                                                                     rng=jax.random.key(7),
+                                                                     loop="unroll")
   config.expert.dropout_rate = 0.0
-  plain, plain_deterministic, plain_stats = CoE(config, num_classes=10).experts(
-      variables, images, shared_input=True, train=True, rng=jax.random.key(7), loop="unroll")
+  plain, plain_deterministic, plain_stats = CoE(config,
+                                                num_classes=10).experts(variables,
+                                                                        images,
+                                                                        shared_input=True,
+                                                                        train=True,
+                                                                        rng=jax.random.key(7),
+                                                                        loop="unroll")
   assert not np.allclose(logits, plain, atol=1e-3)  # Dropout acted...
   np.testing.assert_allclose(deterministic, plain, rtol=1e-5, atol=1e-5)  # ...and not here.
   np.testing.assert_array_equal(plain_deterministic, plain)
@@ -222,9 +250,15 @@ def _expert_loss(config, images):
   own = jax.tree.map(lambda v: v[0], {c: t["experts"] for c, t in variables.items()})
 
   def loss(params):
-    logits, _ = model.expert_net.apply({**own, "params": params}, images, train=True,
-                                       mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+    logits, _ = model.expert_net.apply({
+        **own, "params": params
+    },
+                                       images,
+                                       train=True,
+                                       mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.key(1)})
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
   return loss, own["params"]
 
 
@@ -243,7 +277,8 @@ def test_remat_saves_less_and_computes_the_same_gradients(mode):
   remat_loss, _ = _expert_loss(config, images)
   assert _saved_bytes(remat_loss, params) < _saved_bytes(plain_loss, params) / 2
   for a, b in zip(jax.tree.leaves(jax.grad(remat_loss)(params)),
-                  jax.tree.leaves(jax.grad(plain_loss)(params)), strict=True):
+                  jax.tree.leaves(jax.grad(plain_loss)(params)),
+                  strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -255,9 +290,11 @@ def test_bfloat16_computes_every_layer_in_bfloat16_and_keeps_float32_state():
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
   own = jax.tree.map(lambda v: v[0], {c: t["experts"] for c, t in variables.items()})
-  _, mutated = model.expert_net.apply(
-      own, _images(jax.random.key(9), (4, 16, 16, 3)), train=True,
-      mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+  _, mutated = model.expert_net.apply(own,
+                                      _images(jax.random.key(9), (4, 16, 16, 3)),
+                                      train=True,
+                                      mutable=["batch_stats", "intermediates"],
+                                      capture_intermediates=True)
   state = mutated["batch_stats"]
   outputs = jax.tree_util.tree_flatten_with_path(mutated["intermediates"])[0]
   norms = [leaf.dtype for path, leaf in outputs if "_bn" in jax.tree_util.keystr(path)]

@@ -8,8 +8,8 @@ from nbclient import NotebookClient
 from tests.tiny import REPO
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "coe_colab.ipynb")
-FIGURES = ("accuracy_vs_flops.png", "early_exit_curve.png", "expert_load.png",
-           "routing_grid.png", "class_by_expert.png")
+FIGURES = ("accuracy_vs_flops.png", "early_exit_curve.png", "expert_load.png", "routing_grid.png",
+           "class_by_expert.png")
 
 
 def _text(cell) -> str:
@@ -18,25 +18,35 @@ def _text(cell) -> str:
 
 def test_notebook_runs_on_cpu_with_few_steps(tmp_path, monkeypatch):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  parameters = [i for i, cell in enumerate(notebook.cells)
-                if "parameters" in cell.metadata.get("tags", [])]
+  parameters = [
+      i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])
+  ]
   assert len(parameters) == 1
   workdir = str(tmp_path / "run")
   # Injected after the parameter cell, as papermill does.
-  notebook.cells.insert(parameters[0] + 1, nbformat.v4.new_code_cell(
-      f"NUM_STEPS = 6\nNUM_EXPERTS = 2\nWORKDIR = {workdir!r}"))
+  notebook.cells.insert(
+      parameters[0] + 1,
+      nbformat.v4.new_code_cell(f"NUM_STEPS = 6\nNUM_EXPERTS = 2\nWORKDIR = {workdir!r}"))
   # The kernel inherits this environment: one CPU device (not the suite's 8 fake
   # ones), and quick compilation for programs that run a few steps.
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  NotebookClient(notebook, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  NotebookClient(notebook,
+                 timeout=600,
+                 kernel_name="python3",
+                 resources={
+                     "metadata": {
+                         "path": str(tmp_path)
+                     }
+                 }).execute()
 
   for name in FIGURES:
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   outputs = "\n".join(_text(cell) for cell in notebook.cells)
   assert "CoE results" in outputs
   assert "a training batch: (64, 16, 16, 3) uint8" in outputs
-  shown = sum(out.get("output_type") == "display_data" for cell in notebook.cells
-              for out in cell.get("outputs", []))
+  shown = sum(
+      out.get("output_type") == "display_data"
+      for cell in notebook.cells
+      for out in cell.get("outputs", []))
   assert shown >= len(FIGURES) + 2  # The figures, the loss curve and the predictions.

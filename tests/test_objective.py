@@ -11,11 +11,12 @@ from coe_jax.errors import CoEError
 from coe_jax.objective import lgm, losses
 
 B, N, K = 16, 4, 5
-METRICS = {"loss", "expert_loss", "selection_loss", "delegator_loss", "load_gap",
-           "selection_load_gap", "selection_agreement", "own_portion_accuracy",
-           "off_portion_accuracy", "routed_accuracy", "sinkhorn_iterations",
-           "sinkhorn_converged", "lgm_sinkhorn_iterations", "lgm_sinkhorn_converged",
-           "delegator_accuracy"}
+METRICS = {
+    "loss", "expert_loss", "selection_loss", "delegator_loss", "load_gap", "selection_load_gap",
+    "selection_agreement", "own_portion_accuracy", "off_portion_accuracy", "routed_accuracy",
+    "sinkhorn_iterations", "sinkhorn_converged", "lgm_sinkhorn_iterations",
+    "lgm_sinkhorn_converged", "delegator_accuracy"
+}
 
 
 def make_config(**loss):
@@ -85,14 +86,21 @@ def test_coadapt_total_and_metrics(coadapt):
   class_logits, _, _, labels = inputs()
   assert set(metrics) == METRICS
   assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
-  np.testing.assert_allclose(total, metrics["expert_loss"] + 0.7 * metrics["selection_loss"]
-                             + 0.3 * metrics["delegator_loss"], rtol=1e-6)
+  np.testing.assert_allclose(total,
+                             metrics["expert_loss"] + 0.7 * metrics["selection_loss"] +
+                             0.3 * metrics["delegator_loss"],
+                             rtol=1e-6)
   assert float(metrics["load_gap"]) == 0  # B divisible by N
   assert float(metrics["sinkhorn_iterations"]) > 0
   assert float(metrics["lgm_sinkhorn_iterations"]) > 0  # base config's rule is balanced
   _, selection_logits, expert_logits, _ = inputs()
-  targets, _ = lgm.selection_targets(expert_logits, labels, rule="balanced", temperature=1.0,
-                                     epsilon=0.05, max_iterations=200, threshold=1e-3)
+  targets, _ = lgm.selection_targets(expert_logits,
+                                     labels,
+                                     rule="balanced",
+                                     temperature=1.0,
+                                     epsilon=0.05,
+                                     max_iterations=200,
+                                     threshold=1e-3)
   agree = np.argmax(selection_logits, axis=-1) == np.argmax(targets, axis=-1)  # [B]
   assert 0 < agree.mean() < 1  # Inputs where the metric can be wrong either way.
   np.testing.assert_allclose(metrics["selection_agreement"], agree.mean())
@@ -102,8 +110,8 @@ def test_coadapt_total_and_metrics(coadapt):
 
 def test_warmup_ignores_selection_logits():
   class_logits, selection_logits, expert_logits, labels = inputs()
-  warmup = jax.jit(lambda g: objective.coe_objective(
-      class_logits, g, expert_logits, labels, CONFIG, "warmup"))
+  warmup = jax.jit(
+      lambda g: objective.coe_objective(class_logits, g, expert_logits, labels, CONFIG, "warmup"))
   loss, metrics = warmup(selection_logits)
   other_loss, other_metrics = warmup(-3.0 * selection_logits)
   assert float(loss) == float(other_loss)
@@ -116,11 +124,13 @@ def test_warmup_ignores_selection_logits():
 
 
 def test_delegator_stage_freezes_experts():
+
   def loss(*args):
     return objective.coe_objective(*args, CONFIG, "delegator")
 
-  (total, metrics), (to_selection, to_experts) = jax.jit(
-      jax.value_and_grad(loss, argnums=(1, 2), has_aux=True))(*inputs())
+  (total, metrics), (to_selection,
+                     to_experts) = jax.jit(jax.value_and_grad(loss, argnums=(1, 2),
+                                                              has_aux=True))(*inputs())
   assert is_zero(to_experts)
   assert not is_zero(to_selection)
   assert float(metrics["expert_loss"]) == 0
@@ -134,7 +144,8 @@ def test_weighted_expert_loss_formula():
   ce = -log_softmax(expert_logits)[:, np.arange(3), labels]  # [N, B]
   expected = ((ce[0, 0] + ce[0, 2]) / 2) + ((0.5 * ce[1, 0] + ce[1, 1]) / 1.5)
   np.testing.assert_allclose(losses.weighted_expert_loss(expert_logits, labels, weights),
-                             expected, rtol=1e-6)
+                             expected,
+                             rtol=1e-6)
   assert float(losses.weighted_expert_loss(expert_logits, labels, np.zeros((3, 2)))) == 0
 
 
@@ -144,13 +155,18 @@ def test_delegator_loss_smoothing_and_distillation():
   labels = np.array([0, 1, 2, 3])
   smooth = 0.9 * np.eye(K)[labels] + 0.1 / K
   ce = -np.mean(np.sum(smooth * log_softmax(logits), axis=-1))
-  np.testing.assert_allclose(losses.delegator_loss(logits, labels, label_smoothing=0.1), ce,
+  np.testing.assert_allclose(losses.delegator_loss(logits, labels, label_smoothing=0.1),
+                             ce,
                              rtol=1e-6)
   t = 2.0
   log_p = log_softmax(teacher / t)
   kl = np.mean(np.sum(np.exp(log_p) * (log_p - log_softmax(logits / t)), axis=-1))
-  got = losses.delegator_loss(logits, labels, label_smoothing=0.1, distill_logits=teacher,
-                              distill_weight=0.5, distill_temperature=t)
+  got = losses.delegator_loss(logits,
+                              labels,
+                              label_smoothing=0.1,
+                              distill_logits=teacher,
+                              distill_weight=0.5,
+                              distill_temperature=t)
   np.testing.assert_allclose(got, ce + 0.5 * t**2 * kl, rtol=1e-5)
 
 
@@ -159,8 +175,8 @@ def test_selection_loss_is_weighted_cross_entropy():
   targets = np.eye(N, dtype=np.float32)[[0, 1, 3]]
   weights = np.array([0.0, 1.0, 2.0], np.float32)
   ce = -log_softmax(g)[np.arange(3), [0, 1, 3]]
-  np.testing.assert_allclose(losses.selection_loss(g, targets, weights),
-                             (ce[1] + 2 * ce[2]) / 3, rtol=1e-6)
+  np.testing.assert_allclose(losses.selection_loss(g, targets, weights), (ce[1] + 2 * ce[2]) / 3,
+                             rtol=1e-6)
 
 
 def _set(config, key, value):
@@ -169,11 +185,17 @@ def _set(config, key, value):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("wgm.off_portion_weight", 1.5), ("wgm.off_portion_weight", -0.1),
-    ("lgm.temperature", 0.0), ("lgm.temperature", -1.0),
-    ("loss.selection_weight", -1.0), ("loss.delegator_weight", float("inf")),
-    ("loss.distill_weight", float("nan")), ("loss.label_smoothing", 1.0),
-    ("loss.label_smoothing", -0.1), ("lgm.rule", "best"), ("wgm.sinkhorn_epsilon", 0.0),
+    ("wgm.off_portion_weight", 1.5),
+    ("wgm.off_portion_weight", -0.1),
+    ("lgm.temperature", 0.0),
+    ("lgm.temperature", -1.0),
+    ("loss.selection_weight", -1.0),
+    ("loss.delegator_weight", float("inf")),
+    ("loss.distill_weight", float("nan")),
+    ("loss.label_smoothing", 1.0),
+    ("loss.label_smoothing", -0.1),
+    ("lgm.rule", "best"),
+    ("wgm.sinkhorn_epsilon", 0.0),
 ])
 def test_bad_config_values(key, value):
   config = base_config()
@@ -188,8 +210,9 @@ def test_bad_config_values(key, value):
 def test_bad_rule_message():
   config = base_config()
   config.lgm.rule = "best"
-  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, "
-                                     r"soft \(or random: LGM off, for ablations\)$"):
+  with pytest.raises(CoEError,
+                     match=r"^lgm.rule='best': expected one of argmax, balanced, "
+                     r"soft \(or random: LGM off, for ablations\)$"):
     config_base.validate(config)
 
 
@@ -214,8 +237,8 @@ def test_stage_schedule():
   config.train.num_steps = 1001
   config.train.stages = dict(warmup=0.1, coadapt=0.0, delegator=0.9)
   assert objective.stage_boundaries(config) == (("warmup", 0, 100), ("delegator", 100, 1001))
-  assert [objective.stage_at(config, s) for s in (0, 99, 100, 1000, 5000)] == [
-      "warmup", "warmup", "delegator", "delegator", "delegator"]
+  assert [objective.stage_at(config, s) for s in (0, 99, 100, 1000, 5000)
+         ] == ["warmup", "warmup", "delegator", "delegator", "delegator"]
   config.train.stages = dict(warmup=0.2, coadapt=0.8, delegator=0.0)
   config.train.num_steps = 10
   assert objective.stage_boundaries(config) == (("warmup", 0, 2), ("coadapt", 2, 10))

@@ -37,7 +37,10 @@ def test_weight_decay_shrinks_every_kernel_and_nothing_else(rule):
   def check(path, update, param):
     is_kernel = getattr(path[-1], "key", None) == "kernel"
     expected = -LEARNING_RATE * WEIGHT_DECAY * param if is_kernel else jnp.zeros_like(param)
-    np.testing.assert_allclose(update, expected, rtol=1e-6, atol=1e-9,
+    np.testing.assert_allclose(update,
+                               expected,
+                               rtol=1e-6,
+                               atol=1e-9,
                                err_msg=jax.tree_util.keystr(path))
     kinds["kernel" if is_kernel else "other"] += 1
     if is_kernel and under_experts(path):

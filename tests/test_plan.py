@@ -43,5 +43,5 @@ def test_a_plan_counts_one_devices_share_of_the_state():
     (["--mesh=2x2", "--config.train.remat=everything"], "train.remat='everything'"),
 ])
 def test_bad_planner_arguments_fail_in_one_line(args, fragment):
-  assert fragment in error_line(run_module("coe_jax.plan", f"--config={config_path('digits')}",
-                                           *args))
+  assert fragment in error_line(
+      run_module("coe_jax.plan", f"--config={config_path('digits')}", *args))

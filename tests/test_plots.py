@@ -26,10 +26,13 @@ def routed():
   variables = random_variables(model)
   outputs = evaluation.collect_outputs(model, variables, data.eval_batches(config))
   threshold = float(np.median(outputs.confidence))  # About half the examples exit.
-  figures, routing = evaluation.routed_figures(
-      model, variables, data.eval_batches(config), threshold,
-      routing_lib.RoutingSpec.from_config(config, expected_exit_rate=0.5),
-      examples_per_expert=plots.GRID_EXAMPLES)
+  figures, routing = evaluation.routed_figures(model,
+                                               variables,
+                                               data.eval_batches(config),
+                                               threshold,
+                                               routing_lib.RoutingSpec.from_config(
+                                                   config, expected_exit_rate=0.5),
+                                               examples_per_expert=plots.GRID_EXAMPLES)
   images = np.concatenate([b["image"][b["mask"]] for b in data.eval_batches(config)])
   return outputs, threshold, figures, routing, images
 
@@ -61,9 +64,17 @@ def _curve_and_results():
                            accuracy=np.array([0.7, 0.85, 0.9, 0.88]),
                            exit_rate=np.array([1.0, 0.7, 0.3, 0.0]),
                            mean_flops=np.array([1e5, 4e5, 8e5, 1.1e6]))
-  results = {"threshold": 0.9, "early_exit_rate": 0.3, "mean_flops": 8e5, "top1": 0.9,
-             "delegator_flops": 1e5, "delegator_top1": 0.7, "expert_flops": 1e6,
-             "expert_top1": [0.85, 0.86], "expert_load": [0.5, 0.5]}
+  results = {
+      "threshold": 0.9,
+      "early_exit_rate": 0.3,
+      "mean_flops": 8e5,
+      "top1": 0.9,
+      "delegator_flops": 1e5,
+      "delegator_top1": 0.7,
+      "expert_flops": 1e6,
+      "expert_top1": [0.85, 0.86],
+      "expert_load": [0.5, 0.5]
+  }
   return curve, results
 
 
@@ -77,10 +88,19 @@ def test_every_figure_is_written(routed, tmp_path):
       plots.class_by_expert(routing, names, str(tmp_path / "classes.png")),
       plots.accuracy_vs_flops(curve, results, str(tmp_path / "acc.png")),
       plots.expert_load(results, str(tmp_path / "load.png")),
-      plots.ablation([{"name": "coe", "mean_flops": 8e5, "top1": [0.9, 0.92]},
-                      {"name": "single", "mean_flops": 7.5e5, "top1": [0.88]}],
+      plots.ablation([{
+          "name": "coe",
+          "mean_flops": 8e5,
+          "top1": [0.9, 0.92]
+      }, {
+          "name": "single",
+          "mean_flops": 7.5e5,
+          "top1": [0.88]
+      }],
                      str(tmp_path / "ablation.png"),
-                     curve={k: v.tolist() for k, v in vars(curve).items()}),
+                     curve={
+                         k: v.tolist() for k, v in vars(curve).items()
+                     }),
   ]
   assert all(_is_png(path) for path in written)
 
@@ -90,12 +110,15 @@ def test_many_classes_and_an_idle_expert_still_plot(tmp_path):
   num_classes = plots.LABELLED_CLASSES + 20  # Unlabelled, rows sorted by main expert.
   counts = rng.integers(0, 5, (num_classes, 2))
   counts[:, 1] = 0  # Expert 1 answers nothing: an empty row in the grid.
-  routing = evaluation.Routing(
-      class_by_expert=counts, delegator_by_class=rng.integers(0, 3, num_classes),
-      examples=[rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8),
-                np.zeros((0, 8, 8, 1), np.uint8)],
-      example_labels=[np.array([0, 5, 7]), np.zeros(0, np.int64)],
-      prediction=np.zeros(0, np.int64))
+  routing = evaluation.Routing(class_by_expert=counts,
+                               delegator_by_class=rng.integers(0, 3, num_classes),
+                               examples=[
+                                   rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8),
+                                   np.zeros((0, 8, 8, 1), np.uint8)
+                               ],
+                               example_labels=[np.array([0, 5, 7]),
+                                               np.zeros(0, np.int64)],
+                               prediction=np.zeros(0, np.int64))
   names = [f"class {k}" for k in range(num_classes)]
   assert _is_png(plots.class_by_expert(routing, names, str(tmp_path / "classes.png")))
   assert _is_png(plots.routing_grid(routing, names, str(tmp_path / "grid.png")))

@@ -22,11 +22,11 @@ import pytest
 
 from coe_jax.training import train
 from tests.helpers import (
-  checkpoint_params,
-  pod_config,
-  results_figures,
-  subprocess_env,
-  training_metrics,
+    checkpoint_params,
+    pod_config,
+    results_figures,
+    subprocess_env,
+    training_metrics,
 )
 from tests.tiny import REPO
 
@@ -41,12 +41,17 @@ def _free_port() -> int:
 
 def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
   pod, port = tmp_path / "pod", _free_port()
-  workers = [subprocess.Popen(
-      [sys.executable, "-m", "tests.pod_worker", str(pod)], cwd=REPO,
-      env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
-                         COE_NUM_PROCESSES=str(NUM_PROCESSES), COE_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(NUM_PROCESSES)]
+  workers = [
+      subprocess.Popen([sys.executable, "-m", "tests.pod_worker",
+                        str(pod)],
+                       cwd=REPO,
+                       env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                          COE_NUM_PROCESSES=str(NUM_PROCESSES),
+                                          COE_PROCESS_ID=str(i)),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT,
+                       text=True) for i in range(NUM_PROCESSES)
+  ]
 
   outputs = [worker.communicate(timeout=600)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
@@ -55,8 +60,9 @@ def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
   pod_results = results_figures(pod)
   # Every process ends with the same answer, which only the first one wrote.
   top1 = [line for output in outputs for line in output.splitlines() if " top1=" in line]
-  assert sorted(top1) == [f"process {i}: top1={pod_results['top1']!r}"
-                          for i in range(NUM_PROCESSES)]
+  assert sorted(top1) == [
+      f"process {i}: top1={pod_results['top1']!r}" for i in range(NUM_PROCESSES)
+  ]
 
   # Evaluation: the pod's checkpoint evaluated in this process, on the same
   # mesh at the pod's tau, gives the same figures exactly: the same networks

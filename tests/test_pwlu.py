@@ -20,13 +20,13 @@ from coe_jax.models.pwlu import PWLU, realign
 INTERVALS = 8
 
 
-def _reference(x: np.ndarray, left: float, right: float, heights: np.ndarray,
-               left_slope: float, right_slope: float) -> np.ndarray:
+def _reference(x: np.ndarray, left: float, right: float, heights: np.ndarray, left_slope: float,
+               right_slope: float) -> np.ndarray:
   """The PWLU of the paper, written independently with np.interp."""
   grid = np.linspace(left, right, len(heights))
-  return np.where(x < left, heights[0] + left_slope * (x - left),
-                  np.where(x > right, heights[-1] + right_slope * (x - right),
-                           np.interp(x, grid, heights)))
+  return np.where(
+      x < left, heights[0] + left_slope * (x - left),
+      np.where(x > right, heights[-1] + right_slope * (x - right), np.interp(x, grid, heights)))
 
 
 def _init(per_channel: bool = False, channels: int = 3):
@@ -44,7 +44,8 @@ def _apply(layer, variables, x, train=False):
 
 def _with_stats(variables, mean, var):
   """Variables whose running statistics are set to the given values."""
-  stats = dict(variables["batch_stats"], mean=jnp.asarray(mean, jnp.float32),
+  stats = dict(variables["batch_stats"],
+               mean=jnp.asarray(mean, jnp.float32),
                var=jnp.asarray(var, jnp.float32))
   return {**variables, "batch_stats": stats}
 
@@ -79,8 +80,7 @@ def test_realigned_unit_is_relu_inside_the_bounds_and_the_outer_lines_outside():
   # mean 0.5, std 1: bounds [-2.5, 3.5]; 0 is not a grid point here.
   variables = realign(_with_stats(variables, 0.5, 1.0 - 1e-5))
   params = variables["params"]
-  np.testing.assert_allclose([params["left_bound"], params["right_bound"]], [-2.5, 3.5],
-                             rtol=1e-6)
+  np.testing.assert_allclose([params["left_bound"], params["right_bound"]], [-2.5, 3.5], rtol=1e-6)
   assert float(variables["batch_stats"]["realigned"]) == 1.0
 
   x = jnp.linspace(-6.0, 8.0, 281)[:, None]  # [B, 1]
@@ -121,8 +121,9 @@ def test_grid_points_take_the_perturbed_heights_and_intervals_interpolate():
 
   x = rng.uniform(left - 3, right + 3, size=500).astype(np.float32)
   y = _apply(layer, variables, jnp.asarray(x)[:, None])[0][:, 0]
-  np.testing.assert_allclose(
-      y, _reference(x, left, right, np.asarray(params["heights"]), -0.4, 1.7), atol=1e-5)
+  np.testing.assert_allclose(y,
+                             _reference(x, left, right, np.asarray(params["heights"]), -0.4, 1.7),
+                             atol=1e-5)
 
 
 def test_gradients_reach_heights_slopes_and_bounds():
@@ -175,7 +176,7 @@ def test_per_channel_units_have_their_own_statistics_and_shapes():
   np.testing.assert_allclose(stats["mean"], 0.1 * np.mean(x, 0), rtol=1e-5)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * np.var(x, 0), rtol=1e-5)
 
-  variables = realign(_with_stats(variables, shift, scale ** 2))
+  variables = realign(_with_stats(variables, shift, scale**2))
   params = dict(variables["params"])
   np.testing.assert_allclose(params["left_bound"], shift - 3 * scale, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(params["right_bound"], shift + 3 * scale, rtol=1e-4, atol=1e-4)
@@ -273,5 +274,4 @@ def test_ramps_formulation_equals_the_lookup_in_values_and_gradients(per_channel
   assert float(jnp.std(y - nn.relu(x))) > 0.1  # Really phase II, far from ReLU.
   np.testing.assert_allclose(y_ramps, y, atol=1e-5)
   for name in grads:
-    np.testing.assert_allclose(grads_ramps[name], grads[name], rtol=1e-3, atol=1e-4,
-                               err_msg=name)
+    np.testing.assert_allclose(grads_ramps[name], grads[name], rtol=1e-3, atol=1e-4, err_msg=name)

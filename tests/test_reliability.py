@@ -137,11 +137,11 @@ class _Cli:
     hooks = root / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_HOOKS)
-    self.env = subprocess_env(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    self.env = subprocess_env(PYTHONPATH=os.pathsep.join(
+        filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
+                              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
   def start(self, workdir, leg: str, *, workdir_cache: bool = False, **pauses) -> "_Leg":
     """A run in the background; `pauses` (step=k, save=k) set the hooks.
@@ -151,16 +151,23 @@ class _Cli:
     """
     signals = self.root / leg
     signals.mkdir()
-    env = {**self.env, "COE_TEST_HOOKS": str(signals),
-           **{f"COE_TEST_PAUSE_{key.upper()}": str(value) for key, value in pauses.items()}}
+    env = {
+        **self.env, "COE_TEST_HOOKS": str(signals),
+        **{
+            f"COE_TEST_PAUSE_{key.upper()}": str(value) for key, value in pauses.items()
+        }
+    }
     if workdir_cache:
       del env["JAX_COMPILATION_CACHE_DIR"]
       env["JAX_LOG_COMPILES"] = "1"
     # Files, not pipes: a full pipe would stall a run the test is not reading yet.
     with open(signals / "stdout", "w") as stdout, open(signals / "stderr", "w") as stderr:
       process = subprocess.Popen(
-          [sys.executable, "-m", "coe_jax.main", f"--config={self.config}",
-           f"--workdir={workdir}"], cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+          [sys.executable, "-m", "coe_jax.main", f"--config={self.config}", f"--workdir={workdir}"],
+          cwd=REPO,
+          env=env,
+          stdout=stdout,
+          stderr=stderr)
     return _Leg(process, signals, workdir)
 
 
@@ -197,10 +204,13 @@ class _Leg:
       self.process.kill()
       pytest.fail(f"the run did not end within {_RUN_TIMEOUT_S} s:\n{self.stderr[-3000:]}")
     resumed = _RESUMING.search(self.stderr)
-    return {"returncode": returncode, "stderr": self.stderr,
-            "resumed_from": int(resumed.group(1)) if resumed else None,
-            "checkpoints": _listing(self.workdir / "checkpoints"),
-            "compiled": _listing(self.workdir / "compilation_cache")}
+    return {
+        "returncode": returncode,
+        "stderr": self.stderr,
+        "resumed_from": int(resumed.group(1)) if resumed else None,
+        "checkpoints": _listing(self.workdir / "checkpoints"),
+        "compiled": _listing(self.workdir / "compilation_cache")
+    }
 
 
 def _listing(directory) -> list[str]:
@@ -208,8 +218,10 @@ def _listing(directory) -> list[str]:
 
 
 def _files(directory) -> list[str]:
-  return sorted(os.path.relpath(os.path.join(parent, name), directory)
-                for parent, _, names in os.walk(directory) for name in names)
+  return sorted(
+      os.path.relpath(os.path.join(parent, name), directory)
+      for parent, _, names in os.walk(directory)
+      for name in names)
 
 
 def _losses(workdir) -> list:
@@ -256,17 +268,20 @@ def interrupted(cli):
   leg.wait_for_signal("paused-save")
   leg.process.kill()
   legs["kill_in_save"] = leg.finish()
-  uncommitted = [workdir / "checkpoints" / name for name in legs["kill_in_save"]["checkpoints"]
-                 if name.startswith("4.orbax-checkpoint-tmp")]
+  uncommitted = [
+      workdir / "checkpoints" / name
+      for name in legs["kill_in_save"]["checkpoints"]
+      if name.startswith("4.orbax-checkpoint-tmp")
+  ]
   legs["kill_in_save"]["uncommitted"] = [_listing(path) for path in uncommitted]
 
   leg = cli.start(workdir, "kill_mid_training", workdir_cache=True, step=5)
   leg.wait_for_signal("paused-step")
   # Checkpoint 4 was saved asynchronously; kill once it is committed, so that
   # no save is in flight.
-  leg.wait_for(lambda: (workdir / "checkpoints" / "4").is_dir()
-               and not any("tmp" in name for name in _listing(workdir / "checkpoints")),
-               "commit of checkpoint 4")
+  leg.wait_for(
+      lambda: (workdir / "checkpoints" / "4").is_dir() and not any(
+          "tmp" in name for name in _listing(workdir / "checkpoints")), "commit of checkpoint 4")
   leg.process.kill()
   legs["kill_mid_training"] = leg.finish()
 
@@ -300,8 +315,10 @@ def test_a_save_killed_before_its_commit_is_never_resumed_from(interrupted):
 
 def test_a_resumed_run_reuses_the_programs_compiled_into_its_workdir(interrupted):
   _, legs = interrupted
-  steps = {name: [entry for entry in legs[name]["compiled"] if entry.startswith("jit_step_fn-")]
-           for name in legs}
+  steps = {
+      name: [entry for entry in legs[name]["compiled"] if entry.startswith("jit_step_fn-")]
+      for name in legs
+  }
   # The warm-up step's program, then the co-adaptation step's, each compiled once.
   assert len(steps["sigterm"]) == 1 and len(steps["kill_in_save"]) == 2, steps
   assert steps["kill_mid_training"] == steps["final"] == steps["kill_in_save"]
@@ -352,9 +369,10 @@ def trainer(cli, reference):
 
 
 def _checkpointer(trainer, workdir) -> checkpointing.Checkpointer:
-  return checkpointing.Checkpointer(
-      str(workdir), keep=trainer.config.train.keep_checkpoints,
-      fingerprint=checkpointing.shape_fingerprint(trainer.config, trainer.info.num_classes))
+  return checkpointing.Checkpointer(str(workdir),
+                                    keep=trainer.config.train.keep_checkpoints,
+                                    fingerprint=checkpointing.shape_fingerprint(
+                                        trainer.config, trainer.info.num_classes))
 
 
 def _damage(step_dir, how: str) -> None:
@@ -427,9 +445,9 @@ def test_checkpoints_of_another_config_fail_naming_the_mismatch(cli, reference, 
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("train.optimizer", "sgd", "train.optimizer='sgd': the checkpoints in /ckpt were written "
-                               "with train.optimizer='adamw'"),
+     "with train.optimizer='adamw'"),
     ("train.ema_decay", 0.999, "ema (train.ema_decay > 0)=True: the checkpoints in /ckpt were "
-                               "written with ema (train.ema_decay > 0)=False"),
+     "written with ema (train.ema_decay > 0)=False"),
 ])
 def test_the_fingerprint_covers_the_optimizer_state_layout(cli, key, value, fragment):
   """Another optimizer or EMA changes the state's layout; a restore would fail obscurely."""
@@ -471,8 +489,7 @@ def nonfinite_runs(cli, tmp_path_factory):
                                  start_step):
       yield {**batch, "label": np.zeros_like(batch["label"])} if step == _BAD_STEP else batch
 
-  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng,
-               **kwargs):
+  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng, **kwargs):
     loss, metrics = coe_objective(class_logits, selection_logits, expert_logits, labels, config,
                                   stage, rng, **kwargs)
     scale = jnp.where(jnp.all(labels == 0), jnp.nan, 1.0)
@@ -526,20 +543,37 @@ def test_skip_policy_skips_and_counts_the_nonfinite_step(nonfinite_runs):
     ((), "gradient"),
 ])
 def test_the_first_nonfinite_term_is_named(bad, named):
-  finite = {"expert_loss": 1.0, "selection_loss": 0.5, "delegator_loss": 2.0, "loss": 3.5,
-            "finite": 1.0}
-  history = [(0, finite), (1, {**finite, **{t: float("nan") for t in bad}, "finite": 0.0}),
-             (2, {**finite, "expert_loss": float("inf"), "finite": 0.0})]
+  finite = {
+      "expert_loss": 1.0,
+      "selection_loss": 0.5,
+      "delegator_loss": 2.0,
+      "loss": 3.5,
+      "finite": 1.0
+  }
+  history = [(0, finite), (1, {
+      **finite,
+      **{
+          t: float("nan") for t in bad
+      }, "finite": 0.0
+  }), (2, {
+      **finite, "expert_loss": float("inf"),
+      "finite": 0.0
+  })]
   assert train._first_nonfinite(history) == (1, named)  # pylint: disable=protected-access
 
 
 def test_checkpoints_are_read_through_orbax_only():
   """No module of the package unpickles: a checkpoint may come from anywhere."""
-  unpickling = re.compile(r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|joblib|marshal|shelve)\b"
-                          r"|allow_pickle\s*=\s*True|\bpickle\.loads?\(", re.MULTILINE)
+  unpickling = re.compile(
+      r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|joblib|marshal|shelve)\b"
+      r"|allow_pickle\s*=\s*True|\bpickle\.loads?\(", re.MULTILINE)
   package = os.path.join(REPO, "coe_jax")
-  sources = [os.path.join(parent, name) for parent, _, names in os.walk(package)
-             for name in names if name.endswith(".py")]
+  sources = [
+      os.path.join(parent, name)
+      for parent, _, names in os.walk(package)
+      for name in names
+      if name.endswith(".py")
+  ]
   assert len(sources) > 20
   for path in sources:
     with open(path, encoding="utf-8") as f:
@@ -549,8 +583,12 @@ def test_checkpoints_are_read_through_orbax_only():
 def _abandoned_task_failure(module: str) -> None:
   """Lets asyncio garbage-collect a failed task whose coroutine lives in `module`."""
   namespace = {"__name__": module}
-  exec(compile("async def read():\n  raise ValueError('OUT_OF_RANGE: byte range')\n",  # pylint: disable=exec-used
-               module.replace(".", "/") + ".py", "exec"), namespace)
+  exec(
+      compile(
+          "async def read():\n  raise ValueError('OUT_OF_RANGE: byte range')\n",  # pylint: disable=exec-used
+          module.replace(".", "/") + ".py",
+          "exec"),
+      namespace)
   loop = asyncio.new_event_loop()
   try:
     task = loop.create_task(namespace["read"]())

@@ -51,8 +51,8 @@ def _reference(per_sample, threshold):
   """(logits, early_exit, expert) by the per-sample definition."""
   _, class_logits, choice, expert_logits = per_sample
   exits = np.asarray(jax.nn.softmax(class_logits)).max(-1) >= threshold
-  return (np.where(exits[:, None], class_logits, expert_logits), exits,
-          np.where(exits, routing.NO_EXPERT, choice))
+  return (np.where(exits[:, None], class_logits,
+                   expert_logits), exits, np.where(exits, routing.NO_EXPERT, choice))
 
 
 def _thresholds(per_sample):
@@ -76,7 +76,11 @@ def test_routed_output_equals_per_sample_definition(model_and_variables, per_sam
   images = per_sample[0]  # 13 images: 3 and 4 groups need padding.
   compilations = routing.route_and_predict._cache_size()
   for threshold in _thresholds(per_sample):
-    out = routing.route_and_predict(model, variables, images, threshold, num_groups=num_groups,
+    out = routing.route_and_predict(model,
+                                    variables,
+                                    images,
+                                    threshold,
+                                    num_groups=num_groups,
                                     spec=routing.RoutingSpec(expert_loop=expert_loop))
     logits, exits, expert = _reference(per_sample, threshold)
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
@@ -157,7 +161,10 @@ def test_capacity():
 def test_bad_expert_loop_is_named(model_and_variables):
   model, variables = model_and_variables
   with pytest.raises(CoEError, match="^expert_loop='spiral'"):
-    routing.route_and_predict(model, variables, random_images(0, 4), 0.5,
+    routing.route_and_predict(model,
+                              variables,
+                              random_images(0, 4),
+                              0.5,
                               spec=routing.RoutingSpec(expert_loop="spiral"))
 
 
@@ -197,19 +204,24 @@ def _least_confident_first(confidence, active):
 
 
 def test_serving_overflow_falls_back_to_next_expert_then_delegator(model_and_variables,
-                                                                  one_at_a_time):
+                                                                   one_at_a_time):
   model, variables = model_and_variables
   variables = _all_prefer_in_order(variables)
   images = random_images(2, 15)  # 2 groups of S = 8, the last slot padding.
   # C = ceil(0.5 * 8 * (1 - 0) / 4) = 1 slot per expert and group.
-  out = routing.route_and_predict(model, variables, images, 1.5,
+  out = routing.route_and_predict(model,
+                                  variables,
+                                  images,
+                                  1.5,
                                   spec=routing.RoutingSpec("serving", capacity_factor=0.5),
                                   num_groups=2)
   # Per group, the least confident samples take experts 0, 1, 2, 3 in turn;
   # the rest get the delegator.
   confidence = _confidence(model, variables, images)
-  expected = np.concatenate([_least_confident_first(confidence[:8], np.ones(8, bool)),
-                             _least_confident_first(confidence[8:], np.ones(7, bool))])
+  expected = np.concatenate([
+      _least_confident_first(confidence[:8], np.ones(8, bool)),
+      _least_confident_first(confidence[8:], np.ones(7, bool))
+  ])
   assert sorted(expected[:8]) == [-1] * 4 + [0, 1, 2, 3]
   assert sorted(expected[8:]) == [-1] * 3 + [0, 1, 2, 3]
   in_sample_order = np.array([0, 1, 2, 3, -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1])
@@ -236,7 +248,10 @@ def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
   threshold = _thresholds(per_sample)[1]
   exits = _reference(per_sample, threshold)[1]
   # One group of 13: C = ceil(0.3 * 13 / 4) = 1.
-  out = routing.route_and_predict(model, variables, images, threshold,
+  out = routing.route_and_predict(model,
+                                  variables,
+                                  images,
+                                  threshold,
                                   spec=routing.RoutingSpec("serving", capacity_factor=0.3))
   expected = _least_confident_first(_confidence(model, variables, images), ~exits)
   np.testing.assert_array_equal(out["early_exit"], exits)
@@ -261,12 +276,18 @@ def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loo
   replicated = NamedSharding(mesh, PartitionSpec())
   by_expert = NamedSharding(mesh, PartitionSpec(routing.EXPERT_AXIS))
   sharded_variables = {
-      collection: {"delegator": jax.device_put(tree["delegator"], replicated),
-                   "experts": jax.device_put(tree["experts"], by_expert)}
-      for collection, tree in variables.items()}
+      collection: {
+          "delegator": jax.device_put(tree["delegator"], replicated),
+          "experts": jax.device_put(tree["experts"], by_expert)
+      } for collection, tree in variables.items()
+  }
   sharded_images = jax.device_put(images, NamedSharding(mesh, PartitionSpec(routing.DATA_AXIS)))
-  sharded = routing.route_and_predict(model, sharded_variables, sharded_images, threshold,
-                                      mesh=mesh, **kwargs)
+  sharded = routing.route_and_predict(model,
+                                      sharded_variables,
+                                      sharded_images,
+                                      threshold,
+                                      mesh=mesh,
+                                      **kwargs)
   assert len(sharded["logits"].sharding.device_set) == 8
   np.testing.assert_allclose(sharded["logits"], single["logits"], rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(sharded["expert"], single["expert"])

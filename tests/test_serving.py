@@ -30,10 +30,20 @@ def served(tmp_path_factory):
   model = CoE(config, len(CLASS_NAMES))
   variables = random_variables(model)
   out = str(tmp_path_factory.mktemp("serve"))
-  export.export_coe(model, variables, out, class_names=CLASS_NAMES, threshold=0.5,
-                    crop_fraction=1.0, model_flops=flops.count(config, len(CLASS_NAMES)))
-  reference = Predictor(model, variables, image_size=16, channels=3, class_names=CLASS_NAMES,
-                        threshold=0.5, routing_spec=routing.RoutingSpec.from_config(config))
+  export.export_coe(model,
+                    variables,
+                    out,
+                    class_names=CLASS_NAMES,
+                    threshold=0.5,
+                    crop_fraction=1.0,
+                    model_flops=flops.count(config, len(CLASS_NAMES)))
+  reference = Predictor(model,
+                        variables,
+                        image_size=16,
+                        channels=3,
+                        class_names=CLASS_NAMES,
+                        threshold=0.5,
+                        routing_spec=routing.RoutingSpec.from_config(config))
   return out, reference, LiteRTPredictor.load(out)
 
 
@@ -48,7 +58,10 @@ def test_importing_and_serving_loads_neither_jax_nor_tensorflow(served):
           "out = p(np.zeros((2, 20, 20, 3), np.uint8))\n"
           "heavy = {'jax', 'jaxlib', 'flax', 'tensorflow', 'keras', 'tensorboard'}\n"
           "print(sorted({m.split('.')[0] for m in sys.modules} & heavy), out['logits'].shape)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+  result = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True,
+                          text=True,
+                          cwd=REPO,
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "[] (2, 10)"

@@ -18,19 +18,21 @@ from coe_jax.errors import CoEError
 from coe_jax.serving.jax_predictor import Predictor
 from coe_jax.training import train
 from tests.helpers import (
-  IMAGE_FOLDER_CLASSES,
-  IMAGENET_SIZES,
-  imagenet_example,
-  make_image_folder,
-  single_device_trainer,
-  train_config,
-  training_metrics,
-  write_prepared_tfds,
+    IMAGE_FOLDER_CLASSES,
+    IMAGENET_SIZES,
+    imagenet_example,
+    make_image_folder,
+    single_device_trainer,
+    train_config,
+    training_metrics,
+    write_prepared_tfds,
 )
 from tests.tiny import REPO
 
-RESULT_KEYS = {"top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate",
-               "threshold", "mean_flops", "expert_load", "num_test_examples"}
+RESULT_KEYS = {
+    "top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate", "threshold",
+    "mean_flops", "expert_load", "num_test_examples"
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,8 @@ def test_results_have_every_key_and_consistent_figures(digits_run):
   assert saved["num_test_examples"] == 360
   assert len(saved["expert_top1"]) == 2 and len(saved["expert_load"]) == 2
   assert sum(saved["expert_load"]) == pytest.approx(1.0) or saved["early_exit_rate"] == 1.0
-  expected_flops = (saved["delegator_flops"]
-                    + (1 - saved["early_exit_rate"]) * saved["expert_flops"])
+  expected_flops = (saved["delegator_flops"] +
+                    (1 - saved["early_exit_rate"]) * saved["expert_flops"])
   assert saved["mean_flops"] == pytest.approx(expected_flops)
   for name in ("accuracy_vs_flops.png", "expert_load.png", "expert_portions.png", "metrics.jsonl",
                "config.json"):
@@ -85,17 +87,19 @@ def test_the_console_gets_one_short_progress_line_per_logged_window(caplog):
   config = train_config()
   config.train.num_steps, config.train.peak_flops_per_device = 10, 1e9
   device = jax.devices()[0]
-  trainer = types.SimpleNamespace(config=config, info=types.SimpleNamespace(num_classes=10),
+  trainer = types.SimpleNamespace(config=config,
+                                  info=types.SimpleNamespace(num_classes=10),
                                   mesh=types.SimpleNamespace(size=1, devices=np.array([device])))
   progress = train.TrainingProgress(trainer, start_step=0)
   means = {"loss": 2.345678, "routed_accuracy": 0.625, "delegator_accuracy": 0.5}
   with caplog.at_level(logging.INFO):
-    progress.report(2, means)   # Step 2 lies in warm-up (the first 50% of 10 steps)...
-    progress.report(8, means)   # ... step 8 in co-adaptation.
+    progress.report(2, means)  # Step 2 lies in warm-up (the first 50% of 10 steps)...
+    progress.report(8, means)  # ... step 8 in co-adaptation.
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
   assert len(lines) == 2 and all(len(line) < 120 for line in lines), lines
-  assert re.fullmatch(r"step 2/10 \(warmup\): loss 2\.346, delegator 50\.0% \| \d+ images/s, "
-                      r"mfu [\d.]+% \| about \d+m\d\ds left", lines[0]), lines[0]
+  assert re.fullmatch(
+      r"step 2/10 \(warmup\): loss 2\.346, delegator 50\.0% \| \d+ images/s, "
+      r"mfu [\d.]+% \| about \d+m\d\ds left", lines[0]), lines[0]
   assert lines[1].startswith("step 8/10 (coadapt): loss 2.346, routed 62.5%, delegator 50.0% | ")
 
 
@@ -116,9 +120,11 @@ def test_predict_cli_on_the_run(digits_run, tmp_path):
   workdir, _ = digits_run
   path = str(tmp_path / "digit.png")
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
-  result = subprocess.run([sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={workdir}",
-                           path],
-                          capture_output=True, text=True, cwd=REPO)
+  result = subprocess.run(
+      [sys.executable, "-m", "coe_jax.serving.predict", f"--workdir={workdir}", path],
+      capture_output=True,
+      text=True,
+      cwd=REPO)
   assert result.returncode == 0, result.stderr[-2000:]
   line = result.stdout.strip().splitlines()[-1]
   assert line.startswith(f"{path}:") and "p=" in line
@@ -140,7 +146,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert int(resumed.step) == int(straight.step) == 6
   for part in ("params", "batch_stats", "ema_params"):
     for a, b in zip(jax.tree.leaves(jax.device_get(getattr(straight, part))),
-                    jax.tree.leaves(jax.device_get(getattr(resumed, part))), strict=True):
+                    jax.tree.leaves(jax.device_get(getattr(resumed, part))),
+                    strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=part)
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(resumed.batch_stats))[0]
   realigned = [leaf for path, leaf in flat if path[-1].key == "realigned"]

@@ -9,12 +9,12 @@ from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import under_experts
 from coe_jax.training import optim, train, train_step
 from tests.helpers import (
-  assert_same_update,
-  grouped_reference_step,
-  sgd_at_peak,
-  single_device_trainer,
-  train_config,
-  training_metrics,
+    assert_same_update,
+    grouped_reference_step,
+    sgd_at_peak,
+    single_device_trainer,
+    train_config,
+    training_metrics,
 )
 from tests.tiny import tiny_config
 
@@ -54,8 +54,10 @@ def test_the_delegator_stage_moves_no_expert_variable(delegator_stage_steps, par
   for a, b in zip(frozen, _leaves(getattr(after, part), experts=True), strict=True):
     np.testing.assert_array_equal(a, b)
   if part != "batch_stats":  # The delegator itself trains on.
-    moved = [not np.array_equal(a, b) for a, b in zip(
-        _leaves(getattr(before, part), False), _leaves(getattr(after, part), False))]
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(_leaves(getattr(before, part), False), _leaves(getattr(after, part), False))
+    ]
     assert any(moved)
 
 
@@ -71,9 +73,10 @@ def test_ema_is_the_debiased_average_of_the_parameters_so_far():
     state, _ = step(state, trainer.global_batch(next(batches)), jax.random.key(0))
     seen.append(jax.device_get(state.params))
   # sum_s d^(t-s) p_s / sum_s d^(t-s): no trace of the random initialisation.
-  weights = np.array([0.8 ** 2, 0.8, 1.0]) / (0.8 ** 2 + 0.8 + 1.0)
+  weights = np.array([0.8**2, 0.8, 1.0]) / (0.8**2 + 0.8 + 1.0)
   want = jax.tree.map(lambda *p: sum(w * x for w, x in zip(weights, p)), *seen)
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.ema_params)), jax.tree.leaves(want),
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.ema_params)),
+                  jax.tree.leaves(want),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(train_step.ema_weight(0.8, np.int32(1)), 0.0)
@@ -133,9 +136,11 @@ def test_micro_batches_train_the_objective_of_the_whole_batch(stage):
   new_state, metrics = step(state, batch, jax.random.key(0))
   assert float(metrics["finite"]) == 1 and float(metrics["load_gap"]) <= 1
   params, batch_stats = jax.jit(lambda s, b: grouped_reference_step(
-      trainer.model, trainer.optimizer, config, stage, s, b, groups=(4, 4), strided=True))(
-          state, batch)
+      trainer.model, trainer.optimizer, config, stage, s, b, groups=(4, 4), strided=True))(state,
+                                                                                           batch)
   assert_same_update(state, new_state, params, batch_stats)
-  moved = [not np.allclose(a, b) for a, b in zip(_leaves(state.params, experts=False),
-                                                   _leaves(new_state.params, experts=False))]
+  moved = [
+      not np.allclose(a, b) for a, b in zip(_leaves(state.params, experts=False),
+                                            _leaves(new_state.params, experts=False))
+  ]
   assert sum(moved) > len(moved) // 2

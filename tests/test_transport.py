@@ -53,9 +53,9 @@ def assert_balanced(assignment: np.ndarray, experts: int) -> None:
   assert set(loads.tolist()) <= {batch // experts, -(-batch // experts)}, loads
 
 
-@pytest.mark.parametrize("batch,experts,solver", [
-    (37, 4, "default"), (256, 4, "default"), (50, 8, "default"), (3, 4, "default"),
-    (50, 8, "starved")])
+@pytest.mark.parametrize("batch,experts,solver", [(37, 4, "default"), (256, 4, "default"),
+                                                  (50, 8, "default"), (3, 4, "default"),
+                                                  (50, 8, "starved")])
 def test_balanced_and_optimal(batch, experts, solver):
   """Loads differ by at most one; total within 1% of the exact optimum.
 

@@ -36,8 +36,11 @@ def test_expert_sharded_evaluation_equals_one_device(mesh_run):
   workdir, _ = mesh_run
   sharded = results_figures(workdir)
   trainer, state = _one_device(workdir)
-  single = {k: v for k, v in train.evaluate(trainer, state, write_files=False).items()
-            if not k.endswith("_seconds")}
+  single = {
+      k: v
+      for k, v in train.evaluate(trainer, state, write_files=False).items()
+      if not k.endswith("_seconds")
+  }
   assert set(single) == set(sharded)
   for key, value in single.items():
     assert sharded[key] == value, key

@@ -66,8 +66,10 @@ def test_wgm_weights_carry_no_gradient():
 def test_lgm_picks_the_best_expert(rule):
   best = jnp.arange(B) % N  # balanced, so the balanced rule agrees with argmax
   labels = jnp.arange(B) % K
-  targets, _ = selection_targets(expert_logits_favouring(best, labels), labels,
-                                 rule=rule, temperature=0.5)
+  targets, _ = selection_targets(expert_logits_favouring(best, labels),
+                                 labels,
+                                 rule=rule,
+                                 temperature=0.5)
   assert targets.shape == (B, N)
   np.testing.assert_allclose(jnp.sum(targets, axis=1), np.ones(B), rtol=1e-6)
   np.testing.assert_array_equal(jnp.argmax(targets, axis=1), best)
@@ -79,7 +81,9 @@ def test_lgm_balanced_rule_starves_no_expert():
   labels = jnp.arange(B) % K
   expert_logits = expert_logits_favouring(jnp.zeros(B, jnp.int32), labels)  # expert 0 best
   argmax_targets, _ = selection_targets(expert_logits, labels, rule="argmax", temperature=1.0)
-  balanced_targets, info = selection_targets(expert_logits, labels, rule="balanced",
+  balanced_targets, info = selection_targets(expert_logits,
+                                             labels,
+                                             rule="balanced",
                                              temperature=1.0)
   np.testing.assert_array_equal(jnp.sum(argmax_targets, axis=0), [B, 0, 0, 0])
   np.testing.assert_array_equal(jnp.sum(balanced_targets, axis=0), [B // N] * N)
@@ -102,14 +106,14 @@ def test_lgm_targets_carry_no_gradient():
   labels = jnp.arange(B) % K
   expert_logits = jax.random.normal(jax.random.key(3), (N, B, K))
   grad = jax.grad(lambda z: jnp.sum(
-      selection_targets(z, labels, rule="soft", temperature=1.0)[0] * jnp.arange(N)))(
-          expert_logits)
+      selection_targets(z, labels, rule="soft", temperature=1.0)[0] * jnp.arange(N)))(expert_logits)
   np.testing.assert_array_equal(grad, np.zeros_like(grad))
 
 
 def test_lgm_unknown_rule():
-  with pytest.raises(CoEError, match=r"^lgm.rule='best': expected one of argmax, balanced, "
-                                     r"soft \(or random: LGM off, for ablations\)$"):
+  with pytest.raises(CoEError,
+                     match=r"^lgm.rule='best': expected one of argmax, balanced, "
+                     r"soft \(or random: LGM off, for ablations\)$"):
     lgm.selection_targets(jnp.zeros((N, B, K)), jnp.zeros(B, jnp.int32), rule="best")
 
 
@@ -118,8 +122,8 @@ def test_vcm_zero_where_experts_agree_and_more_where_they_disagree():
   # Samples 0-3 agree exactly; on 4-15 the experts disagree, more on later
   # samples: expert j's true-class logit is spread_i * j.
   spread = np.where(np.arange(B) < 4, 0.0, np.arange(B) / B)  # [B]
-  expert_logits = (spread[None, :, None] * np.arange(N)[:, None, None]
-                   * np.eye(K)[labels][None]).astype(np.float32)  # [N, B, K]
+  expert_logits = (spread[None, :, None] * np.arange(N)[:, None, None] *
+                   np.eye(K)[labels][None]).astype(np.float32)  # [N, B, K]
   weights = np.asarray(sample_weights(expert_logits, labels, enabled=True))
   np.testing.assert_array_equal(weights[:4], np.zeros(4))
   assert np.all(weights[4:] > 0) and np.all(np.diff(weights[4:]) > 0)
@@ -133,7 +137,7 @@ def test_vcm_all_agree_gives_zeros_not_nan_and_disabled_gives_ones():
   labels = jnp.arange(B) % K
   expert_logits = jnp.broadcast_to(jax.random.normal(jax.random.key(5), (1, B, K)), (N, B, K))
   np.testing.assert_array_equal(sample_weights(expert_logits, labels, enabled=True), np.zeros(B))
-  grad = jax.jit(jax.grad(lambda z: jnp.sum(sample_weights(z, labels, enabled=True))))(
-      expert_logits)
+  grad = jax.jit(
+      jax.grad(lambda z: jnp.sum(sample_weights(z, labels, enabled=True))))(expert_logits)
   assert np.all(np.isfinite(grad))
   np.testing.assert_array_equal(sample_weights(expert_logits, labels, enabled=False), np.ones(B))

@@ -14,19 +14,30 @@ def config_path(name: str) -> str:
   return os.path.join(REPO, "configs", f"{name}.py")
 
 
-def tiny_config(num_experts: int = 3, image_size: int = 16, activation: str = "hard_swish",
+def tiny_config(num_experts: int = 3,
+                image_size: int = 16,
+                activation: str = "hard_swish",
                 condconv_kernels: int = 0) -> ml_collections.ConfigDict:
   """A digits config with 2-3 block networks, 16 px images and few steps."""
   c = load_config(config_path("digits"))
   c.num_experts = num_experts
   c.data.image_size = image_size
   c.delegator = config_base.network(
-      stem_features=8, stem_stride=2, head_features=16, activation=activation,
-      stages=[config_base.stage(8, 1, 3, 1, 1), config_base.stage(8, 1, 3, 2, 2)])
+      stem_features=8,
+      stem_stride=2,
+      head_features=16,
+      activation=activation,
+      stages=[config_base.stage(8, 1, 3, 1, 1),
+              config_base.stage(8, 1, 3, 2, 2)])
   c.expert = config_base.network(
-      stem_features=8, stem_stride=1, head_features=16, activation=activation,
-      condconv_kernels=condconv_kernels, condconv_from_stage=1,
-      stages=[config_base.stage(8, 1, 3, 1, 1), config_base.stage(16, 2, 3, 2, 2)])
+      stem_features=8,
+      stem_stride=1,
+      head_features=16,
+      activation=activation,
+      condconv_kernels=condconv_kernels,
+      condconv_from_stage=1,
+      stages=[config_base.stage(8, 1, 3, 1, 1),
+              config_base.stage(16, 2, 3, 2, 2)])
   c.train.batch_size = 32
   c.train.num_steps = 8
   c.train.warmup_steps = 2

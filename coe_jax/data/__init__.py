@@ -42,8 +42,10 @@ from coe_jax.data.images import preprocess_images
 if TYPE_CHECKING:
   import ml_collections
 
-__all__ = ["DataInfo", "eval_batches", "eval_crop_fraction", "get_info",
-           "preprocess_images", "train_batches"]
+__all__ = [
+    "DataInfo", "eval_batches", "eval_crop_fraction", "get_info", "preprocess_images",
+    "train_batches"
+]
 
 _IN_MEMORY = ("digits", "image_folder")  # Module names under coe_jax.data.
 
@@ -71,7 +73,8 @@ def get_info(config: ml_collections.ConfigDict) -> DataInfo:
   return _source(config.data.name).get_info(config)
 
 
-def train_batches(config: ml_collections.ConfigDict, start_step: int = 0,
+def train_batches(config: ml_collections.ConfigDict,
+                  start_step: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """The endless training stream from step `start_step` on; never holds a held-out example.
@@ -91,13 +94,13 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0,
     CoEError: on a bad data config or batch size, or missing data.
   """
   if config.data.name in _IN_MEMORY:
-    return memory.train_batches(_source(config.data.name).load(config), config, start_step,
-                                process_index, process_count)
-  return _source(config.data.name).train_batches(config, start_step, process_index,
-                                                 process_count)
+    return memory.train_batches(
+        _source(config.data.name).load(config), config, start_step, process_index, process_count)
+  return _source(config.data.name).train_batches(config, start_step, process_index, process_count)
 
 
-def eval_batches(config: ml_collections.ConfigDict, process_index: int = 0,
+def eval_batches(config: ml_collections.ConfigDict,
+                 process_index: int = 0,
                  process_count: int = 1,
                  split: str = "test") -> Iterator[dict[str, np.ndarray]]:
   """One complete pass over the evaluation split or the hold-out.
@@ -121,6 +124,6 @@ def eval_batches(config: ml_collections.ConfigDict, process_index: int = 0,
   """
   common.check_eval_split(split)
   if config.data.name in _IN_MEMORY:
-    return memory.eval_batches(_source(config.data.name).load(config), config, process_index,
-                               process_count, split)
+    return memory.eval_batches(
+        _source(config.data.name).load(config), config, process_index, process_count, split)
   return _source(config.data.name).eval_batches(config, process_index, process_count, split)

@@ -87,9 +87,10 @@ def holdout_size(fraction: float, num_examples: int) -> int:
     CoEError: if a positive fraction holds out no example.
   """
   size = round(fraction * num_examples)
-  require(size > 0 or fraction == 0, "data.holdout_fraction", fraction,
-          f"holds out no example of the {num_examples} training examples; raise it, or set 0 "
-          "to calibrate on the test split")
+  require(
+      size > 0 or fraction == 0, "data.holdout_fraction", fraction,
+      f"holds out no example of the {num_examples} training examples; raise it, or set 0 "
+      "to calibrate on the test split")
   return size
 
 
@@ -106,8 +107,8 @@ def local_batch_size(key: str, global_batch_size: int, process_index: int,
   Raises:
     CoEError: unless the global batch splits evenly over the processes.
   """
-  require(process_count >= 1 and 0 <= process_index < process_count, "process_index",
-          process_index, f"expected 0 <= process_index < process_count={process_count}")
-  require(global_batch_size > 0 and global_batch_size % process_count == 0, key,
-          global_batch_size, f"expected a positive multiple of the {process_count} processes")
+  require(process_count >= 1 and 0 <= process_index < process_count, "process_index", process_index,
+          f"expected 0 <= process_index < process_count={process_count}")
+  require(global_batch_size > 0 and global_batch_size % process_count == 0, key, global_batch_size,
+          f"expected a positive multiple of the {process_count} processes")
   return global_batch_size // process_count

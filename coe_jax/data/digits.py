@@ -28,26 +28,29 @@ def _load(image_size: int, channels: int, holdout_fraction: float) -> memory.Spl
   digits = datasets.load_digits()
   pixels = np.round(digits.images * (255 / _MAX_VALUE)).astype(np.uint8)  # [n, 8, 8]
   labels = digits.target.astype(np.int32)  # [n]
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      pixels, labels, test_size=_TEST_FRACTION, stratify=labels, random_state=_SPLIT_SEED)
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(pixels,
+                                                                      labels,
+                                                                      test_size=_TEST_FRACTION,
+                                                                      stratify=labels,
+                                                                      random_state=_SPLIT_SEED)
   kept, held = memory.holdout_indices(train_y, holdout_fraction)
-  splits = memory.Splits(
-      train_images=images.preprocess_images(train_x[kept], image_size, channels),
-      train_labels=train_y[kept],
-      holdout_images=images.preprocess_images(train_x[held], image_size, channels),
-      holdout_labels=train_y[held],
-      test_images=images.preprocess_images(test_x, image_size, channels),
-      test_labels=test_y,
-      class_names=[str(d) for d in range(10)],
-      pad_mode="constant")
-  logging.info("Data set digits (scikit-learn): %d train, %d held out, %d test examples, "
-               "10 classes, 8x8 px upsampled to %dx%dx%d.", len(kept), len(held), len(test_y),
-               image_size, image_size, channels)
+  splits = memory.Splits(train_images=images.preprocess_images(train_x[kept], image_size, channels),
+                         train_labels=train_y[kept],
+                         holdout_images=images.preprocess_images(train_x[held], image_size,
+                                                                 channels),
+                         holdout_labels=train_y[held],
+                         test_images=images.preprocess_images(test_x, image_size, channels),
+                         test_labels=test_y,
+                         class_names=[str(d) for d in range(10)],
+                         pad_mode="constant")
+  logging.info(
+      "Data set digits (scikit-learn): %d train, %d held out, %d test examples, "
+      "10 classes, 8x8 px upsampled to %dx%dx%d.", len(kept), len(held), len(test_y), image_size,
+      image_size, channels)
   return splits
 
 
 def load(config: ml_collections.ConfigDict) -> memory.Splits:
   """All three splits at `data.image_size` x `data.image_size` x `data.channels`."""
   common.check_data_config(config)
-  return _load(config.data.image_size, config.data.channels,
-               float(config.data.holdout_fraction))
+  return _load(config.data.image_size, config.data.channels, float(config.data.holdout_fraction))

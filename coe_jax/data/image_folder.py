@@ -43,15 +43,18 @@ def _list_split(root: str, split: str) -> dict[str, list[str]]:
   split_dir = os.path.join(root, split)
   require(os.path.isdir(split_dir), "data.path", root,
           f"has no {split}/ folder (expected DIR/train/<class>/* and DIR/test/<class>/*)")
-  classes = [c for c in _visible(os.listdir(split_dir))
-             if os.path.isdir(os.path.join(split_dir, c))]
+  classes = [
+      c for c in _visible(os.listdir(split_dir)) if os.path.isdir(os.path.join(split_dir, c))
+  ]
   require(bool(classes), "data.path", root, f"{split_dir} has no class folders")
   files = {}
   for name in classes:
     class_dir = os.path.join(split_dir, name)
-    files[name] = [os.path.join(class_dir, f) for f in _visible(os.listdir(class_dir))
-                   if f.lower().endswith(_EXTENSIONS)
-                   and os.path.isfile(os.path.join(class_dir, f))]
+    files[name] = [
+        os.path.join(class_dir, f)
+        for f in _visible(os.listdir(class_dir))
+        if f.lower().endswith(_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))
+    ]
     require(bool(files[name]), "data.path", root,
             f"class folder {class_dir} has no .png/.jpg/.jpeg files")
   return files
@@ -82,15 +85,17 @@ def _load(root: str, image_size: int, channels: int, holdout_fraction: float) ->
   require(os.path.isdir(root), "data.path", root, "does not exist or is not a folder")
   listing = {split: _list_split(root, split) for split in _SPLITS}
   train_classes, test_classes = list(listing["train"]), list(listing["test"])
-  require(train_classes == test_classes, "data.path", root,
-          f"train and test class folders differ: only in train "
-          f"{sorted(set(train_classes) - set(test_classes))}, only in test "
-          f"{sorted(set(test_classes) - set(train_classes))}")
+  require(
+      train_classes == test_classes, "data.path", root,
+      f"train and test class folders differ: only in train "
+      f"{sorted(set(train_classes) - set(test_classes))}, only in test "
+      f"{sorted(set(test_classes) - set(train_classes))}")
   paths, labels = {}, {}
   for split, files in listing.items():
     paths[split] = [p for name in train_classes for p in files[name]]
-    labels[split] = np.array([label for label, name in enumerate(train_classes)
-                              for _ in files[name]], np.int32)  # [n], the split's examples
+    labels[split] = np.array(
+        [label for label, name in enumerate(train_classes) for _ in files[name]],
+        np.int32)  # [n], the split's examples
   # Before any image is read, so that a bad hold-out fails at once.
   kept, held = memory.holdout_indices(labels["train"], holdout_fraction)
   read = functools.partial(_read, image_size=image_size, channels=channels)
@@ -101,17 +106,22 @@ def _load(root: str, image_size: int, channels: int, holdout_fraction: float) ->
 
   def stack(split: str, indices: np.ndarray) -> np.ndarray:
     # From the per-image arrays, so the training split is never in memory twice.
-    return np.array([results[split][i] for i in indices], np.uint8).reshape(
-        len(indices), image_size, image_size, channels)  # [n, S, S, C], n may be 0
+    return np.array([results[split][i] for i in indices],
+                    np.uint8).reshape(len(indices), image_size, image_size,
+                                      channels)  # [n, S, S, C], n may be 0
 
-  logging.info("Data set image_folder %s: %d train, %d held out, %d test examples, %d "
-               "classes %s, at %dx%dx%d.", root, len(kept), len(held), len(labels["test"]),
-               len(train_classes), train_classes[:20], image_size, image_size, channels)
-  return memory.Splits(
-      train_images=stack("train", kept), train_labels=labels["train"][kept],
-      holdout_images=stack("train", held), holdout_labels=labels["train"][held],
-      test_images=stack("test", np.arange(len(labels["test"]))), test_labels=labels["test"],
-      class_names=train_classes, pad_mode="edge")
+  logging.info(
+      "Data set image_folder %s: %d train, %d held out, %d test examples, %d "
+      "classes %s, at %dx%dx%d.", root, len(kept), len(held), len(labels["test"]),
+      len(train_classes), train_classes[:20], image_size, image_size, channels)
+  return memory.Splits(train_images=stack("train", kept),
+                       train_labels=labels["train"][kept],
+                       holdout_images=stack("train", held),
+                       holdout_labels=labels["train"][held],
+                       test_images=stack("test", np.arange(len(labels["test"]))),
+                       test_labels=labels["test"],
+                       class_names=train_classes,
+                       pad_mode="edge")
 
 
 def load(config: ml_collections.ConfigDict) -> memory.Splits:

@@ -28,7 +28,9 @@ def center_crop_box(height: int, width: int, crop_fraction: float) -> tuple[int,
   return (height - side + 1) // 2, (width - side + 1) // 2, side
 
 
-def prepare_image(image: Image.Image, image_size: int, channels: int,
+def prepare_image(image: Image.Image,
+                  image_size: int,
+                  channels: int,
                   crop_fraction: float = 1.0) -> np.ndarray:
   """One Pillow image (any mode, any size) to model input.
 
@@ -46,8 +48,8 @@ def prepare_image(image: Image.Image, image_size: int, channels: int,
   # Cropping first (rather than `resize(box=...)`, whose filter reaches past the
   # box) treats the crop's edges as TensorFlow's resize does. Pillow's bilinear
   # filter widens with the scale factor when shrinking: it is antialiased.
-  image = image.crop((left, top, left + side, top + side)).resize(
-      (image_size, image_size), Image.Resampling.BILINEAR)
+  image = image.crop((left, top, left + side, top + side)).resize((image_size, image_size),
+                                                                  Image.Resampling.BILINEAR)
   return np.asarray(image, np.uint8).reshape(image_size, image_size, channels)
 
 
@@ -63,14 +65,17 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
             "integer images must hold values 0-255")
     return images.astype(np.uint8)
   if np.issubdtype(images.dtype, np.floating):
-    require(bool(np.isfinite(images).all()) and low >= -_FLOAT_TOLERANCE
-            and high <= 1 + _FLOAT_TOLERANCE, "images", f"{images.dtype} in [{low}, {high}]",
-            "float images must hold finite values in [0, 1] (pass uint8 for 0-255 data)")
+    require(
+        bool(np.isfinite(images).all()) and low >= -_FLOAT_TOLERANCE and
+        high <= 1 + _FLOAT_TOLERANCE, "images", f"{images.dtype} in [{low}, {high}]",
+        "float images must hold finite values in [0, 1] (pass uint8 for 0-255 data)")
     return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
   raise CoEError(f"images={images.dtype}: expected uint8, integer 0-255 or float 0-1 pixels")
 
 
-def preprocess_images(images: np.ndarray, image_size: int, channels: int,
+def preprocess_images(images: np.ndarray,
+                      image_size: int,
+                      channels: int,
                       crop_fraction: float = 1.0) -> np.ndarray:
   """A batch of user images to model input, as the evaluation pipeline does it.
 
@@ -89,8 +94,7 @@ def preprocess_images(images: np.ndarray, image_size: int, channels: int,
     CoEError: on a layout, dtype or value range it cannot interpret.
   """
   images = np.asarray(images)
-  require(images.ndim in (3, 4), "images.shape", images.shape,
-          "expected [B, H, W] or [B, H, W, C]")
+  require(images.ndim in (3, 4), "images.shape", images.shape, "expected [B, H, W] or [B, H, W, C]")
   if images.ndim == 3:
     images = images[..., None]  # [B, H, W, 1]
   require(images.shape[-1] in (1, 3, 4), "images.shape", images.shape,
@@ -109,7 +113,9 @@ def preprocess_images(images: np.ndarray, image_size: int, channels: int,
   return out
 
 
-def preprocess_user_batch(images: Any, image_size: int, channels: int,
+def preprocess_user_batch(images: Any,
+                          image_size: int,
+                          channels: int,
                           crop_fraction: float = 1.0) -> np.ndarray:
   """`preprocess_images` for a predictor's caller: checks the batch layout first.
 

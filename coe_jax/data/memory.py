@@ -105,9 +105,10 @@ def holdout_indices(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np
   by_remainder = np.lexsort((rng.permutation(len(counts)), takes - quotas))  # [K]
   can_give = by_remainder[takes[by_remainder] + 1 < counts[by_remainder]]
   missing = num_holdout - int(takes.sum())
-  require(missing <= len(can_give), "data.holdout_fraction", fraction,
-          f"holding out {num_holdout} of the {size} training examples would leave a class "
-          "with no training example")
+  require(
+      missing <= len(can_give), "data.holdout_fraction", fraction,
+      f"holding out {num_holdout} of the {size} training examples would leave a class "
+      "with no training example")
   takes[can_give[:missing]] += 1
   held = np.zeros(size, bool)  # [n]
   for label, take in enumerate(takes):
@@ -157,15 +158,14 @@ def train_batches(splits: Splits, config: ml_collections.ConfigDict, start_step:
     An endless iterator of dicts: `image` uint8 [b, S, S, C], `label` int32 [b].
   """
   global_batch = config.train.batch_size
-  batch = common.local_batch_size("train.batch_size", global_batch, process_index,
-                                  process_count)
+  batch = common.local_batch_size("train.batch_size", global_batch, process_index, process_count)
   own_rows = slice(process_index * batch, (process_index + 1) * batch)
   augment = common.augmentation(config, in_memory=True)
   return _train_stream(splits, config.seed, global_batch, own_rows, start_step, augment)
 
 
-def _train_stream(splits: Splits, seed: int, global_batch: int, own_rows: slice,
-                  step: int, augment: str) -> Iterator[dict[str, np.ndarray]]:
+def _train_stream(splits: Splits, seed: int, global_batch: int, own_rows: slice, step: int,
+                  augment: str) -> Iterator[dict[str, np.ndarray]]:
   size, side = len(splits.train_labels), splits.train_images.shape[1]
   if augment == "pad_crop_flip":
     # A crop of the zero-padded image is a translation with zeros filled in.
@@ -203,8 +203,7 @@ def eval_batches(splits: Splits, config: ml_collections.ConfigDict, process_inde
     bool [b].
   """
   global_batch = config.eval.batch_size
-  batch = common.local_batch_size("eval.batch_size", global_batch, process_index,
-                                  process_count)
+  batch = common.local_batch_size("eval.batch_size", global_batch, process_index, process_count)
   if split == "holdout":
     images, labels = splits.holdout_images, splits.holdout_labels
   else:

@@ -25,10 +25,9 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
   JPEGs use the accurate integer DCT, which gives Pillow's pixels exactly; the
   default fast one differs by up to 10 levels.
   """
-  image = tf.cond(
-      tf.io.is_jpeg(encoded),
-      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+  image = tf.cond(tf.io.is_jpeg(encoded),
+                  lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+                  lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
   return tf.ensure_shape(image, [None, None, 3])
 
 
@@ -43,10 +42,10 @@ def _decode_crop(encoded: tf.Tensor, crop_box_fn) -> tf.Tensor:
   Returns:
     uint8 [h, w, 3].
   """
+
   def jpeg():
     top, left, height, width = crop_box_fn(tf.image.extract_jpeg_shape(encoded))
-    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]),
-                                         channels=3)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]), channels=3)
 
   def other():
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -68,8 +67,7 @@ def _resize(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
-                channels: int) -> tf.Tensor:
+def train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
   """Random-resized crop and horizontal flip; uint8 [S, S, C].
 
   Args:
@@ -82,9 +80,13 @@ def train_image(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
 
   def random_box(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_seed,
-        min_object_covered=_CROP_MIN_COVERED, aspect_ratio_range=_CROP_ASPECT_RANGE,
-        area_range=_CROP_AREA_RANGE, max_attempts=_CROP_ATTEMPTS,
+        shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed,
+        min_object_covered=_CROP_MIN_COVERED,
+        aspect_ratio_range=_CROP_ASPECT_RANGE,
+        area_range=_CROP_AREA_RANGE,
+        max_attempts=_CROP_ATTEMPTS,
         use_image_if_no_bounding_boxes=True)
     return begin[0], begin[1], size[0], size[1]
 
@@ -113,7 +115,7 @@ def eval_image(encoded: tf.Tensor, image_size: int, channels: int,
   """
   image = _decode(encoded)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.maximum(1, tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float64),
-                               tf.int32))
+  side = tf.maximum(
+      1, tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float64), tf.int32))
   top, left = (height - side + 1) // 2, (width - side + 1) // 2
   return _resize(image[top:top + side, left:left + side], image_size, channels)

@@ -97,25 +97,27 @@ def _source(name: str, data_dir: str) -> _Source:
   except tfds.core.DatasetNotFoundError:
     raise CoEError(f"data.name={name!r}: unknown data set; expected digits, image_folder "
                    "or the name of a TFDS image classification data set") from None
-  require(builder.is_prepared(), "data.name", name,
-          f"not found in the TFDS data dir {builder.data_dir_root} (nothing is downloaded at "
-          f"run time: run `tfds build {name}` there first, or set data.tfds_data_dir)")
+  require(
+      builder.is_prepared(), "data.name", name,
+      f"not found in the TFDS data dir {builder.data_dir_root} (nothing is downloaded at "
+      f"run time: run `tfds build {name}` there first, or set data.tfds_data_dir)")
   info = builder.info
   keys = info.supervised_keys
-  image_key, label_key = keys if (isinstance(keys, tuple) and len(keys) == 2
-                                  and all(isinstance(k, str) for k in keys)) else ("image", "label")
+  image_key, label_key = keys if (isinstance(keys, tuple) and len(keys) == 2 and
+                                  all(isinstance(k, str) for k in keys)) else ("image", "label")
   features = dict(info.features.items())
-  require(isinstance(features.get(image_key), tfds.features.Image)
-          and isinstance(features.get(label_key), tfds.features.ClassLabel), "data.name", name,
-          f"is not an image classification data set (needs an Image feature {image_key!r} "
-          f"and a ClassLabel {label_key!r})")
+  require(
+      isinstance(features.get(image_key), tfds.features.Image) and
+      isinstance(features.get(label_key), tfds.features.ClassLabel), "data.name", name,
+      f"is not an image classification data set (needs an Image feature {image_key!r} "
+      f"and a ClassLabel {label_key!r})")
   eval_split = next((s for s in _EVAL_SPLITS if s in info.splits), None)
   require(_TRAIN_SPLIT in info.splits and eval_split is not None, "data.name", name,
           f"needs a train split and a test or validation split; has {sorted(info.splits)}")
   source = _Source(builder, image_key, label_key, eval_split)
   names = features[label_key].names
-  logging.info("Data set %s (TFDS %s, %s): %d train, %d %s examples, %d classes %s.",
-               name, info.version, builder.data_dir, source.num_examples(_TRAIN_SPLIT),
+  logging.info("Data set %s (TFDS %s, %s): %d train, %d %s examples, %d classes %s.", name,
+               info.version, builder.data_dir, source.num_examples(_TRAIN_SPLIT),
                source.num_examples(eval_split), eval_split, len(names), names[:20])
   return source
 
@@ -132,7 +134,8 @@ def get_info(config: ml_collections.ConfigDict) -> common.DataInfo:
   """The summary of the TFDS data set `data.name`."""
   source, holdout = _open(config)
   names = list(source.builder.info.features[source.label_key].names)
-  return common.DataInfo(num_classes=len(names), class_names=names,
+  return common.DataInfo(num_classes=len(names),
+                         class_names=names,
                          num_train=source.num_examples(_TRAIN_SPLIT) - holdout,
                          num_holdout=holdout,
                          num_test=source.num_examples(source.eval_split))
@@ -146,7 +149,8 @@ def _shard(size: int, parts: int, index: int) -> tuple[int, int]:
 def _read(source: _Source, split: str, start: int, end: int) -> tf.data.Dataset:
   """Examples [start, end) of `split` in file order as (encoded image, int32 label)."""
   data = source.builder.as_dataset(
-      split=f"{split}[{start}:{end}]", shuffle_files=False,
+      split=f"{split}[{start}:{end}]",
+      shuffle_files=False,
       decoders={source.image_key: tfds.decode.SkipDecoding()},
       # Caching is decided here, per shard, not by TFDS per sub-split.
       read_config=tfds.ReadConfig(try_autocache=False))
@@ -167,9 +171,8 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: int,
-                     holdout: int, process_index: int,
-                     process_count: int) -> tf.data.Dataset:
+def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: int, holdout: int,
+                     process_index: int, process_count: int) -> tf.data.Dataset:
   """This process's endless stream of (encoded, label) from position `start` on.
 
   It reads this process's shard of `train[holdout:]`, never the hold-out.
@@ -177,13 +180,15 @@ def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: 
   size_all = source.num_examples(_TRAIN_SPLIT)
   lo, hi = _shard(size_all - holdout, process_count, process_index)
   first, size = holdout + lo, hi - lo
-  require(size > 0, "data.name", config.data.name,
-          f"has {size_all - holdout} training examples after the hold-out, too few for "
-          f"{process_count} processes")
+  require(
+      size > 0, "data.name", config.data.name,
+      f"has {size_all - holdout} training examples after the hold-out, too few for "
+      f"{process_count} processes")
   num_windows = math.ceil(size / max(1, config.data.shuffle_buffer))
-  cache = _use_cache(bool(config.data.cache), config.data.name, "training records",
-                     source.builder.info.splits[_TRAIN_SPLIT].num_bytes
-                     * (size_all - holdout) / size_all / process_count)
+  cache = _use_cache(
+      bool(config.data.cache), config.data.name, "training records",
+      source.builder.info.splits[_TRAIN_SPLIT].num_bytes * (size_all - holdout) / size_all /
+      process_count)
   windows, sizes = [], []
   for w in range(num_windows):
     lo, hi = _shard(size, num_windows, w)
@@ -199,16 +204,16 @@ def _training_stream(source: _Source, config: ml_collections.ConfigDict, start: 
   def epoch_windows(epoch: tf.Tensor) -> tf.data.Dataset:
     """The windows of `epoch` from the one holding the start position, permuted."""
     offset = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(num_windows, dtype=tf.int64),
-        tf.random.experimental.stateless_fold_in(order_seed, epoch))  # [num_windows]
+    order = tf.random.experimental.stateless_shuffle(tf.range(num_windows, dtype=tf.int64),
+                                                     tf.random.experimental.stateless_fold_in(
+                                                         order_seed, epoch))  # [num_windows]
     ends = tf.cumsum(tf.gather(sizes, order))  # [num_windows], stream offset where each ends
     current = tf.searchsorted(ends, offset[None], side="right")[0]
     skip = offset - (ends[current] - sizes[order[current]])
     visits = order[current:]  # [V]
     skips = tf.concat([skip[None], tf.zeros_like(visits[1:])], 0)  # [V]
-    chosen = tf.data.Dataset.choose_from_datasets(
-        windows, tf.data.Dataset.from_tensor_slices(visits))
+    chosen = tf.data.Dataset.choose_from_datasets(windows,
+                                                  tf.data.Dataset.from_tensor_slices(visits))
 
     def permute(window, drop, data):
       encoded, labels = data  # [n], [n]
@@ -233,8 +238,8 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int, process_in
     An endless iterator of dicts: `image` uint8 [b, S, S, C], `label` int32 [b].
   """
   source, holdout = _open(config)
-  batch = common.local_batch_size("train.batch_size", config.train.batch_size,
-                                  process_index, process_count)
+  batch = common.local_batch_size("train.batch_size", config.train.batch_size, process_index,
+                                  process_count)
   start = start_step * batch
   stream = _training_stream(source, config, start, holdout, process_index, process_count)
   example_seed = tf.random.experimental.stateless_fold_in(
@@ -266,15 +271,18 @@ def _eval_dataset(name: str, data_dir: str, split: str, total: int, size: int, c
   # Every process yields as many batches as the largest shard needs.
   num_batches = math.ceil(math.ceil(total / process_count) / batch)
   padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, channels], tf.uint8), "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(False)}).repeat(num_batches * batch - (end - start))
+      "image": tf.zeros([size, size, channels], tf.uint8),
+      "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False)
+  }).repeat(num_batches * batch - (end - start))
   data = padding
   if end > start:
-    data = _read(source, split, start, end).map(
-        lambda encoded, label: {
-            "image": tf_preprocess.eval_image(encoded, size, channels, crop_fraction),
-            "label": label, "mask": tf.constant(True)},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    data = _read(source, split, start, end).map(lambda encoded, label: {
+        "image": tf_preprocess.eval_image(encoded, size, channels, crop_fraction),
+        "label": label,
+        "mask": tf.constant(True)
+    },
+                                                num_parallel_calls=tf.data.AUTOTUNE)
     if _use_cache(cache, name, f"decoded {split}[:{total}] images",
                   (end - start) * size * size * channels):
       data = data.cache()
@@ -301,12 +309,11 @@ def eval_batches(config: ml_collections.ConfigDict, process_index: int, process_
   batch = common.local_batch_size("eval.batch_size", config.eval.batch_size, process_index,
                                   process_count)
   # The hold-out is a prefix of train, so (TFDS split, size) names either part.
-  tfds_split, total = ((_TRAIN_SPLIT, holdout) if split == "holdout"
-                       else (source.eval_split, source.num_examples(source.eval_split)))
-  data = _eval_dataset(config.data.name, config.data.tfds_data_dir, tfds_split, total,
-                       config.data.image_size, config.data.channels,
-                       common.TFDS_CROP_FRACTION
-                       if common.augmentation(config, in_memory=False) == "inception_crop"
-                       else 1.0, batch,
-                       bool(config.data.cache), process_index, process_count)
+  tfds_split, total = ((_TRAIN_SPLIT, holdout) if split == "holdout" else
+                       (source.eval_split, source.num_examples(source.eval_split)))
+  data = _eval_dataset(
+      config.data.name, config.data.tfds_data_dir, tfds_split, total, config.data.image_size,
+      config.data.channels, common.TFDS_CROP_FRACTION
+      if common.augmentation(config, in_memory=False) == "inception_crop" else 1.0, batch,
+      bool(config.data.cache), process_index, process_count)
   return data.as_numpy_iterator()

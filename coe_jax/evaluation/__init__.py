@@ -39,11 +39,11 @@ NEAR_THRESHOLD = 1e-5
 @dataclasses.dataclass
 class EvalOutputs:
   """What one pass over a split records; all arrays are over the T real examples."""
-  labels: np.ndarray                # [T] int
-  confidence: np.ndarray            # [T] delegator's max probability
+  labels: np.ndarray  # [T] int
+  confidence: np.ndarray  # [T] delegator's max probability
   delegator_prediction: np.ndarray  # [T] int
-  selected_expert: np.ndarray       # [T] int, argmax of the selection logits
-  expert_predictions: np.ndarray    # [N, T] int, every expert on every example
+  selected_expert: np.ndarray  # [T] int, argmax of the selection logits
+  expert_predictions: np.ndarray  # [N, T] int, every expert on every example
 
   @property
   def routed_prediction(self) -> np.ndarray:
@@ -75,8 +75,12 @@ class Progress:
                  time.monotonic() - self._start)
 
 
-def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], *,
-                    expert_loop: str = "unroll", mesh: Optional[jax.sharding.Mesh] = None,
+def collect_outputs(model: CoE,
+                    variables: Any,
+                    batches: Iterable[dict[str, Any]],
+                    *,
+                    expert_loop: str = "unroll",
+                    mesh: Optional[jax.sharding.Mesh] = None,
                     progress: Optional[Progress] = None) -> EvalOutputs:
   """Runs the delegator and every expert over `batches` (masked padding dropped).
 
@@ -89,12 +93,17 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
   @functools.partial(jax.jit, out_shardings=out_sharding)
   def forward(variables, batch):
     class_logits, selection_logits = model.delegator(variables, batch["image"])  # [B, K], [B, N]
-    expert_logits = expert_parallel.run_experts(
-        model, variables, batch["image"], shared_input=True, expert_loop=expert_loop,
-        mesh=mesh)  # [N, B, K]
-    return dict(label=batch["label"], mask=batch["mask"],
+    expert_logits = expert_parallel.run_experts(model,
+                                                variables,
+                                                batch["image"],
+                                                shared_input=True,
+                                                expert_loop=expert_loop,
+                                                mesh=mesh)  # [N, B, K]
+    return dict(label=batch["label"],
+                mask=batch["mask"],
                 confidence=routing.confidence(class_logits),
-                delegator=jnp.argmax(class_logits, -1), selected=jnp.argmax(selection_logits, -1),
+                delegator=jnp.argmax(class_logits, -1),
+                selected=jnp.argmax(selection_logits, -1),
                 experts=jnp.argmax(expert_logits, -1))
 
   parts = []
@@ -115,10 +124,10 @@ def collect_outputs(model: CoE, variables: Any, batches: Iterable[dict[str, Any]
 @dataclasses.dataclass
 class Sweep:
   """Accuracy and cost of CoE as tau sweeps over every distinct operating point."""
-  thresholds: np.ndarray   # ascending, one per operating point (at most T + 1)
-  accuracy: np.ndarray     # one per operating point, as `thresholds`
-  exit_rate: np.ndarray    # one per operating point
-  mean_flops: np.ndarray   # one per operating point
+  thresholds: np.ndarray  # ascending, one per operating point (at most T + 1)
+  accuracy: np.ndarray  # one per operating point, as `thresholds`
+  exit_rate: np.ndarray  # one per operating point
+  mean_flops: np.ndarray  # one per operating point
 
 
 def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> Sweep:
@@ -129,7 +138,7 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
   round back to the largest confidence there, letting its samples exit.
   """
   delegator_correct = outputs.delegator_prediction == outputs.labels  # [T]
-  routed_correct = outputs.routed_prediction == outputs.labels        # [T]
+  routed_correct = outputs.routed_prediction == outputs.labels  # [T]
   order = np.argsort(-outputs.confidence, kind="stable")
   conf = outputs.confidence[order]
   # With k exits (the k most confident examples), accuracy is the delegator's
@@ -139,7 +148,7 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
   m = len(conf)
   # tau = conf[k-1] lets exactly the first k exit only where conf[k-1] > conf[k].
   distinct = np.concatenate([conf[:-1] > conf[1:], [True]])
-  ks = np.concatenate([[0], np.nonzero(distinct)[0] + 1])           # exits per operating point
+  ks = np.concatenate([[0], np.nonzero(distinct)[0] + 1])  # exits per operating point
   no_exit = np.nextafter(np.float32(conf[0]), np.float32(np.inf))
   thresholds = np.concatenate([[float(no_exit)], conf[ks[1:] - 1]])
   accuracy = (exit_correct[ks] + routed_rest[ks]) / m
@@ -184,8 +193,8 @@ def check_router_agrees(outputs: EvalOutputs, threshold: float, routed: np.ndarr
   so examples within `NEAR_THRESHOLD` of tau may decide otherwise. Any other
   difference is a bug, and every figure computed from the outputs is suspect.
   """
-  differ = (answers_at(outputs, threshold) != routed) & (
-      np.abs(outputs.confidence - threshold) > NEAR_THRESHOLD)
+  differ = (answers_at(outputs, threshold) != routed) & (np.abs(outputs.confidence - threshold)
+                                                         > NEAR_THRESHOLD)
   if differ.any():
     raise RuntimeError(
         f"the exact-mode router and the recorded outputs disagree on {int(differ.sum())} of "
@@ -229,8 +238,11 @@ def portion_top1(outputs: EvalOutputs, num_experts: int) -> dict[str, list[Optio
   """
   correct = outputs.expert_predictions == outputs.labels  # [N, T]
   mean = lambda hits: float(hits.mean()) if hits.size else None
-  figures = {"expert_top1_own_portion": [], "other_experts_top1_on_portion": [],
-             "expert_top1_off_portion": []}
+  figures = {
+      "expert_top1_own_portion": [],
+      "other_experts_top1_on_portion": [],
+      "expert_top1_off_portion": []
+  }
   others = lambda j: np.arange(num_experts) != j  # [N]
   for j in range(num_experts):
     mine = outputs.selected_expert == j  # [T]
@@ -244,15 +256,20 @@ def portion_top1(outputs: EvalOutputs, num_experts: int) -> dict[str, list[Optio
 @dataclasses.dataclass
 class Routing:
   """Where the jitted router sent the test examples at one threshold, for the figures."""
-  class_by_expert: np.ndarray       # [K, N] int: examples of class k that expert j answered
-  delegator_by_class: np.ndarray    # [K] int: examples of class k the delegator answered
-  examples: list[np.ndarray]        # N arrays [A_j, H, W, C] uint8: expert j's first images
+  class_by_expert: np.ndarray  # [K, N] int: examples of class k that expert j answered
+  delegator_by_class: np.ndarray  # [K] int: examples of class k the delegator answered
+  examples: list[np.ndarray]  # N arrays [A_j, H, W, C] uint8: expert j's first images
   example_labels: list[np.ndarray]  # N arrays [A_j] int: their classes
-  prediction: np.ndarray            # [T] int: the router's answers, in example order
+  prediction: np.ndarray  # [T] int: the router's answers, in example order
 
 
-def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]], threshold: float,
-                   spec: routing.RoutingSpec, *, mesh: Optional[jax.sharding.Mesh] = None,
+def routed_figures(model: CoE,
+                   variables: Any,
+                   batches: Iterable[dict[str, Any]],
+                   threshold: float,
+                   spec: routing.RoutingSpec,
+                   *,
+                   mesh: Optional[jax.sharding.Mesh] = None,
                    examples_per_expert: int = 0,
                    progress: Optional[Progress] = None) -> tuple[dict[str, Any], Routing]:
   """Top-1, exits and loads of the jitted router at `threshold` over `batches`, and its routing.
@@ -272,13 +289,24 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
   example_labels = [[] for _ in range(num_experts)]
   predictions = []
   for batch in batches:
-    out = routing.route_and_predict(model, variables, batch["image"], threshold, spec=spec,
-                                    num_groups=num_groups, mesh=mesh)
+    out = routing.route_and_predict(model,
+                                    variables,
+                                    batch["image"],
+                                    threshold,
+                                    spec=spec,
+                                    num_groups=num_groups,
+                                    mesh=mesh)
     # The whole global batch on every process: on a pod, each process holds
     # only its own share of these arrays.
     out = multihost_utils.process_allgather(
-        {"pred": jnp.argmax(out["logits"], -1), "early_exit": out["early_exit"],
-         "expert": out["expert"], "label": batch["label"], "mask": batch["mask"]}, tiled=True)
+        {
+            "pred": jnp.argmax(out["logits"], -1),
+            "early_exit": out["early_exit"],
+            "expert": out["expert"],
+            "label": batch["label"],
+            "mask": batch["mask"]
+        },
+        tiled=True)
     mask = np.asarray(out["mask"], bool)
     predictions.append(out["pred"][mask])
     if progress is not None:
@@ -304,12 +332,17 @@ def routed_figures(model: CoE, variables: Any, batches: Iterable[dict[str, Any]]
     progress.finish()
   load = class_by_expert.sum(0)  # [N]
   routed = max(int(load.sum()), 1)
-  figures = {"top1": correct / total, "early_exit_rate": exits / total,
-             "expert_load": [float(x) for x in load / routed],
-             "routing_mode": spec.mode, "overflow_to_delegator": to_delegator}
+  figures = {
+      "top1": correct / total,
+      "early_exit_rate": exits / total,
+      "expert_load": [float(x) for x in load / routed],
+      "routing_mode": spec.mode,
+      "overflow_to_delegator": to_delegator
+  }
   image_shape = model.image_shape
   stacked = [np.concatenate(x) if x else np.zeros((0, *image_shape), np.uint8) for x in examples]
-  labels = [np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
-            for x in example_labels]
+  labels = [
+      np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64) for x in example_labels
+  ]
   return figures, Routing(class_by_expert, delegator_by_class, stacked, labels,
                           np.concatenate(predictions))

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from coe_jax.evaluation import Routing, Sweep
 
-GRID_EXAMPLES = 8      # Test images per expert in the routing grid.
+GRID_EXAMPLES = 8  # Test images per expert in the routing grid.
 LABELLED_CLASSES = 30  # Up to this many, the class-by-expert plot names classes and shows counts.
 
 
@@ -24,14 +24,26 @@ def accuracy_vs_flops(curve: Sweep, results: dict[str, Any], path: str) -> str:
   """CoE's accuracy as tau sweeps, with each expert alone and the delegator alone marked."""
   fig, ax = _figure(figsize=(6.4, 4.4), dpi=120)
   mflops = lambda x: x / 1e6
-  ax.plot(mflops(curve.mean_flops), 100 * curve.accuracy, "-", color="tab:blue",
+  ax.plot(mflops(curve.mean_flops),
+          100 * curve.accuracy,
+          "-",
+          color="tab:blue",
           label="CoE, threshold sweep")
-  ax.plot(mflops(results["mean_flops"]), 100 * results["top1"], "*", ms=14, color="tab:red",
+  ax.plot(mflops(results["mean_flops"]),
+          100 * results["top1"],
+          "*",
+          ms=14,
+          color="tab:red",
           label=f"CoE at tau={results['threshold']:.3g}")
-  ax.plot(mflops(results["delegator_flops"]), 100 * results["delegator_top1"], "s",
-          color="tab:gray", label="delegator alone")
+  ax.plot(mflops(results["delegator_flops"]),
+          100 * results["delegator_top1"],
+          "s",
+          color="tab:gray",
+          label="delegator alone")
   expert_x = [mflops(results["expert_flops"])] * len(results["expert_top1"])
-  ax.plot(expert_x, [100 * a for a in results["expert_top1"]], "o", color="tab:green",
+  ax.plot(expert_x, [100 * a for a in results["expert_top1"]],
+          "o",
+          color="tab:green",
           label="each expert alone")
   ax.set_xlabel("mean multiply-adds per image (M)")
   ax.set_ylabel("top-1 accuracy (%)")
@@ -59,10 +71,9 @@ def expert_portions(results: dict[str, Any], path: str) -> str:
   """On each expert's portion (the test examples the delegator selects it for), its
   top-1 against the other experts': a taller first bar means the delegator picks the
   expert that knows those examples. The expert on the other examples, for reference."""
-  bars = (("expert_top1_own_portion", "the selected expert", "tab:green"),
-          ("other_experts_top1_on_portion", "the other experts (mean)", "tab:gray"),
-          ("expert_top1_off_portion", "the selected expert, on the other examples",
-           "tab:olive"))
+  bars = (("expert_top1_own_portion", "the selected expert",
+           "tab:green"), ("other_experts_top1_on_portion", "the other experts (mean)", "tab:gray"),
+          ("expert_top1_off_portion", "the selected expert, on the other examples", "tab:olive"))
   positions = np.arange(len(results[bars[0][0]]))
   fig, ax = _figure(figsize=(6.4, 4.4), dpi=120)
   for i, (key, label, color) in enumerate(bars):
@@ -83,18 +94,29 @@ def early_exit_curve(curve: Sweep, results: dict[str, Any], path: str) -> str:
   # (steps-pre); the first also for any lower tau, the last for any higher one.
   tau = np.concatenate([[0.0], curve.thresholds, [max(1.0, curve.thresholds[-1])]])
   extend = lambda y: np.concatenate([y[:1], y, y[-1:]])
-  accuracy, = ax.plot(tau, 100 * extend(curve.accuracy), drawstyle="steps-pre",
-                      color="tab:blue", label="top-1 accuracy")
+  accuracy, = ax.plot(tau,
+                      100 * extend(curve.accuracy),
+                      drawstyle="steps-pre",
+                      color="tab:blue",
+                      label="top-1 accuracy")
   ax.set_xlabel("early-exit threshold tau (delegator's max class probability)")
   ax.set_ylabel("top-1 accuracy (%)", color="tab:blue")
   right = ax.twinx()
-  cost, = right.plot(tau, extend(curve.mean_flops) / 1e6, drawstyle="steps-pre",
-                     color="tab:orange", label="mean multiply-adds")
+  cost, = right.plot(tau,
+                     extend(curve.mean_flops) / 1e6,
+                     drawstyle="steps-pre",
+                     color="tab:orange",
+                     label="mean multiply-adds")
   right.set_ylabel("mean multiply-adds per image (M)", color="tab:orange")
-  chosen = ax.axvline(results["threshold"], ls="--", lw=1, color="tab:red",
+  chosen = ax.axvline(results["threshold"],
+                      ls="--",
+                      lw=1,
+                      color="tab:red",
                       label=f"chosen tau={results['threshold']:.3g}")
-  ax.set_title(f"Early exit: {100 * results['early_exit_rate']:.1f}% of test images exit at "
-               f"the chosen tau", fontsize=10)
+  ax.set_title(
+      f"Early exit: {100 * results['early_exit_rate']:.1f}% of test images exit at "
+      f"the chosen tau",
+      fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(handles=[accuracy, cost, chosen], loc="center left", fontsize=8)
   return _save(fig, path)
@@ -104,7 +126,10 @@ def routing_grid(routing: Routing, class_names: Sequence[str], path: str) -> str
   """One row per expert: the first test images it answered, titled with their true class."""
   num_experts = len(routing.examples)
   columns = max(1, max(len(x) for x in routing.examples))
-  fig, axes = _figure(num_experts, columns, dpi=120, squeeze=False,
+  fig, axes = _figure(num_experts,
+                      columns,
+                      dpi=120,
+                      squeeze=False,
                       figsize=(0.95 * columns + 1.2, 1.05 * num_experts + 0.6))
   routed = routing.class_by_expert.sum(axis=0)  # [N]
   for j in range(num_experts):
@@ -121,11 +146,14 @@ def routing_grid(routing: Routing, class_names: Sequence[str], path: str) -> str
         continue
       image = routing.examples[j][e]  # [H, W, C]
       grey = image.shape[-1] == 1
-      ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None,
+      ax.imshow(image[..., 0] if grey else image,
+                cmap="gray" if grey else None,
                 interpolation="nearest")
       ax.set_title(str(class_names[routing.example_labels[j][e]]), fontsize=7, pad=2)
-  fig.suptitle(f"Test images each expert answers (first {columns}; titles: true class); "
-               f"{routing.delegator_by_class.sum()} answered by the delegator", fontsize=9)
+  fig.suptitle(
+      f"Test images each expert answers (first {columns}; titles: true class); "
+      f"{routing.delegator_by_class.sum()} answered by the delegator",
+      fontsize=9)
   return _save(fig, path)
 
 
@@ -146,7 +174,11 @@ def class_by_expert(routing: Routing, class_names: Sequence[str], path: str) -> 
   rows = np.arange(num_classes) if labelled else np.lexsort((-share.max(1), share.argmax(1)))
   height = 1.6 + (0.3 * num_classes if labelled else 6.0)
   fig, ax = _figure(figsize=(max(4.8, 1.6 + 0.7 * columns), height), dpi=120)
-  image = ax.imshow(share[rows], cmap="Blues", vmin=0, vmax=1, aspect="auto",
+  image = ax.imshow(share[rows],
+                    cmap="Blues",
+                    vmin=0,
+                    vmax=1,
+                    aspect="auto",
                     interpolation="nearest")
   ax.axvline(columns - 1.5, color="white", lw=3)  # Sets the delegator apart from the experts.
   ax.set_xticks(range(columns))
@@ -157,7 +189,12 @@ def class_by_expert(routing: Routing, class_names: Sequence[str], path: str) -> 
     ax.set_yticklabels([str(class_names[k]) for k in rows], fontsize=8)
     for k in range(num_classes):
       for j in range(columns):
-        ax.text(j, k, str(counts[rows[k], j]), ha="center", va="center", fontsize=7,
+        ax.text(j,
+                k,
+                str(counts[rows[k], j]),
+                ha="center",
+                va="center",
+                fontsize=7,
                 color="white" if share[rows[k], j] > 0.6 else "black")
   else:
     ax.set_yticks([])
@@ -167,7 +204,8 @@ def class_by_expert(routing: Routing, class_names: Sequence[str], path: str) -> 
   return _save(fig, path)
 
 
-def ablation(rows: Sequence[dict[str, Any]], path: str,
+def ablation(rows: Sequence[dict[str, Any]],
+             path: str,
              curve: Optional[dict[str, Sequence[float]]] = None) -> str:
   """Each variant's top-1 (mean, and min-max over seeds) against its mean FLOPs.
 
@@ -179,20 +217,31 @@ def ablation(rows: Sequence[dict[str, Any]], path: str,
   """
   fig, ax = _figure(figsize=(7.0, 4.6), dpi=120)
   if curve is not None:
-    ax.plot(np.asarray(curve["mean_flops"]) / 1e6, 100 * np.asarray(curve["accuracy"]),
-            drawstyle="steps-pre", color="tab:blue", alpha=0.35,
+    ax.plot(np.asarray(curve["mean_flops"]) / 1e6,
+            100 * np.asarray(curve["accuracy"]),
+            drawstyle="steps-pre",
+            color="tab:blue",
+            alpha=0.35,
             label="coe, tau sweep (first seed)")
-  family = sorted((row["mean_flops"], 100 * np.mean(row["top1"])) for row in rows
-                  if row.get("family"))
+  family = sorted(
+      (row["mean_flops"], 100 * np.mean(row["top1"])) for row in rows if row.get("family"))
   if len(family) > 1:
-    ax.plot(*zip(*[(f / 1e6, a) for f, a in family]), "-", color="tab:gray", alpha=0.6,
+    ax.plot(*zip(*[(f / 1e6, a) for f, a in family]),
+            "-",
+            color="tab:gray",
+            alpha=0.6,
             label="single-network family")
   markers = "*osD^vP<>hX"
   for i, row in enumerate(rows):
     top1 = 100 * np.asarray(row["top1"])
     low, high = top1.mean() - top1.min(), top1.max() - top1.mean()
-    ax.errorbar(row["mean_flops"] / 1e6, top1.mean(), yerr=[[low], [high]], capsize=3,
-                fmt=markers[i % len(markers)], ms=12 if i == 0 else 7, label=row["name"])
+    ax.errorbar(row["mean_flops"] / 1e6,
+                top1.mean(),
+                yerr=[[low], [high]],
+                capsize=3,
+                fmt=markers[i % len(markers)],
+                ms=12 if i == 0 else 7,
+                label=row["name"])
   ax.set_xscale("log")
   ax.set_xlabel("mean multiply-adds per image (M, log scale)")
   ax.set_ylabel("top-1 accuracy (%)")

@@ -14,22 +14,24 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
   load = ", ".join(f"{100 * x:.0f}%" for x in results["expert_load"])
   rows = [
       ("CoE top-1", f"{100 * results['top1']:.2f}%  (tau={results['threshold']:.4g}, "
-                    f"{results['threshold_rule']})"),
+       f"{results['threshold_rule']})"),
       ("CoE top-1, no early exit", f"{100 * results['top1_no_early_exit']:.2f}%"),
       ("delegator alone", f"{100 * results['delegator_top1']:.2f}%"),
       ("each expert alone", f"{experts} %"),
       ("on each expert's portion: it / others", f"{portions} %"),
       ("early exits", f"{100 * results['early_exit_rate']:.1f}%"),
       ("mean FLOPs (multiply-adds)", f"{results['mean_flops'] / 1e6:.3f}M  (delegator "
-                                     f"{results['delegator_flops'] / 1e6:.3f}M + expert "
-                                     f"{results['expert_flops'] / 1e6:.3f}M)"),
+       f"{results['delegator_flops'] / 1e6:.3f}M + expert "
+       f"{results['expert_flops'] / 1e6:.3f}M)"),
       ("expert load (routed samples)", load),
       ("test examples", str(results["num_test_examples"])),
   ]
   width = max(len(name) for name, _ in rows)
   lines = [f"  {name:<{width}}  {value}" for name, value in rows]
-  lines += ["", f"  results: {workdir}/results.json",
-            f"  plots:   {workdir}/accuracy_vs_flops.png, early_exit_curve.png, expert_load.png,",
-            "           routing_grid.png, class_by_expert.png, expert_portions.png",
-            f"  metrics: tensorboard --logdir={workdir}"]
+  lines += [
+      "", f"  results: {workdir}/results.json",
+      f"  plots:   {workdir}/accuracy_vs_flops.png, early_exit_curve.png, expert_load.png,",
+      "           routing_grid.png, class_by_expert.png, expert_portions.png",
+      f"  metrics: tensorboard --logdir={workdir}"
+  ]
   return "\n".join(["", "CoE results", *lines, ""])

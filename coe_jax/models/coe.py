@@ -37,7 +37,10 @@ class CoE:
     self.delegator_spec = NetworkSpec.from_config(config.delegator, "delegator")
     self.expert_spec = NetworkSpec.from_config(config.expert, "expert")
     remat = config.train.remat
-    self.delegator_net = Delegator(self.delegator_spec, num_classes, num_experts, dtype=dtype,
+    self.delegator_net = Delegator(self.delegator_spec,
+                                   num_classes,
+                                   num_experts,
+                                   dtype=dtype,
                                    remat=remat)
     self.expert_net = Expert(self.expert_spec, num_classes, dtype=dtype, remat=remat)
 
@@ -48,28 +51,55 @@ class CoE:
     delegator = self.delegator_net.init(delegator_rng, images)
     init_expert = lambda key: self.expert_net.init(key, images)
     experts = jax.vmap(init_expert)(jax.random.split(experts_rng, self.num_experts))
-    return {collection: {DELEGATOR: delegator[collection], EXPERTS: experts[collection]}
-            for collection in delegator}
+    return {
+        collection: {
+            DELEGATOR: delegator[collection],
+            EXPERTS: experts[collection]
+        } for collection in delegator
+    }
 
-  def delegator(self, variables: Variables, images: jax.Array, *, train: bool = False,
+  def delegator(self,
+                variables: Variables,
+                images: jax.Array,
+                *,
+                train: bool = False,
                 rng: Optional[jax.Array] = None):
     """(class_logits [B, K], selection_logits [B, N]); with train, also new batch_stats."""
     own = stacked.part(variables, DELEGATOR)
     if not train:
       return self.delegator_net.apply(own, images)
-    outputs, updates = self.delegator_net.apply(own, images, train=True, mutable=["batch_stats"],
+    outputs, updates = self.delegator_net.apply(own,
+                                                images,
+                                                train=True,
+                                                mutable=["batch_stats"],
                                                 rngs={"dropout": rng})
     return outputs, updates["batch_stats"]
 
-  def experts(self, variables: Variables, images: jax.Array, *, shared_input: bool,
-              train: bool = False, rng: Optional[jax.Array] = None, loop: str = "vmap"):
+  def experts(self,
+              variables: Variables,
+              images: jax.Array,
+              *,
+              shared_input: bool,
+              train: bool = False,
+              rng: Optional[jax.Array] = None,
+              loop: str = "vmap"):
     """Runs all N experts: `run_stacked` on the experts' variables, one dropout key each."""
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), self.num_experts)
-    return self.run_stacked(stacked.part(variables, EXPERTS), images, shared_input=shared_input,
-                            train=train, rngs=rngs, loop=loop)
+    return self.run_stacked(stacked.part(variables, EXPERTS),
+                            images,
+                            shared_input=shared_input,
+                            train=train,
+                            rngs=rngs,
+                            loop=loop)
 
-  def run_stacked(self, experts: Variables, images: jax.Array, *, shared_input: bool,
-                  train: bool = False, rngs: Optional[jax.Array] = None, loop: str = "vmap",
+  def run_stacked(self,
+                  experts: Variables,
+                  images: jax.Array,
+                  *,
+                  shared_input: bool,
+                  train: bool = False,
+                  rngs: Optional[jax.Array] = None,
+                  loop: str = "vmap",
                   net: Optional[Expert] = None):
     """Runs N' stacked experts (all N, or a device's share of them under a mesh).
 
@@ -101,9 +131,12 @@ class CoE:
     def run_one(expert_variables, expert_images, expert_rng):
       if not train:
         return net.apply(expert_variables, expert_images)
-      (logits, deterministic), updates = net.apply(
-          expert_variables, expert_images, train=True, with_deterministic=True,
-          mutable=["batch_stats"], rngs={"dropout": expert_rng})
+      (logits, deterministic), updates = net.apply(expert_variables,
+                                                   expert_images,
+                                                   train=True,
+                                                   with_deterministic=True,
+                                                   mutable=["batch_stats"],
+                                                   rngs={"dropout": expert_rng})
       return logits, deterministic, updates["batch_stats"]
 
     per_expert_images = None if shared_input else images  # scanned / vmapped over when given
@@ -113,9 +146,10 @@ class CoE:
     if loop == "scan":
       return jax.lax.scan(lambda _, xs: (None, run_one(xs[0], pick(xs[1]), xs[2])), None,
                           (experts, per_expert_images, rngs))[1]
-    outputs = [run_one(stacked.expert(experts, j),
-                       images if shared_input else images[j], rngs[j])
-               for j in range(rngs.shape[0])]
+    outputs = [
+        run_one(stacked.expert(experts, j), images if shared_input else images[j], rngs[j])
+        for j in range(rngs.shape[0])
+    ]
     # Stacked on a leading expert axis: logits [N', B, K] (and the rest, in train mode).
     return jax.tree.map(lambda *x: jnp.stack(x), *outputs)
 

@@ -89,8 +89,8 @@ class CondConv(nn.Module):
     """
     require(x.ndim == 4, "CondConv input shape", x.shape, "must be [B, H, W, C]")
     batch, height, width, channels = x.shape
-    require(routing.shape == (batch, self.num_kernels), "CondConv routing shape",
-            routing.shape, f"must be [B, num_kernels] = {(batch, self.num_kernels)}")
+    require(routing.shape == (batch, self.num_kernels), "CondConv routing shape", routing.shape,
+            f"must be [B, num_kernels] = {(batch, self.num_kernels)}")
     if self.depthwise:
       require(self.features == channels, "CondConv.features", self.features,
               f"must equal the input channels ({channels}) for a depthwise conv")
@@ -100,13 +100,12 @@ class CondConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=0),
                         (self.num_kernels, k, k, 1 if self.depthwise else channels,
                          self.features))  # [R, k, k, C/groups, F]
-    bias = (self.param("bias", nn.initializers.zeros_init(), (self.num_kernels, self.features))
-            if self.use_bias else None)  # [R, F]
+    bias = (self.param("bias", nn.initializers.zeros_init(),
+                       (self.num_kernels, self.features)) if self.use_bias else None)  # [R, F]
     x, kernel, routing, bias = promote_dtype(x, kernel, routing, bias, dtype=self.dtype)
 
     mixed = jnp.einsum("be,eklio->bklio", routing, kernel)  # [B, k, k, C/groups, F]
-    (top, bottom), (left, right) = jax.lax.padtype_to_pads(
-        (height, width), (k, k), (s, s), "SAME")
+    (top, bottom), (left, right) = jax.lax.padtype_to_pads((height, width), (k, k), (s, s), "SAME")
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_height, out_width = -(-height // s), -(-width // s)
     # The k*k taps are unrolled at trace time; tap (i, j) of output (h, w)

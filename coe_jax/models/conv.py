@@ -33,14 +33,14 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   k, features = kernel.shape[0], kernel.shape[-1]
   if k == 1:
     return _matmul_2d(x[:, ::strides, ::strides], kernel[0, 0])  # [B, H', W', F]
-  (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides),
-                                                         "SAME")
+  (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides), "SAME")
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H+k-1, W+k-1, C]
   out_h, out_w = -(-h // strides), -(-w // strides)
-  windows = [jax.lax.slice(padded, (0, i, j, 0),
-                           (b, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, c),
-                           (1, strides, strides, 1))
-             for i in range(k) for j in range(k)]  # k*k x [B, H', W', C]
+  windows = [
+      jax.lax.slice(padded, (0, i, j, 0),
+                    (b, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, c),
+                    (1, strides, strides, 1)) for i in range(k) for j in range(k)
+  ]  # k*k x [B, H', W', C]
   patches = jnp.concatenate(windows, axis=-1)  # [B, H', W', k k C], in the kernel's (i, j, c) order
   return _matmul_2d(patches, kernel.reshape(k * k * c, features))  # [B, H', W', F]
 
@@ -70,5 +70,7 @@ class Conv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if formulation.cpu_form_in_force("matmul"):
       return conv_as_matmul(x, kernel, self.strides)
-    return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), "SAME",
+    return jax.lax.conv_general_dilated(x,
+                                        kernel, (self.strides, self.strides),
+                                        "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -28,8 +28,7 @@ def depthwise_taps(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   """'SAME' depthwise convolution of x [B, H, W, C] with kernel [k, k, 1, C]."""
   b, h, w, c = x.shape
   k = kernel.shape[0]
-  (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides),
-                                                         "SAME")
+  (top, bottom), (left, right) = jax.lax.padtype_to_pads((h, w), (k, k), (strides, strides), "SAME")
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))  # [B, H+k-1, W+k-1, C]
   out_h, out_w = -(-h // strides), -(-w // strides)
   y = jnp.zeros((b, out_h, out_w, c), x.dtype)
@@ -56,6 +55,8 @@ class DepthwiseConv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if formulation.cpu_form_in_force("taps"):
       return depthwise_taps(x, kernel, self.strides)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (self.strides, self.strides), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    return jax.lax.conv_general_dilated(x,
+                                        kernel, (self.strides, self.strides),
+                                        "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=channels)

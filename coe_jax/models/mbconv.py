@@ -60,7 +60,8 @@ class Activation(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.kind == "pwlu":
-      return PWLU(num_intervals=self.pwlu_intervals, per_channel=self.pwlu_per_channel,
+      return PWLU(num_intervals=self.pwlu_intervals,
+                  per_channel=self.pwlu_per_channel,
                   axis_name=self.statistics_axis)(x, train)
     return {"relu": nn.relu, "hard_swish": hard_swish, "swish": nn.swish}[self.kind](x)
 
@@ -96,12 +97,14 @@ class MBConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     in_features = x.shape[-1]  # x: [B, H, W, C]
-    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+    norm = functools.partial(BatchNorm,
+                             use_running_average=not train,
+                             dtype=self.dtype,
                              axis_name=self.batch_norm_axis)
     hidden = make_divisible(in_features * self.expansion) if self.expansion > 1 else in_features
     conv = self._conv_factory(x)
-    act = functools.partial(Activation, self.activation, self.pwlu_intervals,
-                            self.pwlu_per_channel, self.batch_norm_axis)
+    act = functools.partial(Activation, self.activation, self.pwlu_intervals, self.pwlu_per_channel,
+                            self.batch_norm_axis)
 
     y = x
     if self.fused:
@@ -114,8 +117,7 @@ class MBConv(nn.Module):
       if hidden != in_features:
         y = conv(hidden, 1, name="expand")(y)  # [B, H, W, hidden]
         y = act(name="expand_act")(norm(name="expand_bn")(y), train)
-      y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True,
-               name="depthwise")(y)
+      y = conv(hidden, self.kernel_size, strides=self.strides, depthwise=True, name="depthwise")(y)
       y = act(name="depthwise_act")(norm(name="depthwise_bn")(y), train)  # [B, H', W', hidden]
     if self.se_ratio > 0:
       y = SqueezeExcite(max(1, int(in_features * self.se_ratio)), dtype=self.dtype, name="se")(y)
@@ -133,13 +135,20 @@ class MBConv(nn.Module):
                                 name="routing")(x)  # [B, R]
 
       def condconv(features, kernel, strides=1, depthwise=False, name=None):
-        layer = CondConv(features=features, kernel_size=kernel, num_kernels=self.condconv_kernels,
-                         strides=strides, depthwise=depthwise, dtype=self.dtype, name=name)
+        layer = CondConv(features=features,
+                         kernel_size=kernel,
+                         num_kernels=self.condconv_kernels,
+                         strides=strides,
+                         depthwise=depthwise,
+                         dtype=self.dtype,
+                         name=name)
         return lambda y: layer(y, routing)
+
       return condconv
 
     def conv(features, kernel, strides=1, depthwise=False, name=None):
       if depthwise:
         return DepthwiseConv(kernel, strides, dtype=self.dtype, name=name)
       return Conv(features, kernel, strides=strides, dtype=self.dtype, name=name)
+
     return conv

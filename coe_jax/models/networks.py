@@ -25,7 +25,6 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return (images.astype(dtype) - 127.5) / 127.5
 
 
-
 def _rematerialised(module: type[nn.Module], wanted: bool) -> type[nn.Module]:
   """`module`, recomputed in the backward pass instead of saving its activations, if wanted.
 
@@ -44,23 +43,36 @@ class Backbone(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     spec = self.spec
-    act = lambda name: Activation(spec.activation, spec.pwlu_intervals, spec.pwlu_per_channel,
-                                  self.batch_norm_axis, name=name)
-    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+    act = lambda name: Activation(spec.activation,
+                                  spec.pwlu_intervals,
+                                  spec.pwlu_per_channel,
+                                  self.batch_norm_axis,
+                                  name=name)
+    norm = functools.partial(BatchNorm,
+                             use_running_average=not train,
+                             dtype=self.dtype,
                              axis_name=self.batch_norm_axis)
     x = normalize_images(images, self.dtype)  # [B, H, W, C]
-    x = Conv(spec.stem_features, spec.stem_kernel, strides=spec.stem_stride, dtype=self.dtype,
+    x = Conv(spec.stem_features,
+             spec.stem_kernel,
+             strides=spec.stem_stride,
+             dtype=self.dtype,
              name="stem")(x)
     x = act("stem_act")(norm(name="stem_bn")(x), train)
     block = _rematerialised(MBConv, self.remat == "block")
     for s, stage in enumerate(spec.stages):
       for b in range(stage.depth):
-        x = block(features=stage.features, kernel_size=stage.kernel,
-                  strides=stage.stride if b == 0 else 1, expansion=stage.expansion,
-                  se_ratio=stage.se_ratio, activation=stage.activation,
-                  condconv_kernels=stage.condconv_kernels, fused=stage.fused,
+        x = block(features=stage.features,
+                  kernel_size=stage.kernel,
+                  strides=stage.stride if b == 0 else 1,
+                  expansion=stage.expansion,
+                  se_ratio=stage.se_ratio,
+                  activation=stage.activation,
+                  condconv_kernels=stage.condconv_kernels,
+                  fused=stage.fused,
                   pwlu_intervals=spec.pwlu_intervals,
-                  pwlu_per_channel=spec.pwlu_per_channel, dtype=self.dtype,
+                  pwlu_per_channel=spec.pwlu_per_channel,
+                  dtype=self.dtype,
                   batch_norm_axis=self.batch_norm_axis,
                   name=f"stage{s}_block{b}")(x, train)  # [B, H', W', stage.features]
     x = Conv(spec.head_features, 1, dtype=self.dtype, name="head")(x)
@@ -88,9 +100,12 @@ class Expert(nn.Module):
     from the same pass (same BatchNorm batch statistics) for one extra
     [B, F] x [F, K] product: the objective scores experts on them.
     """
-    features = _rematerialised(Backbone, self.remat == "full")(
-        self.spec, self.dtype, self.batch_norm_axis, self.remat,
-        name="backbone")(images, train)  # [B, F]
+    features = _rematerialised(Backbone, self.remat == "full")(self.spec,
+                                                               self.dtype,
+                                                               self.batch_norm_axis,
+                                                               self.remat,
+                                                               name="backbone")(images,
+                                                                                train)  # [B, F]
     classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
     dropped = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
     logits = classifier(dropped).astype(jnp.float32)  # [B, K]
@@ -113,8 +128,11 @@ class Delegator(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    features = _rematerialised(Backbone, self.remat == "full")(
-        self.spec, self.dtype, remat=self.remat, name="backbone")(images, train)  # [B, F]
+    features = _rematerialised(Backbone, self.remat == "full")(self.spec,
+                                                               self.dtype,
+                                                               remat=self.remat,
+                                                               name="backbone")(images,
+                                                                                train)  # [B, F]
     features = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
     class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
     selection_logits = nn.Dense(self.num_experts, dtype=self.dtype, name="selector")(features)

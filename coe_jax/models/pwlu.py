@@ -86,8 +86,7 @@ def _lookup(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
   else:
     lower, upper = heights[index], heights[index + 1]  # [..., C]
   inside = lower + (position - index) * (upper - lower)
-  return (inside + left_slope * jnp.minimum(x - left, 0)
-          + right_slope * jnp.maximum(x - right, 0))
+  return (inside + left_slope * jnp.minimum(x - left, 0) + right_slope * jnp.maximum(x - right, 0))
 
 
 def _ramps(x: jax.Array, left: jax.Array, right: jax.Array, heights: jax.Array,
@@ -129,16 +128,16 @@ class PWLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Applies the unit to x [..., C]; `train` updates the phase-I statistics."""
-    require(self.num_intervals >= 1, "PWLU.num_intervals", self.num_intervals,
-            "must be at least 1")
+    require(self.num_intervals >= 1, "PWLU.num_intervals", self.num_intervals, "must be at least 1")
     n = self.num_intervals
     shape = (x.shape[-1],) if self.per_channel else ()  # [C] or []
     # Phase I ignores the parameters; start them where realignment would put
     # them for unit-normal inputs.
     left = self.param("left_bound", nn.initializers.constant(-_BOUND_STDS), shape)
     right = self.param("right_bound", nn.initializers.constant(_BOUND_STDS), shape)
-    heights = self.param("heights", lambda _: _relu_heights(
-        jnp.full(shape, -_BOUND_STDS), jnp.full(shape, _BOUND_STDS), n))  # [..., I+1]
+    heights = self.param("heights",
+                         lambda _: _relu_heights(jnp.full(shape, -_BOUND_STDS),
+                                                 jnp.full(shape, _BOUND_STDS), n))  # [..., I+1]
     left_slope = self.param("left_slope", nn.initializers.zeros_init(), shape)
     right_slope = self.param("right_slope", nn.initializers.ones_init(), shape)
     mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
@@ -162,8 +161,7 @@ class PWLU(nn.Module):
     # them with the neighbouring ops, and a select is what vmap over stacked
     # experts would turn a cond into anyway.
     phase_two_fn = {"lookup": _lookup, "ramps": _ramps}[formulation.current]
-    y = jnp.where(phase_two,
-                  phase_two_fn(x, left, right, heights, left_slope, right_slope),
+    y = jnp.where(phase_two, phase_two_fn(x, left, right, heights, left_slope, right_slope),
                   nn.relu(x))
     return y.astype(x.dtype)
 
@@ -187,8 +185,10 @@ def realign(variables: Mapping[str, Any]) -> dict[str, Any]:
   """
   require("params" in variables, "variables", sorted(variables), "needs a 'params' collection")
   params = traverse_util.flatten_dict(variables["params"], keep_empty_nodes=True)
-  units = [path[:-1] for path in params
-           if path[-1] == "heights" and all(path[:-1] + (p,) in params for p in PARAM_NAMES)]
+  units = [
+      path[:-1] for path in params if path[-1] == "heights" and all(path[:-1] + (p,) in params
+                                                                    for p in PARAM_NAMES)
+  ]
   if not units:
     return dict(variables)
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), keep_empty_nodes=True)
@@ -200,13 +200,20 @@ def realign(variables: Mapping[str, Any]) -> dict[str, Any]:
     std = jnp.sqrt(var + _VAR_EPSILON)
     left, right = mean - _BOUND_STDS * std, mean + _BOUND_STDS * std
     n = params[unit + ("heights",)].shape[-1] - 1
-    new = {"left_bound": left, "right_bound": right, "heights": _relu_heights(left, right, n),
-           "left_slope": jnp.zeros_like(left), "right_slope": jnp.ones_like(left)}
+    new = {
+        "left_bound": left,
+        "right_bound": right,
+        "heights": _relu_heights(left, right, n),
+        "left_slope": jnp.zeros_like(left),
+        "right_slope": jnp.ones_like(left)
+    }
     for name, value in new.items():
       old = params[unit + (name,)]
       require(value.shape == old.shape, "/".join(unit + (name,)), old.shape,
               f"does not match the shape {value.shape} implied by its statistics")
       params[unit + (name,)] = value.astype(old.dtype)
     stats[unit + ("realigned",)] = jnp.ones_like(stats[unit + ("realigned",)])
-  return {**variables, "params": traverse_util.unflatten_dict(params),
-          "batch_stats": traverse_util.unflatten_dict(stats)}
+  return {
+      **variables, "params": traverse_util.unflatten_dict(params),
+      "batch_stats": traverse_util.unflatten_dict(stats)
+  }

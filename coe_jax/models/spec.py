@@ -62,17 +62,18 @@ class NetworkSpec:
     stages = []
     for index, stage in enumerate(config["stages"]):
       stage_activation = stage.get("activation") or activation
-      stages.append(StageSpec(
-          features=make_divisible(stage["features"] * width),
-          depth=int(math.ceil(stage["depth"] * depth_multiplier)),
-          kernel=stage["kernel"],
-          expansion=float(stage["expansion"]),
-          stride=stage["stride"],
-          se_ratio=float(stage["se_ratio"]),
-          activation=stage_activation,
-          condconv_kernels=condconv_kernels if index >= config["condconv_from_stage"] else 0,
-          fused=bool(stage.get("fused", False)),
-      ))
+      stages.append(
+          StageSpec(
+              features=make_divisible(stage["features"] * width),
+              depth=int(math.ceil(stage["depth"] * depth_multiplier)),
+              kernel=stage["kernel"],
+              expansion=float(stage["expansion"]),
+              stride=stage["stride"],
+              se_ratio=float(stage["se_ratio"]),
+              activation=stage_activation,
+              condconv_kernels=condconv_kernels if index >= config["condconv_from_stage"] else 0,
+              fused=bool(stage.get("fused", False)),
+          ))
     return cls(
         stem_features=make_divisible(config["stem_features"] * width),
         stem_kernel=config["stem_kernel"],
@@ -86,4 +87,3 @@ class NetworkSpec:
         pwlu_intervals=config["pwlu_intervals"],
         pwlu_per_channel=bool(config["pwlu_per_channel"]),
     )
-

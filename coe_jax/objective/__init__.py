@@ -70,7 +70,8 @@ def _solver_kwargs(config: ml_collections.ConfigDict,
                    replicate: Callable[[jax.Array], jax.Array]) -> dict[str, Any]:
   return dict(epsilon=config.wgm.sinkhorn_epsilon,
               max_iterations=config.wgm.sinkhorn_max_iterations,
-              threshold=config.wgm.sinkhorn_threshold, replicate=replicate)
+              threshold=config.wgm.sinkhorn_threshold,
+              replicate=replicate)
 
 
 class ExpertTargets(NamedTuple):
@@ -96,10 +97,15 @@ class DelegatorTargets(NamedTuple):
   teacher: Optional[jax.Array]
 
 
-def expert_targets(stage: str, config: ml_collections.ConfigDict, *, batch: int,
-                   num_experts: int, selection_logits: Optional[jax.Array] = None,
-                   replicate: Callable[[jax.Array], jax.Array] = lambda x: x
-                   ) -> tuple[Optional[ExpertTargets], dict[str, jax.Array]]:
+def expert_targets(
+    stage: str,
+    config: ml_collections.ConfigDict,
+    *,
+    batch: int,
+    num_experts: int,
+    selection_logits: Optional[jax.Array] = None,
+    replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+) -> tuple[Optional[ExpertTargets], dict[str, jax.Array]]:
   """The experts' loss weights of a stage: None in `delegator` (experts frozen).
 
   `coadapt` solves WGM's balanced transport of `selection_logits` [B, N];
@@ -112,17 +118,21 @@ def expert_targets(stage: str, config: ml_collections.ConfigDict, *, batch: int,
     weights, info = jnp.ones((batch, num_experts), jnp.float32), {}  # [B, N]
   else:
     weights, portion, info = wgm.expert_loss_weights(
-        selection_logits.astype(jnp.float32), off_portion_weight=config.wgm.off_portion_weight,
+        selection_logits.astype(jnp.float32),
+        off_portion_weight=config.wgm.off_portion_weight,
         **_solver_kwargs(config, replicate))  # [B, N], [B]
     info = {**info, "portion": portion}
   return ExpertTargets(weights, jnp.sum(weights, axis=0)), info  # [B, N], [N]
 
 
-def delegator_targets(scoring_logits: jax.Array, selection_logits: jax.Array,
-                      labels: jax.Array, config: ml_collections.ConfigDict,
-                      rng: Optional[jax.Array] = None,
-                      replicate: Callable[[jax.Array], jax.Array] = lambda x: x
-                      ) -> tuple[DelegatorTargets, dict[str, jax.Array]]:
+def delegator_targets(
+    scoring_logits: jax.Array,
+    selection_logits: jax.Array,
+    labels: jax.Array,
+    config: ml_collections.ConfigDict,
+    rng: Optional[jax.Array] = None,
+    replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+) -> tuple[DelegatorTargets, dict[str, jax.Array]]:
   """LGM's targets, VCM's weights and the distillation teacher of the whole batch.
 
   Args:
@@ -135,11 +145,14 @@ def delegator_targets(scoring_logits: jax.Array, selection_logits: jax.Array,
     The targets, and LGM's solver info (`balanced` rule only).
   """
   scoring_logits = jax.lax.stop_gradient(scoring_logits.astype(jnp.float32))  # [N, B, K]
-  targets, info = lgm.selection_targets(
-      scoring_logits, labels, rule=config.lgm.rule, temperature=config.lgm.temperature,
-      rng=rng, **_solver_kwargs(config, replicate))  # [B, N]
-  sample_weights = vcm.selection_sample_weights(
-      scoring_logits, labels, enabled=config.vcm.enabled)  # [B]
+  targets, info = lgm.selection_targets(scoring_logits,
+                                        labels,
+                                        rule=config.lgm.rule,
+                                        temperature=config.lgm.temperature,
+                                        rng=rng,
+                                        **_solver_kwargs(config, replicate))  # [B, N]
+  sample_weights = vcm.selection_sample_weights(scoring_logits, labels,
+                                                enabled=config.vcm.enabled)  # [B]
   teacher = None
   if config.loss.distill_weight > 0:
     selected = jnp.argmax(selection_logits, axis=-1)  # [B]
@@ -147,20 +160,23 @@ def delegator_targets(scoring_logits: jax.Array, selection_logits: jax.Array,
   return DelegatorTargets(targets, sample_weights, teacher), info
 
 
-def expert_loss(expert_logits: jax.Array, labels: jax.Array,
-                targets: ExpertTargets) -> jax.Array:
+def expert_loss(expert_logits: jax.Array, labels: jax.Array, targets: ExpertTargets) -> jax.Array:
   """`L_E` of these samples: their share of the whole batch's loss.
 
   `expert_logits` are [N, B/M, K]: one micro-batch, or the whole batch when M = 1.
   """
-  return losses.weighted_expert_loss(expert_logits.astype(jnp.float32), labels,
-                                     targets.weights, normaliser=targets.normaliser)
+  return losses.weighted_expert_loss(expert_logits.astype(jnp.float32),
+                                     labels,
+                                     targets.weights,
+                                     normaliser=targets.normaliser)
 
 
-def delegator_side_loss(class_logits: jax.Array, selection_logits: jax.Array,
-                        labels: jax.Array, targets: Optional[DelegatorTargets],
-                        config: ml_collections.ConfigDict, share: float = 1.0
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def delegator_side_loss(class_logits: jax.Array,
+                        selection_logits: jax.Array,
+                        labels: jax.Array,
+                        targets: Optional[DelegatorTargets],
+                        config: ml_collections.ConfigDict,
+                        share: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`lambda_sel L_sel + lambda_D L_D` of these samples, and the two terms.
 
   `share` is these samples' fraction of the whole batch (both terms are
@@ -172,11 +188,14 @@ def delegator_side_loss(class_logits: jax.Array, selection_logits: jax.Array,
     delegator_loss = share * losses.delegator_loss(
         class_logits, labels, label_smoothing=config.loss.label_smoothing)
     return config.loss.delegator_weight * delegator_loss, jnp.zeros(()), delegator_loss
-  selection_loss = share * losses.selection_loss(
-      selection_logits.astype(jnp.float32), targets.selection, targets.sample_weights)
+  selection_loss = share * losses.selection_loss(selection_logits.astype(jnp.float32),
+                                                 targets.selection, targets.sample_weights)
   delegator_loss = share * losses.delegator_loss(
-      class_logits, labels, label_smoothing=config.loss.label_smoothing,
-      distill_logits=targets.teacher, distill_weight=config.loss.distill_weight,
+      class_logits,
+      labels,
+      label_smoothing=config.loss.label_smoothing,
+      distill_logits=targets.teacher,
+      distill_weight=config.loss.distill_weight,
       distill_temperature=config.loss.distill_temperature)
   total = (config.loss.selection_weight * selection_loss +
            config.loss.delegator_weight * delegator_loss)
@@ -184,49 +203,59 @@ def delegator_side_loss(class_logits: jax.Array, selection_logits: jax.Array,
 
 
 def batch_metrics(stage: str, scoring_logits: jax.Array, selection_logits: jax.Array,
-                  class_logits: jax.Array, labels: jax.Array,
-                  targets: Optional[DelegatorTargets], lgm_info: dict[str, jax.Array],
-                  wgm_info: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                  class_logits: jax.Array, labels: jax.Array, targets: Optional[DelegatorTargets],
+                  lgm_info: dict[str,
+                                 jax.Array], wgm_info: dict[str,
+                                                            jax.Array]) -> dict[str, jax.Array]:
   """The whole batch's routing and accuracy metrics (`coe_objective` lists them)."""
   num_experts, batch = scoring_logits.shape[:2]
   expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, B]
   expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
   zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
-  metrics = dict(
-      load_gap=zero, selection_load_gap=zero, selection_agreement=zero,
-      own_portion_accuracy=zero, off_portion_accuracy=zero, routed_accuracy=zero,
-      sinkhorn_iterations=zero, sinkhorn_converged=one, lgm_sinkhorn_iterations=zero,
-      lgm_sinkhorn_converged=one,
-      delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
+  metrics = dict(load_gap=zero,
+                 selection_load_gap=zero,
+                 selection_agreement=zero,
+                 own_portion_accuracy=zero,
+                 off_portion_accuracy=zero,
+                 routed_accuracy=zero,
+                 sinkhorn_iterations=zero,
+                 sinkhorn_converged=one,
+                 lgm_sinkhorn_iterations=zero,
+                 lgm_sinkhorn_converged=one,
+                 delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
   if stage == "warmup":
     return metrics
   selected = jnp.argmax(selection_logits, axis=-1)  # [B]
   selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
-  metrics.update(
-      selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
-      selection_agreement=jnp.mean(selected == jnp.argmax(targets.selection, axis=-1)),
-      routed_accuracy=jnp.mean(expert_correct[selected, jnp.arange(batch)]))
+  metrics.update(selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
+                 selection_agreement=jnp.mean(selected == jnp.argmax(targets.selection, axis=-1)),
+                 routed_accuracy=jnp.mean(expert_correct[selected, jnp.arange(batch)]))
   if lgm_info:
     metrics.update(lgm_sinkhorn_iterations=lgm_info["sinkhorn_iterations"],
                    lgm_sinkhorn_converged=lgm_info["sinkhorn_converged"])
   if stage == "coadapt":
     own = jax.nn.one_hot(wgm_info["portion"], num_experts, dtype=jnp.float32).T  # [N, B]
     off_pairs = max(batch * (num_experts - 1), 1)
-    metrics.update(
-        load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
-        own_portion_accuracy=jnp.sum(own * expert_correct) / batch,
-        off_portion_accuracy=jnp.sum((1 - own) * expert_correct) / off_pairs,
-        sinkhorn_iterations=wgm_info["sinkhorn_iterations"],
-        sinkhorn_converged=wgm_info["sinkhorn_converged"])
+    metrics.update(load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
+                   own_portion_accuracy=jnp.sum(own * expert_correct) / batch,
+                   off_portion_accuracy=jnp.sum((1 - own) * expert_correct) / off_pairs,
+                   sinkhorn_iterations=wgm_info["sinkhorn_iterations"],
+                   sinkhorn_converged=wgm_info["sinkhorn_converged"])
   return metrics
 
 
-def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
-                  expert_logits: jax.Array, labels: jax.Array, config: ml_collections.ConfigDict,
-                  stage: str, rng: Optional[jax.Array] = None, *,
-                  scoring_logits: Optional[jax.Array] = None,
-                  replicate: Callable[[jax.Array], jax.Array] = lambda x: x
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def coe_objective(
+    class_logits: jax.Array,
+    selection_logits: jax.Array,
+    expert_logits: jax.Array,
+    labels: jax.Array,
+    config: ml_collections.ConfigDict,
+    stage: str,
+    rng: Optional[jax.Array] = None,
+    *,
+    scoring_logits: Optional[jax.Array] = None,
+    replicate: Callable[[jax.Array], jax.Array] = lambda x: x
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The total loss of one stage over one batch, and metrics.
 
   The terms come from `expert_targets`, `delegator_targets`, `expert_loss`
@@ -274,20 +303,26 @@ def coe_objective(class_logits: jax.Array, selection_logits: jax.Array,
   # Nothing reads the scores for their gradient; in the delegator stage the
   # experts are frozen, and nothing below, distillation included, may train them.
   scoring_logits = jax.lax.stop_gradient(scoring_logits)  # [N, B, K]
-  experts, wgm_info = expert_targets(stage, config, batch=batch, num_experts=num_experts,
-                                     selection_logits=selection_logits, replicate=replicate)
+  experts, wgm_info = expert_targets(stage,
+                                     config,
+                                     batch=batch,
+                                     num_experts=num_experts,
+                                     selection_logits=selection_logits,
+                                     replicate=replicate)
   delegator, lgm_info = None, {}
   if stage != "warmup":
-    delegator, lgm_info = delegator_targets(scoring_logits, selection_logits, labels, config,
-                                            rng, replicate)
-  total, selection_loss, delegator_loss = delegator_side_loss(
-      class_logits, selection_logits, labels, delegator, config)
+    delegator, lgm_info = delegator_targets(scoring_logits, selection_logits, labels, config, rng,
+                                            replicate)
+  total, selection_loss, delegator_loss = delegator_side_loss(class_logits, selection_logits,
+                                                              labels, delegator, config)
   loss_of_experts = jnp.zeros((), jnp.float32)
   if experts is not None:
     loss_of_experts = expert_loss(expert_logits, labels, experts)
     total = total + loss_of_experts
-  metrics = batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
-                          class_logits, labels, delegator, lgm_info, wgm_info)
-  metrics.update(loss=total, expert_loss=loss_of_experts, selection_loss=selection_loss,
+  metrics = batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits, class_logits,
+                          labels, delegator, lgm_info, wgm_info)
+  metrics.update(loss=total,
+                 expert_loss=loss_of_experts,
+                 selection_loss=selection_loss,
                  delegator_loss=delegator_loss)
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}

@@ -55,8 +55,12 @@ def random_targets(rng: jax.Array, batch: int, num_experts: int) -> jax.Array:
   return jax.nn.one_hot(labels, num_experts, dtype=jnp.float32)  # [B, N]
 
 
-def selection_targets(expert_logits: jax.Array, labels: jax.Array, *, rule: str,
-                      temperature: float = 1.0, rng: Optional[jax.Array] = None,
+def selection_targets(expert_logits: jax.Array,
+                      labels: jax.Array,
+                      *,
+                      rule: str,
+                      temperature: float = 1.0,
+                      rng: Optional[jax.Array] = None,
                       **solver_kwargs: Any) -> tuple[jax.Array, dict[str, Any]]:
   """The delegator's selection target for each sample.
 

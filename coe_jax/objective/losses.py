@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import optax
 
 
-def weighted_expert_loss(expert_logits: jax.Array, labels: jax.Array, weights: jax.Array,
+def weighted_expert_loss(expert_logits: jax.Array,
+                         labels: jax.Array,
+                         weights: jax.Array,
                          normaliser: Optional[jax.Array] = None) -> jax.Array:
   """`L_E = sum_j sum_i w_ij CE(z_j[i], y_i) / sum_i w_ij`.
 
@@ -62,8 +64,12 @@ def selection_loss(selection_logits: jax.Array, targets: jax.Array,
   return jnp.mean(sample_weights * per_sample)
 
 
-def delegator_loss(class_logits: jax.Array, labels: jax.Array, *, label_smoothing: float,
-                   distill_logits: Optional[jax.Array] = None, distill_weight: float = 0.0,
+def delegator_loss(class_logits: jax.Array,
+                   labels: jax.Array,
+                   *,
+                   label_smoothing: float,
+                   distill_logits: Optional[jax.Array] = None,
+                   distill_weight: float = 0.0,
                    distill_temperature: float = 1.0) -> jax.Array:
   """The delegator's rough-prediction loss, `L_D`.
 

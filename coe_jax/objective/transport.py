@@ -43,10 +43,9 @@ def _sinkhorn_plan(scores: jax.Array, *, epsilon: float, max_iterations: int,
   # sends the same mass) and keeps the costs non-negative and small.
   cost = jnp.max(scores, axis=1, keepdims=True) - scores  # [B, N]
   geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
-  problem = linear_problem.LinearProblem(
-      geom,
-      a=jnp.full((batch,), 1.0 / batch, scores.dtype),
-      b=jnp.full((experts,), 1.0 / experts, scores.dtype))
+  problem = linear_problem.LinearProblem(geom,
+                                         a=jnp.full((batch,), 1.0 / batch, scores.dtype),
+                                         b=jnp.full((experts,), 1.0 / experts, scores.dtype))
   solver = sinkhorn.Sinkhorn(
       threshold=threshold,
       max_iterations=max_iterations,
@@ -106,8 +105,8 @@ def _round_balanced(adjusted: jax.Array) -> jax.Array:
     sorted_choice = choice[order]  # [B]
     place_in_queue = jnp.arange(batch) - first[sorted_choice]  # [B]
     room_of = jnp.append(room, 0)  # [N+1]
-    accepted = jnp.zeros((batch,), jnp.bool_).at[order].set(
-        place_in_queue < room_of[sorted_choice])  # [B]
+    accepted = jnp.zeros((batch,), jnp.bool_).at[order].set(place_in_queue
+                                                            < room_of[sorted_choice])  # [B]
     assignment = jnp.where(accepted, choice, assignment)  # [B]
     taken = jnp.bincount(jnp.where(accepted, choice, experts), length=experts + 1)  # [N+1]
     return assignment, room - taken[:experts]
@@ -159,6 +158,7 @@ def _improving_cycle(gains: jax.Array, tolerance: jax.Array) -> tuple[jax.Array,
     above `tolerance` ([] bool).
   """
   nodes = gains.shape[0]
+
   # Loops rather than Python unrolling keep the program small: unrolled, the
   # vmapped while loop around this took minutes to compile at N=8.
 
@@ -166,8 +166,8 @@ def _improving_cycle(gains: jax.Array, tolerance: jax.Array) -> tuple[jax.Array,
     best, pred, _ = state
     candidate = best[:, None] + gains  # [N+1, N+1] (from, to)
     improved = jnp.max(candidate, axis=0) > best + tolerance  # [N+1]
-    return (jnp.where(improved, jnp.max(candidate, axis=0), best),
-            jnp.where(improved, jnp.argmax(candidate, axis=0), pred), improved)
+    return (jnp.where(improved, jnp.max(candidate, axis=0),
+                      best), jnp.where(improved, jnp.argmax(candidate, axis=0), pred), improved)
 
   start = (jnp.zeros((nodes,), gains.dtype), jnp.arange(nodes), jnp.zeros((nodes,), jnp.bool_))
   _, pred, improved = jax.lax.fori_loop(0, nodes, relax, start)  # [N+1] each
@@ -223,15 +223,18 @@ def _polish(scores: jax.Array, assignment: jax.Array) -> tuple[jax.Array, jax.Ar
     _, count, found = state
     return found & (count < batch)
 
-  assignment, count, _ = jax.lax.while_loop(
-      keep_going, step, (assignment, jnp.zeros((), jnp.int32), jnp.ones((), jnp.bool_)))
+  assignment, count, _ = jax.lax.while_loop(keep_going, step, (assignment, jnp.zeros(
+      (), jnp.int32), jnp.ones((), jnp.bool_)))
   return assignment, count
 
 
-def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: int,
-                        threshold: float,
-                        replicate: Callable[[jax.Array], jax.Array] = lambda x: x
-                        ) -> tuple[jax.Array, dict[str, Any]]:
+def balanced_assignment(
+    scores: jax.Array,
+    *,
+    epsilon: float,
+    max_iterations: int,
+    threshold: float,
+    replicate: Callable[[jax.Array], jax.Array] = lambda x: x) -> tuple[jax.Array, dict[str, Any]]:
   """Assigns each sample one expert, maximising total score with balanced loads.
 
   Maximises `sum_i scores[i, assignment[i]]` subject to every expert's load
@@ -286,8 +289,10 @@ def balanced_assignment(scores: jax.Array, *, epsilon: float, max_iterations: in
                 sinkhorn_converged=jnp.ones((), jnp.bool_),
                 improving_cycles=jnp.zeros((), jnp.int32))
   else:
-    adjusted, info = _sinkhorn_plan(
-        scores, epsilon=epsilon, max_iterations=max_iterations, threshold=threshold)
+    adjusted, info = _sinkhorn_plan(scores,
+                                    epsilon=epsilon,
+                                    max_iterations=max_iterations,
+                                    threshold=threshold)
     assignment, info["improving_cycles"] = _polish(scores, _round_balanced(adjusted))  # [B]
   info["loads"] = jnp.bincount(assignment, length=experts).astype(jnp.int32)  # [N]
   return assignment, info

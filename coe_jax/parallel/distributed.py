@@ -23,12 +23,15 @@ from typing import Any
 from coe_jax.errors import require
 
 # Setting -> its environment variable.
-ENV = {"coordinator_address": "COE_COORDINATOR_ADDRESS",
-       "num_processes": "COE_NUM_PROCESSES",
-       "process_id": "COE_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "COE_COORDINATOR_ADDRESS",
+    "num_processes": "COE_NUM_PROCESSES",
+    "process_id": "COE_PROCESS_ID"
+}
 
 
-def resolve(coordinator_address: str | None = None, num_processes: str | None = None,
+def resolve(coordinator_address: str | None = None,
+            num_processes: str | None = None,
             process_id: str | None = None,
             environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
   """The keyword arguments of `jax.distributed.initialize` for this process.
@@ -47,8 +50,11 @@ def resolve(coordinator_address: str | None = None, num_processes: str | None = 
       names the flag or variable the value came from.
   """
   environ = os.environ if environ is None else environ
-  flag_values = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-                 "process_id": process_id}
+  flag_values = {
+      "coordinator_address": coordinator_address,
+      "num_processes": num_processes,
+      "process_id": process_id
+  }
   given = {}  # Setting -> (the key it came from, its value).
   for name, value in flag_values.items():
     if value not in (None, ""):
@@ -58,15 +64,16 @@ def resolve(coordinator_address: str | None = None, num_processes: str | None = 
   if not given:
     return {} if environ.get("COE_DISTRIBUTED") == "1" else None
   for name in flag_values:
-    require(name in given, name, None,
-            f"--coordinator_address, --num_processes and --process_id (or "
-            f"{', '.join(ENV.values())}) go together: give all three or none")
+    require(
+        name in given, name, None, f"--coordinator_address, --num_processes and --process_id (or "
+        f"{', '.join(ENV.values())}) go together: give all three or none")
 
   key, address = given["coordinator_address"]
   host, _, port = address.rpartition(":")
   port_ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
-  require(bool(host) and port_ok, key, address,
-          "expected HOST:PORT, process 0's host and a port number from 1 to 65535")
+  require(
+      bool(host) and port_ok, key, address,
+      "expected HOST:PORT, process 0's host and a port number from 1 to 65535")
   key, value = given["num_processes"]
   count = _integer(value)
   require(count is not None and count >= 1, key, value, "expected an integer >= 1")
@@ -105,4 +112,3 @@ def _wants_gloo(num_processes: int, platforms: str | None, chosen: str | None) -
   """
   may_use_cpu = not platforms or "cpu" in platforms.split(",")
   return num_processes > 1 and may_use_cpu and chosen is None
-

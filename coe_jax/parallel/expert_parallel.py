@@ -44,7 +44,9 @@ def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_i
                              loop=expert_loop)  # [N / E, B / D, K]
 
   image_spec = PartitionSpec(DATA_AXIS) if shared_input else split
-  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(EXPERT_AXIS), image_spec),
+  return jax.shard_map(run_local,
+                       mesh=mesh,
+                       in_specs=(PartitionSpec(EXPERT_AXIS), image_spec),
                        out_specs=split)(stacked.part(variables, EXPERTS), images)
 
 
@@ -75,12 +77,20 @@ def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: ja
     outputs, stats = model.delegator(own, images, train=True, rng=jax.random.fold_in(rng, device))
     return outputs, jax.lax.pmean(stats, axes)
 
-  return jax.shard_map(run_local, mesh=mesh, in_specs=(PartitionSpec(), ALL_DEVICES),
+  return jax.shard_map(run_local,
+                       mesh=mesh,
+                       in_specs=(PartitionSpec(), ALL_DEVICES),
                        out_specs=((ALL_DEVICES, ALL_DEVICES), PartitionSpec()))(own, images)
 
 
-def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
-                  expert_loop: str, mesh: Optional[Mesh], batch_norm_scope: str = "global"):
+def train_experts(model: CoE,
+                  variables: Variables,
+                  images: jax.Array,
+                  rng: jax.Array,
+                  *,
+                  expert_loop: str,
+                  mesh: Optional[Mesh],
+                  batch_norm_scope: str = "global"):
   """Every expert in training mode on the whole batch, each device on its share.
 
   Returns (logits [N, B, K], deterministic logits [N, B, K] (the same pass
@@ -96,7 +106,11 @@ def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.
   experts = stacked.part(variables, EXPERTS)
   rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
   if mesh is None:
-    return model.run_stacked(experts, images, shared_input=True, train=True, rngs=rngs,
+    return model.run_stacked(experts,
+                             images,
+                             shared_input=True,
+                             train=True,
+                             rngs=rngs,
                              loop=expert_loop)
   split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
   per_replica = batch_norm_scope == "replica"
@@ -106,14 +120,19 @@ def train_experts(model: CoE, variables: Variables, images: jax.Array, rng: jax.
     # experts: leaves [N / E, ...]; images: [B / D, H, W, C]; rngs: [N / E].
     shard = jax.lax.axis_index(DATA_AXIS)
     rngs = jax.vmap(lambda key: jax.random.fold_in(key, shard))(rngs)
-    logits, deterministic, stats = model.run_stacked(
-        experts, images, shared_input=True, train=True, rngs=rngs, loop=expert_loop,
-        net=net)  # [N / E, B / D, K] x 2, stats
+    logits, deterministic, stats = model.run_stacked(experts,
+                                                     images,
+                                                     shared_input=True,
+                                                     train=True,
+                                                     rngs=rngs,
+                                                     loop=expert_loop,
+                                                     net=net)  # [N / E, B / D, K] x 2, stats
     if per_replica:
       stats = jax.lax.pmean(stats, DATA_AXIS)
     return logits, deterministic, stats
 
-  return jax.shard_map(
-      run_local, mesh=mesh,
-      in_specs=(PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS), PartitionSpec(EXPERT_AXIS)),
-      out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs)
+  return jax.shard_map(run_local,
+                       mesh=mesh,
+                       in_specs=(PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS),
+                                 PartitionSpec(EXPERT_AXIS)),
+                       out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs)

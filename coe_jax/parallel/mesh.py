@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from coe_jax.errors import require
 from coe_jax.models.stacked import under_experts
 
-DATA_AXIS = "data"      # Mesh axis the batch is split along.
+DATA_AXIS = "data"  # Mesh axis the batch is split along.
 EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
 # Batch-leading arrays split over every device of the mesh.
 ALL_DEVICES = P((DATA_AXIS, EXPERT_AXIS))
@@ -29,8 +29,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = np.asarray(devices if devices is not None else jax.devices())
   num_devices = devices.size
   expert = config.mesh.expert
-  require(isinstance(expert, int) and expert >= 1 and num_devices % expert == 0, "mesh.expert",
-          expert, f"expected a positive divisor of the {num_devices} devices")
+  require(
+      isinstance(expert, int) and expert >= 1 and num_devices % expert == 0, "mesh.expert", expert,
+      f"expected a positive divisor of the {num_devices} devices")
   require(config.num_experts % expert == 0, "mesh.expert", expert,
           f"expected a divisor of num_experts={config.num_experts}")
   data = config.mesh.data if config.mesh.data != -1 else num_devices // expert
@@ -41,9 +42,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
     size = config[section][name]
     require(size % data == 0, key, size, f"expected a multiple of the mesh's data axis ({data})")
   microbatches = config.train.microbatches
-  require(config.train.batch_size % (data * microbatches) == 0, "train.microbatches",
-          microbatches, f"expected a divisor of the per-device batch "
-          f"({config.train.batch_size} / {data} data shards)")
+  require(
+      config.train.batch_size % (data * microbatches) == 0, "train.microbatches", microbatches,
+      f"expected a divisor of the per-device batch "
+      f"({config.train.batch_size} / {data} data shards)")
   # Topology-aware on TPUs and GPUs (neighbouring chips share an expert group's
   # all-reduces); the plain order elsewhere.
   grid = mesh_utils.create_device_mesh((data, expert), devices=list(devices.flat))
@@ -73,4 +75,5 @@ def state_shardings(tree: Any, mesh: Mesh, num_experts: int) -> Any:
     if stacked and len(shape) >= 1 and shape[0] == num_experts and mesh.shape[EXPERT_AXIS] > 1:
       return expert_sharding
     return replicated(mesh)
+
   return jax.tree_util.tree_map_with_path(sharding, tree)

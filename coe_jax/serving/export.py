@@ -94,12 +94,14 @@ _XNNPACK_REQUANTIZATION_LIMIT = 256.0
 # Ops that requantise an input from that input's own scale when they run, so
 # a new scale on it needs no other change. (Not RESHAPE, CONCATENATION and the
 # like: the quantiser gave their output their input's scale, which would then differ.)
-_READS_ITS_INPUT_SCALE = ("ADD", "SUB", "MUL", "LOGISTIC", "SUM", "MEAN", "QUANTIZE",
-                          "DEQUANTIZE")
-_OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items()
-             if not name.startswith("_")}
+_READS_ITS_INPUT_SCALE = ("ADD", "SUB", "MUL", "LOGISTIC", "SUM", "MEAN", "QUANTIZE", "DEQUANTIZE")
+_OP_NAMES = {
+    code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")
+}
 
-def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequence[int],
+
+def convert(fn: Callable[[jax.Array], dict[str, jax.Array]],
+            image_shape: Sequence[int],
             calibration: Optional[np.ndarray] = None) -> bytes:
   """A LiteRT flatbuffer of `fn` on one image.
 
@@ -125,11 +127,13 @@ def convert(fn: Callable[[jax.Array], dict[str, jax.Array]], image_shape: Sequen
     # whose cache would otherwise hand back a trace of `fn` made under other
     # formulations (a float32 export's fused hard-swish, say).
     fresh = lambda images: fn(images)
-    tf_fn = tf.function(jax2tf.convert(fresh, with_gradient=False), autograph=False,
+    tf_fn = tf.function(jax2tf.convert(fresh, with_gradient=False),
+                        autograph=False,
                         input_signature=[spec])
     module = tf.Module()
     module.serve = tf_fn
-    tf.saved_model.save(module, saved_model,
+    tf.saved_model.save(module,
+                        saved_model,
                         signatures={litert_predictor.SIGNATURE: tf_fn.get_concrete_function()})
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     if calibration is not None:
@@ -154,8 +158,10 @@ def op_names(model: bytes) -> list[str]:
   codes = [flat.OperatorCodes(i) for i in range(flat.OperatorCodesLength())]
   # Opcodes above 127 live in BuiltinCode; DeprecatedBuiltinCode saturates at 127.
   code_of = lambda c: max(c.BuiltinCode(), c.DeprecatedBuiltinCode())
-  return [_OP_NAMES.get(code_of(codes[graph.Operators(i).OpcodeIndex()]), "CUSTOM")
-          for i in range(graph.OperatorsLength())]
+  return [
+      _OP_NAMES.get(code_of(codes[graph.Operators(i).OpcodeIndex()]), "CUSTOM")
+      for i in range(graph.OperatorsLength())
+  ]
 
 
 def fit_xnnpack_requantization(model: bytes) -> tuple[bytes, list[str]]:
@@ -183,8 +189,8 @@ def fit_xnnpack_requantization(model: bytes) -> tuple[bytes, list[str]]:
   graph = flat.Subgraphs(0)
   names = op_names(model)
   scale = lambda tensor: graph.Tensors(tensor).Quantization().ScaleAsNumpy()
-  quantized = lambda tensor: (graph.Tensors(tensor).Quantization() is not None
-                              and graph.Tensors(tensor).Quantization().ScaleLength() > 0)
+  quantized = lambda tensor: (graph.Tensors(tensor).Quantization() is not None and graph.Tensors(
+      tensor).Quantization().ScaleLength() > 0)
   consumers: dict[int, list[tuple[int, int]]] = {}  # tensor -> [(op, input position)]
   for i in range(graph.OperatorsLength()):
     for position, tensor in enumerate(graph.Operators(i).InputsAsNumpy()):
@@ -203,8 +209,8 @@ def fit_xnnpack_requantization(model: bytes) -> tuple[bytes, list[str]]:
     if bias is None:
       return True
     tensor = graph.Tensors(bias)
-    return (tensor.Type() == schema.TensorType.INT32 and quantized(bias)
-            and buffer_users[tensor.Buffer()] == 1)
+    return (tensor.Type() == schema.TensorType.INT32 and quantized(bias) and
+            buffer_users[tensor.Buffer()] == 1)
 
   changed = []
   for i, name in enumerate(names):
@@ -314,8 +320,14 @@ def _part(variables: Variables, part: str, index: Optional[int] = None) -> Varia
   return jax.tree.map(jnp.asarray, own)
 
 
-def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: Sequence[str],
-               threshold: float, crop_fraction: float, model_flops: dict[str, int],
+def export_coe(model: CoE,
+               variables: Variables,
+               out_dir: str,
+               *,
+               class_names: Sequence[str],
+               threshold: float,
+               crop_fraction: float,
+               model_flops: dict[str, int],
                calibration: Optional[np.ndarray] = None,
                source: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Writes the delegator, the experts and `serving.json` into `out_dir`.
@@ -337,8 +349,9 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
   Raises:
     CoEError: if `out_dir` is not writable, or a BatchNorm was left unfolded.
   """
-  require(len(class_names) == model.num_classes, "class_names", len(class_names),
-          f"expected {model.num_classes} names, one per class")
+  require(
+      len(class_names) == model.num_classes, "class_names", len(class_names),
+      f"expected {model.num_classes} names, one per class")
   check_out_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   image_shape = model.image_shape
@@ -346,8 +359,8 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
   # LiteRT's CPU kernels are float32 or int8, and the converter rejects bfloat16.
   delegator_net = Delegator(model.delegator_spec, model.num_classes, model.num_experts)
   expert_net = Expert(model.expert_spec, model.num_classes)
-  networks = [(stacked.DELEGATOR, "delegator.tflite", None, DELEGATOR_OUTPUTS,
-               (model.num_classes, model.num_experts))]
+  networks = [(stacked.DELEGATOR, "delegator.tflite", None, DELEGATOR_OUTPUTS, (model.num_classes,
+                                                                                model.num_experts))]
   networks += [(stacked.EXPERTS, f"expert_{j}.tflite", j, EXPERT_OUTPUTS, (model.num_classes,))
                for j in range(model.num_experts)]
   entries = []
@@ -365,8 +378,13 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
     path = os.path.join(out_dir, filename)
     with open(path, "wb") as f:
       f.write(blob)
-    entries.append({"file": filename, "sha256": litert_predictor.sha256(path),
-                    "outputs": {name: [1, width] for name, width in zip(names, widths)}})
+    entries.append({
+        "file": filename,
+        "sha256": litert_predictor.sha256(path),
+        "outputs": {
+            name: [1, width] for name, width in zip(names, widths)
+        }
+    })
   manifest = {
       "format": litert_predictor.FORMAT,
       "version": litert_predictor.FORMAT_VERSION,
@@ -375,13 +393,26 @@ def export_coe(model: CoE, variables: Variables, out_dir: str, *, class_names: S
       "class_names": list(class_names),
       # JSON has no infinity; null means "no early exit" (any tau above 1 does the same).
       "threshold": None if threshold == float("inf") else float(threshold),
-      "preprocessing": {"image_size": image_shape[0], "channels": image_shape[2],
-                        "crop_fraction": crop_fraction, "input_dtype": "uint8",
-                        "input_range": [0, 255], "batch_size": 1},
+      "preprocessing": {
+          "image_size": image_shape[0],
+          "channels": image_shape[2],
+          "crop_fraction": crop_fraction,
+          "input_dtype": "uint8",
+          "input_range": [0, 255],
+          "batch_size": 1
+      },
       "quantization": "float32" if calibration is None else "int8",
-      "flops": {key: int(value) for key, value in model_flops.items()},
-      "models": {"delegator": entries[0], "experts": entries[1:]},
-      "source": {**(source or {}), "jax": jax.__version__, "tensorflow": tf.__version__},
+      "flops": {
+          key: int(value) for key, value in model_flops.items()
+      },
+      "models": {
+          "delegator": entries[0],
+          "experts": entries[1:]
+      },
+      "source": {
+          **(source or {}), "jax": jax.__version__,
+          "tensorflow": tf.__version__
+      },
   }
   run_dir.write_json(os.path.join(out_dir, litert_predictor.MANIFEST), manifest)
   return manifest
@@ -419,8 +450,8 @@ def eval_split(config: Any, limit: int) -> EvalSplit:
   return EvalSplit(np.concatenate(images)[:limit], np.concatenate(labels)[:limit])
 
 
-def jax_top1(model: CoE, variables: Variables, split: EvalSplit, threshold: float,
-             expert_loop: str, batch_size: int) -> float:
+def jax_top1(model: CoE, variables: Variables, split: EvalSplit, threshold: float, expert_loop: str,
+             batch_size: int) -> float:
   """Top-1 of the JAX router (exact mode) at `threshold`, in percent."""
   correct = 0
   for start in range(0, len(split.labels), batch_size):
@@ -428,7 +459,10 @@ def jax_top1(model: CoE, variables: Variables, split: EvalSplit, threshold: floa
     labels = split.labels[start:start + batch_size]
     # Padded to one shape, so the router compiles once; padding rows are dropped.
     padded = np.pad(images, ((0, batch_size - len(images)),) + ((0, 0),) * 3)
-    out = routing.route_and_predict(model, variables, padded, threshold,
+    out = routing.route_and_predict(model,
+                                    variables,
+                                    padded,
+                                    threshold,
                                     spec=routing.RoutingSpec(expert_loop=expert_loop))
     predicted = np.argmax(np.asarray(out["logits"])[:len(labels)], -1)
     correct += int(np.sum(predicted == labels))
@@ -442,8 +476,12 @@ def litert_top1(predictor: "litert_predictor.LiteRTPredictor", split: EvalSplit,
   return 100.0 * float(np.mean(np.argmax(out["logits"], -1) == split.labels))
 
 
-def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
-               calibration_examples: int = 512, eval_examples: int = 2000,
+def export_run(workdir: str,
+               out_dir: str,
+               *,
+               quantize: Optional[str] = None,
+               calibration_examples: int = 512,
+               eval_examples: int = 2000,
                log: Callable[[str], None] = print) -> dict[str, Any]:
   """Exports a training run's latest checkpoint; returns the manifest and the top-1s.
 
@@ -469,18 +507,22 @@ def export_run(workdir: str, out_dir: str, *, quantize: Optional[str] = None,
   if quantization == "int8":
     calibration = calibration_images(config, calibration_examples)
     log(f"calibrating int8 on {len(calibration)} training images")
-  manifest = export_coe(model, variables, out_dir, class_names=meta["class_names"],
-                        threshold=meta["threshold"], crop_fraction=data.eval_crop_fraction(config),
+  manifest = export_coe(model,
+                        variables,
+                        out_dir,
+                        class_names=meta["class_names"],
+                        threshold=meta["threshold"],
+                        crop_fraction=data.eval_crop_fraction(config),
                         model_flops=flops.count(config, meta["num_classes"]),
-                        calibration=calibration, source={"workdir": os.path.abspath(workdir)})
+                        calibration=calibration,
+                        source={"workdir": os.path.abspath(workdir)})
   log(f"wrote {out_dir}: delegator.tflite, {model.num_experts} experts, "
       f"{litert_predictor.MANIFEST} ({quantization})")
   top1 = {}
   if eval_examples:
     split = eval_split(config, eval_examples)
     tau = float(meta["threshold"])
-    top1["jax"] = jax_top1(model, variables, split, tau, config.expert_loop,
-                           config.eval.batch_size)
+    top1["jax"] = jax_top1(model, variables, split, tau, config.expert_loop, config.eval.batch_size)
     top1["litert"] = litert_top1(litert_predictor.LiteRTPredictor.load(out_dir), split, tau)
     log(f"test top-1 on {len(split.labels)} examples at threshold {tau:.4f}: "
         f"JAX {config.train.compute_dtype} {top1['jax']:.2f}%, LiteRT {quantization} "
@@ -493,11 +535,17 @@ def _flag_values() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "The training run's workdir.", flag_values=fv)
   flags.DEFINE_string("out", None, "SERVE_DIR to write the models into.", flag_values=fv)
-  flags.DEFINE_enum("quantize", None, ["int8"],
-                    "int8 post-training quantisation (default: float32).", flag_values=fv)
-  flags.DEFINE_integer("calibration-examples", 512, "Training images that calibrate int8.",
+  flags.DEFINE_enum("quantize",
+                    None, ["int8"],
+                    "int8 post-training quantisation (default: float32).",
+                    flag_values=fv)
+  flags.DEFINE_integer("calibration-examples",
+                       512,
+                       "Training images that calibrate int8.",
                        flag_values=fv)
-  flags.DEFINE_integer("eval-examples", 2000, "Test examples to compare top-1 on (0 skips).",
+  flags.DEFINE_integer("eval-examples",
+                       2000,
+                       "Test examples to compare top-1 on (0 skips).",
                        flag_values=fv)
   flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
   return fv
@@ -510,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   def body(rest: list[str]) -> None:
     if rest:
       raise CoEError(f"unexpected arguments: {' '.join(rest)}")
-    export_run(fv["workdir"].value, fv["out"].value, quantize=fv["quantize"].value,
+    export_run(fv["workdir"].value,
+               fv["out"].value,
+               quantize=fv["quantize"].value,
                calibration_examples=fv["calibration-examples"].value,
                eval_examples=fv["eval-examples"].value)
 

@@ -67,7 +67,8 @@ def load_for_inference(
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           abstract)
   fingerprint = checkpointing.shape_fingerprint(config, run["num_classes"])
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+  checkpointer = checkpointing.Checkpointer(workdir,
+                                            keep=config.train.keep_checkpoints,
                                             fingerprint=fingerprint)
   try:
     restored = checkpointer.restore_latest(abstract)
@@ -83,16 +84,26 @@ def load_for_inference(
   else:
     threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
     exit_rate = 0.0
-  meta = {"class_names": run["class_names"], "num_classes": run["num_classes"],
-          "threshold": threshold, "expected_exit_rate": exit_rate}
+  meta = {
+      "class_names": run["class_names"],
+      "num_classes": run["num_classes"],
+      "threshold": threshold,
+      "expected_exit_rate": exit_rate
+  }
   return config, state.eval_variables(), meta
 
 
 class Predictor(PredictorBase):
   """A trained CoE with its preprocessing, class names and calibrated threshold."""
 
-  def __init__(self, model: CoE, variables: dict[str, Any], *, image_size: int, channels: int,
-               class_names: Sequence[str], threshold: float,
+  def __init__(self,
+               model: CoE,
+               variables: dict[str, Any],
+               *,
+               image_size: int,
+               channels: int,
+               class_names: Sequence[str],
+               threshold: float,
                routing_spec: routing.RoutingSpec = routing.RoutingSpec(),
                crop_fraction: float = 1.0):
     """Builds a predictor from a model and its variables.
@@ -107,8 +118,9 @@ class Predictor(PredictorBase):
       routing_spec: how to route (`RoutingSpec.from_config(config, expected_exit_rate)`).
       crop_fraction: the evaluation centre crop (`coe_jax.data.eval_crop_fraction`).
     """
-    require(len(class_names) == model.num_classes, "class_names", len(class_names),
-            f"expected {model.num_classes} names, one per class")
+    require(
+        len(class_names) == model.num_classes, "class_names", len(class_names),
+        f"expected {model.num_classes} names, one per class")
     self.model = model
     self.variables = variables
     self.image_size = image_size
@@ -126,15 +138,21 @@ class Predictor(PredictorBase):
     """The predictor of a training run's latest checkpoint and calibrated threshold."""
     config, variables, meta = load_for_inference(workdir)
     model = CoE(config, len(meta["class_names"]))
-    return cls(model, variables, image_size=config.data.image_size,
-               channels=config.data.channels, class_names=meta["class_names"],
+    return cls(model,
+               variables,
+               image_size=config.data.image_size,
+               channels=config.data.channels,
+               class_names=meta["class_names"],
                threshold=meta["threshold"],
                routing_spec=routing.RoutingSpec.from_config(config, meta["expected_exit_rate"]),
                crop_fraction=eval_crop_fraction(config))
 
   def route(self, pixels: np.ndarray, threshold: Optional[float] = None) -> dict[str, np.ndarray]:
     """`__call__` on images already at model input, uint8 [B, S, S, C]."""
-    out = routing.route_and_predict(self.model, self.variables, pixels, self.tau(threshold),
+    out = routing.route_and_predict(self.model,
+                                    self.variables,
+                                    pixels,
+                                    self.tau(threshold),
                                     spec=self.routing_spec)
     return {key: np.asarray(out[key]) for key in ANSWER_KEYS}
 
@@ -146,4 +164,3 @@ class Predictor(PredictorBase):
   def expert(self, j: int, images: Any) -> np.ndarray:
     """Expert j alone on every image: logits [B, K]."""
     return np.asarray(self._expert(self.variables, self.check_expert(j), self.preprocess(images)))
-

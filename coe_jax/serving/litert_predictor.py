@@ -82,10 +82,12 @@ def _allocated_interpreter(path: str, num_threads: int) -> tuple[Interpreter, st
     interpreter.allocate_tensors()
     return interpreter, "xnnpack"
   except RuntimeError as e:
-    warnings.warn(f"{path}: XNNPACK cannot run it ({str(e).splitlines()[0]}); "
-                  "using LiteRT's builtin kernels", RuntimeWarning)
+    warnings.warn(
+        f"{path}: XNNPACK cannot run it ({str(e).splitlines()[0]}); "
+        "using LiteRT's builtin kernels", RuntimeWarning)
   interpreter = Interpreter(
-      model_path=path, num_threads=num_threads,
+      model_path=path,
+      num_threads=num_threads,
       experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
   interpreter.allocate_tensors()
   return interpreter, "builtin"
@@ -103,8 +105,9 @@ def undelegated_ops(interpreter: Interpreter) -> list[str]:
   """
   ops = interpreter._get_ops_details()  # pylint: disable=protected-access
   partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
-  producer = {int(t): op["index"] for op in ops if op["op_name"] != "DELEGATE"
-              for t in op["outputs"]}
+  producer = {
+      int(t): op["index"] for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]
+  }
   computed = {int(t) for op in partitions for t in op["outputs"]}
   needed = [int(t) for op in partitions for t in op["inputs"]]
   needed += [int(details["index"]) for details in interpreter.get_output_details()]
@@ -152,8 +155,8 @@ class Network:
       # CAST alone when XNNPACK runs the rest.
       self.undelegated = undelegated_ops(self.interpreter)
     except (ValueError, RuntimeError) as e:
-      raise CoEError(f"{path}: cannot load it as a LiteRT model ({str(e).splitlines()[0]})"
-                     ) from None
+      raise CoEError(
+          f"{path}: cannot load it as a LiteRT model ({str(e).splitlines()[0]})") from None
     inputs, outputs = runner.get_input_details(), runner.get_output_details()
     want_input = (1, *image_shape)
     got_input = tuple(inputs[INPUT_NAME]["shape"]) if INPUT_NAME in inputs else None
@@ -172,8 +175,7 @@ class Network:
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """Runs every image of uint8 [B, S, S, C]; returns {name: float32 [B, width]}."""
-    out = {name: np.empty((len(images), width), np.float32)
-           for name, width in self._widths.items()}
+    out = {name: np.empty((len(images), width), np.float32) for name, width in self._widths.items()}
     for i in range(len(images)):
       self.interpreter.set_tensor(self._input, images[i:i + 1])
       self.interpreter.invoke()
@@ -209,8 +211,10 @@ def _read_manifest(serve_dir: str) -> dict[str, Any]:
     delegator, experts = manifest["models"]["delegator"], manifest["models"]["experts"]
     names = [str(name) for name in manifest["class_names"]]
     threshold = manifest["threshold"]
-    macs = {"delegator": int(manifest["flops"]["delegator_flops"]),
-            "expert": int(manifest["flops"]["expert_flops"])}
+    macs = {
+        "delegator": int(manifest["flops"]["delegator_flops"]),
+        "expert": int(manifest["flops"]["expert_flops"])
+    }
   except (KeyError, TypeError, ValueError) as e:
     raise CoEError(f"{path}: missing or malformed entry ({type(e).__name__}: {e})") from None
 
@@ -219,26 +223,35 @@ def _read_manifest(serve_dir: str) -> dict[str, Any]:
       raise CoEError(f"{path}: {key}={value!r}: {expectation}")
 
   model_keys = {"file", "sha256", "outputs"}
-  check(isinstance(experts, list) and all(isinstance(e, dict) and model_keys <= set(e)
-                                          for e in [delegator, *experts]),
-        "models", manifest["models"],
-        f"expected a delegator and a list of experts, each with {', '.join(sorted(model_keys))}")
+  check(
+      isinstance(experts, list) and
+      all(isinstance(e, dict) and model_keys <= set(e) for e in [delegator, *experts]), "models",
+      manifest["models"],
+      f"expected a delegator and a list of experts, each with {', '.join(sorted(model_keys))}")
   check(len(names) == num_classes, "class_names", len(names), f"expected {num_classes} names")
-  check(len(experts) == num_experts, "models.experts", len(experts),
-        f"expected {num_experts} experts (num_experts)")
-  check(delegator["outputs"] == {"class_logits": [1, num_classes],
-                                 "selection_logits": [1, num_experts]},
-        "models.delegator.outputs", delegator["outputs"],
-        f"expected class_logits [1, {num_classes}] and selection_logits [1, {num_experts}]")
+  check(
+      len(experts) == num_experts, "models.experts", len(experts),
+      f"expected {num_experts} experts (num_experts)")
+  check(
+      delegator["outputs"] == {
+          "class_logits": [1, num_classes],
+          "selection_logits": [1, num_experts]
+      }, "models.delegator.outputs", delegator["outputs"],
+      f"expected class_logits [1, {num_classes}] and selection_logits [1, {num_experts}]")
   for j, entry in enumerate(experts):
     check(entry["outputs"] == {"logits": [1, num_classes]}, f"models.experts[{j}].outputs",
           entry["outputs"], f"expected logits [1, {num_classes}]")
   check(0 < crop <= 1, "preprocessing.crop_fraction", crop, "expected a value in (0, 1]")
-  valid_tau = threshold is None or (isinstance(threshold, (int, float))
-                                    and not isinstance(threshold, bool) and threshold >= 0)
+  valid_tau = threshold is None or (isinstance(threshold, (int, float)) and
+                                    not isinstance(threshold, bool) and threshold >= 0)
   check(valid_tau, "threshold", threshold, "expected a number >= 0, or null for no early exit")
-  return {**manifest, "class_names": names, "image_shape": image_shape, "crop_fraction": crop,
-          "threshold": float("inf") if threshold is None else float(threshold), "macs": macs}
+  return {
+      **manifest, "class_names": names,
+      "image_shape": image_shape,
+      "crop_fraction": crop,
+      "threshold": float("inf") if threshold is None else float(threshold),
+      "macs": macs
+  }
 
 
 class LiteRTPredictor(PredictorBase):
@@ -269,8 +282,8 @@ class LiteRTPredictor(PredictorBase):
     self.num_experts = int(manifest["num_experts"])
     self.quantization = manifest.get("quantization", "float32")
     models = manifest["models"]
-    load = lambda entry, macs: Network(os.path.join(serve_dir, entry["file"]), entry,
-                                      manifest["image_shape"], threads(macs))
+    load = lambda entry, macs: Network(os.path.join(serve_dir, entry["file"]), entry, manifest[
+        "image_shape"], threads(macs))
     self._delegator = load(models["delegator"], manifest["macs"]["delegator"])
     self._experts = [load(entry, manifest["macs"]["expert"]) for entry in models["experts"]]
     # Per model, delegator first: "xnnpack", or "builtin" where XNNPACK refused it.
@@ -289,10 +302,11 @@ class LiteRTPredictor(PredictorBase):
     tau = self.tau(threshold)
     pixels = np.asarray(pixels)
     shape = (self.image_size, self.image_size, self.channels)
-    require(pixels.ndim == 4 and pixels.shape[1:] == shape and pixels.dtype == np.uint8,
-            "pixels", f"{pixels.dtype} {pixels.shape}",
-            f"expected uint8 [B, {shape[0]}, {shape[1]}, {shape[2]}]; call the predictor "
-            "itself on images of other sizes or types")
+    require(
+        pixels.ndim == 4 and pixels.shape[1:] == shape and pixels.dtype == np.uint8, "pixels",
+        f"{pixels.dtype} {pixels.shape}",
+        f"expected uint8 [B, {shape[0]}, {shape[1]}, {shape[2]}]; call the predictor "
+        "itself on images of other sizes or types")
     pixels = np.ascontiguousarray(pixels)
     heads = self._delegator(pixels)
     logits = heads["class_logits"]  # [B, K]; the early exits keep these rows.

@@ -56,7 +56,9 @@ def _load(workdir: Optional[str], serving_dir: Optional[str]):
   return Predictor.load(workdir)
 
 
-def predict(workdir: Optional[str], paths: Sequence[str], threshold: Optional[float] = None,
+def predict(workdir: Optional[str],
+            paths: Sequence[str],
+            threshold: Optional[float] = None,
             serving_dir: Optional[str] = None) -> list[str]:
   """One result line per image; raises CoEError on bad input.
 
@@ -86,14 +88,15 @@ def _flag_values() -> flags.FlagValues:
   """
   fv = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "The training run's workdir (JAX).", flag_values=fv)
-  flags.DEFINE_string("serving-dir", None,
+  flags.DEFINE_string("serving-dir",
+                      None,
                       "A directory written by python -m coe_jax.serving.export (LiteRT).",
                       flag_values=fv)
-  flags.DEFINE_float("threshold", None,
+  flags.DEFINE_float("threshold",
+                     None,
                      "Early-exit threshold tau (default: the run's calibrated one).",
                      flag_values=fv)
-  flags.mark_flags_as_mutual_exclusive(["workdir", "serving-dir"], required=True,
-                                       flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["workdir", "serving-dir"], required=True, flag_values=fv)
   return fv
 
 
@@ -144,8 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   def body(images: list[str]) -> None:
     if not images:
       raise CoEError("expected one or more IMAGE files (png, jpg, ...)")
-    print("\n".join(predict(fv["workdir"].value, images, fv["threshold"].value,
-                            serving_dir=fv["serving-dir"].value)))
+    print("\n".join(
+        predict(fv["workdir"].value,
+                images,
+                fv["threshold"].value,
+                serving_dir=fv["serving-dir"].value)))
 
   return run_command_line(fv, argv, "python -m coe_jax.serving.predict", __doc__, body)
 

@@ -69,15 +69,18 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, fingerprint: dict[str, Any]):
     self.directory = str(epath.Path(workdir).resolve() / run_dir.CHECKPOINTS)
     self.fingerprint = fingerprint
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self.manager = ocp.CheckpointManager(self.directory,
+                                         options=ocp.CheckpointManagerOptions(
+                                             max_to_keep=keep,
+                                             create=True,
                                              enable_async_checkpointing=True),
-        item_names=("state", "meta"))
+                                         item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, *, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.fingerprint)), force=force)
+    self.manager.save(step,
+                      args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              meta=ocp.args.JsonSave(self.fingerprint)),
+                      force=force)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host once any host has been told of a preemption."""
@@ -93,7 +96,9 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
-  def restore_latest(self, abstract_state: Any, *,
+  def restore_latest(self,
+                     abstract_state: Any,
+                     *,
                      set_aside_unreadable: bool = False) -> Optional[tuple[int, Any]]:
     """(step, state) of the newest readable checkpoint, or None if there is none.
 
@@ -114,15 +119,15 @@ class Checkpointer:
     unreadable = []  # (step, reason), newest first.
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.manager.restore(step,
+                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike.
         unreadable.append((step, _reason(e)))
         continue
       check_fingerprint(meta, self.fingerprint, self.directory)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # noqa: BLE001
         unreadable.append((step, _reason(e)))
         continue

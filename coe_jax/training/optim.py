@@ -39,9 +39,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   for stage, start, end in objective.stage_boundaries(config):
     peak, warmup = stage_schedule(config, stage)
     length = end - start
-    schedules.append(optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=min(warmup, length // 2),
-        decay_steps=length, end_value=0.0))
+    schedules.append(
+        optax.warmup_cosine_decay_schedule(init_value=0.0,
+                                           peak_value=peak,
+                                           warmup_steps=min(warmup, length // 2),
+                                           decay_steps=length,
+                                           end_value=0.0))
     starts.append(start)
   # join_schedules hands each schedule the steps since its boundary.
   return optax.join_schedules(schedules, boundaries=starts[1:])
@@ -68,8 +71,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if name == "rmsprop":
     # TensorFlow-style RMSProp (eps inside the square root, decay 0.9) as used
     # for MobileNetV3 and EfficientNet.
-    rule = optax.rmsprop(schedule, decay=0.9, eps=1e-3, momentum=train.momentum,
-                         eps_in_sqrt=True)
+    rule = optax.rmsprop(schedule, decay=0.9, eps=1e-3, momentum=train.momentum, eps_in_sqrt=True)
   else:  # sgd
     rule = optax.sgd(schedule, momentum=train.momentum, nesterov=True)
   return optax.chain(optax.add_decayed_weights(train.weight_decay, mask=_decay_mask), rule)

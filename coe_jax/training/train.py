@@ -72,15 +72,32 @@ class JsonlWriter(metric_writers.MetricWriter):
     with open(self._path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
-  def write_summaries(self, step, values, metadata=None): pass
-  def write_images(self, step, images): pass
-  def write_videos(self, step, videos): pass
-  def write_audios(self, step, audios, *, sample_rate): pass
-  def write_texts(self, step, texts): pass
-  def write_histograms(self, step, arrays, num_buckets=None): pass
-  def write_hparams(self, hparams): pass
-  def flush(self): pass
-  def close(self): pass
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
 
 
 class _Preemption:
@@ -124,7 +141,10 @@ def _check_workdir(workdir: str) -> None:
 class Trainer:
   """The pieces of one run that training and evaluation share."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None,
+  def __init__(self,
+               config: ml_collections.ConfigDict,
+               workdir: str,
+               devices=None,
                info: Optional[data.DataInfo] = None):
     """`info` stands in for the data set's (the planner compiles steps with no data at hand)."""
     config_base.validate(config)
@@ -140,8 +160,8 @@ class Trainer:
     self.flops = flops.count(config, self.info.num_classes)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self.replicated = mesh_lib.replicated(self.mesh)
-    abstract = jax.eval_shape(lambda: create_train_state(
-        self.model, self.optimizer, config, jax.random.key(0)))
+    abstract = jax.eval_shape(
+        lambda: create_train_state(self.model, self.optimizer, config, jax.random.key(0)))
     self.state_sharding = mesh_lib.state_shardings(abstract, self.mesh, config.num_experts)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -149,8 +169,9 @@ class Trainer:
 
   def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's share of a batch -> global arrays split over `data`."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()
+    }
 
   def init_state(self) -> TrainState:
     init = jax.jit(lambda rng: create_train_state(self.model, self.optimizer, self.config, rng),
@@ -159,28 +180,37 @@ class Trainer:
 
   def compile_step(self, stage: str):
     step = make_train_step(self.model, self.optimizer, self.config, stage, self.mesh)
-    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-                   out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    return jax.jit(step,
+                   in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+                   out_shardings=(self.state_sharding, self.replicated),
+                   donate_argnums=0)
 
   def realign_pwlu(self, state: TrainState) -> TrainState:
     """PWLU phase I -> II: bounds from the running statistics, ReLU-shaped heights."""
+
     def realign(state):
       variables = pwlu.realign({"params": state.params, "batch_stats": state.batch_stats})
       ema = state.ema_params
       if ema is not None:
         ema = pwlu.realign({"params": ema, "batch_stats": state.batch_stats})["params"]
-      return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+      return state.replace(params=variables["params"],
+                           batch_stats=variables["batch_stats"],
                            ema_params=ema)
+
     return jax.jit(realign, out_shardings=self.state_sharding, donate_argnums=0)(state)
 
 
 def _write_run_files(trainer: Trainer) -> None:
   config, workdir = trainer.config, trainer.workdir
   run_dir.write_json(os.path.join(workdir, run_dir.CONFIG), json.loads(config.to_json()))
-  run_dir.write_json(os.path.join(workdir, run_dir.RUN), {
-      "class_names": trainer.info.class_names, "num_classes": trainer.info.num_classes,
-      "num_train_examples": trainer.info.num_train, "num_test_examples": trainer.info.num_test,
-      **trainer.flops})
+  run_dir.write_json(
+      os.path.join(workdir, run_dir.RUN), {
+          "class_names": trainer.info.class_names,
+          "num_classes": trainer.info.num_classes,
+          "num_train_examples": trainer.info.num_train,
+          "num_test_examples": trainer.info.num_test,
+          **trainer.flops
+      })
 
 
 def _first_nonfinite(history: list[tuple[int, dict[str, float]]]) -> Optional[tuple[int, str]]:
@@ -212,14 +242,17 @@ class TrainingProgress:
     config = trainer.config
     self._config, self._num_steps = config, config.train.num_steps
     self._batch_size, self._devices = config.train.batch_size, trainer.mesh.size
-    self._stage_flops = {stage: flops.train_step_flops(config, trainer.info.num_classes, stage)
-                         for stage in objective.STAGES}
+    self._stage_flops = {
+        stage: flops.train_step_flops(config, trainer.info.num_classes, stage)
+        for stage in objective.STAGES
+    }
     kind = trainer.mesh.devices.flat[0].device_kind
     self._peak = config.train.peak_flops_per_device or flops.peak_flops_per_device(
         kind, config.train.compute_dtype)
     if self._peak is None:
-      logging.info("mfu not logged: no peak FLOP/s known for %r; set "
-                   "train.peak_flops_per_device", kind)
+      logging.info(
+          "mfu not logged: no peak FLOP/s known for %r; set "
+          "train.peak_flops_per_device", kind)
     else:
       logging.info("mfu against %.4g FLOP/s per device (%s, %s)", self._peak, kind,
                    config.train.compute_dtype)
@@ -240,8 +273,11 @@ class TrainingProgress:
     model_flops = sum(self._stage_flops[objective.stage_at(self._config, s)] for s in steps)
     self._last_step, self._last_time = done, now
     images_per_sec = steps_per_sec * self._batch_size
-    rates = {"steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec,
-             "images_per_sec_per_device": images_per_sec / self._devices}
+    rates = {
+        "steps_per_sec": steps_per_sec,
+        "images_per_sec": images_per_sec,
+        "images_per_sec_per_device": images_per_sec / self._devices
+    }
     mfu = ""
     if self._peak is not None:
       rates["mfu"] = model_flops / seconds / (self._devices * self._peak)
@@ -250,9 +286,10 @@ class TrainingProgress:
     # Warm-up routes nothing: its routed accuracy would read 0.
     routed = "" if stage == "warmup" else f", routed {means['routed_accuracy']:.1%}"
     left = (self._num_steps - done) / steps_per_sec
-    logging.info("step %d/%d (%s): loss %.4g%s, delegator %.1f%% | %.0f images/s%s | "
-                 "about %dm%02ds left", done, self._num_steps, stage, means["loss"], routed,
-                 100 * means["delegator_accuracy"], images_per_sec, mfu, left // 60, left % 60)
+    logging.info(
+        "step %d/%d (%s): loss %.4g%s, delegator %.1f%% | %.0f images/s%s | "
+        "about %dm%02ds left", done, self._num_steps, stage, means["loss"], routed,
+        100 * means["delegator_accuracy"], images_per_sec, mfu, left // 60, left % 60)
     return rates
 
 
@@ -267,9 +304,10 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   config, workdir = trainer.config, trainer.workdir
   num_steps = config.train.num_steps
   is_chief = jax.process_index() == 0
-  checkpointer = checkpointing.Checkpointer(
-      workdir, keep=config.train.keep_checkpoints,
-      fingerprint=checkpointing.shape_fingerprint(config, trainer.info.num_classes))
+  checkpointer = checkpointing.Checkpointer(workdir,
+                                            keep=config.train.keep_checkpoints,
+                                            fingerprint=checkpointing.shape_fingerprint(
+                                                config, trainer.info.num_classes))
   restored = checkpointer.restore_latest(trainer.abstract_state, set_aside_unreadable=True)
   if restored is None:
     start_step, state = 0, trainer.init_state()
@@ -290,12 +328,16 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   writer = metric_writers.MultiWriter(writers)
   hooks = []
   if config.train.profile_steps and is_chief:
-    hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
-                                          logdir=workdir, first_profile=min(10, num_steps)))
+    hooks.append(
+        periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
+                                 logdir=workdir,
+                                 first_profile=min(10, num_steps)))
   steps = {}
   realign_step = int(config.train.pwlu_realign_fraction * num_steps)
   rng = jax.random.key(config.seed + 1)
-  batches = data.train_batches(config, start_step=start_step, process_index=jax.process_index(),
+  batches = data.train_batches(config,
+                               start_step=start_step,
+                               process_index=jax.process_index(),
                                process_count=jax.process_count())
   preemption = _Preemption()
   history, skipped = [], 0
@@ -313,8 +355,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       done = step + 1
       for hook in hooks:
         hook(done)
-      preempted = (preemption.requested or done == stop_at
-                   or checkpointer.reached_preemption(done))
+      preempted = (preemption.requested or done == stop_at or checkpointer.reached_preemption(done))
       save = done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted
       log = done % config.train.log_every_steps == 0 or done == num_steps
       if log or save:
@@ -329,11 +370,15 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
                          "(train.nonfinite='skip' skips such steps instead)")
       if log:
         skipped += sum(1 for _, m in history if not m["finite"])
-        means = {k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
-                 for k in history[-1][1]}
+        means = {
+            k: float(np.mean([m[k] for _, m in history if m["finite"]] or [np.nan]))
+            for k in history[-1][1]
+        }
         # The device_get above waited for these steps: they are finished, not dispatched.
-        writer.write_scalars(done, {**means, "skipped_steps": skipped,
-                                    **progress.report(done, means)})
+        writer.write_scalars(done, {
+            **means, "skipped_steps": skipped,
+            **progress.report(done, means)
+        })
         history = []
       if save:
         checkpointer.save(done, state, force=True)
@@ -344,8 +389,9 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 \
           and done < num_steps:
         results = evaluate(trainer, state, write_files=False)
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()
-                                    if isinstance(v, float)})
+        writer.write_scalars(done, {
+            f"eval/{k}": v for k, v in results.items() if isinstance(v, float)
+        })
     checkpointer.wait()
   finally:
     preemption.restore()
@@ -354,7 +400,10 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   return state
 
 
-def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
+def evaluate(trainer: Trainer,
+             state: TrainState,
+             *,
+             write_files: bool = True,
              extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Calibrates tau on the hold-out split, then evaluates on the test split.
 
@@ -372,13 +421,16 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
 
   def batches(split):
     return (trainer.global_batch(b) for b in data.eval_batches(
-        config, process_index=jax.process_index(), process_count=jax.process_count(),
-        split=split))
+        config, process_index=jax.process_index(), process_count=jax.process_count(), split=split))
 
   def outputs_of(split):
-    return evaluation.collect_outputs(
-        trainer.model, variables, batches(split), expert_loop=config.expert_loop,
-        mesh=trainer.mesh, progress=evaluation.Progress(f"evaluating {split}", sizes[split]))
+    return evaluation.collect_outputs(trainer.model,
+                                      variables,
+                                      batches(split),
+                                      expert_loop=config.expert_loop,
+                                      mesh=trainer.mesh,
+                                      progress=evaluation.Progress(f"evaluating {split}",
+                                                                   sizes[split]))
 
   holdout = outputs_of("holdout") if sizes["holdout"] else None
   if config.eval.threshold is not None:
@@ -389,16 +441,19 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
                                           config.eval.target_mean_flops)
     source = "holdout"
   # Without a hold-out, serving-mode buffers are sized for every sample.
-  expected_exit_rate = (float(np.mean(holdout.confidence >= threshold))
-                        if holdout is not None else 0.0)
+  expected_exit_rate = (float(np.mean(
+      holdout.confidence >= threshold)) if holdout is not None else 0.0)
   test = outputs_of("test")
   test_curve = evaluation.sweep(test, f_d, f_e)
   results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
-  results.update(threshold_rule=how, threshold_source=source,
-                 expected_exit_rate=expected_exit_rate)
+  results.update(threshold_rule=how, threshold_source=source, expected_exit_rate=expected_exit_rate)
   routed, routes = evaluation.routed_figures(
-      trainer.model, variables, batches("test"), threshold,
-      routing.RoutingSpec.from_config(config, expected_exit_rate), mesh=trainer.mesh,
+      trainer.model,
+      variables,
+      batches("test"),
+      threshold,
+      routing.RoutingSpec.from_config(config, expected_exit_rate),
+      mesh=trainer.mesh,
       examples_per_expert=plots.GRID_EXAMPLES if write_files else 0,
       progress=evaluation.Progress("routing test", sizes["test"]))
   if config.routing.mode == "exact":
@@ -413,8 +468,9 @@ def evaluate(trainer: Trainer, state: TrainState, *, write_files: bool = True,
     plots.expert_portions(results, os.path.join(workdir, "expert_portions.png"))
     plots.early_exit_curve(test_curve, results, os.path.join(workdir, "early_exit_curve.png"))
     # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
-    run_dir.write_json(os.path.join(workdir, run_dir.CURVE),
-                             {k: v.tolist() for k, v in vars(test_curve).items()})
+    run_dir.write_json(os.path.join(workdir, run_dir.CURVE), {
+        k: v.tolist() for k, v in vars(test_curve).items()
+    })
     class_names = trainer.info.class_names
     plots.routing_grid(routes, class_names, os.path.join(workdir, "routing_grid.png"))
     plots.class_by_expert(routes, class_names, os.path.join(workdir, "class_by_expert.png"))

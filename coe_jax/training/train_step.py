@@ -51,8 +51,10 @@ def create_train_state(model: CoE, optimizer: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   variables = model.init(rng)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables["batch_stats"], opt_state=optimizer.init(params),
+  return TrainState(step=jnp.zeros((), jnp.int32),
+                    params=params,
+                    batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(params),
                     ema_params=params if config.train.ema_decay > 0 else None)
 
 
@@ -94,13 +96,17 @@ def join_micro(x: jax.Array, batch_axis: int = 0) -> jax.Array:
 
 def _hold_experts(new: Any, old: Any) -> Any:
   """`new` with every leaf under the stacked experts taken from `old`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, n, o: o if under_experts(path) else n, new, old)
+  return jax.tree_util.tree_map_with_path(lambda path, n, o: o
+                                          if under_experts(path) else n, new, old)
 
 
-def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, stage: str, mesh: Optional[Mesh] = None
-                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+def make_train_step(
+    model: CoE,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    stage: str,
+    mesh: Optional[Mesh] = None
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """The (not yet jitted) step function of one stage: (state, batch, rng) -> (state, metrics).
 
   In the `delegator` stage the experts are frozen: they run in inference mode,
@@ -136,19 +142,34 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
           model, variables, images, delegator_rng, mesh=mesh,
           batch_norm_scope=batch_norm_scope)  # [B, K], [B, N]
       if freeze_experts:
-        expert_logits = jax.lax.stop_gradient(expert_parallel.run_experts(
-            model, variables, images, shared_input=True, expert_loop=expert_loop,
-            mesh=mesh))  # [N, B, K]
+        expert_logits = jax.lax.stop_gradient(
+            expert_parallel.run_experts(model,
+                                        variables,
+                                        images,
+                                        shared_input=True,
+                                        expert_loop=expert_loop,
+                                        mesh=mesh))  # [N, B, K]
         scoring_logits, expert_stats = expert_logits, state.batch_stats[EXPERTS]
       else:
         # Scored without dropout: LGM, VCM and distillation should not hinge
         # on each expert's own dropout mask.
         expert_logits, scoring_logits, expert_stats = expert_parallel.train_experts(
-            model, variables, images, experts_rng, expert_loop=expert_loop, mesh=mesh,
+            model,
+            variables,
+            images,
+            experts_rng,
+            expert_loop=expert_loop,
+            mesh=mesh,
             batch_norm_scope=batch_norm_scope)  # [N, B, K], [N, B, K]
-      loss, metrics = objective.coe_objective(
-          class_logits, selection_logits, expert_logits, labels, config, stage, selection_rng,
-          scoring_logits=scoring_logits, replicate=replicate)
+      loss, metrics = objective.coe_objective(class_logits,
+                                              selection_logits,
+                                              expert_logits,
+                                              labels,
+                                              config,
+                                              stage,
+                                              selection_rng,
+                                              scoring_logits=scoring_logits,
+                                              replicate=replicate)
       return loss, (metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats})
 
     # Frozen experts get zero gradients (their logits are stop_gradient-ed).
@@ -175,22 +196,36 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
     def delegator_pass(params, images, key):
-      return expert_parallel.train_delegator(
-          model, {"params": params, "batch_stats": state.batch_stats}, images, key, mesh=mesh,
-          batch_norm_scope=batch_norm_scope)
+      return expert_parallel.train_delegator(model, {
+          "params": params,
+          "batch_stats": state.batch_stats
+      },
+                                             images,
+                                             key,
+                                             mesh=mesh,
+                                             batch_norm_scope=batch_norm_scope)
 
     selection_logits = None  # [B, N]; warm-up does not read it.
     if stage != "warmup":
-      selection_logits = join_micro(jax.lax.map(
-          lambda xs: delegator_pass(state.params, *xs)[0][1], (images, delegator_keys)))
-    expert_targets, wgm_info = objective.expert_targets(
-        stage, config, batch=batch, num_experts=num_experts,
-        selection_logits=selection_logits, replicate=replicate)
+      selection_logits = join_micro(
+          jax.lax.map(lambda xs: delegator_pass(state.params, *xs)[0][1], (images, delegator_keys)))
+    expert_targets, wgm_info = objective.expert_targets(stage,
+                                                        config,
+                                                        batch=batch,
+                                                        num_experts=num_experts,
+                                                        selection_logits=selection_logits,
+                                                        replicate=replicate)
 
     if freeze_experts:
-      scoring_logits = jax.lax.map(lambda x: expert_parallel.run_experts(
-          model, {"params": state.params, "batch_stats": state.batch_stats}, x,
-          shared_input=True, expert_loop=expert_loop, mesh=mesh), images)  # [M, N, B/M, K]
+      scoring_logits = jax.lax.map(lambda x: expert_parallel.run_experts(model, {
+          "params": state.params,
+          "batch_stats": state.batch_stats
+      },
+                                                                         x,
+                                                                         shared_input=True,
+                                                                         expert_loop=expert_loop,
+                                                                         mesh=mesh),
+                                   images)  # [M, N, B/M, K]
       grads, expert_loss, expert_stats = zeros, jnp.zeros(()), state.batch_stats[EXPERTS]
     else:
       weights = split_micro(expert_targets.weights, microbatches)  # [M, B/M, N]
@@ -200,8 +235,14 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
 
         def loss_fn(params):
           logits, scoring, stats = expert_parallel.train_experts(
-              model, {"params": params, "batch_stats": state.batch_stats}, images, key,
-              expert_loop=expert_loop, mesh=mesh,
+              model, {
+                  "params": params,
+                  "batch_stats": state.batch_stats
+              },
+              images,
+              key,
+              expert_loop=expert_loop,
+              mesh=mesh,
               batch_norm_scope=batch_norm_scope)  # [N, B/M, K] x 2
           targets = expert_targets._replace(weights=weights)
           return objective.expert_loss(logits, labels, targets), (scoring, stats)
@@ -209,40 +250,49 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
         (loss, (scoring, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         return jax.tree.map(jnp.add, grads, g), (loss, scoring, stats)
 
-      grads, (expert_loss, scoring_logits, expert_stats) = jax.lax.scan(
-          expert_step, zeros, (images, labels, expert_keys, weights))
+      grads, (expert_loss, scoring_logits,
+              expert_stats) = jax.lax.scan(expert_step, zeros,
+                                           (images, labels, expert_keys, weights))
       expert_loss = jnp.sum(expert_loss)
       expert_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), expert_stats)
     scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
 
     delegator_targets, lgm_info = None, {}
     if stage != "warmup":
-      delegator_targets, lgm_info = objective.delegator_targets(
-          scoring_logits, selection_logits, whole_labels,
-          config, selection_rng, replicate)
+      delegator_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits,
+                                                                whole_labels, config, selection_rng,
+                                                                replicate)
 
     def delegator_step(grads, xs):
       images, labels, key, targets = xs
 
       def loss_fn(params):
         (class_logits, selection_logits), stats = delegator_pass(params, images, key)
-        total, selection_loss, delegator_loss = objective.delegator_side_loss(
-            class_logits, selection_logits, labels, targets, config, share=1 / microbatches)
+        total, selection_loss, delegator_loss = objective.delegator_side_loss(class_logits,
+                                                                              selection_logits,
+                                                                              labels,
+                                                                              targets,
+                                                                              config,
+                                                                              share=1 /
+                                                                              microbatches)
         return total, (selection_loss, delegator_loss, class_logits, stats)
 
       (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       return jax.tree.map(jnp.add, grads, g), aux
 
     micro_targets = jax.tree.map(lambda x: split_micro(x, microbatches), delegator_targets)
-    grads, (selection_loss, delegator_loss, class_logits, delegator_stats) = jax.lax.scan(
-        delegator_step, grads, (images, labels, delegator_keys, micro_targets))
+    grads, (selection_loss, delegator_loss, class_logits,
+            delegator_stats) = jax.lax.scan(delegator_step, grads,
+                                            (images, labels, delegator_keys, micro_targets))
     selection_loss, delegator_loss = jnp.sum(selection_loss), jnp.sum(delegator_loss)
-    metrics = objective.batch_metrics(
-        stage, scoring_logits.astype(jnp.float32), selection_logits, join_micro(class_logits),
-        whole_labels, delegator_targets, lgm_info, wgm_info)
+    metrics = objective.batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
+                                      join_micro(class_logits), whole_labels, delegator_targets,
+                                      lgm_info, wgm_info)
     total = (expert_loss + config.loss.selection_weight * selection_loss +
              config.loss.delegator_weight * delegator_loss)
-    metrics.update(loss=total, expert_loss=expert_loss, selection_loss=selection_loss,
+    metrics.update(loss=total,
+                   expert_loss=expert_loss,
+                   selection_loss=selection_loss,
                    delegator_loss=delegator_loss)
     metrics = {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
     delegator_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), delegator_stats)
@@ -267,13 +317,19 @@ def make_train_step(model: CoE, optimizer: optax.GradientTransformation,
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state, ema_params=ema_params)
+    new_state = TrainState(step=state.step + 1,
+                           params=params,
+                           batch_stats=batch_stats,
+                           opt_state=opt_state,
+                           ema_params=ema_params)
     # Keep the last good state when anything is not finite; the step still counts.
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                         state.replace(step=state.step + 1))
-    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
-               "learning_rate": schedule(state.step)}
+    metrics = {
+        **metrics, "grad_norm": grad_norm,
+        "finite": finite.astype(jnp.float32),
+        "learning_rate": schedule(state.step)
+    }
     return kept, metrics
 
   return step_fn
