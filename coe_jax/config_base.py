@@ -343,6 +343,9 @@ def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key of `config` and the rules that join keys.
 
+  The networks are checked when present; `base_config()` has none, and the
+  model refuses a config without them.
+
   Raises:
     CoEError: one line naming the first bad, unknown or missing key and its value.
   """
@@ -365,9 +368,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def validate_network(net: Mapping[str, Any], name: str) -> None:
   """Checks a network entry (`delegator`, `expert`) and each of its stages."""
   _check_section(net, _NETWORK, f"{name}.")
+  required = [field for field in _STAGE if field not in _STAGE_OPTIONAL]
   for index, entry in enumerate(net["stages"]):
     key = f"{name}.stages[{index}]"
-    required = [field for field in _STAGE if field not in _STAGE_OPTIONAL]
     require(
         isinstance(entry, Mapping) and all(field in entry for field in required), key, entry,
         f"expected a stage with {', '.join(required)} (coe_jax.config_base.stage builds one)")

@@ -9,6 +9,7 @@ import pytest
 from coe_jax import config_base, run_dir
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.models.coe import CoE
 from coe_jax.serving.jax_predictor import load_for_inference
 from coe_jax.training import train
 from tests.tiny import config_path, tiny_config
@@ -135,3 +136,11 @@ def test_load_for_inference_reads_an_older_runs_config(tmp_path, monkeypatch):
   run_dir.write_json(os.path.join(workdir, run_dir.CONFIG), saved)
   with pytest.raises(CoEError, match="^expert_loop='spiral'"):
     load_for_inference(str(workdir))
+
+
+def test_a_config_without_networks_is_refused_by_the_model():
+  config = tiny_config()
+  del config["expert"]
+  config_base.validate(config)  # The schema's keys are all there...
+  with pytest.raises(CoEError, match=r"^expert=None: missing from the config"):
+    CoE(config, num_classes=10)  # ...but the model needs the networks.

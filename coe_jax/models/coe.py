@@ -28,6 +28,8 @@ class CoE:
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
     config_base.check(config, "num_experts", "train.compute_dtype", "train.remat")
+    for name in config_base.NETWORKS:
+      require(name in config, name, None, "missing from the config (config_base.network builds it)")
     require(num_classes >= 2, "num_classes", num_classes, "expected at least 2 classes")
     num_experts = config.num_experts
     dtype = jnp.dtype(config.train.compute_dtype)
