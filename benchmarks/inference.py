@@ -94,13 +94,13 @@ from absl import app, flags
 
 from benchmarks.peak import measured_peak
 from coe_jax import flops, routing
+from coe_jax.config_base import EXPERT_LOOPS
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.models import mbconv, pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
-from coe_jax.models.stacked import EXPERT_LOOPS
 from coe_jax.serving import jax_predictor
 
 LITERT_BATCH = 32
