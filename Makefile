@@ -22,8 +22,9 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m coe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# --durations: the slowest tests, so a slow one shows in every CI log.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 # Settings in pyproject.toml. ruff: pyflakes, pycodestyle, sorted imports;
 # yapf: the layout, shown as a diff here and applied by `make format`.
