@@ -34,7 +34,8 @@ Variants:
 
 CoE variants report top-1 at the tau the trainer calibrates (`eval.*` as
 configured), their mean FLOPs and early-exit rate. `WORKDIR/ablation.json`
-holds every run's figures and the ratio.
+holds every run's figures and the ratio; a run's `seconds` are those of the
+process that finished it, so a resumed run shows only its last leg.
 """
 
 import copy
@@ -332,7 +333,7 @@ def run_ablation(config: ml_collections.ConfigDict,
                if run["early_exit_rate"] is not None else "")
       print(
           f"    top-1 {100 * run['top1']:.2f}%, mean FLOPs {run['mean_flops'] / 1e6:.4f}M"
-          f"{exits} ({run['seconds']:.0f} s)",
+          f"{exits} ({run['seconds']:.0f} s in the process that finished it)",
           flush=True)
       runs.append(run)
     rows.append({"name": variant, "runs": runs})
