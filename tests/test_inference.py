@@ -51,7 +51,8 @@ def test_logits_equal_the_router_on_preprocessed_images(setup, shape):
   out = p(images)
   pixels = preprocess_images(images, 16, 3)  # [5, 16, 16, 3]
   routed = routing.route_and_predict(model, variables, pixels, p.threshold)
-  np.testing.assert_allclose(out["logits"], routed["logits"], rtol=1e-5, atol=1e-6)
+  # Two programs of different shapes may sum in different orders: float32 rounding, no more.
+  np.testing.assert_allclose(out["logits"], routed["logits"], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(out["early_exit"], routed["early_exit"])
   np.testing.assert_array_equal(out["expert"], routed["expert"])
   assert out["logits"].shape == (5, 10) and isinstance(out["logits"], np.ndarray)
@@ -122,7 +123,7 @@ def test_serving_mode_predictor_routes_like_the_router(setup):
                                      0.5,
                                      spec=routing.RoutingSpec("serving", capacity_factor=0.5))
   np.testing.assert_array_equal(p(images)["expert"], routed["expert"])
-  np.testing.assert_allclose(p(images)["logits"], routed["logits"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(p(images)["logits"], routed["logits"], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_routing_config_is_named(setup):
