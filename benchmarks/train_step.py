@@ -12,7 +12,11 @@ Measured in one run, after warm-up, on the default backend:
   convolutions rather than matrix products (`coe_jax.models.conv`);
   `matmul_speedup` is its time over `train_step`'s;
 - `wgm_lgm_vcm`: WGM's balanced partition and weights, LGM's labels and VCM's
-  weights, jitted on their own, on the same [N, B, K] expert logits.
+  weights, jitted on their own, on the same [N, B, K] expert logits;
+- `input`: the config's training pipeline (`coe_jax.data.train_batches`,
+  augmentation included) delivering batches of the same size, in
+  `input_images_per_s` beside the step's `images_per_s`: `input_headroom`
+  below 1 means the run waits for its input.
 
 It prints one JSON line and a table; the figure of interest is
 `share = wgm_lgm_vcm / train_step` (goal: at most 5%). Both steps' rates are
@@ -36,7 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.peak import measured_peak
-from coe_jax import flops
+from coe_jax import data, flops
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.models import conv
@@ -113,6 +117,13 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   timings["wgm_lgm_vcm"] = _seconds_per_call(
       lambda: modules(selection_logits, expert_logits, batch["label"]), repeats)
 
+  batches = data.train_batches(config)
+  next(batches)  # Opens (and for in-memory sources, loads) the data set.
+  start = time.perf_counter()
+  for _ in range(repeats):
+    next(batches)
+  input_seconds = (time.perf_counter() - start) / repeats
+
   peak = measured_peak()  # Right after the timing, under the same load.
   cost = flops.count(config, num_classes)
   step_macs = 3 * batch_size * (cost["delegator_flops"] + num_experts * cost["expert_flops"])
@@ -127,6 +138,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
       },
       "share": timings["wgm_lgm_vcm"] / timings["train_step"],
       "images_per_s": batch_size / timings["train_step"],
+      "input_images_per_s": batch_size / input_seconds,
+      "input_headroom": timings["train_step"] / input_seconds,
       "matmul_speedup": timings["train_step_as_convolutions"] / timings["train_step"],
       "step_macs": step_macs,
       **{
@@ -148,6 +161,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"{name:<28}{report[f'{name}_ms']:>10.2f}"
                  f"{report[f'{name}_ms'] / report['train_step_ms']:>23.1%}" +
                  (f"{of_peak:>8.1f}" if of_peak is not None else ""))
+  lines.append(f"input: {report['input_images_per_s']:.0f} images/s against the step's "
+               f"{report['images_per_s']:.0f} (headroom {report['input_headroom']:.1f}x"
+               f"{'' if report['input_headroom'] >= 1 else ': INPUT-BOUND'})")
   return "\n".join(lines)
 
 

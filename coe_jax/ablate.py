@@ -1,15 +1,15 @@
 r"""Ablations: does each part of CoE earn its place, and does CoE beat one network of its cost?
 
     python -m coe_jax.ablate --config=configs/digits.py --workdir=runs/ablate [--seeds=3] \
-        [--variants=coe,single] [--config.train.num_steps=800 ...]
+        [--variants=coe:2,single:2,single_0.5x ...] [--config.train.num_steps=800 ...]
 
-Trains each variant below with the ordinary trainer, once per seed (`seed`,
-`seed + 1`, ...), each run in `WORKDIR/<variant>/seed<s>`: running the same
-command again resumes unfinished runs and reuses finished ones (a run
-directory that holds another config's run is refused). Compiled
-programs are cached in `WORKDIR/jax_cache`, since the variants and seeds share
-most of them. Writes `WORKDIR/ablation.md` (a Markdown table, also printed)
-and `WORKDIR/ablation.png` (top-1 vs mean FLOPs).
+Trains each variant below with the ordinary trainer, once per seed (`seed`, `seed + 1`,
+...; `--seeds` of each, or k of a variant given as `name:k`), each run in
+`WORKDIR/<variant>/seed<s>`: running the same command again resumes unfinished runs and
+reuses finished ones (a run directory that holds another config's run is refused).
+Compiled programs are cached in `WORKDIR/jax_cache`, since the variants and seeds share
+most of them. Writes `WORKDIR/ablation.md` (a Markdown table, also printed) and
+`WORKDIR/ablation.png` (top-1 vs mean FLOPs).
 
 Variants:
 - `coe`: the config as given.
@@ -122,6 +122,9 @@ def variant_config(config: ml_collections.ConfigDict,
     # Warm-up alone: every expert weighs every sample by 1 and no selection is
     # learned, so the experts train as independent plain classifiers.
     config.train.stages = ml_collections.ConfigDict({"warmup": 1.0})
+    # Plain classifiers: no generalist to copy, no selection to learn.
+    config.train.generalist_warmup = False
+    config.loss.selection_in_warmup = False
     if variant != "ensemble":
       if sizing is None:
         raise CoEError(f"variant={variant!r}: needs the multipliers from full CoE's mean FLOPs")
@@ -181,10 +184,8 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
 
   variables = state.eval_variables()
   correct = total = 0
-  for batch in data.eval_batches(config,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    c, t = jax.device_get(hits(variables, trainer.global_batch(batch)))
+  for batch in trainer.eval_batches():
+    c, t = jax.device_get(hits(variables, batch))
     correct, total = correct + int(c), total + int(t)
   return correct / total
 
@@ -244,10 +245,9 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
                  ratio: Optional[float], command: str) -> str:
   """The Markdown report: the command, the table, how the sized variants were sized and
   `flops_ratio_at_equal_accuracy`."""
-  seeds = len(rows[0]["runs"])
   lines = [
       "# CoE ablations", "", f"Command: `{command}`", "",
-      f"Top-1 on the test split, mean ± sample sd over {seeds} seed(s), then each seed. "
+      "Top-1 on the test split, mean ± sample sd over each row's seeds, then each seed. "
       "Mean FLOPs are multiply-adds per image, averaged over the test split (CoE variants at "
       "their calibrated tau).", "",
       "| variant | what | top-1 (%) | per seed (%) | top-1, no early exit (%) | "
@@ -289,44 +289,59 @@ def _mean(values: Sequence[float]) -> float:
   return sum(values) / len(values)
 
 
+def parse_variants(entries: Sequence[str], seeds: int) -> dict[str, int]:
+  """`name` or `name:k` entries -> {variant: seeds}, in the order VARIANTS lists them.
+
+  `name:k` runs k seeds of that variant, `name` `seeds` of them: e.g. two seeds
+  of `coe` and `single` and one of the rest of the family. The sized variants
+  need full CoE's mean FLOPs, so `coe` runs with them (`seeds` of it unless given).
+  """
+  if not isinstance(seeds, int) or seeds < 1:
+    raise CoEError(f"seeds={seeds!r}: expected a positive integer")
+  if not entries:
+    raise CoEError("variants='': expected some of " + ", ".join(VARIANTS))
+  wanted = {}
+  for entry in entries:
+    name, sep, count = entry.partition(":")
+    try:
+      _check_variant(name)
+      if sep and (not count.isdigit() or int(count) < 1):
+        raise CoEError(entry)
+    except CoEError:
+      raise CoEError(f"variants={','.join(entries)!r}: expected some of {', '.join(VARIANTS)} "
+                     "or single_<f>x, each with an optional :SEEDS") from None
+    wanted[name] = int(count) if sep else seeds
+  if any(flops_factor(v) is not None for v in wanted):
+    wanted.setdefault("coe", seeds)
+  order = [v for v in VARIANTS if v in wanted] + [v for v in wanted if v not in VARIANTS]
+  return {v: wanted[v] for v in order}
+
+
 def run_ablation(config: ml_collections.ConfigDict,
                  workdir: str,
                  seeds: int,
                  variants: Sequence[str] = VARIANTS,
                  command: str = "") -> str:
-  """Runs the variants over the seeds and writes the table, JSON and plot; returns the table.
+  """Runs the variants over their seeds and writes the table, JSON and plot; returns the table.
 
-  The sized variants need full CoE's mean FLOPs, so `coe` always runs with them.
+  `variants` entries are names or `name:seeds` (`parse_variants`). The sized
+  variants are sized to the mean FLOPs of every `coe` seed run.
   """
-  if not variants:
-    raise CoEError("variants='': expected some of " + ", ".join(VARIANTS))
-  for variant in variants:
-    try:
-      _check_variant(variant)
-    except CoEError:
-      raise CoEError(f"variants={','.join(variants)!r}: expected some of {', '.join(VARIANTS)} "
-                     "or single_<f>x") from None
-  if not isinstance(seeds, int) or seeds < 1:
-    raise CoEError(f"seeds={seeds!r}: expected a positive integer")
-  sized = any(flops_factor(v) is not None for v in variants)
-  variants = ([v for v in VARIANTS if v in variants or (v == "coe" and sized)] +
-              [v for v in dict.fromkeys(variants) if v not in VARIANTS])
-  jobs = len(variants) * seeds
+  plan = parse_variants(list(variants), seeds)
+  jobs, done = sum(plan.values()), 0
   rows, sizings = [], {}
   num_classes = None
-  for variant in variants:
+  for variant, variant_seeds in plan.items():
     sizing = None
     if flops_factor(variant) is not None:
       num_classes = num_classes or data.get_info(config).num_classes
       coe_mean_flops = _mean([r["mean_flops"] for r in rows[0]["runs"]])
       sizing = sizings[variant] = variant_sizing(config, variant, num_classes, coe_mean_flops)
     runs = []
-    for s in range(seeds):
+    for s in range(variant_seeds):
+      done += 1
       variant_dir = os.path.join(workdir, variant, f"seed{s}")
-      print(
-          f"[{len(rows) * seeds + s + 1}/{jobs}] {variant}, seed {config.seed + s}: "
-          f"{variant_dir}",
-          flush=True)
+      print(f"[{done}/{jobs}] {variant}, seed {config.seed + s}: {variant_dir}", flush=True)
       run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
                         variant_dir)
       exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
@@ -352,7 +367,9 @@ def run_ablation(config: ml_collections.ConfigDict,
   run_dir.write_json(
       os.path.join(workdir, run_dir.ABLATION), {
           "command": command,
-          "seeds": seeds,
+          "seeds": {
+              row["name"]: len(row["runs"]) for row in rows
+          },
           "flops_ratio_at_equal_accuracy": ratio,
           "rows": rows,
           "sizings": {
@@ -393,7 +410,8 @@ if __name__ == "__main__":
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the ablation's runs and report.")
   _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per variant: seed, seed + 1, ...")
-  _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
-                                "Variants to run (coe runs too when single does).")
+  _VARIANTS = flags.DEFINE_list(
+      "variants", list(VARIANTS), "Variants to run, each NAME or NAME:SEEDS (coe runs too when "
+      "a sized variant does).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -4,7 +4,7 @@ Every config starts from `base_config()` and changes what it needs, so all
 configs have the same keys and command-line overrides work on any of them.
 `validate(config)` checks each key against the rule written next to its
 default, then the rules that join keys; the entry points run it once, when
-the config is loaded (`config_loading`, the trainer, `load_for_inference`).
+the config is loaded (`config_loading`, the trainer, `saved_run.load_for_inference`).
 A bad value fails there, before any data is read or anything compiled, in
 one line naming the key. What depends on the machine or the data (the mesh
 against the devices, `data.num_classes` against the data set) is checked
@@ -35,6 +35,7 @@ LGM_RULES = ("argmax", "balanced", "soft")
 RANDOM_RULE = "random"  # No LGM (ablations): not one of LGM_RULES, which score the experts.
 ROUTING_MODES = ("exact", "serving")
 AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
+SCHEDULES = ("per_stage", "continuous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +142,11 @@ _SCHEMA: dict[str, Any] = dict(
                     coadapt=Key(0.8, STAGE_FRACTION),
                     delegator=Key(0.0, STAGE_FRACTION)),
         optimizer=Key("rmsprop", one_of(OPTIMIZERS)),
-        # Each stage has its own schedule over its own steps: linear warm-up to
-        # its peak, then cosine decay to 0 at the stage's end (training/optim.py).
+        # per_stage: each stage has its own schedule over its own steps, a linear
+        # warm-up to its peak then cosine decay to 0 at the stage's end.
+        # continuous: one warm-up and one cosine over the whole run, as a single
+        # network trains; the stage_schedules stay unset (training/optim.py).
+        schedule=Key("per_stage", one_of(SCHEDULES)),
         learning_rate=Key(0.016, LEARNING_RATE),  # peak of every stage that sets none
         warmup_steps=Key(100, WARMUP_STEPS),  # of every stage that sets none; at most half a stage
         stage_schedules={
@@ -169,10 +173,23 @@ _SCHEMA: dict[str, Any] = dict(
         # all-reduce per layer) | replica (each device's own samples', as
         # MobileNet/EfficientNet TPU recipes do; the running averages agree).
         batch_norm_scope=Key("global", one_of(BATCH_NORM_SCOPES)),
+        # Warm-up trains expert 0 alone, as one generalist; when co-adaptation
+        # starts, every expert becomes a copy of it (weights, BatchNorm
+        # statistics, optimizer state, EMA) and WGM's portions make them differ.
+        generalist_warmup=Key(False, FLAG),
+        # A run's workdir whose newest checkpoint gives this run's starting
+        # networks (parameters and BatchNorm statistics, not the optimizer):
+        # "" = random initialisation. A one-expert run's expert is copied into
+        # all N experts (a generalist); leaves whose shapes differ are refused.
+        init_from=Key("", TEXT),
         # PWLU phase I -> II at this fraction of training.
         pwlu_realign_fraction=Key(0.05, real(lambda v: 0 <= v < 1,
                                              "expected a fraction in [0, 1)")),
         checkpoint_every_steps=Key(500, POSITIVE_INT),
+        # Also save when this many seconds have passed since the last save,
+        # checked at logging steps: preemptible pods lose at most that much. 0 = off.
+        checkpoint_every_secs=Key(
+            0.0, real(lambda v: v >= 0, "expected a non-negative number of seconds")),
         # Compiled programs kept across restarts, so a resumed run does not
         # recompile: None = JAX_COMPILATION_CACHE_DIR if set, else
         # WORKDIR/compilation_cache; "" = off.
@@ -209,7 +226,14 @@ _SCHEMA: dict[str, Any] = dict(
     loss=dict(
         selection_weight=Key(1.0, COEFFICIENT),  # lambda_sel
         delegator_weight=Key(1.0, COEFFICIENT),  # lambda_D
+        # The delegator's class loss only (the experts' has none). Smoothing caps
+        # the delegator's confidence near 1 - label_smoothing (K-1)/K, where
+        # early exit decides: 0 lets the confidence reach a useful tau.
         label_smoothing=Key(0.1, UNIT_INTERVAL_OPEN),
+        # The selection head learns LGM's labels in warm-up too, so WGM's first
+        # portions do not come from a random head. Needs experts that differ
+        # (not train.generalist_warmup).
+        selection_in_warmup=Key(False, FLAG),
         distill_weight=Key(0.0, COEFFICIENT),  # delegator distillation towards the selected expert
         distill_temperature=Key(1.0, POSITIVE),
     ),
@@ -358,6 +382,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(
       abs(total - 1) <= 1e-6, "train.stages", stages,
       f"expected fractions that sum to 1 (they sum to {total:g})")
+  if config.train.schedule == "continuous":
+    for name in STAGES:
+      own = config.train.stage_schedules[name]
+      for key in ("learning_rate", "warmup_steps"):
+        require(own[key] is None, f"train.stage_schedules.{name}.{key}", own[key],
+                "expected None under train.schedule=continuous (one schedule for the whole run)")
+  warmup = stages.get("warmup", 0.0) > 0
+  if config.train.generalist_warmup:
+    require(warmup and stages.get("coadapt", 0.0) > 0, "train.generalist_warmup", True,
+            "needs a warmup and a coadapt stage (train.stages)")
+    require(not config.loss.selection_in_warmup, "loss.selection_in_warmup", True,
+            "the generalist warm-up trains expert 0 alone, so there is no choice to learn yet")
   require(
       config.eval.threshold is not None or config.data.holdout_fraction > 0,
       "data.holdout_fraction", config.data.holdout_fraction,
@@ -438,17 +474,35 @@ def _unknown(name: str, schema: Mapping[str, Any], prefix: str) -> str:
 
 
 def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-  """A run's saved config.json in today's layout: keys renamed since are moved.
+  """A run's saved config.json in today's layout: keys renamed since are moved,
+  keys added since take their defaults.
 
   `routing.expert_loop` became the top-level `expert_loop` (it is read by
-  training too, not only by the router).
+  training too, not only by the router). Every key added later has a default
+  that trains as the run did before it existed (`train.schedule=per_stage`,
+  `train.generalist_warmup=False`, ...).
   """
   saved = dict(saved)
   routing = dict(saved.get("routing", {}))
   if "expert_loop" in routing and "expert_loop" not in saved:
     saved["expert_loop"] = routing.pop("expert_loop")
     saved["routing"] = routing
-  return saved
+  return _fill_defaults(saved, _SCHEMA, "")
+
+
+def _fill_defaults(saved: dict[str, Any], schema: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """`saved` with the keys of `schema` it lacks set to their defaults (train.stages
+  excepted: a stage left out has length 0)."""
+  filled = dict(saved)
+  for name, entry in schema.items():
+    if prefix == "train.stages.":
+      break
+    if isinstance(entry, Key):
+      if name not in filled:
+        filled[name] = entry.default
+    elif isinstance(filled.get(name, {}), Mapping):
+      filled[name] = _fill_defaults(filled.get(name, {}), entry, f"{prefix}{name}.")
+  return filled
 
 
 def mobilenet_v3_large_stages(se_ratio: float = 0.25) -> list[dict[str, Any]]:

@@ -12,8 +12,11 @@ nodes and under SLURM. On a TPU pod, COE_DISTRIBUTED=1 instead lets
 `jax.distributed` find the other hosts (launch/tpu_pod.sh). See
 `coe_jax/parallel/distributed.py`.
 
+`--platform=gpu` (or tpu, cpu) stops the run in one line unless jax
+computes there, instead of letting it fall back to the CPU.
+
 Bad input (config values, data, workdir, an unknown --config.KEY, a missing
-config file, incomplete or bad multi-process settings) is reported in one
+config file, incomplete or bad multi-process settings, a missing platform) is reported in one
 line, `error: KEY=VALUE: ...`, with exit status 1. A run stopped by SIGTERM
 saves a checkpoint and exits with status 143 (128 + SIGTERM), so that
 schedulers see it did not finish; the same command resumes it.
@@ -30,6 +33,27 @@ from coe_jax.config_loading import flag_config, parse_flags
 from coe_jax.errors import CoEError
 from coe_jax.parallel import distributed
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def check_platform(wanted: str | None) -> None:
+  """Raises `CoEError` unless jax's default backend is `wanted` (None: any)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if wanted is None:
+    return
+  try:
+    backend = jax.default_backend()
+  except RuntimeError as e:  # No platform at all could start (JAX_PLATFORMS names a missing one).
+    raise CoEError(
+        f"platform={wanted!r}: jax could not start a backend ({str(e).splitlines()[0]})") from None
+  if backend != wanted:
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    raise CoEError(f"platform={wanted!r}: jax found no {wanted} and would run on {backend} "
+                   f"({', '.join(kinds)}); install jax's {wanted} support (launch/gpu.sh does: "
+                   "pip install -e '.[cuda]') and check the devices are visible (nvidia-smi, "
+                   "CUDA_VISIBLE_DEVICES)")
+
+
 _CONFIG = config_flags.DEFINE_config_file("config",
                                           None,
                                           "Path to a config file.",
@@ -45,6 +69,11 @@ _NUM_PROCESSES = flags.DEFINE_string(
     "num_processes", None, "Number of processes of a multi-process run (else $COE_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_string(
     "process_id", None, "This process's index, 0 to num_processes - 1 (else $COE_PROCESS_ID).")
+# jax falls back to the CPU when it finds no accelerator; a GPU or TPU run that
+# did would train for days at a fraction of the speed, or stop on the mesh.
+_PLATFORM = flags.DEFINE_enum(
+    "platform", None, PLATFORMS, "Stop in one line unless jax computes on this platform "
+    "(launch/gpu.sh passes gpu, launch/tpu_pod.sh tpu).")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -69,6 +98,7 @@ def main(argv):
   from coe_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from coe_jax.training import train  # pylint: disable=g-import-not-at-top
   try:
+    check_platform(_PLATFORM.value)
     results = train.train_and_evaluate(config, _WORKDIR.value)
   except CoEError as e:
     sys.exit(f"error: {e}")

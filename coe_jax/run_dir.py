@@ -12,6 +12,15 @@
       *.png                   the figures of `coe_jax.evaluation.plots`
       serving/                SERVING: the LiteRT export (`python -m coe_jax.serving.export`)
 
+A run's weights alone (`python -m coe_jax.evaluate --save_weights=DIR`), small
+enough to commit, load wherever a workdir does (predictor, exporter,
+evaluation, `train.init_from`):
+
+    DIR/
+      config.json, run.json, results.json, early_exit_curve.json   as above
+      variables.msgpack       WEIGHTS: the evaluated parameters and BatchNorm
+                              statistics (EMA where trained with it), no optimizer
+
 An ablation's workdir holds one such run per variant and seed
 (`<variant>/seed<k>/`, each with its ABLATION_RUN row) beside the ABLATION
 table of them all.
@@ -37,6 +46,7 @@ CURVE = "early_exit_curve.json"
 SERVING = "serving"
 ABLATION = "ablation.json"
 ABLATION_RUN = "ablation_run.json"
+WEIGHTS = "variables.msgpack"
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -115,7 +115,9 @@ quote() {
 }
 
 if [[ $SLURM == 0 ]]; then
-  TRAIN=("$REPO/.venv/bin/python" -m coe_jax.main --config="$CONFIG" --workdir="$WORKDIR")
+  # --platform=gpu: stop in one line rather than train on the CPU when jax finds no GPU.
+  TRAIN=("$REPO/.venv/bin/python" -m coe_jax.main --platform=gpu --config="$CONFIG"
+         --workdir="$WORKDIR")
   if [[ -n "$COORDINATOR" ]]; then
     TRAIN+=(--coordinator_address="$COORDINATOR" --num_processes="$NUM_PROCESSES"
             --process_id="$PROCESS_ID")

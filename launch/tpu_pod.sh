@@ -140,7 +140,7 @@ on_workers all "$INSTALL"
 # 3. Train on all workers at once, detached (launch/tpu_worker.sh);
 #    jax.distributed finds the other hosts.
 TRAIN=(env COE_DISTRIBUTED=1 "TFDS_DATA_DIR=$TFDS_DATA_DIR" .venv/bin/python -m coe_jax.main
-       "--config=$CONFIG" "--workdir=$WORKDIR" "--config.data.tfds_data_dir=$TFDS_DATA_DIR"
+       --platform=tpu "--config=$CONFIG" "--workdir=$WORKDIR" "--config.data.tfds_data_dir=$TFDS_DATA_DIR"
        "${OVERRIDES[@]}")
 on_workers all "$WORKER_SCRIPT start $RUN_DIR $(printf '%q' "$WORKDIR") -- $(printf '%q ' "${TRAIN[@]}")"
 if [[ $DRY_RUN == 0 ]]; then

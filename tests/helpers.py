@@ -44,10 +44,11 @@ def train_config(num_steps=6, **kwargs):
   return config
 
 
-def pod_config():
-  """The run of tests/test_pod.py: `train_config` for 4 steps on a data 2 x expert 2 mesh."""
+def pod_config(data: int = 2, expert: int = 2):
+  """The run of tests/test_pod.py: `train_config` for 4 steps on a data x expert mesh."""
   config = train_config(num_steps=4)
-  config.mesh.data, config.mesh.expert = 2, 2
+  config.num_experts = max(config.num_experts, expert)
+  config.mesh.data, config.mesh.expert = data, expert
   return config
 
 
@@ -72,8 +73,8 @@ def training_metrics(workdir) -> list:
 
 def checkpoint_params(workdir) -> list:
   """The latest checkpoint's evaluation variables, as a flat list of arrays."""
-  from coe_jax.serving import jax_predictor  # pylint: disable=g-import-not-at-top
-  _, variables, _ = jax_predictor.load_for_inference(str(workdir))
+  from coe_jax.training import saved_run  # pylint: disable=g-import-not-at-top
+  _, variables, _ = saved_run.load_for_inference(str(workdir))
   return jax.tree.leaves(jax.device_get(variables))
 
 
@@ -92,13 +93,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return env
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-  """`python -m module args...` from the repository root, its output captured."""
+def run_module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, its output captured; `env`
+  adds to (or replaces) `subprocess_env`'s variables."""
   return subprocess.run([sys.executable, "-m", module, *args],
                         capture_output=True,
                         text=True,
                         cwd=REPO,
-                        env=subprocess_env(),
+                        env=subprocess_env(**env),
                         timeout=300)
 
 

@@ -1,5 +1,7 @@
 """The benchmarks run end to end on a tiny config; their figures agree with each other."""
 
+import time
+
 import pytest
 
 from benchmarks import inference, int8_conv, peak, train_step
@@ -79,9 +81,19 @@ def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   assert report["peak"]["derivation"] in table
 
 
-def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak():
+def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak(monkeypatch):
   config = tiny_config(num_experts=2)
-  report = train_step.run(config, batch_size=8, num_experts=2, repeats=1)
+
+  def slow_batches(config):  # An input pipeline that takes 0.2 s a batch.
+    while True:
+      time.sleep(0.2)
+      yield {}
+
+  monkeypatch.setattr(train_step.data, "train_batches", slow_batches)
+  report = train_step.run(config, batch_size=8, num_experts=2, repeats=3)
+  assert 8 / 0.25 < report["input_images_per_s"] <= 8 / 0.2
+  bound = report["input_headroom"] < 1
+  assert ("INPUT-BOUND" in train_step.format_table(report)) == bound
   _check_peak(report["peak"])
   cost = flops.count(config, config.data.num_classes or 10)
   # Forward and backward (twice the forward) through the delegator and both experts.

@@ -10,8 +10,8 @@ from coe_jax import config_base, run_dir
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
-from coe_jax.serving.jax_predictor import load_for_inference
 from coe_jax.training import train
+from coe_jax.training.saved_run import load_for_inference
 from tests.tiny import config_path, tiny_config
 
 
@@ -119,6 +119,20 @@ def test_a_saved_config_of_an_older_run_is_upgraded():
   upgraded = config_base.upgrade(saved)
   assert upgraded == json.loads(tiny_config().to_json())
   assert "expert_loop" in saved["routing"]  # The argument is left as it was.
+  config_base.validate(ml_collections.ConfigDict(upgraded))
+
+
+def test_keys_added_since_a_run_was_saved_take_defaults_that_train_as_it_did():
+  saved = json.loads(tiny_config().to_json())
+  for key in ("schedule", "generalist_warmup", "init_from", "checkpoint_every_secs"):
+    del saved["train"][key]
+  del saved["loss"]["selection_in_warmup"]
+  saved["train"]["stages"] = {"warmup": 1.0}  # A stage left out stays out.
+  upgraded = config_base.upgrade(saved)
+  assert upgraded["train"]["schedule"] == "per_stage"
+  assert upgraded["train"]["generalist_warmup"] is False and upgraded["train"]["init_from"] == ""
+  assert upgraded["loss"]["selection_in_warmup"] is False
+  assert upgraded["train"]["stages"] == {"warmup": 1.0}
   config_base.validate(ml_collections.ConfigDict(upgraded))
 
 

@@ -104,3 +104,20 @@ def test_the_no_exit_point_holds_in_float32_for_saturated_samples():
 def test_serving_capacity_takes_an_expected_exit_rate_of_one():
   assert routing.RoutingSpec("serving", 1.25, 1.0).capacity(64, 4) == 1
   assert routing.RoutingSpec("serving", 1.25, 0.5).capacity(64, 4) == 10
+
+
+def test_oracles_on_a_hand_made_split():
+  """Two experts, two classes, four images. Expert 0 knows class 0 (images 0, 1),
+  expert 1 knows image 2 of class 1 and expert 0 image 3; the router picks expert 1
+  for images 0 and 2 and expert 0 for 1 and 3."""
+  outputs = evaluation.EvalOutputs(labels=np.array([0, 0, 1, 1]),
+                                   confidence=np.zeros(4),
+                                   delegator_prediction=np.zeros(4, int),
+                                   selected_expert=np.array([1, 0, 1, 0]),
+                                   expert_predictions=np.array([[0, 0, 0, 1], [1, 1, 1, 0]]))
+  figures = evaluation.oracle_figures(outputs)
+  assert figures["oracle_top1"] == 1.0  # Some expert is right on every image.
+  # Class 0 to expert 0 (2 right); class 1: each expert is right once.
+  assert figures["per_class_oracle_top1"] == 0.75
+  # The router is right on images 1, 2 and 3, wrong on 0, where expert 0 was right.
+  assert figures["chosen_wrong_given_some_right"] == 0.25

@@ -142,3 +142,26 @@ def test_each_device_program_holds_only_its_own_experts():
 def test_a_scanned_program_does_not_grow_with_the_number_of_experts():
   assert _convolutions(_config(1, 1, "scan", num_experts=32)) == _convolutions(
       _config(1, 1, "scan", num_experts=4))
+
+
+def _with_dropout(config):
+  config.delegator.dropout_rate = config.expert.dropout_rate = 0.3
+  return config
+
+
+@pytest.fixture(scope="module")
+def one_device_with_dropout():
+  return _train(_with_dropout(_config(1, 1)))
+
+
+@pytest.mark.parametrize("data,expert", [(2, 4), (4, 2)])
+def test_dropout_masks_do_not_depend_on_the_mesh(one_device_with_dropout, data, expert):
+  """Masks come from the step and each example's position in the global batch: the
+  same config trains alike on every mesh, and a run resumed on another mesh keeps its course."""
+  losses, variables = _train(_with_dropout(_config(data, expert)))
+  np.testing.assert_allclose(losses, one_device_with_dropout[0], rtol=1e-5)
+  for got, want in zip(variables, one_device_with_dropout[1], strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # Dropout is on: the losses are not those of the run without it.
+  without = _train(_config(1, 1))[0]
+  assert abs(losses[0] - without[0]) > 1e-3

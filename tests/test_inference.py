@@ -15,6 +15,7 @@ from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from coe_jax.serving import jax_predictor, predict
 from coe_jax.serving.jax_predictor import Predictor
+from coe_jax.training import saved_run
 from tests.helpers import random_variables
 from tests.tiny import REPO, tiny_config
 
@@ -148,8 +149,10 @@ def test_load_uses_the_runs_config_and_calibrated_threshold(setup, monkeypatch):
       "threshold": 0.25,
       "expected_exit_rate": 0.0
   }
-  monkeypatch.setattr(jax_predictor, "load_for_inference", lambda workdir: (config, variables, meta)
-                      if workdir == "run" else None)
+  monkeypatch.setattr(saved_run,
+                      "load_for_inference",
+                      lambda workdir, step=None: (config, variables, meta)
+                      if workdir == "run" and step is None else None)
   p = Predictor.load("run")
   assert p.threshold == 0.25 and p.class_names == CLASS_NAMES
   assert (p.image_size, p.channels, p.num_experts) == (16, 3, 3)
@@ -163,7 +166,8 @@ def _write_image(path, shape, seed=0):
 
 def test_cli_prints_one_line_per_image(setup, tmp_path, monkeypatch, capsys):
   p = setup[3]
-  monkeypatch.setattr(jax_predictor.Predictor, "load", classmethod(lambda cls, workdir: p))
+  monkeypatch.setattr(jax_predictor.Predictor, "load",
+                      classmethod(lambda cls, workdir, step=None: p))
   paths = [
       _write_image(tmp_path / "a.png", (20, 20)),
       _write_image(tmp_path / "b.png", (12, 18, 3))

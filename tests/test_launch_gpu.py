@@ -48,7 +48,7 @@ def test_single_node_dry_run_installs_then_trains():
   assert install_venv == f"make -C {REPO} venv"
   assert install_cuda.replace(
       "\\", "") == (f"{REPO}/.venv/bin/pip install -q -e {REPO}[cuda] -c {REPO}/constraints.txt")
-  assert train == f"{PYTHON} -m coe_jax.main {' '.join(BASE)} --config.seed=3"
+  assert train == f"{PYTHON} -m coe_jax.main --platform=gpu {' '.join(BASE)} --config.seed=3"
 
 
 @pytest.mark.parametrize("source", ["flags", "environment"])
@@ -64,7 +64,7 @@ def test_multi_node_dry_run_gives_main_the_processes(source):
   else:
     result = _run("--dry-run", "--no-install", *BASE, env=cluster)
   assert _lines(result) == [
-      f"{PYTHON} -m coe_jax.main {' '.join(BASE)} --coordinator_address=node0:1234 "
+      f"{PYTHON} -m coe_jax.main --platform=gpu {' '.join(BASE)} --coordinator_address=node0:1234 "
       "--num_processes=4 --process_id=3"
   ]
 
@@ -143,7 +143,7 @@ def test_slurm_job_runs_main_once_per_node_with_its_index(tmp_path):
   env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_NODELIST="gpu-[a-c]")
   result = subprocess.run(["bash", str(job)], capture_output=True, text=True, env=env, timeout=60)
   assert _lines(result) == [
-      f"{PYTHON} -m coe_jax.main --config=configs/digits.py --workdir={workdir} "
+      f"{PYTHON} -m coe_jax.main --platform=gpu --config=configs/digits.py --workdir={workdir} "
       f"--coordinator_address=gpu-a:8476 --num_processes=3 --process_id={i}" for i in range(3)
   ]
 
@@ -269,3 +269,16 @@ def test_main_with_a_bad_num_processes_fails_in_one_line(tmp_path):
                  "--coordinator_address=localhost:1234", "--num_processes=2.5", "--process_id=0"))
   assert line == "error: num_processes='2.5': expected an integer >= 1"
   assert not workdir.exists()
+
+
+def test_a_gpu_run_on_a_machine_without_one_stops_in_one_line(tmp_path):
+  """What launch/gpu.sh runs, on this CPU-only machine: no silent fall-back to the CPU."""
+  workdir = tmp_path / "run"
+  line = error_line(
+      run_module("coe_jax.main",
+                 "--platform=gpu",
+                 f"--config={config_path('digits')}",
+                 f"--workdir={workdir}",
+                 JAX_PLATFORMS=""))
+  assert line.startswith("error: platform='gpu': jax found no gpu and would run on cpu")
+  assert not (workdir / "checkpoints").exists()

@@ -19,7 +19,7 @@ LAYERS = (
     ("evaluation",),
     ("training",),
     ("serving",),
-    ("main", "ablate", "plan"),
+    ("main", "ablate", "plan", "evaluate"),
 )
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 PACKAGE = os.path.join(REPO, "coe_jax")

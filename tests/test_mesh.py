@@ -54,6 +54,16 @@ def test_one_expert_group_replicates_everything_and_the_batch_splits_on_data():
   assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec(mesh_lib.DATA_AXIS)
 
 
+def test_evaluation_pads_a_batch_the_data_axis_does_not_split():
+  """cifar10's eval.batch_size=500 on 8 devices: 504 a batch, the 4 extra rows padding."""
+  config = _config(data=8, expert=1)
+  config.eval.batch_size = 500
+  mesh = mesh_lib.make_mesh(config, jax.devices()[:8])
+  assert mesh_lib.eval_batch_size(config, mesh) == 504
+  config.eval.batch_size = 512
+  assert mesh_lib.eval_batch_size(config, mesh) == 512
+
+
 @pytest.mark.parametrize("key, value, fragment", [
     ("mesh.expert", 3, "mesh.expert=3: expected a positive divisor of the 8 devices"),
     ("mesh.data", 3, "mesh.data=3: expected -1 or 4"),

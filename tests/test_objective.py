@@ -261,3 +261,59 @@ def test_experts_are_scored_on_the_scoring_logits_and_trained_on_their_own():
   for key in ("selection_loss", "delegator_loss", "selection_agreement", "routed_accuracy"):
     assert both[key] == scored[key], key
   assert both["selection_loss"] != trained["selection_loss"]
+
+
+def test_a_generalist_warmup_trains_expert_zero_alone():
+  config = make_config()
+  config.train.generalist_warmup = True
+  class_logits, selection_logits, expert_logits, labels = inputs()
+  targets, _ = objective.expert_targets("warmup", config, batch=B, num_experts=N)
+  np.testing.assert_array_equal(targets.weights, np.eye(N)[[0] * B])
+  to_experts = jax.grad(lambda z: objective.coe_objective(class_logits, selection_logits, z, labels,
+                                                          config, "warmup")[0])(expert_logits)
+  assert not is_zero(to_experts[0]) and is_zero(to_experts[1:])
+
+
+def test_the_selection_head_can_learn_in_warmup():
+  """`loss.selection_in_warmup`: LGM's labels train g in warm-up (independent experts
+  already differ); the experts still weigh every sample by 1."""
+  config = make_config(selection_in_warmup=True)
+  class_logits, selection_logits, expert_logits, labels = inputs()
+  loss = lambda g: objective.coe_objective(class_logits, g, expert_logits, labels, config, "warmup")
+  total, metrics = loss(selection_logits)
+  assert float(metrics["selection_loss"]) > 0 and float(metrics["selection_agreement"]) > 0
+  assert not is_zero(jax.grad(lambda g: loss(g)[0])(selection_logits))
+  ce = -log_softmax(np.asarray(expert_logits))[:, np.arange(B), labels]  # [N, B]
+  np.testing.assert_allclose(metrics["expert_loss"], np.sum(np.mean(ce, axis=1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing,cap", [(0.1, 0.91), (0.0, 1.0)])
+def test_label_smoothing_caps_the_delegators_confidence(smoothing, cap):
+  """The delegator's loss is minimised at confidence 1 - smoothing (K-1)/K: with
+  CIFAR's 10 classes and 0.1, no image passes a tau above 0.91."""
+  classes = 10
+  grad = jax.jit(
+      jax.grad(lambda z: losses.delegator_loss(z[None], jnp.array([3]), label_smoothing=smoothing)))
+  z = jnp.zeros(classes)
+  for _ in range(3000):
+    z = z - 1.0 * grad(z)
+  confidence = float(jax.nn.softmax(z)[3])
+  assert confidence == pytest.approx(1 - smoothing * (classes - 1) / classes, abs=2e-3)
+  assert confidence <= cap + 1e-3
+  if smoothing == 0:
+    assert confidence > 0.99
+
+
+@pytest.mark.parametrize("update,key", [
+    (dict(generalist_warmup=True, stages=dict(warmup=0.0, coadapt=1.0)), "train.generalist_warmup"),
+    (dict(generalist_warmup=True, selection_in_warmup=True), "loss.selection_in_warmup"),
+])
+def test_a_generalist_warmup_needs_its_stages_and_no_selection(update, key):
+  config = base_config()
+  config.train.generalist_warmup = update["generalist_warmup"]
+  if "stages" in update:
+    config.train.stages.update(update["stages"])
+  if "selection_in_warmup" in update:
+    config.loss.selection_in_warmup = True
+  with pytest.raises(CoEError, match="^" + key.replace(".", r"\.") + "=True"):
+    config_base.validate(config)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from coe_jax import config_base
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import under_experts
@@ -70,6 +71,32 @@ def test_each_stage_warms_up_and_decays_over_its_own_steps():
   # delegator [70, 100): its own peak and warm-up.
   assert lr(70) == 0 and lr(74) == pytest.approx(0.1) and lr(99) < 0.001
   assert max(lr(s) for s in range(70, 100)) == pytest.approx(0.1)
+
+
+def test_a_continuous_schedule_warms_up_once_and_decays_over_the_whole_run():
+  """`train.schedule=continuous`: co-adaptation does not start from a learning rate of
+  0 again, and the run's one cosine reaches 0 at its last step, as a single network's."""
+  config = tiny_config()
+  config.train.num_steps, config.train.learning_rate, config.train.warmup_steps = 100, 1.0, 10
+  config.train.stages.warmup, config.train.stages.coadapt = 0.2, 0.8
+  config.train.schedule = "continuous"
+  schedule = optim.learning_rate_schedule(config)
+  lr = lambda step: float(schedule(step))
+  assert lr(0) == 0 and lr(10) == pytest.approx(1.0)
+  # At the warmup -> coadapt boundary (20) the rate goes on along the cosine.
+  assert lr(20) == pytest.approx(lr(19), rel=0.02) and lr(20) > 0.9
+  assert lr(55) == pytest.approx(0.5, abs=0.01) and lr(99) < 1e-3
+  config.train.schedule = "per_stage"
+  assert float(optim.learning_rate_schedule(config)(20)) == 0
+
+
+def test_a_continuous_schedule_refuses_a_stage_schedule():
+  config = tiny_config()
+  config.train.schedule = "continuous"
+  config.train.stage_schedules.delegator.learning_rate = 0.1
+  with pytest.raises(CoEError,
+                     match=r"train\.stage_schedules\.delegator\.learning_rate=0\.1: expected None"):
+    config_base.validate(config)
 
 
 def test_a_bad_optimizer_setting_names_its_key():

@@ -35,12 +35,62 @@ def test_a_plan_counts_one_devices_share_of_the_state():
   assert result["fits"] and not plan.plan(config, 2, 2, hbm_gib=1e-6)["fits"]
 
 
+def test_the_plan_compiles_the_accelerators_forms_and_evaluation():
+  """The CPU's convolution forms (matrix products, taps) need more scratch than the
+  accelerators' (the plan's own figure); evaluation's memory counts beside the state."""
+  config = tiny_config(num_experts=4)
+  small = plan.plan(config, data=2, expert=2, hbm_gib=1.0)
+  assert small["cpu_forms_scratch_gib_per_device"] > small["gib_per_device"][
+      "activations_and_scratch"] > 0
+  assert small["eval_scratch_gib_per_device"] > 0
+  assert small["total_gib_per_device"] == max(small["train_gib_per_device"],
+                                              small["eval_gib_per_device"])
+  config.eval.batch_size = 4096
+  large = plan.plan(config, data=2, expert=2, hbm_gib=1.0)
+  assert large["eval_scratch_gib_per_device"] > 4 * small["eval_scratch_gib_per_device"]
+  assert large["train_gib_per_device"] == pytest.approx(small["train_gib_per_device"])
+  assert large["total_gib_per_device"] == large["eval_gib_per_device"]
+
+
+def test_a_step_that_does_not_fit_gets_the_remat_or_micro_batches_that_fit():
+  config = tiny_config(num_experts=4)
+  config.train.batch_size = 64
+  base = plan.plan(config, data=2, expert=2, hbm_gib=1.0, suggest=False)
+  # A chip just too small for the step as configured, and big enough for the
+  # same step in 2 micro-batches.
+  config.train.microbatches = 2
+  halved = plan.plan(config, data=2, expert=2, hbm_gib=1.0, suggest=False)["total_gib_per_device"]
+  assert halved < base["total_gib_per_device"]
+  config.train.microbatches = 1
+  hbm = (halved + base["total_gib_per_device"]) / 2
+  tight = plan.plan(config, data=2, expert=2, hbm_gib=hbm)
+  assert not tight["fits"]
+  suggestion = tight["suggestion"]
+  assert suggestion and suggestion["total_gib_per_device"] <= hbm
+  assert "fits with --config.train.remat=" in plan.format_plan(tight)
+
+
+def test_the_planner_runs_on_an_accelerator_host():
+  """JAX_PLATFORMS names an accelerator this machine lacks, as on a TPU host: the
+  planner still plans on fake CPU devices instead of starting (or failing on) the chips."""
+  result = run_module("coe_jax.plan",
+                      f"--config={config_path('digits')}",
+                      "--mesh=2x2",
+                      "--chip=v5e",
+                      "--config.train.batch_size=16",
+                      JAX_PLATFORMS="tpu")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "fits in 16 GiB" in result.stdout
+
+
 @pytest.mark.parametrize("args,fragment", [
-    (["--mesh=4"], "--mesh='4': expected DATAxEXPERT"),
+    (["--mesh=4", "--chip=v4"], "--mesh='4': expected DATAxEXPERT"),
     (["--mesh=2x2", "--hbm-gib=0"], "--hbm-gib=0.0"),
-    (["--mesh=1x3"], "mesh.expert=3"),
-    (["--mesh=2x2", "--config.train.microbatches=1024"], "train.microbatches=1024"),
-    (["--mesh=2x2", "--config.train.remat=everything"], "train.remat='everything'"),
+    (["--mesh=2x2"], "--chip=None: name the chip"),
+    (["--mesh=2x2", "--chip=v9"], "--chip='v9': expected one of v4, v5e"),
+    (["--mesh=1x3", "--chip=v4"], "mesh.expert=3"),
+    (["--mesh=2x2", "--chip=v4", "--config.train.microbatches=1024"], "train.microbatches=1024"),
+    (["--mesh=2x2", "--chip=v4", "--config.train.remat=everything"], "train.remat='everything'"),
 ])
 def test_bad_planner_arguments_fail_in_one_line(args, fragment):
   assert fragment in error_line(

@@ -3,9 +3,11 @@
 `tests/pod_worker.py` runs each process: 2 CPU devices each, joined by
 `jax.distributed` through a coordinator on localhost that the environment
 names (COE_COORDINATOR_ADDRESS, ...: the path of launch/gpu.sh's multi-node
-runs; gloo collectives), a data 2 x expert 2 mesh across the 4 devices. This
-is the multi-host path of pod training: each process reads its own share of
-every batch, checkpoints are written together, the evaluation gathers outputs
+runs; gloo collectives), a mesh across the 4 devices: data 2 x expert 2, where
+each process reads its own half of every batch, and data 1 x expert 4, where
+the expert axis spans the processes and both read the whole batch (the layout
+of an 8x8 plan on TPU hosts of 4 chips). This is the multi-host path of pod
+training: checkpoints are written together, the evaluation gathers outputs
 from both processes, the first one writes the results. This process then
 evaluates the pod's checkpoint on 4 devices, and trains the same config from
 scratch for the reference losses and parameters.
@@ -39,23 +41,30 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
+@pytest.mark.parametrize("data,expert", [(2, 2), (1, 4)])
+def test_two_process_pod_run_equals_a_one_process_run(tmp_path, data, expert):
   pod, port = tmp_path / "pod", _free_port()
   workers = [
-      subprocess.Popen([sys.executable, "-m", "tests.pod_worker",
-                        str(pod)],
-                       cwd=REPO,
-                       env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                          COE_NUM_PROCESSES=str(NUM_PROCESSES),
-                                          COE_PROCESS_ID=str(i)),
-                       stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT,
-                       text=True) for i in range(NUM_PROCESSES)
+      subprocess.Popen(
+          [sys.executable, "-m", "tests.pod_worker",
+           str(pod), str(data),
+           str(expert)],
+          cwd=REPO,
+          env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
+                             COE_NUM_PROCESSES=str(NUM_PROCESSES),
+                             COE_PROCESS_ID=str(i)),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True) for i in range(NUM_PROCESSES)
   ]
 
   outputs = [worker.communicate(timeout=600)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
+  # Each process says how much of every batch it loads.
+  share = pod_config().train.batch_size // data  # Each data row is one process's or both's.
+  for i, output in enumerate(outputs):
+    assert f"this process ({i} of {NUM_PROCESSES}) loads {share} examples" in output, output[-3000:]
 
   pod_results = results_figures(pod)
   # Every process ends with the same answer, which only the first one wrote.
@@ -69,7 +78,7 @@ def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
   # on the same examples, each device computing its own share alike.
   copy = tmp_path / "pod_copy"
   shutil.copytree(pod, copy)
-  config = pod_config()
+  config = pod_config(data, expert)
   config.eval.threshold = pod_results["threshold"]
   trainer = train.Trainer(config, str(copy), devices=jax.devices()[:4])
   here = train.evaluate(trainer, train.train(trainer), write_files=False)
@@ -85,7 +94,7 @@ def test_two_process_pod_run_equals_a_one_process_run(tmp_path):
   # biases by up to ~1e-3 either way. (Its figures are not compared: tau is
   # one of the hold-out's confidences, and float order can move which.)
   reference = tmp_path / "reference"
-  train.train(train.Trainer(pod_config(), str(reference), devices=jax.devices()[:4]))
+  train.train(train.Trainer(pod_config(data, expert), str(reference), devices=jax.devices()[:4]))
   got, want = training_metrics(pod), training_metrics(reference)
   assert [m["step"] for m in got] == [m["step"] for m in want] and want
   for g, w in zip(got, want):

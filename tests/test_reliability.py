@@ -30,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging
+from PIL import Image
 
 from coe_jax import data, objective, run_dir
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
+from coe_jax.serving import predict
+from coe_jax.serving.jax_predictor import Predictor
 from coe_jax.training import checkpointing, train
 from tests.helpers import checkpoint_params, results_figures, subprocess_env, training_metrics
 from tests.tiny import REPO
@@ -73,8 +76,8 @@ _HOOKS = '''\
 """Pauses a coe_jax.main run where a test asks, so that the test can kill it there.
 
 COE_TEST_HOOKS=DIR turns the hooks on; they signal by creating files in DIR.
-COE_TEST_PAUSE_STEP=k: before training step k (0-based) takes its batch,
-  create DIR/paused-step, then wait for DIR/resume.
+COE_TEST_PAUSE_STEP=k: before training step k (0-based) runs, where it waits
+  for the input pipeline, create DIR/paused-step, then wait for DIR/resume.
 COE_TEST_PAUSE_SAVE=k: when orbax is about to commit checkpoint k (rename its
   temporary directory), create DIR/paused-save and hold that save.
 """
@@ -93,8 +96,11 @@ def _signal(name):
 
 if _DIR and os.environ.get("COE_TEST_PAUSE_STEP"):
   from coe_jax import data
+  from coe_jax.training import train
 
-  _PAUSE_STEP = int(os.environ["COE_TEST_PAUSE_STEP"])
+  # The trainer pulls batches PREFETCH - 1 steps ahead of the step that asks
+  # for one: step k asks while batch k + PREFETCH - 1 is read.
+  _PAUSE_STEP = int(os.environ["COE_TEST_PAUSE_STEP"]) + train.PREFETCH - 1
   _train_batches = data.train_batches
 
   def train_batches(config, start_step=0, **kwargs):
@@ -413,6 +419,28 @@ def test_an_unreadable_latest_checkpoint_is_reported_in_one_line_and_skipped(
   finally:
     checkpointer.close()
   assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_predictor_refuses_an_unreadable_newest_checkpoint(reference, tmp_path, capsys):
+  """Training falls back to an older checkpoint; serving must not answer with an older
+  model than the user thinks: one line, naming the saved steps, unless asked for one."""
+  workdir = shutil.copytree(reference, tmp_path / "run")
+  _damage(workdir / "checkpoints" / "6", "truncated")
+  with pytest.raises(CoEError) as error:
+    Predictor.load(str(workdir))
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("step=6: the newest checkpoint in")
+  assert "ask for an older one on purpose (step=4; saved steps: 2, 4, 6)" in message
+  image = tmp_path / "digit.png"
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+  assert predict.main([f"--workdir={workdir}", str(image)]) == 1
+  assert capsys.readouterr().err.startswith("error: step=6: the newest checkpoint")
+  # Asked for on purpose, the older checkpoint serves; nothing was moved or deleted.
+  assert Predictor.load(str(workdir), step=4).num_experts == 2
+  assert predict.main([f"--workdir={workdir}", "--step=4", str(image)]) == 0
+  assert _listing(workdir / "checkpoints") == ["2", "4", "6"]
+  with pytest.raises(CoEError, match="step=5: no such checkpoint .* saved steps: 2, 4, 6"):
+    Predictor.load(str(workdir), step=5)
 
 
 def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_nothing(

@@ -240,3 +240,29 @@ def test_compiled_programs_are_kept_in_the_workdir_unless_told_otherwise():
   assert train.compilation_cache_dir(config, "/w", "/shared") == "/shared"
   config.train.compilation_cache_dir = ""  # Off, whatever the environment says.
   assert train.compilation_cache_dir(config, "/w", "/shared") == ""
+
+
+def test_a_three_stage_run_on_a_mesh_with_scanned_experts(tmp_path):
+  """The accelerators' default loop (scan) through warm-up, co-adaptation, the
+  delegator stage and evaluation on a data 2 x expert 2 mesh: no collective
+  deadlock, and the figures match a pass over the same checkpoint on one device.
+  The evaluation batch (15) does not split over the data axis: it is padded."""
+  config = train_config(num_steps=6)
+  config.num_experts, config.expert_loop = 4, "scan"
+  config.train.stages.warmup, config.train.stages.coadapt = 1 / 3, 1 / 3
+  config.train.stages.delegator = 1 / 3
+  config.mesh.data, config.mesh.expert = 2, 2
+  config.eval.batch_size = 15
+  workdir = str(tmp_path / "run")
+  trainer = train.Trainer(config, workdir, devices=jax.devices()[:4])
+  assert trainer.eval_config.eval.batch_size == 16
+  results = train.evaluate(trainer, train.train(trainer))
+  stages = [m["step"] for m in training_metrics(workdir)]
+  assert stages[-1] == 6 and results["num_test_examples"] == 360
+
+  config.mesh.data, config.mesh.expert = 1, 1
+  config.eval.threshold = results["threshold"]
+  one = train.Trainer(config, workdir, devices=jax.devices()[:1])
+  again = train.evaluate(one, train.train(one), write_files=False)
+  for key in ("top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate"):
+    assert again[key] == pytest.approx(results[key], abs=1 / 360), key

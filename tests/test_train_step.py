@@ -144,3 +144,116 @@ def test_micro_batches_train_the_objective_of_the_whole_batch(stage):
                                             _leaves(new_state.params, experts=False))
   ]
   assert sum(moved) > len(moved) // 2
+
+
+def test_a_generalist_warmup_trains_one_expert_and_copies_it_into_all(tmp_path):
+  """Warm-up (2 steps) trains expert 0 alone; when co-adaptation starts, every expert's
+  parameters, BatchNorm statistics, optimizer state and EMA are expert 0's, also in a
+  run resumed exactly there."""
+  config = train_config(num_steps=4)
+  config.train.generalist_warmup = True
+  config.train.ema_decay = 0.9
+  workdir = str(tmp_path / "run")
+  trainer = single_device_trainer(config, workdir)
+  initial = jax.device_get(trainer.init_state())
+  assert train.train(trainer, stop_at=2) is None  # Stopped with a checkpoint at the boundary.
+  _, warm = train.checkpointing.Checkpointer(workdir,
+                                             keep=3,
+                                             fingerprint=train.checkpointing.shape_fingerprint(
+                                                 config, 10)).restore_latest(trainer.abstract_state)
+  warm = jax.device_get(warm)
+  bias = lambda state, j: state.params["experts"]["classifier"]["bias"][j]
+  assert not np.allclose(bias(warm, 0), bias(initial, 0))  # Expert 0 trained...
+  np.testing.assert_array_equal(bias(warm, 1), bias(initial, 1))  # ... expert 1 did not.
+
+  copied = jax.device_get(trainer.copy_generalist(jax.device_put(warm)))
+  flat = jax.tree_util.tree_flatten_with_path(copied)[0]
+  stacked = [leaf for path, leaf in flat if under_experts(path)]
+  assert {path[0].name for path, _ in flat if under_experts(path)
+         } == {"params", "batch_stats", "opt_state", "ema_params"}
+  for leaf in stacked:
+    np.testing.assert_array_equal(leaf[1], leaf[0])
+  for got, want in zip(_leaves(copied, experts=False), _leaves(warm, experts=False), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+  # The resumed run copies at step 2, and only there.
+  calls = []
+  copy = trainer.copy_generalist
+  trainer.copy_generalist = lambda state: (calls.append(int(state.step)), copy(state))[1]
+  train.train(trainer)
+  assert calls == [2]
+
+
+def test_a_run_starts_from_another_runs_networks(tmp_path):
+  """`train.init_from`: a one-network run's expert becomes every expert (a generalist),
+  its delegator the delegator but for the selection head; a run of another
+  architecture is refused in one line naming the leaf."""
+  source = train_config(num_steps=2)
+  source.num_experts = 1
+  source.train.stages = {"warmup": 1.0}
+  source_dir = str(tmp_path / "generalist")
+  trained = jax.device_get(train.train(single_device_trainer(source, source_dir)))
+
+  config = train_config(num_steps=2)
+  config.train.init_from = source_dir
+  state = jax.device_get(single_device_trainer(config, str(tmp_path / "coe")).init_state())
+  fresh_config = train_config(num_steps=2)
+  fresh = jax.device_get(single_device_trainer(fresh_config, str(tmp_path / "x")).init_state())
+  for part in ("params", "batch_stats"):
+    got, want = getattr(state, part), getattr(trained, part)
+    for g, w in zip(jax.tree.leaves(got["experts"]), jax.tree.leaves(want["experts"]), strict=True):
+      np.testing.assert_array_equal(g, np.broadcast_to(w, g.shape))
+  delegator = state.params["delegator"]
+  np.testing.assert_array_equal(delegator["classifier"]["kernel"],
+                                trained.params["delegator"]["classifier"]["kernel"])
+  np.testing.assert_array_equal(delegator["selector"]["kernel"],
+                                fresh.params["delegator"]["selector"]["kernel"])
+
+  config.expert.head_features = 24
+  with pytest.raises(train.CoEError, match=r"^train\.init_from=.*\['experts'\].* has shape"):
+    single_device_trainer(config, str(tmp_path / "other")).init_state()
+
+
+def test_time_based_checkpoints_save_at_logging_steps(tmp_path, monkeypatch):
+  """`train.checkpoint_every_secs`: with a clock that moves 10 s per reading, a
+  1-second period saves at every logging step (2, 4), besides the end."""
+  clock = iter(range(0, 10_000, 10))
+  monkeypatch.setattr(train, "now", lambda: float(next(clock)))
+  config = train_config(num_steps=6)
+  config.train.checkpoint_every_steps, config.train.log_every_steps = 1000, 2
+  config.train.checkpoint_every_secs = 1.0
+  workdir = tmp_path / "run"
+  train.train(single_device_trainer(config, str(workdir)))
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+  config.train.checkpoint_every_secs = 0.0
+  other = tmp_path / "other"
+  train.train(single_device_trainer(config, str(other)))
+  assert [p.name for p in (other / "checkpoints").iterdir()] == ["6"]
+
+
+def test_prefetch_keeps_order_and_stays_a_fixed_number_of_batches_ahead():
+  pulled = []
+
+  def source():
+    for i in range(10):
+      pulled.append(i)
+      yield i
+
+  got = []
+  for value in train.prefetch(source(), lambda b: b * 10, size=2):
+    got.append(value)
+    assert len(pulled) <= len(got) + 2
+  assert got == [10 * i for i in range(10)]
+
+
+def test_throughput_leaves_out_the_time_spent_saving_and_evaluating(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+  config = train_config(num_steps=20)
+  config.train.peak_flops_per_device = 1e9
+  progress = train.TrainingProgress(single_device_trainer(config, "/tmp/unused"), 0)
+  clock[0] += 1.0  # One second of training ...
+  with progress.excluded():
+    clock[0] += 3.0  # ... and three of saving.
+  rates = progress.report(10, {"loss": 1.0, "routed_accuracy": 0.5, "delegator_accuracy": 0.5})
+  assert rates["steps_per_sec"] == pytest.approx(10.0)

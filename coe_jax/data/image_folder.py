@@ -77,6 +77,25 @@ def _check_readable(root: str, paths: list[str], results: list[np.ndarray | str]
                    f"read, the first is {path} ({reason}); fix or remove them")
 
 
+def load_test_split(root: str, image_size: int,
+                    channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(images uint8 [T, S, S, C], labels int32 [T], class names) of `root/test/` alone.
+
+  For evaluating a trained run on a folder: its train/ split is not read.
+  """
+  require(os.path.isdir(root), "data_path", root, "does not exist or is not a folder")
+  files = _list_split(root, "test")
+  classes = list(files)
+  paths = [p for name in classes for p in files[name]]
+  labels = np.array([label for label, name in enumerate(classes) for _ in files[name]], np.int32)
+  read = functools.partial(_read, image_size=image_size, channels=channels)
+  with concurrent.futures.ThreadPoolExecutor(min(_MAX_THREADS, os.cpu_count() or 1)) as pool:
+    results = list(pool.map(read, paths))
+  _check_readable(root, paths, results)
+  return np.array(results, np.uint8).reshape(len(paths), image_size, image_size,
+                                             channels), labels, classes
+
+
 @functools.lru_cache(maxsize=2)
 def _load(root: str, image_size: int, channels: int, holdout_fraction: float) -> memory.Splits:
   require(bool(root), "data.path", root, "data.name=image_folder needs data.path=DIR")

@@ -75,19 +75,9 @@ class Progress:
                  time.monotonic() - self._start)
 
 
-def collect_outputs(model: CoE,
-                    variables: Any,
-                    batches: Iterable[dict[str, Any]],
-                    *,
-                    expert_loop: str = "unroll",
-                    mesh: Optional[jax.sharding.Mesh] = None,
-                    progress: Optional[Progress] = None) -> EvalOutputs:
-  """Runs the delegator and every expert over `batches` (masked padding dropped).
-
-  `batches` hold arrays ready for the device (global arrays under `mesh`,
-  split over its data axis). The experts run as the router runs them
-  (`expert_parallel.run_experts`), and every process reads the whole outputs.
-  """
+def outputs_program(model: CoE, expert_loop: str, mesh: Optional[jax.sharding.Mesh]):
+  """The jitted pass `collect_outputs` runs on each batch: (variables, batch) -> a dict of
+  per-example outputs, replicated on every device (the planner compiles it too)."""
   out_sharding = mesh_lib.replicated(mesh) if mesh is not None else None
 
   @functools.partial(jax.jit, out_shardings=out_sharding)
@@ -106,6 +96,23 @@ def collect_outputs(model: CoE,
                 selected=jnp.argmax(selection_logits, -1),
                 experts=jnp.argmax(expert_logits, -1))
 
+  return forward
+
+
+def collect_outputs(model: CoE,
+                    variables: Any,
+                    batches: Iterable[dict[str, Any]],
+                    *,
+                    expert_loop: str = "unroll",
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    progress: Optional[Progress] = None) -> EvalOutputs:
+  """Runs the delegator and every expert over `batches` (masked padding dropped).
+
+  `batches` hold arrays ready for the device (global arrays under `mesh`,
+  split over its data axis). The experts run as the router runs them
+  (`expert_parallel.run_experts`), and every process reads the whole outputs.
+  """
+  forward = outputs_program(model, expert_loop, mesh)
   parts = []
   for batch in batches:
     out = jax.device_get(forward(variables, batch))
@@ -214,7 +221,7 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
       "top1_no_early_exit": float((outputs.routed_prediction == outputs.labels).mean()),
       "delegator_top1": float((outputs.delegator_prediction == outputs.labels).mean()),
       "expert_top1": [float(x) for x in (outputs.expert_predictions == outputs.labels).mean(1)],
-      "oracle_top1": float((outputs.expert_predictions == outputs.labels).any(0).mean()),
+      **oracle_figures(outputs),
       **portion_top1(outputs, num_experts),
       "early_exit_rate": exit_rate,
       "threshold": float(threshold),
@@ -223,6 +230,30 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
       "expert_flops": int(expert_flops),
       "expert_load": [float(x) for x in load],
       "num_test_examples": int(len(outputs.labels)),
+  }
+
+
+def oracle_figures(outputs: EvalOutputs) -> dict[str, Optional[float]]:
+  """How far routing is from what the experts allow (no early exit):
+
+  - `oracle_top1`: some expert is right. No router reaches it: it may pick a
+    different expert for two images it cannot tell apart.
+  - `per_class_oracle_top1`: each class sent to the expert best on that
+    class; a router that knew the class would reach it.
+  - `chosen_wrong_given_some_right`: P(the selected expert is wrong | some
+    expert is right), the share of reachable answers the router misses.
+  """
+  correct = outputs.expert_predictions == outputs.labels  # [N, T]
+  some_right = correct.any(0)  # [T]
+  chosen_right = outputs.routed_prediction == outputs.labels  # [T]
+  best_per_class = 0
+  for k in np.unique(outputs.labels):
+    best_per_class += int(correct[:, outputs.labels == k].sum(1).max())
+  missed = (some_right & ~chosen_right).sum() / some_right.sum() if some_right.any() else None
+  return {
+      "oracle_top1": float(some_right.mean()),
+      "per_class_oracle_top1": best_per_class / len(outputs.labels),
+      "chosen_wrong_given_some_right": None if missed is None else float(missed),
   }
 
 

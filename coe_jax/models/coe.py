@@ -65,14 +65,20 @@ class CoE:
                 images: jax.Array,
                 *,
                 train: bool = False,
-                rng: Optional[jax.Array] = None):
-    """(class_logits [B, K], selection_logits [B, N]); with train, also new batch_stats."""
+                rng: Optional[jax.Array] = None,
+                example_index: Optional[jax.Array] = None):
+    """(class_logits [B, K], selection_logits [B, N]); with train, also new batch_stats.
+
+    `example_index` [B]: the images' positions in the global batch, which draw
+    their dropout masks (0..B-1 when None).
+    """
     own = stacked.part(variables, DELEGATOR)
     if not train:
       return self.delegator_net.apply(own, images)
     outputs, updates = self.delegator_net.apply(own,
                                                 images,
                                                 train=True,
+                                                example_index=example_index,
                                                 mutable=["batch_stats"],
                                                 rngs={"dropout": rng})
     return outputs, updates["batch_stats"]
@@ -102,7 +108,8 @@ class CoE:
                   train: bool = False,
                   rngs: Optional[jax.Array] = None,
                   loop: str = "vmap",
-                  net: Optional[Expert] = None):
+                  net: Optional[Expert] = None,
+                  example_index: Optional[jax.Array] = None):
     """Runs N' stacked experts (all N, or a device's share of them under a mesh).
 
     Returns logits [N', B, K]; with `train`, (logits, deterministic logits, new
@@ -123,6 +130,8 @@ class CoE:
         experts fastest (benchmarks/README.md), and "scan" on accelerators.
       net: the expert network to apply; `expert_net` when None (the trainer
         passes one whose BatchNorm reduces over a mesh axis).
+      example_index: [B] the images' positions in the global batch, which draw
+        their dropout masks (train only; 0..B-1 when None).
     """
     config_base.check_value("expert_loop", loop)
     loop = stacked.resolve_loop(loop, jax.default_backend())
@@ -137,6 +146,7 @@ class CoE:
                                                    expert_images,
                                                    train=True,
                                                    with_deterministic=True,
+                                                   example_index=example_index,
                                                    mutable=["batch_stats"],
                                                    rngs={"dropout": expert_rng})
       return logits, deterministic, updates["batch_stats"]

@@ -25,6 +25,26 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return (images.astype(dtype) - 127.5) / 127.5
 
 
+def example_dropout(module: nn.Module, rate: float, features: jax.Array, train: bool,
+                    example_index: Optional[jax.Array]) -> jax.Array:
+  """Dropout on pooled features [B, F] whose mask for example i depends on i alone.
+
+  Row i's mask is drawn from the module's dropout key folded with
+  `example_index[i]`, the example's position in the global batch (0..B-1
+  when None), so the masks of a step are the same however the batch is split
+  over devices or micro-batches: a run trains alike on every mesh.
+  """
+  if not train or rate == 0:
+    return features
+  key = module.make_rng("dropout")
+  if example_index is None:
+    example_index = jnp.arange(features.shape[0])
+  keep = jax.vmap(
+      lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1 - rate, features.shape[1:]))(
+          example_index)  # [B, F]
+  return jnp.where(keep, features / (1 - rate), 0).astype(features.dtype)
+
+
 def _rematerialised(module: type[nn.Module], wanted: bool) -> type[nn.Module]:
   """`module`, recomputed in the backward pass instead of saving its activations, if wanted.
 
@@ -93,12 +113,18 @@ class Expert(nn.Module):
   remat: str = "none"  # config_base.REMAT_MODES; "full" saves only the images.
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, with_deterministic: bool = False):
+  def __call__(self,
+               images: jax.Array,
+               train: bool = False,
+               with_deterministic: bool = False,
+               example_index: Optional[jax.Array] = None):
     """Logits [B, K]; with `with_deterministic`, also those without dropout.
 
     Dropout acts on the pooled features only, so the logits without it come
     from the same pass (same BatchNorm batch statistics) for one extra
     [B, F] x [F, K] product: the objective scores experts on them.
+    `example_index` [B]: the images' positions in the global batch, which
+    draw their dropout masks (`example_dropout`).
     """
     features = _rematerialised(Backbone, self.remat == "full")(self.spec,
                                                                self.dtype,
@@ -107,7 +133,8 @@ class Expert(nn.Module):
                                                                name="backbone")(images,
                                                                                 train)  # [B, F]
     classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
-    dropped = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
+    dropped = example_dropout(self, self.spec.dropout_rate, features, train,
+                              example_index)  # [B, F]
     logits = classifier(dropped).astype(jnp.float32)  # [B, K]
     if not with_deterministic:
       return logits
@@ -127,13 +154,18 @@ class Delegator(nn.Module):
   remat: str = "none"  # config_base.REMAT_MODES
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self,
+               images: jax.Array,
+               train: bool = False,
+               example_index: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """`example_index` [B]: as for `Expert`."""
     features = _rematerialised(Backbone, self.remat == "full")(self.spec,
                                                                self.dtype,
                                                                remat=self.remat,
                                                                name="backbone")(images,
                                                                                 train)  # [B, F]
-    features = nn.Dropout(self.spec.dropout_rate, deterministic=not train)(features)  # [B, F]
+    features = example_dropout(self, self.spec.dropout_rate, features, train,
+                               example_index)  # [B, F]
     class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)
     selection_logits = nn.Dense(self.num_experts, dtype=self.dtype, name="selector")(features)
     return class_logits.astype(jnp.float32), selection_logits.astype(jnp.float32)

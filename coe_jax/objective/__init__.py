@@ -15,8 +15,11 @@ This project's reading (docs/method.md, section 4): `L = L_E + lambda_sel * L_se
 lambda_D * L_D`, in three stages run in this order, each a fraction of
 `train.num_steps` (`train.stages`):
 - `warmup`: experts and delegator are plain classifiers. Every expert weighs
-  every sample by 1, there is no selection loss and no distillation, and the
-  selection logits are not read at all.
+  every sample by 1 (with `train.generalist_warmup`, expert 0 alone trains,
+  and the trainer copies it into every expert when `coadapt` starts). Unless
+  `loss.selection_in_warmup`, there is no selection loss and no
+  distillation: the selection logits are not read at all. With it, the
+  selection head learns LGM's labels (VCM-weighted) as in `coadapt`.
 - `coadapt`: WGM weights for `L_E`, LGM targets and VCM weights for `L_sel`,
   and `L_D` with optional distillation towards the expert the delegator
   selects (argmax of g).
@@ -66,6 +69,11 @@ def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
   return bounds[-1][0]
 
 
+def trains_selection(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether `stage` trains the selection head on LGM's labels (and reads g)."""
+  return stage != "warmup" or config.loss.selection_in_warmup
+
+
 def _solver_kwargs(config: ml_collections.ConfigDict,
                    replicate: Callable[[jax.Array], jax.Array]) -> dict[str, Any]:
   return dict(epsilon=config.wgm.sinkhorn_epsilon,
@@ -109,13 +117,16 @@ def expert_targets(
   """The experts' loss weights of a stage: None in `delegator` (experts frozen).
 
   `coadapt` solves WGM's balanced transport of `selection_logits` [B, N];
-  `warmup` weighs every pair by 1 and does not read them. The info holds
-  WGM's `portion` [B] and solver figures.
+  `warmup` weighs every pair by 1 (expert 0's alone with
+  `train.generalist_warmup`) and does not read them. The info holds WGM's
+  `portion` [B] and solver figures.
   """
   if stage == "delegator":
     return None, {}
   if stage == "warmup":
     weights, info = jnp.ones((batch, num_experts), jnp.float32), {}  # [B, N]
+    if config.train.generalist_warmup:
+      weights = weights * (jnp.arange(num_experts) == 0)  # [B, N]: expert 0's column
   else:
     weights, portion, info = wgm.expert_loss_weights(
         selection_logits.astype(jnp.float32),
@@ -180,8 +191,8 @@ def delegator_side_loss(class_logits: jax.Array,
   """`lambda_sel L_sel + lambda_D L_D` of these samples, and the two terms.
 
   `share` is these samples' fraction of the whole batch (both terms are
-  means over it); `targets` is None in `warmup`, which has no selection loss
-  and no distillation.
+  means over it); `targets` is None in a `warmup` without selection
+  (`trains_selection`), which has no selection loss and no distillation.
   """
   class_logits = class_logits.astype(jnp.float32)  # [B/M, K]
   if targets is None:
@@ -223,7 +234,7 @@ def batch_metrics(stage: str, scoring_logits: jax.Array, selection_logits: jax.A
                  lgm_sinkhorn_iterations=zero,
                  lgm_sinkhorn_converged=one,
                  delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
-  if stage == "warmup":
+  if targets is None:  # No selection trained in this stage.
     return metrics
   selected = jnp.argmax(selection_logits, axis=-1)  # [B]
   selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
@@ -310,7 +321,7 @@ def coe_objective(
                                      selection_logits=selection_logits,
                                      replicate=replicate)
   delegator, lgm_info = None, {}
-  if stage != "warmup":
+  if trains_selection(config, stage):
     delegator, lgm_info = delegator_targets(scoring_logits, selection_logits, labels, config, rng,
                                             replicate)
   total, selection_loss, delegator_loss = delegator_side_loss(class_logits, selection_logits,

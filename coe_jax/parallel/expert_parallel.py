@@ -17,6 +17,7 @@ read with ordinary jax.numpy.
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from coe_jax.models import stacked
@@ -50,9 +51,19 @@ def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_i
                        out_specs=split)(stacked.part(variables, EXPERTS), images)
 
 
-def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: jax.Array, *,
-                    mesh: Optional[Mesh], batch_norm_scope: str):
+def train_delegator(model: CoE,
+                    variables: Variables,
+                    images: jax.Array,
+                    rng: jax.Array,
+                    *,
+                    mesh: Optional[Mesh],
+                    batch_norm_scope: str,
+                    example_index: Optional[jax.Array] = None):
   """The delegator in training mode: ((class logits [B, K], selection logits [B, N]), stats).
+
+  `example_index` [B] gives each image's position in the global batch
+  (0..B-1 when None), from which its dropout mask is drawn: the masks do not
+  depend on the mesh.
 
   With `batch_norm_scope="global"` its work is split over every device by
   the partitioner, and BatchNorm's statistics are the whole batch's. With
@@ -61,26 +72,29 @@ def train_delegator(model: CoE, variables: Variables, images: jax.Array, rng: ja
   and the running averages are then averaged over the devices, so every
   device keeps the same ones.
   """
+  if example_index is None:
+    example_index = jnp.arange(images.shape[0])  # [B]
   if mesh is None or batch_norm_scope == "global":
     every_device = NamedSharding(mesh, ALL_DEVICES) if mesh is not None else None
     if every_device is not None:
-      images = jax.lax.with_sharding_constraint(images, every_device)
-    return model.delegator(variables, images, train=True, rng=rng)
+      images, example_index = jax.lax.with_sharding_constraint((images, example_index),
+                                                               every_device)
+    return model.delegator(variables, images, train=True, rng=rng, example_index=example_index)
   axes = (DATA_AXIS, EXPERT_AXIS)
   # Only the delegator's variables enter the shard_map, under their key, as
   # `model.delegator` reads them.
   own = {collection: {DELEGATOR: tree[DELEGATOR]} for collection, tree in variables.items()}
 
-  def run_local(own: Variables, images: jax.Array):
-    # images: [B / (D E), H, W, C]; own: the delegator's variables, on every device.
-    device = jax.lax.axis_index(axes)
-    outputs, stats = model.delegator(own, images, train=True, rng=jax.random.fold_in(rng, device))
+  def run_local(own: Variables, images: jax.Array, example_index: jax.Array):
+    # images: [B / (D E), H, W, C]; example_index: [B / (D E)]; own: on every device.
+    outputs, stats = model.delegator(own, images, train=True, rng=rng, example_index=example_index)
     return outputs, jax.lax.pmean(stats, axes)
 
   return jax.shard_map(run_local,
                        mesh=mesh,
-                       in_specs=(PartitionSpec(), ALL_DEVICES),
-                       out_specs=((ALL_DEVICES, ALL_DEVICES), PartitionSpec()))(own, images)
+                       in_specs=(PartitionSpec(), ALL_DEVICES, ALL_DEVICES),
+                       out_specs=((ALL_DEVICES, ALL_DEVICES), PartitionSpec()))(own, images,
+                                                                                example_index)
 
 
 def train_experts(model: CoE,
@@ -90,43 +104,48 @@ def train_experts(model: CoE,
                   *,
                   expert_loop: str,
                   mesh: Optional[Mesh],
-                  batch_norm_scope: str = "global"):
+                  batch_norm_scope: str = "global",
+                  example_index: Optional[jax.Array] = None):
   """Every expert in training mode on the whole batch, each device on its share.
 
-  Returns (logits [N, B, K], deterministic logits [N, B, K] (the same pass
-  without dropout), new batch_stats [N, ...]). Under a mesh, BatchNorm
-  reduces over the data axis with `batch_norm_scope="global"`, so the
-  statistics are those of the global batch, as on one device; with
-  "replica" each data shard's statistics are its own B / D samples', and
-  the running averages are averaged over the data axis. Each data shard
-  draws its own dropout masks. Gradients flow back through `shard_map`: each
-  device's expert gradients are summed over the data axis, and no device
-  computes another's experts.
+  Returns (logits [N, B, K], deterministic logits [N, B, K] (the same pass without
+  dropout), new batch_stats [N, ...]). Under a mesh, BatchNorm reduces over the data
+  axis with `batch_norm_scope="global"`, so the statistics are those of the global
+  batch, as on one device; with "replica" each data shard's statistics are its own B / D
+  samples', and the running averages are averaged over the data axis. Dropout masks come
+  from each expert's key and `example_index` [B], the images' positions in the global
+  batch (0..B-1 when None), so they do not depend on the mesh. Gradients flow back
+  through `shard_map`: each device's expert gradients are summed over the data axis, and
+  no device computes another's experts.
   """
   experts = stacked.part(variables, EXPERTS)
   rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
+  if example_index is None:
+    example_index = jnp.arange(images.shape[0])  # [B]
   if mesh is None:
     return model.run_stacked(experts,
                              images,
                              shared_input=True,
                              train=True,
                              rngs=rngs,
-                             loop=expert_loop)
+                             loop=expert_loop,
+                             example_index=example_index)
   split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
   per_replica = batch_norm_scope == "replica"
   net = model.expert_net.clone(batch_norm_axis=None if per_replica else DATA_AXIS)
 
-  def run_local(experts: Variables, images: jax.Array, rngs: jax.Array):
-    # experts: leaves [N / E, ...]; images: [B / D, H, W, C]; rngs: [N / E].
-    shard = jax.lax.axis_index(DATA_AXIS)
-    rngs = jax.vmap(lambda key: jax.random.fold_in(key, shard))(rngs)
-    logits, deterministic, stats = model.run_stacked(experts,
-                                                     images,
-                                                     shared_input=True,
-                                                     train=True,
-                                                     rngs=rngs,
-                                                     loop=expert_loop,
-                                                     net=net)  # [N / E, B / D, K] x 2, stats
+  def run_local(experts: Variables, images: jax.Array, rngs: jax.Array, example_index: jax.Array):
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, C]; rngs: [N / E];
+    # example_index: [B / D].
+    logits, deterministic, stats = model.run_stacked(
+        experts,
+        images,
+        shared_input=True,
+        train=True,
+        rngs=rngs,
+        loop=expert_loop,
+        net=net,
+        example_index=example_index)  # [N / E, B / D, K] x 2, stats
     if per_replica:
       stats = jax.lax.pmean(stats, DATA_AXIS)
     return logits, deterministic, stats
@@ -134,5 +153,6 @@ def train_experts(model: CoE,
   return jax.shard_map(run_local,
                        mesh=mesh,
                        in_specs=(PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS),
-                                 PartitionSpec(EXPERT_AXIS)),
-                       out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs)
+                                 PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS)),
+                       out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs,
+                                                                             example_index)

@@ -5,7 +5,7 @@ experts' leading axis is split along it when it is larger than one). Every
 other array is replicated. On a pod, the mesh spans all hosts' devices.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -37,10 +37,10 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   data = config.mesh.data if config.mesh.data != -1 else num_devices // expert
   require(data >= 1 and data * expert == num_devices, "mesh.data", config.mesh.data,
           f"expected -1 or {num_devices // expert} (devices / mesh.expert)")
-  for key in ("train.batch_size", "eval.batch_size"):
-    section, name = key.split(".")
-    size = config[section][name]
-    require(size % data == 0, key, size, f"expected a multiple of the mesh's data axis ({data})")
+  # Evaluation pads its batches instead (`eval_batch_size`).
+  size = config.train.batch_size
+  require(size % data == 0, "train.batch_size", size,
+          f"expected a multiple of the mesh's data axis ({data})")
   microbatches = config.train.microbatches
   require(
       config.train.batch_size % (data * microbatches) == 0, "train.microbatches", microbatches,
@@ -50,6 +50,42 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   # all-reduces); the plain order elsewhere.
   grid = mesh_utils.create_device_mesh((data, expert), devices=list(devices.flat))
   return Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
+
+
+def process_data_shard(mesh: Mesh, process_index: Optional[int] = None) -> tuple[int, int]:
+  """(index, count): the share of every global batch this process loads.
+
+  A process loads the examples of the data-axis rows its devices sit in, the
+  same examples as every other process in those rows: on a 1 x 4 mesh over
+  two hosts of 2 devices, both load the whole batch (one row); on 2 x 2,
+  each loads its own half. The batch splits into `count` equal shares, and
+  this process's rows are share `index`.
+
+  Raises:
+    CoEError: when this process's rows are not one contiguous block of the
+      data axis (a device order that no batch split can follow).
+  """
+  process = jax.process_index() if process_index is None else process_index
+  grid = mesh.devices  # [D, E]
+  rows = [d for d in range(grid.shape[0]) if any(dev.process_index == process for dev in grid[d])]
+  data = grid.shape[0]
+  share = len(rows)
+  require(
+      share >= 1 and data % share == 0 and rows == list(range(rows[0], rows[0] + share)) and
+      rows[0] % share == 0, "mesh", dict(mesh.shape),
+      f"process {process} holds data rows {rows} of {data}; expected one aligned contiguous "
+      "block, the same size on every process")
+  return rows[0] // share, data // share
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+  """`eval.batch_size` rounded up to a multiple of the data axis.
+
+  Evaluation batches are padded and masked anyway, so a size the mesh cannot
+  split (500 on 8 GPUs) takes a few padding rows instead of stopping the run.
+  """
+  data = mesh.shape[DATA_AXIS]
+  return -(-config.eval.batch_size // data) * data
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

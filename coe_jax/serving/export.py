@@ -78,8 +78,9 @@ from coe_jax.models import conv, depthwise, mbconv, pwlu, stacked
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.stacked import Variables
-from coe_jax.serving import jax_predictor, litert_predictor
+from coe_jax.serving import litert_predictor
 from coe_jax.serving.predict import run_command_line
+from coe_jax.training import saved_run
 
 QUANTIZATIONS = ("float32", "int8")
 DELEGATOR_OUTPUTS = ("class_logits", "selection_logits")
@@ -501,7 +502,7 @@ def export_run(workdir: str,
           f"expected one of {', '.join(QUANTIZATIONS)}")
   require(eval_examples >= 0, "eval_examples", eval_examples, "expected a count >= 0")
   check_out_dir(out_dir)
-  config, variables, meta = jax_predictor.load_for_inference(workdir)
+  config, variables, meta = saved_run.load_for_inference(workdir)
   model = CoE(config, meta["num_classes"])
   calibration = None
   if quantization == "int8":

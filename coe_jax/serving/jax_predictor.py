@@ -22,75 +22,18 @@ may store a tau just above 1 for "no sample exits". Negative, NaN or
 non-numeric values raise `CoEError`.
 """
 
-import os
 from typing import Any, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
-from etils import epath
 
-from coe_jax import config_base, routing, run_dir
+from coe_jax import routing
 from coe_jax.answers import ANSWER_KEYS
 from coe_jax.data import eval_crop_fraction
-from coe_jax.errors import CoEError, require
+from coe_jax.errors import require
 from coe_jax.models.coe import CoE
 from coe_jax.serving.predictor_base import PredictorBase, check_threshold
-from coe_jax.training import checkpointing, optim, train_step
-
-
-def load_for_inference(
-    workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any]]:
-  """(config, eval variables, meta) of a run, for the predictor and the exporter.
-
-  `meta` has `class_names`, `num_classes`, `threshold` (the calibrated tau
-  from results.json; before the run has been evaluated, `eval.threshold` or,
-  if unset, infinity: no early exit) and `expected_exit_rate` (the hold-out's
-  exit rate at that tau, which sizes serving-mode expert buffers; 0 before).
-  """
-  config_path = os.path.join(workdir, run_dir.CONFIG)
-  if not epath.Path(config_path).is_file():
-    raise CoEError(f"workdir={workdir!r}: no config.json; is this the workdir of a training run?")
-  config = ml_collections.ConfigDict(config_base.upgrade(run_dir.read_json(config_path)))
-  config_base.validate(config)
-  run_path = os.path.join(workdir, run_dir.RUN)
-  if not epath.Path(run_path).is_file():
-    raise CoEError(f"workdir={workdir!r}: no run.json; the run has not started training")
-  run = run_dir.read_json(run_path)
-  model = CoE(config, run["num_classes"])
-  optimizer = optim.make_optimizer(config)
-  abstract = jax.eval_shape(
-      lambda: train_step.create_train_state(model, optimizer, config, jax.random.key(0)))
-  # Onto this process's first device, whatever devices the run was saved from:
-  # a checkpoint written by a pod or a multi-device mesh loads on a laptop.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
-  fingerprint = checkpointing.shape_fingerprint(config, run["num_classes"])
-  checkpointer = checkpointing.Checkpointer(workdir,
-                                            keep=config.train.keep_checkpoints,
-                                            fingerprint=fingerprint)
-  try:
-    restored = checkpointer.restore_latest(abstract)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise CoEError(f"workdir={workdir!r}: no readable checkpoint in {checkpointer.directory}")
-  _, state = restored
-  results_path = os.path.join(workdir, run_dir.RESULTS)
-  if epath.Path(results_path).is_file():
-    results = run_dir.read_json(results_path)
-    threshold, exit_rate = results["threshold"], results["expected_exit_rate"]
-  else:
-    threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
-    exit_rate = 0.0
-  meta = {
-      "class_names": run["class_names"],
-      "num_classes": run["num_classes"],
-      "threshold": threshold,
-      "expected_exit_rate": exit_rate
-  }
-  return config, state.eval_variables(), meta
+from coe_jax.training import saved_run
 
 
 class Predictor(PredictorBase):
@@ -134,9 +77,10 @@ class Predictor(PredictorBase):
     self._expert = jax.jit(model.expert)
 
   @classmethod
-  def load(cls, workdir: str) -> "Predictor":
-    """The predictor of a training run's latest checkpoint and calibrated threshold."""
-    config, variables, meta = load_for_inference(workdir)
+  def load(cls, workdir: str, step: Optional[int] = None) -> "Predictor":
+    """The predictor of a training run's newest checkpoint (or `step`'s) and calibrated
+    threshold; refuses in one line when that checkpoint cannot be read."""
+    config, variables, meta = saved_run.load_for_inference(workdir, step)
     model = CoE(config, len(meta["class_names"]))
     return cls(model,
                variables,

@@ -8,8 +8,9 @@
 Per image: the class name, its probability, and who answered (the delegator
 alone on an early exit, else the expert; "delegator, experts full" is a
 serving-mode overflow). Uses the run's calibrated threshold unless
---threshold is given. --workdir runs the JAX `Predictor` on the latest
-checkpoint; --serving-dir runs `coe_jax.serving.litert_predictor.LiteRTPredictor` on a
+--threshold is given. --workdir runs the JAX `Predictor` on the newest
+checkpoint (or --step's; an unreadable one is refused, never replaced by an
+older one); --serving-dir runs `coe_jax.serving.litert_predictor.LiteRTPredictor` on a
 directory written by `python -m coe_jax.serving.export`, without importing JAX. A
 missing or undecodable image, or a bad workdir or serving directory, is
 reported in one line and the exit status is 1.
@@ -43,7 +44,7 @@ def _answered_by(early_exit: bool, expert: int) -> str:
   return f"expert {expert}" if expert >= 0 else "delegator, experts full"
 
 
-def _load(workdir: Optional[str], serving_dir: Optional[str]):
+def _load(workdir: Optional[str], serving_dir: Optional[str], step: Optional[int] = None):
   """The JAX predictor of a workdir, or the LiteRT one of a serving directory.
 
   Imported here, so that serving imports neither JAX nor TensorFlow.
@@ -53,20 +54,21 @@ def _load(workdir: Optional[str], serving_dir: Optional[str]):
     from coe_jax.serving.litert_predictor import LiteRTPredictor
     return LiteRTPredictor.load(serving_dir)
   from coe_jax.serving.jax_predictor import Predictor
-  return Predictor.load(workdir)
+  return Predictor.load(workdir, step)
 
 
 def predict(workdir: Optional[str],
             paths: Sequence[str],
             threshold: Optional[float] = None,
-            serving_dir: Optional[str] = None) -> list[str]:
+            serving_dir: Optional[str] = None,
+            step: Optional[int] = None) -> list[str]:
   """One result line per image; raises CoEError on bad input.
 
   Exactly one of `workdir` (a training run) and `serving_dir` (its export) is used;
   `serving_dir` wins if both are given.
   """
   images = [read_image(path) for path in paths]  # Bad files fail before the slow model load.
-  p = _load(workdir, serving_dir)
+  p = _load(workdir, serving_dir, step)
   lines = []
   for path, image in zip(paths, images):
     pixels = np.asarray(image.convert("L" if p.channels == 1 else "RGB"))  # [H, W] or [H, W, 3]
@@ -96,6 +98,10 @@ def _flag_values() -> flags.FlagValues:
                      None,
                      "Early-exit threshold tau (default: the run's calibrated one).",
                      flag_values=fv)
+  flags.DEFINE_integer("step",
+                       None,
+                       "With --workdir: this checkpoint's step instead of the newest.",
+                       flag_values=fv)
   flags.mark_flags_as_mutual_exclusive(["workdir", "serving-dir"], required=True, flag_values=fv)
   return fv
 
@@ -151,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         predict(fv["workdir"].value,
                 images,
                 fv["threshold"].value,
-                serving_dir=fv["serving-dir"].value)))
+                serving_dir=fv["serving-dir"].value,
+                step=fv["step"].value)))
 
   return run_command_line(fv, argv, "python -m coe_jax.serving.predict", __doc__, body)
 

@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from coe_jax import run_dir
-from coe_jax.errors import CoEError
+from coe_jax.errors import CoEError, require
 
 # Config keys that fix the structure and shapes of the saved state: a checkpoint
 # written with other values cannot be restored into this run. The optimizer
@@ -145,6 +145,41 @@ class Checkpointer:
       logging.warning("checkpoint %s/%d cannot be read (%s); resuming from step %d instead; "
                       "%s", self.directory, bad, reason, step, where)
     return step, restored["state"]
+
+  def restore_exactly(self, abstract_state: Any, step: Optional[int] = None) -> tuple[int, Any]:
+    """(step, state) of checkpoint `step` (the newest when None), with no fall-back.
+
+    For readers (predictors, exporters, evaluation): a model must not be
+    silently an older one than asked for.
+
+    Raises:
+      CoEError: no such checkpoint, or it cannot be read; the message lists the
+        saved steps, so a user can ask for an older one on purpose.
+    """
+    _ignore_abandoned_reads()
+    steps = sorted(self.manager.all_steps())
+    if not steps:
+      raise CoEError(f"checkpoints={self.directory!r}: no checkpoint to read")
+    wanted = steps[-1] if step is None else step
+    which = "the newest checkpoint" if step is None else "checkpoint"
+    require(
+        wanted in steps, "step", step, f"no such checkpoint in {self.directory}; saved steps: "
+        f"{', '.join(map(str, steps))}")
+    try:
+      meta = self.manager.restore(wanted,
+                                  args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      check_fingerprint(meta, self.fingerprint, self.directory)
+      restored = self.manager.restore(
+          wanted, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except CoEError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported alike.
+      older = [s for s in steps if s < wanted]
+      hint = (f"; ask for an older one on purpose (step={older[-1]}; saved steps: "
+              f"{', '.join(map(str, steps))})" if older else "")
+      raise CoEError(f"step={wanted}: {which} in {self.directory} cannot be read "
+                     f"({_reason(e)}){hint}") from None
+    return wanted, restored["state"]
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
     """Moves these checkpoints to `run_dir.UNREADABLE_CHECKPOINTS` on every host.

@@ -1,12 +1,17 @@
 """The optimizer: learning-rate schedules, update rule and weight decay from the config.
 
-Each stage of `train.stages` has its own schedule, over its own steps: a
-linear warm-up from 0 to its peak, then cosine decay to 0 at the stage's
-end. The peak is `train.stage_schedules.<stage>.learning_rate`, else
-`train.learning_rate`; the warm-up `train.stage_schedules.<stage>.warmup_steps`,
-else `train.warmup_steps`, at most half the stage. So the last stage (the
-delegator's, with frozen experts) trains at a rate of its own choosing, not
-at the tail of one cosine over the whole run.
+With `train.schedule=continuous`, the run has one schedule, as a single
+network's training does: a linear warm-up of `train.warmup_steps` to
+`train.learning_rate`, then one cosine decay to 0 at `train.num_steps`,
+whatever the stages.
+
+With `per_stage` (the default), each stage of `train.stages` has its own schedule, over
+its own steps: a linear warm-up from 0 to its peak, then cosine decay to 0 at the
+stage's end. The peak is `train.stage_schedules.<stage>.learning_rate`, else
+`train.learning_rate`; the warm-up `train.stage_schedules.<stage>.warmup_steps`, else
+`train.warmup_steps`, at most half the stage. So the last stage (the delegator's, with
+frozen experts) trains at a rate of its own choosing, not at the tail of one cosine over
+the whole run.
 
 Weight decay applies to kernels only (not to biases, BatchNorm scales, PWLU
 bounds, heights and slopes, or CondConv biases), as in mobile-network training.
@@ -19,9 +24,10 @@ import optax
 from coe_jax import config_base, objective
 
 # The keys the optimizer reads.
-_KEYS = ("train.optimizer", "train.learning_rate", "train.warmup_steps", "train.weight_decay",
-         "train.momentum", *(f"train.stage_schedules.{stage}.{key}" for stage in config_base.STAGES
-                             for key in ("learning_rate", "warmup_steps")))
+_KEYS = ("train.optimizer", "train.schedule", "train.num_steps", "train.learning_rate",
+         "train.warmup_steps", "train.weight_decay", "train.momentum",
+         *(f"train.stage_schedules.{stage}.{key}" for stage in config_base.STAGES
+           for key in ("learning_rate", "warmup_steps")))
 
 
 def stage_schedule(config: ml_collections.ConfigDict, stage: str) -> tuple[float, int]:
@@ -34,7 +40,15 @@ def stage_schedule(config: ml_collections.ConfigDict, stage: str) -> tuple[float
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """The learning rate at every step of the run: the stages' schedules joined."""
+  """The learning rate at every step of the run: one schedule, or the stages' joined."""
+  if config.train.schedule == "continuous":
+    train = config.train
+    return optax.warmup_cosine_decay_schedule(init_value=0.0,
+                                              peak_value=float(train.learning_rate),
+                                              warmup_steps=min(train.warmup_steps,
+                                                               train.num_steps // 2),
+                                              decay_steps=train.num_steps,
+                                              end_value=0.0)
   schedules, starts = [], []
   for stage, start, end in objective.stage_boundaries(config):
     peak, warmup = stage_schedule(config, stage)

@@ -15,11 +15,15 @@ One loop, jitted with shardings on a `data` x `expert` mesh:
    and write `workdir/results.json` plus PNG plots.
 """
 
+import collections
+import contextlib
+import copy
+import itertools
 import json
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -27,6 +31,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 
 from coe_jax import config_base, data, evaluation, flops, objective, routing, run_dir
 from coe_jax.errors import CoEError, require
@@ -34,7 +39,7 @@ from coe_jax.evaluation import plots
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.parallel import mesh as mesh_lib
-from coe_jax.training import checkpointing, optim
+from coe_jax.training import checkpointing, optim, saved_run, train_step
 from coe_jax.training.train_step import TrainState, create_train_state, make_train_step
 
 LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
@@ -159,6 +164,18 @@ class Trainer:
     self.optimizer = optim.make_optimizer(config)
     self.flops = flops.count(config, self.info.num_classes)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    # The share of every batch this process loads (`mesh.process_data_shard`).
+    self.data_shard, self.data_shards = mesh_lib.process_data_shard(self.mesh)
+    # Evaluation's batches, padded to a size the data axis splits.
+    self.eval_config = config
+    padded = mesh_lib.eval_batch_size(config, self.mesh)
+    if padded != config.eval.batch_size:
+      logging.info(
+          "evaluating in batches of %d (eval.batch_size=%d padded to a multiple of the "
+          "%d data shards)", padded, config.eval.batch_size, self.mesh.shape[mesh_lib.DATA_AXIS])
+      self.eval_config = copy.deepcopy(config)
+      with self.eval_config.unlocked():
+        self.eval_config.eval.batch_size = padded
     self.replicated = mesh_lib.replicated(self.mesh)
     abstract = jax.eval_shape(
         lambda: create_train_state(self.model, self.optimizer, config, jax.random.key(0)))
@@ -167,16 +184,51 @@ class Trainer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
 
+  def train_batches(self, start_step: int = 0):
+    """This process's share of every training batch from `start_step` on."""
+    return data.train_batches(self.config,
+                              start_step=start_step,
+                              process_index=self.data_shard,
+                              process_count=self.data_shards)
+
+  def eval_batches(self, split: str = "test"):
+    """Global arrays of one padded pass over `split` ("test" or "holdout")."""
+    return (self.global_batch(b) for b in data.eval_batches(self.eval_config,
+                                                            process_index=self.data_shard,
+                                                            process_count=self.data_shards,
+                                                            split=split))
+
   def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's share of a batch -> global arrays split over `data`."""
+    """This process's share of a batch -> global arrays split over `data`.
+
+    Processes in the same data rows hold the same share; the global batch is
+    `data_shards` shares.
+    """
     return {
-        k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()
+        k:
+            jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                   (v.shape[0] * self.data_shards, *v.shape[1:]))
+        for k, v in batch.items()
     }
 
   def init_state(self) -> TrainState:
+    """The state of a new run: random, or with `train.init_from`'s networks."""
     init = jax.jit(lambda rng: create_train_state(self.model, self.optimizer, self.config, rng),
                    out_shardings=self.state_sharding)
-    return init(jax.random.key(self.config.seed))
+    state = init(jax.random.key(self.config.seed))
+    origin = self.config.train.init_from
+    if not origin:
+      return state
+    _, source, _ = saved_run.load_for_inference(origin)
+    fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = saved_run.start_from(fresh, source, origin)
+    logging.info("networks from %s", origin)
+    # The optimizer's moments start at zero whatever the parameters; the EMA
+    # starts from the loaded ones.
+    state = state.replace(params=variables["params"],
+                          batch_stats=variables["batch_stats"],
+                          ema_params=variables["params"] if state.ema_params is not None else None)
+    return jax.device_put(state, self.state_sharding)
 
   def compile_step(self, stage: str):
     step = make_train_step(self.model, self.optimizer, self.config, stage, self.mesh)
@@ -184,6 +236,12 @@ class Trainer:
                    in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
                    out_shardings=(self.state_sharding, self.replicated),
                    donate_argnums=0)
+
+  def copy_generalist(self, state: TrainState) -> TrainState:
+    """Every expert becomes a copy of expert 0: parameters, BatchNorm statistics,
+    optimizer state and EMA (`train.generalist_warmup`, when co-adaptation starts)."""
+    return jax.jit(train_step.copy_expert_zero, out_shardings=self.state_sharding,
+                   donate_argnums=0)(state)
 
   def realign_pwlu(self, state: TrainState) -> TrainState:
     """PWLU phase I -> II: bounds from the running statistics, ReLU-shaped heights."""
@@ -198,6 +256,19 @@ class Trainer:
                            ema_params=ema)
 
     return jax.jit(realign, out_shardings=self.state_sharding, donate_argnums=0)(state)
+
+
+def log_setup(trainer: Trainer) -> None:
+  """Logs where the run computes and how its batches are split, before anything compiles."""
+  config, device = trainer.config, trainer.mesh.devices.flat[0]
+  logging.info("backend %s (%s), %d devices in %d processes; mesh %s; FLOPs %s",
+               jax.default_backend(), device.device_kind, trainer.mesh.size, jax.process_count(),
+               dict(trainer.mesh.shape), trainer.flops)
+  per_process = config.train.batch_size // trainer.data_shards
+  logging.info(
+      "global batch %d; this process (%d of %d) loads %d examples a step, share %d of %d "
+      "of every batch", config.train.batch_size, jax.process_index(), jax.process_count(),
+      per_process, trainer.data_shard, trainer.data_shards)
 
 
 def _write_run_files(trainer: Trainer) -> None:
@@ -257,6 +328,17 @@ class TrainingProgress:
       logging.info("mfu against %.4g FLOP/s per device (%s, %s)", self._peak, kind,
                    config.train.compute_dtype)
     self._last_step, self._last_time = start_step, time.monotonic()
+    self._excluded = 0.0  # Seconds of this window spent saving and evaluating.
+
+  @contextlib.contextmanager
+  def excluded(self) -> Iterator[None]:
+    """Time spent in the block (checkpoints, evaluation) is not training time: the
+    rates and MFU leave it out."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._excluded += time.monotonic() - start
 
   def report(self, done: int, means: dict[str, float]) -> dict[str, float]:
     """Logs one short line and returns the rates since the last report.
@@ -267,7 +349,8 @@ class TrainingProgress:
     `metrics.jsonl`.
     """
     now = time.monotonic()
-    seconds = max(now - self._last_time, 1e-9)
+    seconds = max(now - self._last_time - self._excluded, 1e-9)
+    self._excluded = 0.0
     steps = range(self._last_step, done)
     steps_per_sec = len(steps) / seconds
     model_flops = sum(self._stage_flops[objective.stage_at(self._config, s)] for s in steps)
@@ -291,6 +374,49 @@ class TrainingProgress:
         "about %dm%02ds left", done, self._num_steps, stage, means["loss"], routed,
         100 * means["delegator_accuracy"], images_per_sec, mfu, left // 60, left % 60)
     return rates
+
+
+# Batches on the devices ahead of the step that computes.
+PREFETCH = 2
+
+
+def prefetch(batches: Iterator[Any], to_device: Callable[[Any], Any], size: int) -> Iterator[Any]:
+  """`to_device` of each of `batches`, `size` of them put ahead of the one consumed.
+
+  `to_device` starts the transfers and returns at once (jax copies
+  asynchronously), so the next batches travel while a step computes.
+  """
+  queue = collections.deque(to_device(b) for b in itertools.islice(batches, size))
+  while queue:
+    yield queue.popleft()
+    queue.extend(to_device(b) for b in itertools.islice(batches, 1))
+
+
+class _SaveClock:
+  """Whether `train.checkpoint_every_secs` have passed since the last save (0: never).
+
+  Every process must decide alike, or the collective save waits forever for
+  the ones that did not: on several processes, process 0's clock decides.
+  """
+
+  def __init__(self, every_secs: float):
+    self._every, self._last = every_secs, now()
+
+  def due(self) -> bool:
+    if not self._every:
+      return False
+    due = now() - self._last >= self._every
+    if jax.process_count() > 1:
+      due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return due
+
+  def saved(self) -> None:
+    self._last = now()
+
+
+def now() -> float:
+  """The clock of time-based checkpoints (tests replace it)."""
+  return time.monotonic()
 
 
 def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainState]:
@@ -334,30 +460,38 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
                                  first_profile=min(10, num_steps)))
   steps = {}
   realign_step = int(config.train.pwlu_realign_fraction * num_steps)
+  # The first co-adaptation step, where a generalist warm-up ends (a resumed
+  # run that starts there copies too: checkpoints hold the state before it).
+  generalist_step = (dict(
+      (name, start) for name, start, _ in objective.stage_boundaries(config))["coadapt"]
+                     if config.train.generalist_warmup else None)
   rng = jax.random.key(config.seed + 1)
-  batches = data.train_batches(config,
-                               start_step=start_step,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+  # Batches go to the devices two steps ahead, while the current step computes.
+  batches = prefetch(trainer.train_batches(start_step), trainer.global_batch, PREFETCH)
   preemption = _Preemption()
   history, skipped = [], 0
   progress = TrainingProgress(trainer, start_step)
+  save_clock = _SaveClock(config.train.checkpoint_every_secs)
   try:
     for step in range(start_step, num_steps):
       if step == realign_step:
         state = trainer.realign_pwlu(state)
+      if step == generalist_step:
+        logging.info("step %d: every expert starts co-adaptation as a copy of the generalist", step)
+        state = trainer.copy_generalist(state)
       stage = objective.stage_at(config, step)
       if stage not in steps:
         logging.info("step %d: stage %s", step, stage)
         steps[stage] = trainer.compile_step(stage)
-      state, metrics = steps[stage](state, trainer.global_batch(next(batches)), rng)
+      state, metrics = steps[stage](state, next(batches), rng)
       history.append((step, metrics))
       done = step + 1
       for hook in hooks:
         hook(done)
       preempted = (preemption.requested or done == stop_at or checkpointer.reached_preemption(done))
-      save = done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted
       log = done % config.train.log_every_steps == 0 or done == num_steps
+      save = (done % config.train.checkpoint_every_steps == 0 or done == num_steps or preempted or
+              (log and save_clock.due()))
       if log or save:
         # Also before every save: under "stop", no checkpoint holds a state past a bad step.
         history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
@@ -381,14 +515,17 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
         })
         history = []
       if save:
-        checkpointer.save(done, state, force=True)
+        with progress.excluded():
+          checkpointer.save(done, state, force=True)
+        save_clock.saved()
       if preempted:
         checkpointer.wait()
         logging.warning("stopped at step %d; run the same command again to resume", done)
         return None
       if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 \
           and done < num_steps:
-        results = evaluate(trainer, state, write_files=False)
+        with progress.excluded():
+          results = evaluate(trainer, state, write_files=False)
         writer.write_scalars(done, {
             f"eval/{k}": v for k, v in results.items() if isinstance(v, float)
         })
@@ -419,14 +556,10 @@ def evaluate(trainer: Trainer,
   f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
   sizes = {"test": trainer.info.num_test, "holdout": trainer.info.num_holdout}
 
-  def batches(split):
-    return (trainer.global_batch(b) for b in data.eval_batches(
-        config, process_index=jax.process_index(), process_count=jax.process_count(), split=split))
-
   def outputs_of(split):
     return evaluation.collect_outputs(trainer.model,
                                       variables,
-                                      batches(split),
+                                      trainer.eval_batches(split),
                                       expert_loop=config.expert_loop,
                                       mesh=trainer.mesh,
                                       progress=evaluation.Progress(f"evaluating {split}",
@@ -450,7 +583,7 @@ def evaluate(trainer: Trainer,
   routed, routes = evaluation.routed_figures(
       trainer.model,
       variables,
-      batches("test"),
+      trainer.eval_batches("test"),
       threshold,
       routing.RoutingSpec.from_config(config, expected_exit_rate),
       mesh=trainer.mesh,
@@ -496,8 +629,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
   cache = compilation_cache_dir(config, workdir, jax.config.jax_compilation_cache_dir)
   jax.config.update("jax_compilation_cache_dir", cache or None)
   trainer = Trainer(config, workdir)
-  logging.info("devices: %s; mesh %s; FLOPs %s", jax.devices(), dict(trainer.mesh.shape),
-               trainer.flops)
+  log_setup(trainer)
   started = time.time()
   state = train(trainer)
   if state is None:

@@ -100,6 +100,13 @@ def _hold_experts(new: Any, old: Any) -> Any:
                                           if under_experts(path) else n, new, old)
 
 
+def copy_expert_zero(state: TrainState) -> TrainState:
+  """`state` with every expert's slice of every tree (parameters, BatchNorm
+  statistics, optimizer state, EMA) replaced by expert 0's."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.broadcast_to(x[:1], x.shape) if under_experts(path) else x, state)
+
+
 def make_train_step(
     model: CoE,
     optimizer: optax.GradientTransformation,
@@ -191,24 +198,26 @@ def make_train_step(
     batch, num_experts = labels.shape[0], model.num_experts
     images = constrain(split_micro(images, microbatches), MICRO_ALL)  # [M, B/M, H, W, C]
     whole_labels, labels = labels, split_micro(labels, microbatches)  # [B], [M, B/M]
-    delegator_keys = jax.random.split(delegator_rng, microbatches)  # [M]
-    expert_keys = jax.random.split(experts_rng, microbatches)  # [M]
+    # The examples' positions in the whole batch draw their dropout masks, so
+    # the masks are those of the one-pass step, whatever M.
+    index = constrain(split_micro(jnp.arange(batch), microbatches), MICRO_ALL)  # [M, B/M]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-    def delegator_pass(params, images, key):
+    def delegator_pass(params, images, index):
       return expert_parallel.train_delegator(model, {
           "params": params,
           "batch_stats": state.batch_stats
       },
                                              images,
-                                             key,
+                                             delegator_rng,
                                              mesh=mesh,
-                                             batch_norm_scope=batch_norm_scope)
+                                             batch_norm_scope=batch_norm_scope,
+                                             example_index=index)
 
-    selection_logits = None  # [B, N]; warm-up does not read it.
-    if stage != "warmup":
+    selection_logits = None  # [B, N]; read only where the selection trains.
+    if objective.trains_selection(config, stage):
       selection_logits = join_micro(
-          jax.lax.map(lambda xs: delegator_pass(state.params, *xs)[0][1], (images, delegator_keys)))
+          jax.lax.map(lambda xs: delegator_pass(state.params, *xs)[0][1], (images, index)))
     expert_targets, wgm_info = objective.expert_targets(stage,
                                                         config,
                                                         batch=batch,
@@ -231,7 +240,7 @@ def make_train_step(
       weights = split_micro(expert_targets.weights, microbatches)  # [M, B/M, N]
 
       def expert_step(grads, xs):
-        images, labels, key, weights = xs
+        images, labels, index, weights = xs
 
         def loss_fn(params):
           logits, scoring, stats = expert_parallel.train_experts(
@@ -240,10 +249,11 @@ def make_train_step(
                   "batch_stats": state.batch_stats
               },
               images,
-              key,
+              experts_rng,
               expert_loop=expert_loop,
               mesh=mesh,
-              batch_norm_scope=batch_norm_scope)  # [N, B/M, K] x 2
+              batch_norm_scope=batch_norm_scope,
+              example_index=index)  # [N, B/M, K] x 2
           targets = expert_targets._replace(weights=weights)
           return objective.expert_loss(logits, labels, targets), (scoring, stats)
 
@@ -251,23 +261,22 @@ def make_train_step(
         return jax.tree.map(jnp.add, grads, g), (loss, scoring, stats)
 
       grads, (expert_loss, scoring_logits,
-              expert_stats) = jax.lax.scan(expert_step, zeros,
-                                           (images, labels, expert_keys, weights))
+              expert_stats) = jax.lax.scan(expert_step, zeros, (images, labels, index, weights))
       expert_loss = jnp.sum(expert_loss)
       expert_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), expert_stats)
     scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
 
     delegator_targets, lgm_info = None, {}
-    if stage != "warmup":
+    if objective.trains_selection(config, stage):
       delegator_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits,
                                                                 whole_labels, config, selection_rng,
                                                                 replicate)
 
     def delegator_step(grads, xs):
-      images, labels, key, targets = xs
+      images, labels, index, targets = xs
 
       def loss_fn(params):
-        (class_logits, selection_logits), stats = delegator_pass(params, images, key)
+        (class_logits, selection_logits), stats = delegator_pass(params, images, index)
         total, selection_loss, delegator_loss = objective.delegator_side_loss(class_logits,
                                                                               selection_logits,
                                                                               labels,
@@ -283,7 +292,7 @@ def make_train_step(
     micro_targets = jax.tree.map(lambda x: split_micro(x, microbatches), delegator_targets)
     grads, (selection_loss, delegator_loss, class_logits,
             delegator_stats) = jax.lax.scan(delegator_step, grads,
-                                            (images, labels, delegator_keys, micro_targets))
+                                            (images, labels, index, micro_targets))
     selection_loss, delegator_loss = jnp.sum(selection_loss), jnp.sum(delegator_loss)
     metrics = objective.batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
                                       join_micro(class_logits), whole_labels, delegator_targets,
