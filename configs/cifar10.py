@@ -1,9 +1,32 @@
 r"""CoE on CIFAR-10 where capacity, not training time, limits accuracy.
 
-A delegator of 0.31M multiply-adds and 4 experts of 1.40M each at 32 px,
-trained for 30 epochs; the single-network family trains with the same
-recipe. Placeholder docstring: the command, runtime and accuracy follow
-when the protocol has run.
+A delegator of 0.37M multiply-adds and 4 experts of 1.40M each at 32 px,
+Fused-MBConv networks, trained for 30 epochs (9,500 steps of 128 of the
+40,500 images left after the 10% hold-out that calibrates tau):
+
+    python -m coe_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 \
+        --config.data.name=image_folder --config.data.path=DIR
+
+and against the single-network family, same recipe and epochs:
+
+    python -m coe_jax.ablate --config=configs/cifar10.py --workdir=runs/cifar10_ablate \
+        --seeds=1 --variants=coe:2,single:2,single_0.5x,single_0.7x,single_1.4x,single_2x \
+        --config.data.name=image_folder --config.data.path=DIR
+
+Measured on a 2-core AMD EPYC (AVX2), cifar10-dev (45,000 training JPEGs,
+5,000 test): 33 minutes for CoE (about 600-1,000 images/s), 14 for the 1x
+single network. Test top-1 75.54% and 74.36% (seeds 0, 1) at 1.75M and
+1.68M mean multiply-adds; the single network of CoE's mean cost 75.38%
+(seed 0). The README's CIFAR-10 section has the whole comparison.
+
+The recipe (docs/method.md, section 4): one warm-up and cosine over the
+whole run (`train.schedule=continuous`), as the single networks train;
+warm-up trains one generalist expert that every expert starts
+co-adaptation from (`train.generalist_warmup`); no label smoothing on the
+delegator, so its confidence can reach a useful tau; AdamW with decoupled
+weight decay 0.05. Training augmentation is CIFAR's standard (pad 4 px,
+random 32 px crop, horizontal flip); evaluation sees whole images. TFDS
+`cifar10` is the default data (prepared with `tfds build cifar10`).
 """
 
 import ml_collections
