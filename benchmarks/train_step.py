@@ -16,7 +16,10 @@ Measured in one run, after warm-up, on the default backend:
 - `input`: the config's training pipeline (`coe_jax.data.train_batches`,
   augmentation included) delivering batches of the same size, in
   `input_images_per_s` beside the step's `images_per_s`: `input_headroom`
-  below 1 means the run waits for its input.
+  below 1 means the run waits for its input. `--input=fake_tfds` times the
+  TFDS pipeline instead (ImageNet's decoding and inception crop), on a small
+  fake imagenet2012 written to a temporary folder, for machines without the
+  data.
 
 It prints one JSON line and a table; the figure of interest is
 `share = wgm_lgm_vcm / train_step` (goal: at most 5%). Both steps' rates are
@@ -30,6 +33,7 @@ cost (gradients for activations and for weights).
 import json
 import platform
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -64,9 +68,39 @@ def _seconds_per_call(fn: Callable[[], object], repeats: int) -> float:
   return float(np.median(times))
 
 
-def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
-        repeats: int) -> dict[str, Any]:
-  """Times both steps and the modules on `config`; returns the report (see the module docstring)."""
+def fake_tfds_config(config: ml_collections.ConfigDict, data_dir: str,
+                     examples: int) -> ml_collections.ConfigDict:
+  """`config` reading a fake imagenet2012 of `examples` JPEG images written to `data_dir`."""
+  from coe_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+  def example(split: str, i: int) -> dict[str, Any]:
+    rng = np.random.default_rng([i, split == "validation"])
+    height, width = rng.integers(200, 400, size=2)  # ImageNet-like sizes, decoded each time.
+    return {
+        "image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+        "label": i % 1000,
+        "file_name": f"{split}_{i}.JPEG"
+    }
+
+  tfds_source.write_prepared(data_dir, "imagenet2012", {
+      "train": examples,
+      "validation": 8
+  }, example)
+  config = config.copy_and_resolve_references()
+  config.data.name, config.data.tfds_data_dir = "imagenet2012", data_dir
+  config.data.num_classes, config.data.augment = 1000, "auto"
+  config.data.holdout_fraction = 0.0
+  config.eval.threshold = 0.5  # No hold-out: tau fixed (validation's rule).
+  return config
+
+
+def run(config: ml_collections.ConfigDict,
+        batch_size: int,
+        num_experts: int,
+        repeats: int,
+        input_config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Times both steps and the modules on `config`, and the input pipeline of
+  `input_config` (default `config`); returns the report (see the module docstring)."""
   config = config.copy_and_resolve_references()
   config.num_experts = num_experts
   config.train.batch_size = batch_size
@@ -117,7 +151,9 @@ def run(config: ml_collections.ConfigDict, batch_size: int, num_experts: int,
   timings["wgm_lgm_vcm"] = _seconds_per_call(
       lambda: modules(selection_logits, expert_logits, batch["label"]), repeats)
 
-  batches = data.train_batches(config)
+  source = (input_config if input_config is not None else config).copy_and_resolve_references()
+  source.train.batch_size = batch_size
+  batches = data.train_batches(source)
   next(batches)  # Opens (and for in-memory sources, loads) the data set.
   start = time.perf_counter()
   for _ in range(repeats):
@@ -171,10 +207,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    report = {
-        "config": _CONFIG.value,
-        **run(load_config(_CONFIG.value), _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value)
-    }
+    config = load_config(_CONFIG.value)
+    with tempfile.TemporaryDirectory() as data_dir:
+      input_config = None
+      if _INPUT.value == "fake_tfds":
+        input_config = fake_tfds_config(config, data_dir, examples=2 * _BATCH_SIZE.value)
+      report = {
+          "config": _CONFIG.value,
+          "input": _INPUT.value,
+          **run(config, _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value, input_config)
+      }
   except CoEError as e:
     sys.exit(f"error: {e}")
   print(json.dumps(report))
@@ -193,4 +235,7 @@ if __name__ == "__main__":
   _REPEATS = flags.DEFINE_integer("repeats", 10,
                                   "Timed calls of each step; the median is reported.")
   _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
+  _INPUT = flags.DEFINE_enum(
+      "input", "config", ["config", "fake_tfds"],
+      "Whose input pipeline to time: the config's, or TFDS on fake ImageNet.")
   app.run(main)

@@ -183,19 +183,8 @@ def make_image_folder(root, splits=("train", "test"), classes=IMAGE_FOLDER_CLASS
 
 def write_prepared_tfds(root, name, sizes, example, shards=2):
   """Writes a prepared TFDS data set `name` with `sizes[split]` examples."""
-  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=root)
-  features = builder.info.features
-  os.makedirs(builder.data_dir)
-  for split, size in sizes.items():
-    for shard, ids in enumerate(np.array_split(np.arange(size), shards)):
-      path = os.path.join(builder.data_dir, f"{name}-{split}.tfrecord-{shard:05d}-of-{shards:05d}")
-      with tf.io.TFRecordWriter(path) as writer:
-        for i in ids:
-          writer.write(features.serialize_example(example(split, int(i))))
-  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features, check_data=False)
+  from coe_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  tfds_source.write_prepared(root, name, sizes, example, shards)
 
 
 def imagenet_example(split, i):

@@ -81,6 +81,17 @@ def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   assert report["peak"]["derivation"] in table
 
 
+def test_the_input_benchmark_reads_tfds_from_a_fake_imagenet(tmp_path):
+  """`--input=fake_tfds`: ImageNet's TFDS pipeline (JPEG decoding, inception crop) on
+  fake data, timed beside the step."""
+  config = tiny_config(num_experts=2)
+  source = train_step.fake_tfds_config(config, str(tmp_path), examples=16)
+  batch = next(train_step.data.train_batches(source))
+  assert batch["image"].shape == (config.train.batch_size, 16, 16, 3)
+  report = train_step.run(config, batch_size=8, num_experts=2, repeats=1, input_config=source)
+  assert report["input_images_per_s"] > 0
+
+
 def test_train_step_benchmark_reports_its_share_and_percent_of_the_measured_peak(monkeypatch):
   config = tiny_config(num_experts=2)
 

@@ -47,7 +47,8 @@ when it takes at most `_CACHE_LIMIT_BYTES` per process.
 import dataclasses
 import functools
 import math
-from typing import Iterator
+import os
+from typing import Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -317,3 +318,23 @@ def eval_batches(config: ml_collections.ConfigDict, process_index: int, process_
       if common.augmentation(config, in_memory=False) == "inception_crop" else 1.0, batch,
       bool(config.data.cache), process_index, process_count)
   return data.as_numpy_iterator()
+
+
+def write_prepared(root: str,
+                   name: str,
+                   sizes: dict[str, int],
+                   example: Callable[[str, int], dict[str, Any]],
+                   shards: int = 2) -> None:
+  """Writes TFDS data set `name` as if prepared, with `example(split, i)` for each
+  of `sizes[split]` examples: real TFRecord files and metadata, so the pipelines
+  read it as they read the real one (the tests and the input benchmark use it)."""
+  builder = tfds.builder(name, data_dir=root)
+  features = builder.info.features
+  os.makedirs(builder.data_dir)
+  for split, size in sizes.items():
+    for shard, ids in enumerate(np.array_split(np.arange(size), shards)):
+      path = os.path.join(builder.data_dir, f"{name}-{split}.tfrecord-{shard:05d}-of-{shards:05d}")
+      with tf.io.TFRecordWriter(path) as writer:
+        for i in ids:
+          writer.write(features.serialize_example(example(split, int(i))))
+  tfds.folder_dataset.write_metadata(data_dir=builder.data_dir, features=features, check_data=False)
