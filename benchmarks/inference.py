@@ -114,9 +114,7 @@ def _sized(network: ml_collections.ConfigDict, target: float, image_size: int, c
   """`network` scaled to `target` FLOPs (`flops.scaled_to_flops`): its spec and multipliers."""
   sizing = flops.scaled_to_flops(network, target, image_size, channels, num_classes)
   spec = NetworkSpec.from_config(sizing.apply(network), "expert")
-  return spec, dict(width=sizing.width_multiplier,
-                    depth=sizing.depth_multiplier,
-                    flops=sizing.flops)
+  return spec, dict(width=sizing.width_multiplier, flops=sizing.flops)
 
 
 def _time_rounds(variants: dict[str, Callable[[], Any]], steps: int,
@@ -520,10 +518,7 @@ def format_table(report: dict[str, Any]) -> str:
   for name, r in report["results"].items():
     lines.append(f"{name:<24} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
                  f"{r['executed_flops_per_image'] / 1e6:>9.3f}")
-  lines += [
-      f"{name}: width x{m['width']:.2f}, depth x{m['depth']}"
-      for name, m in report["multipliers"].items()
-  ]
+  lines += [f"{name}: width x{m['width']:.2f}" for name, m in report["multipliers"].items()]
   lines += [f"{k}: {v:.2f}" for k, v in {**report["ratios"], **report["expert_loop_speed"]}.items()]
   return "\n".join(lines)
 

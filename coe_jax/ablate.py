@@ -16,9 +16,9 @@ Variants:
 - `no_wgm`: `wgm.off_portion_weight=1`: every expert weighs every sample alike.
 - `no_lgm`: `lgm.rule=random`: the delegator's selection learns random labels.
 - `no_vcm`: `vcm.enabled=False`: every sample weighs 1 in the selection loss.
-- `single`: one network of the experts' architecture with its width and
-  depth multipliers scaled so that its FLOPs come as close as the
-  multipliers allow to full CoE's mean FLOPs (averaged over seeds), trained
+- `single`: one network of the experts' architecture, its width (not its
+  depth: the family keeps one shape) scaled so that its FLOPs come as close
+  as the width allows to full CoE's mean FLOPs (averaged over seeds), trained
   alone as a plain classifier (`num_experts=1`, warm-up stage only; the
   delegator trained alongside is not used). Its cost is the network alone.
 - `single_0.5x`, `single_0.7x`, `single_1.4x`, `single_2x` (any
@@ -266,11 +266,11 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
   if sizings:
     lines.append("")
   for variant, sizing in sizings.items():
-    lines.append(f"`{variant}` is the {'CondConv ' if variant == 'condconv' else ''}expert "
-                 f"network at width x{sizing.width_multiplier:g}, depth "
-                 f"x{sizing.depth_multiplier:g}: {sizing.flops / 1e6:.4f}M multiply-adds, "
-                 f"{100 * (sizing.flops / sizing.target - 1):+.1f}% from its target of "
-                 f"{sizing.target / 1e6:.4f}M.")
+    lines.append(
+        f"`{variant}` is the {'CondConv ' if variant == 'condconv' else ''}expert "
+        f"network at width x{sizing.width_multiplier:g}: {sizing.flops / 1e6:.4f}M multiply-adds, "
+        f"{100 * (sizing.flops / sizing.target - 1):+.1f}% from its target of "
+        f"{sizing.target / 1e6:.4f}M.")
   if any(_is_family(row["name"]) for row in rows):
     lines += [
         "", "`flops_ratio_at_equal_accuracy` (FLOPs the single-network family needs to "

@@ -123,11 +123,11 @@ def train_step_flops(config: ml_collections.ConfigDict,
   return 2 * per_image * config.train.batch_size
 
 
-# Multipliers `scaled_to_flops` tries; depth multipliers act through ceil(depth * m).
-# Channels round to multiples of 8, so FLOPs move in coarse steps with the
-# width alone; the depths fill the gaps.
+# Width multipliers `scaled_to_flops` chooses from. A family sized by width
+# alone keeps each network's shape (its depths and kernels), and its FLOPs
+# never fall as the width grows, so a family in FLOPs order is a family in
+# width order. Channels round to multiples of 8, so FLOPs move in steps.
 WIDTH_MULTIPLIERS = tuple(round(0.05 + 0.01 * i, 2) for i in range(396))  # 0.05 .. 4.00
-DEPTH_MULTIPLIERS = (1.0, 0.5, 1.5, 2.0, 3.0)
 # CondConv's kernels per convolution in `condconv_network`: the CondConv paper's
 # smallest setting that clearly beats the plain network.
 CONDCONV_KERNELS = 4
@@ -135,39 +135,45 @@ CONDCONV_KERNELS = 4
 
 @dataclasses.dataclass(frozen=True)
 class Sizing:
-  """Width and depth multipliers (on top of a network's own) and the FLOPs they give."""
+  """A width multiplier (on top of a network's own) and the FLOPs it gives."""
   width_multiplier: float
-  depth_multiplier: float
   flops: int
   target: float
 
   def apply(self, network: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `network` with these multipliers applied."""
+    """A copy of `network` at this width."""
     scaled = network.copy_and_resolve_references()
     scaled.width_multiplier = network.width_multiplier * self.width_multiplier
-    scaled.depth_multiplier = network.depth_multiplier * self.depth_multiplier
     return scaled
 
 
 def scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
                     channels: int, num_outputs: int) -> Sizing:
-  """The multipliers of `network` whose FLOPs come closest to `target`.
+  """The width multiplier of `network` whose FLOPs come closest to `target`, in ratio.
 
-  Closest in ratio; ties go to the unchanged depth, then to the width nearest
-  the network's own.
+  The depth stays the network's own. FLOPs never fall as the width grows, so
+  a bisection finds the first width at or above `target` in a few counts; it
+  or the width before it is the closest. The unchanged width wins a tie.
   """
   if not target > 0:
     raise CoEError(f"target FLOPs={target!r}: expected a positive number")
-  best = None
-  for depth in DEPTH_MULTIPLIERS:
-    for width in WIDTH_MULTIPLIERS:
-      sizing = Sizing(width, depth, 0, float(target))
-      macs = network_macs(NetworkSpec.from_config(sizing.apply(network), "network"), image_size,
-                          channels, num_outputs)
-      key = (round(abs(math.log(macs / target)), 9), depth != 1.0, abs(width - 1.0))
-      if best is None or key < best[0]:
-        best = (key, dataclasses.replace(sizing, flops=macs))
-  return best[1]
+
+  def sized(width: float) -> Sizing:
+    sizing = Sizing(width, 0, float(target))
+    macs = network_macs(NetworkSpec.from_config(sizing.apply(network), "network"), image_size,
+                        channels, num_outputs)
+    return dataclasses.replace(sizing, flops=macs)
+
+  low, high = 0, len(WIDTH_MULTIPLIERS) - 1  # The first width reaching `target` is in [low, high].
+  while low < high:
+    middle = (low + high) // 2
+    if sized(WIDTH_MULTIPLIERS[middle]).flops >= target:
+      high = middle
+    else:
+      low = middle + 1
+  candidates = [sized(WIDTH_MULTIPLIERS[i]) for i in {max(low - 1, 0), low}] + [sized(1.0)]
+  return min(candidates,
+             key=lambda s: (round(abs(math.log(s.flops / target)), 9), s.width_multiplier != 1.0))
 
 
 def condconv_network(network: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
