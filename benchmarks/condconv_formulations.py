@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from coe_jax.config_loading import run_command
 from coe_jax.models.condconv import CondConv
 
 Formulation = Callable[[jax.Array, jax.Array, jax.Array, int, int], jax.Array]
@@ -228,4 +229,4 @@ if __name__ == "__main__":
   _KERNELS = flags.DEFINE_string("kernels", "4,8", "Comma-separated E values.")
   _MIN_SECONDS = flags.DEFINE_float("min_seconds", 0.3,
                                     "Time spent measuring each (case, formulation, pass).")
-  app.run(main)
+  run_command(main)

@@ -93,9 +93,9 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.peak import measured_peak
-from coe_jax import flops, routing
+from coe_jax import answers, flops, routing
 from coe_jax.config_base import EXPERT_LOOPS
-from coe_jax.config_loading import load_config
+from coe_jax.config_loading import load_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.models import mbconv, pwlu
 from coe_jax.models.coe import CoE
@@ -242,7 +242,7 @@ def _threshold(model: CoE, variables: Any, images: jax.Array, threshold: Optiona
   else:
     threshold = float(np.median(confidence))
     source = "median delegator confidence on the benchmark images (~50% exits)"
-  return threshold, source, float(np.mean(confidence >= threshold))
+  return threshold, source, float(np.mean(answers.exits(confidence, threshold)))
 
 
 def _random_images(batch_size: int, config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
@@ -262,7 +262,7 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   threshold, source, exit_rate = _threshold(model, variables, images, threshold, workdir, meta)
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
-  mean_flops = f_d + (1 - exit_rate) * f_e
+  mean_flops = answers.mean_flops(f_d, f_e, exit_rate)
   # Serving mode plans with an exit rate below 1; at 0.99 C is 1 slot anyway.
   expected_exit_rate = min(exit_rate, 0.99)
   spec = {
@@ -359,7 +359,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   threshold, source, exit_rate = _threshold(model, variables, images, threshold, workdir, meta)
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
-  mean_flops = f_d + (1 - exit_rate) * f_e
+  mean_flops = answers.mean_flops(f_d, f_e, exit_rate)
   dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
   dense_flops = dense_scale["flops"]
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
@@ -431,7 +431,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
     if name.endswith("_expert"):
       return f_e
     rho = int8_exit_rate if name.startswith("litert_int8_") else exit_rate
-    return f_d + (1 - rho) * f_e
+    return answers.mean_flops(f_d, f_e, rho)
 
   results = {}
   for name, s in seconds.items():
@@ -558,4 +558,4 @@ if __name__ == "__main__":
       "threads", None, "LiteRT interpreter threads (litert backend; default: "
       "coe_jax.serving.litert_predictor's choice per network).")
   flags.mark_flags_as_required(["config", "json"])
-  app.run(main)
+  run_command(main)

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.peak import cpu_name
+from coe_jax.config_loading import run_command
 
 # (spatial size, channels, kernel): 1x1 expansions and projections of mobile
 # networks at three resolutions, and one 3x3 convolution.
@@ -106,4 +107,4 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that other benchmarks and the tests can import this module.
   _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
-  app.run(main)
+  run_command(main)

@@ -48,7 +48,7 @@ import numpy as np
 from absl import app, flags
 
 from coe_jax import flops
-from coe_jax.config_loading import load_config
+from coe_jax.config_loading import load_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.models import conv
 from coe_jax.objective import transport
@@ -224,4 +224,4 @@ if __name__ == "__main__":
   _EXPERT_LOOP = flags.DEFINE_string("expert-loop", "auto", "The config's expert_loop.")
   _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps; the median is reported.")
   _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
-  app.run(main)
+  run_command(main)

@@ -45,7 +45,7 @@ from absl import app, flags
 
 from benchmarks.peak import measured_peak
 from coe_jax import data, flops
-from coe_jax.config_loading import load_config
+from coe_jax.config_loading import load_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
@@ -238,4 +238,4 @@ if __name__ == "__main__":
   _INPUT = flags.DEFINE_enum(
       "input", "config", ["config", "fake_tfds"],
       "Whose input pipeline to time: the config's, or TFDS on fake ImageNet.")
-  app.run(main)
+  run_command(main)

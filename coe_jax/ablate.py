@@ -7,9 +7,12 @@ Trains each variant below with the ordinary trainer, once per seed (`seed`, `see
 ...; `--seeds` of each, or k of a variant given as `name:k`), each run in
 `WORKDIR/<variant>/seed<s>`: running the same command again resumes unfinished runs and
 reuses finished ones (a run directory that holds another config's run is refused).
-Compiled programs are cached in `WORKDIR/jax_cache`, since the variants and seeds share
-most of them. Writes `WORKDIR/ablation.md` (a Markdown table, also printed) and
-`WORKDIR/ablation.png` (top-1 vs mean FLOPs).
+Compiled programs are cached where the trainer caches a run's
+(`train.use_compilation_cache`: `WORKDIR/compilation_cache` unless
+`train.compilation_cache_dir` or JAX_COMPILATION_CACHE_DIR says otherwise), since the
+variants and seeds share most of them. Writes `WORKDIR/ablation.md` (a Markdown table,
+also printed) and `WORKDIR/ablation.png` (top-1 vs mean FLOPs); `coe_jax.run_dir` names
+every file.
 
 Variants:
 - `coe`: the config as given.
@@ -56,8 +59,10 @@ from etils import epath
 from ml_collections import config_flags
 
 from coe_jax import config_base, data, flops, run_dir
+from coe_jax.config_loading import flag_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.evaluation import plots
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.parallel import expert_parallel
 from coe_jax.training import train
 from coe_jax.training.train_step import TrainState
@@ -214,7 +219,7 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
   if state is None:
     raise CoEError(f"workdir={workdir!r}: training stopped early; run the same command again "
                    "to resume")
-  results = train.evaluate(trainer, state)
+  results = evaluation_run.evaluate(trainer, state)
   if flops_factor(variant) is not None:
     row = dict(top1=results["expert_top1"][0],
                mean_flops=results["expert_flops"],
@@ -363,7 +368,7 @@ def run_ablation(config: ml_collections.ConfigDict,
   if family and rows[0]["name"] == "coe":
     ratio = flops_ratio_at_equal_accuracy(family, summary[0]["top1"], summary[0]["mean_flops"])
   table = format_table(rows, sizings, ratio, command)
-  epath.Path(workdir, "ablation.md").write_text(table)
+  epath.Path(workdir, run_dir.ABLATION_TABLE).write_text(table)
   run_dir.write_json(
       os.path.join(workdir, run_dir.ABLATION), {
           "command": command,
@@ -384,22 +389,23 @@ def run_ablation(config: ml_collections.ConfigDict,
       "mean_flops": _mean([r["mean_flops"] for r in row["runs"]]),
       "family": _is_family(row["name"])
   } for row in rows]
-  plots.ablation(plot_rows, os.path.join(workdir, "ablation.png"), curve=curve)
+  plots.ablation(plot_rows, os.path.join(workdir, run_dir.ABLATION_PLOT), curve=curve)
   return table
 
 
 def main(argv):
+  """Bad input ends in one `error:` line (`config_loading.run_command`)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+  config = flag_config(_CONFIG)
+  train.use_compilation_cache(config, _WORKDIR.value)
   command = " ".join(["python -m coe_jax.ablate", *sys.argv[1:]])
-  try:
-    table = run_ablation(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _VARIANTS.value, command)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  table = run_ablation(config, _WORKDIR.value, _SEEDS.value, _VARIANTS.value, command)
   print("\n" + table, flush=True)
-  print(f"table: {_WORKDIR.value}/ablation.md\nplot:  {_WORKDIR.value}/ablation.png", flush=True)
+  print(
+      f"table: {_WORKDIR.value}/{run_dir.ABLATION_TABLE}\n"
+      f"plot:  {_WORKDIR.value}/{run_dir.ABLATION_PLOT}",
+      flush=True)
 
 
 if __name__ == "__main__":
@@ -414,4 +420,4 @@ if __name__ == "__main__":
       "variants", list(VARIANTS), "Variants to run, each NAME or NAME:SEEDS (coe runs too when "
       "a sized variant does).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  run_command(main)

@@ -42,10 +42,13 @@ SCHEDULES = ("per_stage", "continuous")
 class Rule:
   """The values one config key accepts, and the words of its one-line error."""
   accepts: Callable[[Any], bool]
-  expected: str  # "expected ...", after "key=value: " in the error.
+  # "expected ...", after "key=value: " in the error; a function of no
+  # arguments when the accepted values can change (the registered network kinds).
+  expected: str | Callable[[], str]
 
   def check(self, key: str, value: Any) -> None:
-    require(self.accepts(value), key, value, self.expected)
+    if not self.accepts(value):
+      require(False, key, value, self.expected() if callable(self.expected) else self.expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +265,23 @@ _SCHEMA: dict[str, Any] = dict(
     ),
 )
 
+# The built-in network kind: MBConv networks, whose stages may be Fused-MBConv
+# (coe_jax.models.kinds says why one kind).
+MBCONV = "mbconv"
+# Each network kind's entry keys, `kind` first. `coe_jax.models.kinds.register_kind`
+# adds a kind here together with its implementation.
+_NETWORK_KINDS: dict[str, dict[str, Key]] = {}
+_KIND = Key(
+    MBCONV,
+    Rule(
+        lambda v: isinstance(v, str) and v in _NETWORK_KINDS,
+        lambda: f"expected a registered network kind, one of {', '.join(_NETWORK_KINDS)} "
+        "(coe_jax.models.kinds.register_kind adds one)"))
+
 # The networks (`delegator`, `expert`): `network(...)` sets them in each config.
+# These are the keys of an MBConv network; another kind has its own (`network_of`).
 _NETWORK: dict[str, Key] = dict(
+    kind=_KIND,  # the architecture: a registered network kind
     stem_features=Key(16, POSITIVE_INT),  # channels of the stem's convolution
     stem_kernel=Key(3, ODD_KERNEL),
     stem_stride=Key(2, POSITIVE_INT),
@@ -286,6 +304,7 @@ _NETWORK: dict[str, Key] = dict(
     pwlu_intervals=Key(16, POSITIVE_INT),
     pwlu_per_channel=Key(False, FLAG),
 )
+_NETWORK_KINDS[MBCONV] = _NETWORK
 
 # One entry of a network's `stages`: `stage(...)` builds one.
 _STAGE: dict[str, Rule] = dict(
@@ -364,6 +383,50 @@ def network(stem_features: int, stages: Sequence[dict[str, Any]], head_features:
   return ml_collections.ConfigDict(values)
 
 
+def network_of(kind: str, **settings: Any) -> ml_collections.ConfigDict:
+  """A network entry of a registered `kind`: its keys' defaults, `settings` over them.
+
+  For the kinds registered by `coe_jax.models.kinds.register_kind`; `network`
+  builds MBConv networks. Checked as a whole by `validate_network`.
+  """
+  _KIND.rule.check("kind", kind)
+  keys = _NETWORK_KINDS[kind]
+  unknown = sorted(set(settings) - set(keys))
+  if unknown:
+    raise CoEError(f"network_of({kind!r}, {unknown[0]}=...): no such key of a {kind} network; "
+                   f"expected some of {', '.join(keys)}")
+  values = {name: key.default for name, key in keys.items()}
+  values.update(settings, kind=kind)
+  return ml_collections.ConfigDict(values)
+
+
+def network_kinds() -> tuple[str, ...]:
+  """The registered network kinds: the values `delegator.kind` and `expert.kind` accept."""
+  return tuple(_NETWORK_KINDS)
+
+
+def add_network_kind(name: str, keys: Mapping[str, Key]) -> None:
+  """Adds network kind `name`, whose entries have `keys` besides `kind`, to the schema.
+
+  `coe_jax.models.kinds.register_kind` calls it with the kind's implementation;
+  use that one.
+  """
+  require(
+      isinstance(name, str) and name.isidentifier() and name not in _NETWORK_KINDS, "kind", name,
+      f"expected a new kind name (an identifier); registered: {', '.join(_NETWORK_KINDS)}")
+  for key, entry in keys.items():
+    require(key != "kind" and isinstance(entry, Key), f"{name}.{key}", entry,
+            "expected a config_base.Key (default and rule) for each key but `kind`")
+  _NETWORK_KINDS[name] = {"kind": _KIND, **keys}
+
+
+def remove_network_kind(name: str) -> None:
+  """Removes a kind `add_network_kind` added; the built-in `mbconv` stays."""
+  require(name in _NETWORK_KINDS and name != MBCONV, "kind", name,
+          "expected a network kind added by register_kind")
+  del _NETWORK_KINDS[name]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key of `config` and the rules that join keys.
 
@@ -402,8 +465,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_network(net: Mapping[str, Any], name: str) -> None:
-  """Checks a network entry (`delegator`, `expert`) and each of its stages."""
-  _check_section(net, _NETWORK, f"{name}.")
+  """Checks a network entry (`delegator`, `expert`): its kind, the kind's keys and,
+  in an MBConv network, each stage."""
+  require("kind" in net, f"{name}.kind", None, "missing from the config")
+  _KIND.rule.check(f"{name}.kind", net["kind"])
+  _check_section(net, _NETWORK_KINDS[net["kind"]], f"{name}.")
+  if net["kind"] != MBCONV:
+    return
   required = [field for field in _STAGE if field not in _STAGE_OPTIONAL]
   for index, entry in enumerate(net["stages"]):
     key = f"{name}.stages[{index}]"
@@ -480,14 +548,30 @@ def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   `routing.expert_loop` became the top-level `expert_loop` (it is read by
   training too, not only by the router). Every key added later has a default
   that trains as the run did before it existed (`train.schedule=per_stage`,
-  `train.generalist_warmup=False`, ...).
+  `train.generalist_warmup=False`, `delegator.kind=mbconv`, ...).
   """
   saved = dict(saved)
   routing = dict(saved.get("routing", {}))
   if "expert_loop" in routing and "expert_loop" not in saved:
     saved["expert_loop"] = routing.pop("expert_loop")
     saved["routing"] = routing
+  for name in NETWORKS:
+    if isinstance(saved.get(name), Mapping):
+      saved[name] = upgrade_network(saved[name])
   return _fill_defaults(saved, _SCHEMA, "")
+
+
+def upgrade_network(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved network entry in today's layout: its `kind` ("mbconv" for networks saved
+  before kinds existed) and the kind's keys added since, at their defaults.
+
+  For a run's config.json (`upgrade`) and the networks its checkpoints were
+  saved with. An unregistered kind's entry stays as it is; `validate` names it.
+  """
+  kind = saved.get("kind", MBCONV)
+  if not (isinstance(kind, str) and kind in _NETWORK_KINDS):
+    return dict(saved)
+  return _fill_defaults({**saved, "kind": kind}, _NETWORK_KINDS[kind], "")
 
 
 def _fill_defaults(saved: dict[str, Any], schema: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -503,62 +587,3 @@ def _fill_defaults(saved: dict[str, Any], schema: Mapping[str, Any], prefix: str
     elif isinstance(filled.get(name, {}), Mapping):
       filled[name] = _fill_defaults(filled.get(name, {}), entry, f"{prefix}{name}.")
   return filled
-
-
-def mobilenet_v3_large_stages(se_ratio: float = 0.25) -> list[dict[str, Any]]:
-  """MobileNetV3-Large's stages (Howard et al. 2019), one expansion ratio per stage."""
-  return [
-      stage(16, 1, 3, 1, 1, se_ratio=0.0, activation="relu"),
-      stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
-      stage(40, 3, 5, 3, 2, se_ratio=se_ratio, activation="relu"),
-      stage(80, 4, 3, 2.5, 2, se_ratio=0.0),
-      stage(112, 2, 3, 6, 1, se_ratio=se_ratio),
-      stage(160, 3, 5, 6, 2, se_ratio=se_ratio),
-  ]
-
-
-def small_delegator(width_multiplier: float) -> ml_collections.ConfigDict:
-  """A MobileNetV3-Small-like delegator for 224 px inputs."""
-  net = network(stem_features=16,
-                head_features=576,
-                classifier_features=1024,
-                stages=[
-                    stage(16, 1, 3, 1, 2, activation="relu"),
-                    stage(24, 2, 3, 4, 2, se_ratio=0.0, activation="relu"),
-                    stage(40, 3, 5, 4, 2),
-                    stage(48, 2, 5, 3, 1),
-                    stage(96, 3, 5, 6, 2)
-                ])
-  net.width_multiplier = width_multiplier
-  return net
-
-
-def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
-  """ImageNet data and an EfficientNet-style training recipe, at batch 4096."""
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.data.num_classes = 1000
-  c.data.cache = False
-  # A ~12.8k-image "minival" (1% of the training split) calibrates tau, so the
-  # experts train on 99% of ImageNet, close to the paper's full training set.
-  c.data.holdout_fraction = 0.01
-  c.train.batch_size = 4096
-  c.train.num_steps = 93_800  # 300 epochs of 1,281,167 images
-  c.train.stages.warmup = 0.1
-  c.train.stages.coadapt = 0.85
-  c.train.stages.delegator = 0.05
-  c.train.optimizer = "rmsprop"
-  c.train.learning_rate = 0.016 * 4096 / 256
-  c.train.warmup_steps = 1560  # 5 epochs, at the start of warmup and of coadapt
-  # The delegator stage (frozen experts) fine-tunes at a tenth of the peak
-  # with a short warm-up: our choice; the paper gives no schedule.
-  c.train.stage_schedules.delegator.learning_rate = 0.1 * c.train.learning_rate
-  c.train.stage_schedules.delegator.warmup_steps = 200
-  c.train.weight_decay = 1e-5
-  c.train.ema_decay = 0.9999
-  c.train.compute_dtype = "bfloat16"
-  c.train.checkpoint_every_steps = 2000
-  c.train.log_every_steps = 100
-  c.train.eval_every_steps = 10_000
-  c.loss.label_smoothing = 0.1
-  c.eval.batch_size = 1024

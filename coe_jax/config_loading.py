@@ -1,15 +1,17 @@
 """Loading config files by path, as `--config=configs/NAME.py` does.
 
-Also the command-line side of it, shared by the entry points that take a
-`--config` flag (`coe_jax.main`, `coe_jax.flops`): a missing config file or an
-override of a key the config does not have ends in one `error:` line, not in a
-traceback.
+Also the command-line side of it, shared by every entry point that `app.run`s
+(`coe_jax.main`, `coe_jax.flops`, `coe_jax.plan`, `coe_jax.ablate`, the
+benchmarks) through `run_command`: a missing config file, an override of a key
+the config does not have, or any other `CoEError` ends in one `error:` line,
+not in a traceback.
 """
 
 import importlib.util
 import os
 import re
 import sys
+from typing import Any, Callable
 
 import ml_collections
 from absl import app, flags
@@ -34,10 +36,27 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
+def run_command(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` for a command line: its flags parsed by `parse_flags`, and a
+  `CoEError` out of `main` reported in one `error: ...` line, with exit status 1.
+
+  Every entry point that `app.run`s runs through this, so all of them report
+  bad input alike (`tests/test_cli_errors.py`).
+  """
+
+  def reporting(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except CoEError as e:
+      sys.exit(f"error: {e}")
+
+  app.run(reporting, flags_parser=parse_flags)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with an unknown `--config.KEY` reported in one line.
 
-  For `app.run(main, flags_parser=parse_flags)`. absl turns bad flag values
+  For `app.run` (`run_command` passes it). absl turns bad flag values
   into one-line errors itself, but ml_collections raises a bare KeyError or
   AttributeError, with a traceback, for an override of a key the config does
   not have.

@@ -1,8 +1,10 @@
 """Analytic FLOPs of the delegator and the experts, in multiply-adds.
 
 FLOPs here means multiply-adds, as in the mobile-network literature
-(MobileNetV3, EfficientNet, the CoE paper). The count walks the same
-`NetworkSpec` the Flax modules are built from, layer by layer:
+(MobileNetV3, EfficientNet, the CoE paper). Each network kind brings its
+count (`coe_jax.models.kinds`). An MBConv network's
+(`coe_jax.models.spec.mbconv_macs`) walks the same `NetworkSpec` the Flax
+modules are built from, layer by layer:
 
 - convolutions: H' * W' * k * k * (C / groups) * F, with H' x W' the output
   map, k the kernel size, C the input and F the output channels;
@@ -20,73 +22,30 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from coe_jax.config_loading import flag_config, parse_flags
+from coe_jax.config_loading import flag_config, run_command
 from coe_jax.errors import CoEError
-from coe_jax.models.spec import NetworkSpec, make_divisible
+from coe_jax.models import kinds
+from coe_jax.models.spec import NetworkSpec
+from coe_jax.stages import Stage
 
 
-def _conv_macs(size: int,
-               kernel: int,
-               in_features: int,
-               out_features: int,
-               groups: int = 1,
-               condconv_kernels: int = 0) -> int:
-  """Multiply-adds of one convolution producing a size x size map."""
-  weights = kernel * kernel * (in_features // groups) * out_features
-  macs = size * size * weights
-  if condconv_kernels:
-    macs += condconv_kernels * weights  # Mixing the per-example kernel.
-  return macs
-
-
-def network_macs(spec: NetworkSpec, image_size: int, in_channels: int, num_outputs: int) -> int:
-  """Multiply-adds of one forward pass of one image.
+def network_macs(spec: Any, image_size: int, in_channels: int, num_outputs: int) -> int:
+  """Multiply-adds of one forward pass of one image, by the spec's network kind's count
+  (`coe_jax.models.kinds`; `coe_jax.models.spec.mbconv_macs` for an MBConv network).
 
   Args:
-    spec: the network.
+    spec: the network (`NetworkSpec.from_config`).
     image_size: input resolution (square).
     in_channels: image channels.
     num_outputs: total width of the output heads (classes, plus experts for the delegator).
   """
-  size = math.ceil(image_size / spec.stem_stride)
-  macs = _conv_macs(size, spec.stem_kernel, in_channels, spec.stem_features)
-  features = spec.stem_features
-  for stage in spec.stages:
-    for block in range(stage.depth):
-      stride = stage.stride if block == 0 else 1
-      hidden = make_divisible(features * stage.expansion) if stage.expansion > 1 else features
-      k = stage.condconv_kernels
-      if k:
-        macs += features * k  # Routing: pooled input -> R (here k) kernel weights, once per block.
-      projected = not stage.fused or hidden != features
-      if stage.fused:
-        width = hidden if projected else stage.features
-        size = math.ceil(size / stride)
-        macs += _conv_macs(size, stage.kernel, features, width, condconv_kernels=k)
-      else:
-        if hidden != features:
-          macs += _conv_macs(size, 1, features, hidden, condconv_kernels=k)
-        width = hidden
-        size = math.ceil(size / stride)
-        macs += _conv_macs(size, stage.kernel, hidden, hidden, groups=hidden, condconv_kernels=k)
-      if stage.se_ratio > 0:
-        squeeze = max(1, int(features * stage.se_ratio))
-        macs += 2 * width * squeeze
-      if projected:
-        macs += _conv_macs(size, 1, hidden, stage.features, condconv_kernels=k)
-      features = stage.features
-  macs += _conv_macs(size, 1, features, spec.head_features)
-  features = spec.head_features
-  if spec.classifier_features:
-    macs += features * spec.classifier_features
-    features = spec.classifier_features
-  return macs + features * num_outputs
+  return kinds.of(spec).macs(spec, image_size, in_channels, num_outputs)
 
 
 def count(config: ml_collections.ConfigDict, num_classes: int | None = None) -> dict[str, int]:
@@ -112,12 +71,12 @@ def train_step_flops(config: ml_collections.ConfigDict,
   """Model FLOPs of one train step over the global batch, at 2 FLOPs a multiply-add.
 
   Training a network costs 3 forward passes (forward, and the two products of
-  the backward pass). The delegator trains in every stage; the experts train
-  in `warmup` and `coadapt` and run forward only in `delegator` (frozen).
-  Recomputation (remat) and the transport solvers are not model FLOPs.
+  the backward pass). The delegator trains in every stage; frozen experts run
+  forward only (`Stage.expert_passes`). Recomputation (remat) and the
+  transport solvers are not model FLOPs.
   """
   macs = count(config, num_classes)
-  expert_passes = 1 if stage == "delegator" else 3
+  expert_passes = Stage.named(stage, config).expert_passes
   per_image = (3 * macs["delegator_flops"] +
                expert_passes * config.num_experts * macs["expert_flops"])
   return 2 * per_image * config.train.batch_size
@@ -227,4 +186,4 @@ if __name__ == "__main__":
                                             "Path to a config file.",
                                             lock_config=True)
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax.config_loading import flag_config, parse_flags
+from coe_jax.config_loading import flag_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.parallel import distributed
 
@@ -109,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional
 from absl import app, flags
 from ml_collections import config_flags
 
-from coe_jax.config_loading import flag_config, parse_flags
+from coe_jax.config_loading import flag_config, run_command
 from coe_jax.data import DataInfo
 from coe_jax.errors import CoEError, require
 from coe_jax.models import stacked
@@ -353,4 +353,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

@@ -46,14 +46,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from coe_jax import config_base
-from coe_jax.answers import NO_EXPERT
+from coe_jax.answers import NO_EXPERT, exits
 from coe_jax.errors import require
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import Variables
 from coe_jax.parallel import expert_parallel
+from coe_jax.parallel import mesh as mesh_lib
 from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
 
 
@@ -63,11 +64,8 @@ def confidence(class_logits: jax.Array) -> jax.Array:
 
 
 def exit_mask(class_logits: jax.Array, threshold: jax.Array | float) -> jax.Array:
-  """True where the delegator answers alone: max softmax >= threshold. [..., K] -> [...].
-
-  A threshold above 1 disables early exit; 0 makes every sample exit.
-  """
-  return confidence(class_logits) >= threshold
+  """True where the delegator answers alone, by `coe_jax.answers.exits`: [..., K] -> [...]."""
+  return exits(confidence(class_logits), threshold)
 
 
 def expert_preferences(selection_logits: jax.Array) -> jax.Array:
@@ -219,13 +217,6 @@ def combine(expert_logits: jax.Array, fallback_logits: jax.Array, expert: jax.Ar
   return jnp.where(answered[:, None], jnp.take(flat, index, axis=0), fallback_logits)  # [Q, K]
 
 
-def _constrain(x: jax.Array, mesh: Optional[Mesh], *spec: Optional[str]) -> jax.Array:
-  """Pins x's sharding on `mesh` (leading axes as in `spec`); no-op without a mesh."""
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-
 def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
   """The mesh must split the experts and the groups evenly."""
   for axis in (DATA_AXIS, EXPERT_AXIS):
@@ -251,7 +242,7 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   slots = spec.capacity(group_size, num_experts)  # P
   padded = num_groups * group_size
   images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * Q, H, W, C]
-  images = _constrain(images, mesh, DATA_AXIS)
+  images = mesh_lib.constrain(images, mesh, PartitionSpec(DATA_AXIS))
   to_groups = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])
 
   class_logits, selection_logits = model.delegator(variables, images)  # [G * Q, K], [G * Q, N]
@@ -275,7 +266,8 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
                                               expert_loop=spec.expert_loop,
                                               mesh=mesh)  # [N, G * P, K]
   expert_logits = expert_logits.reshape(num_experts, num_groups, slots, -1)  # [N, G, P, K]
-  expert_logits = _constrain(expert_logits.swapaxes(0, 1), mesh, DATA_AXIS)  # [G, N, P, K]
+  expert_logits = mesh_lib.constrain(expert_logits.swapaxes(0, 1), mesh,
+                                     PartitionSpec(DATA_AXIS))  # [G, N, P, K]
   logits = jax.vmap(combine)(expert_logits, class_logits, expert, slot)  # [G, Q, K]
 
   answered = expert != NO_EXPERT  # [G, Q]

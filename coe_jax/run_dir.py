@@ -9,7 +9,13 @@
       compilation_cache/      COMPILATION_CACHE: compiled programs, found again on resume
       results.json            RESULTS: the final evaluation, with the calibrated tau
       early_exit_curve.json   CURVE: the test split's accuracy and FLOPs at every tau
-      *.png                   the figures of `coe_jax.evaluation.plots`
+      accuracy_vs_flops.png   ACCURACY_VS_FLOPS_PLOT: top-1 against mean FLOPs as tau sweeps
+      early_exit_curve.png    CURVE_PLOT: top-1 and mean FLOPs against tau
+      expert_load.png         EXPERT_LOAD_PLOT: the share of routed test images per expert
+      routing_grid.png        ROUTING_GRID_PLOT: test images per expert
+      class_by_expert.png     CLASS_BY_EXPERT_PLOT: classes by the expert that answered them
+      expert_portions.png     EXPERT_PORTIONS_PLOT: each expert on its portion and off it
+                              (PLOTS: these figures of `coe_jax.evaluation.plots`)
       serving/                SERVING: the LiteRT export (`python -m coe_jax.serving.export`)
 
 A run's weights alone (`python -m coe_jax.evaluate --save_weights=DIR`), small
@@ -22,8 +28,10 @@ evaluation, `train.init_from`):
                               statistics (EMA where trained with it), no optimizer
 
 An ablation's workdir holds one such run per variant and seed
-(`<variant>/seed<k>/`, each with its ABLATION_RUN row) beside the ABLATION
-table of them all.
+(`<variant>/seed<k>/`, each with its ABLATION_RUN row) beside the figures of
+them all (ABLATION: ablation.json), their Markdown table (ABLATION_TABLE:
+ablation.md), top-1 against mean FLOPs (ABLATION_PLOT: ablation.png) and the
+COMPILATION_CACHE the variants share.
 
 JSON files are written whole or not at all: a killed writer leaves the old
 file, never half a new one. Paths may be local or remote (gs://...), through
@@ -46,7 +54,17 @@ CURVE = "early_exit_curve.json"
 SERVING = "serving"
 ABLATION = "ablation.json"
 ABLATION_RUN = "ablation_run.json"
+ABLATION_TABLE = "ablation.md"
+ABLATION_PLOT = "ablation.png"
 WEIGHTS = "variables.msgpack"
+ACCURACY_VS_FLOPS_PLOT = "accuracy_vs_flops.png"
+CURVE_PLOT = "early_exit_curve.png"
+EXPERT_LOAD_PLOT = "expert_load.png"
+ROUTING_GRID_PLOT = "routing_grid.png"
+CLASS_BY_EXPERT_PLOT = "class_by_expert.png"
+EXPERT_PORTIONS_PLOT = "expert_portions.png"
+PLOTS = (ACCURACY_VS_FLOPS_PLOT, CURVE_PLOT, EXPERT_LOAD_PLOT, ROUTING_GRID_PLOT,
+         CLASS_BY_EXPERT_PLOT, EXPERT_PORTIONS_PLOT)
 
 
 def write_text_atomically(path: str, text: str) -> None:

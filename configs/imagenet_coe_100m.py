@@ -23,17 +23,18 @@ this code. Runtime: as configs/imagenet_coe_194m.py.
 import ml_collections
 
 from coe_jax import config_base as common
+from coe_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = common.base_config()
   c.num_experts = 4
-  common.imagenet_recipe(c)
-  c.delegator = common.small_delegator(width_multiplier=0.35)
+  recipes.imagenet_recipe(c)
+  c.delegator = recipes.small_delegator(width_multiplier=0.35)
   c.expert = common.network(stem_features=16,
                             head_features=960,
                             classifier_features=1280,
-                            stages=common.mobilenet_v3_large_stages(),
+                            stages=recipes.mobilenet_v3_large_stages(),
                             activation="pwlu",
                             condconv_kernels=4,
                             condconv_from_stage=4)

@@ -22,17 +22,18 @@ launch/tpu_pod.sh for a pod launch.
 import ml_collections
 
 from coe_jax import config_base as common
+from coe_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = common.base_config()
   c.num_experts = 4
-  common.imagenet_recipe(c)
-  c.delegator = common.small_delegator(width_multiplier=0.5)
+  recipes.imagenet_recipe(c)
+  c.delegator = recipes.small_delegator(width_multiplier=0.5)
   c.expert = common.network(stem_features=16,
                             head_features=960,
                             classifier_features=1280,
-                            stages=common.mobilenet_v3_large_stages())
+                            stages=recipes.mobilenet_v3_large_stages())
   c.expert.width_multiplier = 0.75
   c.expert.dropout_rate = 0.2
   return c

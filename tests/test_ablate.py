@@ -70,16 +70,16 @@ def _table_rows(markdown: str) -> dict[str, list[str]]:
 
 def test_table_plot_and_progress(ablation):
   workdir, stdout = ablation
-  with open(os.path.join(workdir, "ablation.md")) as f:
+  with open(os.path.join(workdir, run_dir.ABLATION_TABLE)) as f:
     table = f.read()
   assert tuple(_table_rows(table)) == VARIANTS
   assert table in stdout  # Printed as well.
-  with open(os.path.join(workdir, "ablation.png"), "rb") as f:
+  with open(os.path.join(workdir, run_dir.ABLATION_PLOT), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   for i, variant in enumerate(VARIANTS):
     assert f"[{i + 1}/3] {variant}, seed 0:" in stdout
   assert "--config.train.num_steps=4" in table  # The command that made it.
-  report = _read(workdir, "ablation.json")
+  report = _read(workdir, run_dir.ABLATION)
   assert [row["name"] for row in report["rows"]] == list(VARIANTS)
   assert report["rows"][0]["runs"][0] == _read(workdir, "coe", "seed0", run_dir.ABLATION_RUN)
   # One family member (single) cannot bracket CoE's top-1.
@@ -91,10 +91,10 @@ def test_table_plot_and_progress(ablation):
 
 def test_rows_carry_each_runs_figures(ablation):
   workdir, _ = ablation
-  with open(os.path.join(workdir, "ablation.md")) as f:
+  with open(os.path.join(workdir, run_dir.ABLATION_TABLE)) as f:
     rows = _table_rows(f.read())
   run = {v: _read(workdir, v, "seed0", run_dir.ABLATION_RUN) for v in VARIANTS}
-  results = {v: _read(workdir, v, "seed0", "results.json") for v in VARIANTS}
+  results = {v: _read(workdir, v, "seed0", run_dir.RESULTS) for v in VARIANTS}
   assert run["coe"]["top1"] == results["coe"]["top1"]
   assert run["coe"]["mean_flops"] == results["coe"]["mean_flops"]
   assert rows["coe"][2] == f"{100 * results['coe']['top1']:.2f}"
@@ -111,7 +111,7 @@ def test_rows_carry_each_runs_figures(ablation):
 
 
 def _config_of(workdir: str, variant: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(_read(workdir, variant, "seed0", "config.json"))
+  return ml_collections.ConfigDict(_read(workdir, variant, "seed0", run_dir.CONFIG))
 
 
 def test_each_variant_switches_what_it_says():
@@ -138,8 +138,8 @@ def test_each_variant_switches_what_it_says():
 
 def test_the_runs_write_the_routing_figures(ablation):
   workdir, _ = ablation
-  for name in ("routing_grid.png", "class_by_expert.png", "early_exit_curve.png",
-               "early_exit_curve.json"):
+  for name in (run_dir.ROUTING_GRID_PLOT, run_dir.CLASS_BY_EXPERT_PLOT, run_dir.CURVE_PLOT,
+               run_dir.CURVE):
     assert os.path.getsize(os.path.join(workdir, "coe", "seed0", name)) > 0
 
 

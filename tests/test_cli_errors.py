@@ -1,9 +1,9 @@
 """Bad input on the command line: exit status 1, one `error:` line naming the key or file.
 
 Each case runs the real CLI, `python -m coe_jax.main` (or `coe_jax.serving.predict`,
-`coe_jax.serving.export`, `coe_jax.flops`), in a subprocess, and checks its stderr:
-exactly one `error: ...` line that names the offending key or file, and no
-Python traceback. Logging from absl, TensorFlow and XLA may share stderr; only
+`coe_jax.serving.export`, `coe_jax.flops`, `coe_jax.ablate`), in a subprocess, and
+checks its stderr: exactly one `error: ...` line that names the offending key or
+file, and no Python traceback. Logging from absl, TensorFlow and XLA may share stderr; only
 the error line has to be one line. Every case fails before anything is
 compiled, so none of them trains, and none writes a checkpoint.
 """
@@ -157,3 +157,13 @@ def test_flops_of_a_missing_config_file(tmp_path):
 def test_flops_with_an_unknown_config_key():
   line = error_line(run_module("coe_jax.flops", f"--config={DIGITS}", "--config.nosuch.key=1"))
   assert "--config.nosuch.key: the config has no such key" in line
+
+
+def test_ablate_with_an_unknown_config_key(tmp_path):
+  """The ablations parse their flags as `coe_jax.main` does (`config_loading.run_command`)."""
+  workdir = tmp_path / "ablation"
+  line = error_line(
+      run_module("coe_jax.ablate", f"--config={DIGITS}", f"--workdir={workdir}",
+                 "--config.train.num_step=5"))
+  assert "--config.train.num_step: the config has no such key" in line
+  assert not workdir.exists()

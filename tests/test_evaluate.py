@@ -5,6 +5,7 @@ import json
 import pytest
 
 from coe_jax import evaluate, run_dir
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.serving.jax_predictor import Predictor
 from coe_jax.training import train
 from tests.helpers import (
@@ -27,7 +28,7 @@ def _run(tmp_path, name, folder, single=False):
     config.train.stages = {"warmup": 1.0}
   workdir = str(tmp_path / name)
   trainer = single_device_trainer(config, workdir)
-  return workdir, train.evaluate(trainer, train.train(trainer))
+  return workdir, evaluation_run.evaluate(trainer, train.train(trainer))
 
 
 @pytest.fixture(scope="module")

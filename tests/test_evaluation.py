@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import evaluation, routing
+from coe_jax import evaluation, routing, run_dir
+from coe_jax.evaluation import report
 
 
 def _outputs(seed=0, m=200, n=4, k=5, ties=False):
@@ -61,6 +62,15 @@ def test_summary_figures():
   assert results["expert_top1"][2] == pytest.approx(
       np.mean(outputs.expert_predictions[2] == outputs.labels))
   assert results["num_test_examples"] == 200
+
+
+def test_the_report_names_the_results_file_and_every_plot():
+  outputs = _outputs(seed=1)
+  results = evaluation.summary(outputs, evaluation.sweep(outputs, 10.0, 100.0), 0.5, 4, 10.0, 100.0)
+  text = report.format_results({**results, "threshold_rule": "fixed"}, "/w")
+  assert f"results: /w/{run_dir.RESULTS}\n" in text
+  assert f"plots:   /w/{run_dir.ACCURACY_VS_FLOPS_PLOT}," in text
+  assert all(name in text for name in run_dir.PLOTS)
 
 
 def test_portion_top1_compares_each_expert_with_the_others_on_its_portion():

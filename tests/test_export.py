@@ -13,6 +13,7 @@ from flax import traverse_util
 from PIL import Image
 
 from coe_jax import flops, routing
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.serving import export, litert_predictor, predict
@@ -46,7 +47,7 @@ def run(tmp_path_factory):
   """A tiny trained and evaluated run: 4 steps, 2 experts, a calibrated threshold."""
   workdir = str(tmp_path_factory.mktemp("run"))
   trainer = single_device_trainer(train_config(num_steps=4), workdir)
-  train.evaluate(trainer, train.train(trainer))
+  evaluation_run.evaluate(trainer, train.train(trainer))
   return workdir
 
 

@@ -7,12 +7,12 @@ import pytest
 
 from tests.tiny import REPO
 
-# Bottom to top; the README's layout section draws the same stack. Within a
+# Bottom to top; docs/design.md's layout section draws the same stack. Within a
 # layer, a folder or module imports only from itself.
 LAYERS = (
     ("errors", "answers"),
     ("config_base", "run_dir"),
-    ("config_loading",),
+    ("config_loading", "stages", "recipes"),
     ("models", "data"),
     ("parallel", "flops"),
     ("routing", "objective"),

@@ -5,11 +5,12 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
+from coe_jax import run_dir
 from tests.tiny import REPO
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "coe_colab.ipynb")
-FIGURES = ("accuracy_vs_flops.png", "early_exit_curve.png", "expert_load.png", "routing_grid.png",
-           "class_by_expert.png")
+FIGURES = (run_dir.ACCURACY_VS_FLOPS_PLOT, run_dir.CURVE_PLOT, run_dir.EXPERT_LOAD_PLOT,
+           run_dir.ROUTING_GRID_PLOT, run_dir.CLASS_BY_EXPERT_PLOT)
 
 
 def _text(cell) -> str:

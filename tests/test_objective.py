@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import config_base, objective
+from coe_jax import config_base, objective, stages
 from coe_jax.config_base import base_config
 from coe_jax.errors import CoEError
 from coe_jax.objective import lgm, losses
+from coe_jax.stages import Stage, StagePlan
 
 B, N, K = 16, 4, 5
 METRICS = {
@@ -236,12 +237,38 @@ def test_stage_schedule():
   config = base_config()
   config.train.num_steps = 1001
   config.train.stages = dict(warmup=0.1, coadapt=0.0, delegator=0.9)
-  assert objective.stage_boundaries(config) == (("warmup", 0, 100), ("delegator", 100, 1001))
-  assert [objective.stage_at(config, s) for s in (0, 99, 100, 1000, 5000)
+  plan = StagePlan.from_config(config)
+  assert plan.boundaries() == (("warmup", 0, 100), ("delegator", 100, 1001))
+  assert [plan.at(s).name for s in (0, 99, 100, 1000, 5000)
          ] == ["warmup", "warmup", "delegator", "delegator", "delegator"]
+  assert plan.start_of("delegator") == 100 and plan.start_of("coadapt") is None
+  assert plan.generalist_copy_step() is None
   config.train.stages = dict(warmup=0.2, coadapt=0.8, delegator=0.0)
   config.train.num_steps = 10
-  assert objective.stage_boundaries(config) == (("warmup", 0, 2), ("coadapt", 2, 10))
+  assert StagePlan.from_config(config).boundaries() == (("warmup", 0, 2), ("coadapt", 2, 10))
+  config.train.generalist_warmup = True
+  assert StagePlan.from_config(config).generalist_copy_step() == 2
+
+
+@pytest.mark.parametrize("selection_in_warmup", [False, True])
+def test_each_stage_record_says_what_it_trains(selection_in_warmup):
+  config = make_config(selection_in_warmup=selection_in_warmup)
+  warmup, coadapt, delegator = (Stage.named(name, config) for name in config_base.STAGES)
+  assert (warmup.trains_experts, warmup.trains_selection,
+          warmup.expert_weights) == (True, selection_in_warmup, stages.ALL_SAMPLES)
+  assert (coadapt.trains_experts, coadapt.trains_selection, coadapt.uses_wgm) == (True, True, True)
+  assert (delegator.trains_experts, delegator.expert_weights) == (False, stages.FROZEN)
+  assert [s.expert_passes for s in (warmup, coadapt, delegator)] == [3, 3, 1]
+  config = make_config()
+  config.train.generalist_warmup = True
+  assert Stage.named("warmup", config).expert_weights == stages.GENERALIST
+  # The objective follows the record: no selection loss where none is trained.
+  for stage in (warmup, coadapt, delegator):
+    _, metrics = objective.coe_objective(*inputs(),
+                                         make_config(selection_in_warmup=selection_in_warmup),
+                                         stage)
+    assert (float(metrics["selection_loss"]) > 0) == stage.trains_selection, stage
+    assert (float(metrics["expert_loss"]) > 0) == stage.trains_experts, stage
 
 
 def test_unknown_stage():
@@ -267,7 +294,10 @@ def test_a_generalist_warmup_trains_expert_zero_alone():
   config = make_config()
   config.train.generalist_warmup = True
   class_logits, selection_logits, expert_logits, labels = inputs()
-  targets, _ = objective.expert_targets("warmup", config, batch=B, num_experts=N)
+  targets, _ = objective.expert_targets(Stage.named("warmup", config),
+                                        config,
+                                        batch=B,
+                                        num_experts=N)
   np.testing.assert_array_equal(targets.weights, np.eye(N)[[0] * B])
   to_experts = jax.grad(lambda z: objective.coe_objective(class_logits, selection_logits, z, labels,
                                                           config, "warmup")[0])(expert_logits)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.training import train
 from tests.helpers import (
     checkpoint_params,
@@ -81,7 +82,7 @@ def test_two_process_pod_run_equals_a_one_process_run(tmp_path, data, expert):
   config = pod_config(data, expert)
   config.eval.threshold = pod_results["threshold"]
   trainer = train.Trainer(config, str(copy), devices=jax.devices()[:4])
-  here = train.evaluate(trainer, train.train(trainer), write_files=False)
+  here = evaluation_run.evaluate(trainer, train.train(trainer), write_files=False)
   assert set(here) == set(pod_results)
   for key, value in pod_results.items():
     if key not in ("threshold_rule", "threshold_source"):  # Calibrated there, fixed here.

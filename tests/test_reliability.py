@@ -510,18 +510,18 @@ def nonfinite_runs(cli, tmp_path_factory):
   root = tmp_path_factory.mktemp("nonfinite")
   trainer = train.Trainer(config, str(root / "stop"), devices=jax.devices()[:1])
   compiled, compile_step = {}, trainer.compile_step
-  train_batches, coe_objective = data.train_batches, objective.coe_objective
+  train_batches, delegator_side_loss = data.train_batches, objective.delegator_side_loss
 
   def zero_labels_at_the_bad_step(config, start_step=0, **kwargs):
     for step, batch in enumerate(train_batches(config, start_step=start_step, **kwargs),
                                  start_step):
       yield {**batch, "label": np.zeros_like(batch["label"])} if step == _BAD_STEP else batch
 
-  def poisoned(class_logits, selection_logits, expert_logits, labels, config, stage, rng, **kwargs):
-    loss, metrics = coe_objective(class_logits, selection_logits, expert_logits, labels, config,
-                                  stage, rng, **kwargs)
+  def poisoned(class_logits, selection_logits, labels, *args, **kwargs):
+    total, selection_loss, delegator_loss = delegator_side_loss(class_logits, selection_logits,
+                                                                labels, *args, **kwargs)
     scale = jnp.where(jnp.all(labels == 0), jnp.nan, 1.0)
-    return loss * scale, {**metrics, _BAD_TERM: metrics[_BAD_TERM] * scale}
+    return total * scale, selection_loss, delegator_loss * scale  # _BAD_TERM
 
   def compile_once(stage):
     if stage not in compiled:
@@ -531,7 +531,7 @@ def nonfinite_runs(cli, tmp_path_factory):
   runs = {}
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(data, "train_batches", zero_labels_at_the_bad_step)
-    patch.setattr(objective, "coe_objective", poisoned)
+    patch.setattr(objective, "delegator_side_loss", poisoned)
     patch.setattr(trainer, "compile_step", compile_once)
     for policy in ("stop", "skip"):
       trainer.workdir = str(root / policy)

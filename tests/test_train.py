@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coe_jax import flops
+from coe_jax import flops, run_dir
 from coe_jax.errors import CoEError
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.serving.jax_predictor import Predictor
 from coe_jax.training import train
 from tests.helpers import (
@@ -42,7 +43,7 @@ def digits_run(tmp_path_factory):
   config.train.peak_flops_per_device = 1e9  # A CPU's peak is not in the table.
   trainer = single_device_trainer(config, workdir)
   state = train.train(trainer)
-  results = train.evaluate(trainer, state)
+  results = evaluation_run.evaluate(trainer, state)
   return workdir, results
 
 
@@ -57,8 +58,7 @@ def test_results_have_every_key_and_consistent_figures(digits_run):
   expected_flops = (saved["delegator_flops"] +
                     (1 - saved["early_exit_rate"]) * saved["expert_flops"])
   assert saved["mean_flops"] == pytest.approx(expected_flops)
-  for name in ("accuracy_vs_flops.png", "expert_load.png", "expert_portions.png", "metrics.jsonl",
-               "config.json"):
+  for name in (*run_dir.PLOTS, run_dir.METRICS, run_dir.CONFIG):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
@@ -179,7 +179,7 @@ def test_image_folder_end_to_end(tmp_path):
   config.data.num_classes = None
   config.eval.batch_size = 8
   trainer = single_device_trainer(config, str(tmp_path / "run"))
-  results = train.evaluate(trainer, train.train(trainer))
+  results = evaluation_run.evaluate(trainer, train.train(trainer))
   assert RESULT_KEYS <= set(results)
   assert results["num_test_examples"] == 6 * len(IMAGE_FOLDER_CLASSES)
 
@@ -193,7 +193,7 @@ def test_tfds_imagenet_end_to_end(tmp_path):
   config.train.batch_size = 8
   config.eval.batch_size = 8
   trainer = single_device_trainer(config, str(tmp_path / "run"))
-  results = train.evaluate(trainer, train.train(trainer))
+  results = evaluation_run.evaluate(trainer, train.train(trainer))
   assert RESULT_KEYS <= set(results)
   assert results["num_test_examples"] == IMAGENET_SIZES["validation"]
 
@@ -242,6 +242,20 @@ def test_compiled_programs_are_kept_in_the_workdir_unless_told_otherwise():
   assert train.compilation_cache_dir(config, "/w", "/shared") == ""
 
 
+def test_the_trainer_and_the_ablations_point_jax_at_that_cache():
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    config = train_config()
+    config.train.compilation_cache_dir = "/elsewhere"
+    train.use_compilation_cache(config, "/w")
+    assert jax.config.jax_compilation_cache_dir == "/elsewhere"
+    config.train.compilation_cache_dir = ""
+    train.use_compilation_cache(config, "/w")
+    assert not jax.config.jax_compilation_cache_dir
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_a_three_stage_run_on_a_mesh_with_scanned_experts(tmp_path):
   """The accelerators' default loop (scan) through warm-up, co-adaptation, the
   delegator stage and evaluation on a data 2 x expert 2 mesh: no collective
@@ -256,13 +270,13 @@ def test_a_three_stage_run_on_a_mesh_with_scanned_experts(tmp_path):
   workdir = str(tmp_path / "run")
   trainer = train.Trainer(config, workdir, devices=jax.devices()[:4])
   assert trainer.eval_config.eval.batch_size == 16
-  results = train.evaluate(trainer, train.train(trainer))
+  results = evaluation_run.evaluate(trainer, train.train(trainer))
   stages = [m["step"] for m in training_metrics(workdir)]
   assert stages[-1] == 6 and results["num_test_examples"] == 360
 
   config.mesh.data, config.mesh.expert = 1, 1
   config.eval.threshold = results["threshold"]
   one = train.Trainer(config, workdir, devices=jax.devices()[:1])
-  again = train.evaluate(one, train.train(one), write_files=False)
+  again = evaluation_run.evaluate(one, train.train(one), write_files=False)
   for key in ("top1", "top1_no_early_exit", "delegator_top1", "expert_top1", "early_exit_rate"):
     assert again[key] == pytest.approx(results[key], abs=1 / 360), key

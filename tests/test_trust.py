@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from coe_jax import data, evaluation
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.training import train
 from tests.helpers import results_figures, single_device_trainer, train_config
 
@@ -20,7 +21,7 @@ def mesh_run(tmp_path_factory):
   """A run trained and evaluated on a data 2 x expert 2 mesh of 4 devices."""
   workdir = str(tmp_path_factory.mktemp("mesh_run"))
   trainer = train.Trainer(_mesh_config(), workdir, devices=jax.devices()[:4])
-  results = train.evaluate(trainer, train.train(trainer))
+  results = evaluation_run.evaluate(trainer, train.train(trainer))
   return workdir, results
 
 
@@ -38,7 +39,7 @@ def test_expert_sharded_evaluation_equals_one_device(mesh_run):
   trainer, state = _one_device(workdir)
   single = {
       k: v
-      for k, v in train.evaluate(trainer, state, write_files=False).items()
+      for k, v in evaluation_run.evaluate(trainer, state, write_files=False).items()
       if not k.endswith("_seconds")
   }
   assert set(single) == set(sharded)
@@ -59,7 +60,7 @@ def test_tau_is_calibrated_on_the_holdout_never_the_test_split(mesh_run, monkeyp
       yield batch
 
   monkeypatch.setattr(data, "eval_batches", shuffled)
-  got = train.evaluate(trainer, state, write_files=False)
+  got = evaluation_run.evaluate(trainer, state, write_files=False)
   for key in ("threshold", "expected_exit_rate", "threshold_rule"):
     assert got[key] == results[key], key
   assert got["delegator_top1"] != results["delegator_top1"]
@@ -82,6 +83,6 @@ def test_serving_mode_evaluates_when_every_holdout_sample_exits(mesh_run):
   trainer, state = _one_device(workdir)
   trainer.config.routing.mode = "serving"
   trainer.config.eval.threshold = 0.0
-  results = train.evaluate(trainer, state, write_files=False)
+  results = evaluation_run.evaluate(trainer, state, write_files=False)
   assert results["expected_exit_rate"] == results["early_exit_rate"] == 1.0
   assert results["threshold_source"] == "config" and results["routing_mode"] == "serving"

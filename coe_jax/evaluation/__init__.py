@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from coe_jax import routing
+from coe_jax import answers, routing
 from coe_jax.models.coe import CoE
 from coe_jax.parallel import expert_parallel
 from coe_jax.parallel import mesh as mesh_lib
@@ -160,7 +160,7 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
   thresholds = np.concatenate([[float(no_exit)], conf[ks[1:] - 1]])
   accuracy = (exit_correct[ks] + routed_rest[ks]) / m
   exit_rate = ks / m
-  mean_flops = delegator_flops + (1 - exit_rate) * expert_flops
+  mean_flops = answers.mean_flops(delegator_flops, expert_flops, exit_rate)
   ascending = np.argsort(thresholds, kind="stable")
   return Sweep(thresholds[ascending], accuracy[ascending], exit_rate[ascending],
                mean_flops[ascending])
@@ -188,7 +188,7 @@ def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, 
 
 def answers_at(outputs: EvalOutputs, threshold: float) -> np.ndarray:
   """[T]: CoE's answers at `threshold` in exact mode, from the recorded outputs."""
-  exits = outputs.confidence >= threshold
+  exits = answers.exits(outputs.confidence, threshold)
   return np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
 
 
@@ -211,7 +211,7 @@ def check_router_agrees(outputs: EvalOutputs, threshold: float, routed: np.ndarr
 def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: int,
             delegator_flops: float, expert_flops: float) -> dict[str, Any]:
   """The figures of `results.json` at `threshold`, from the recorded outputs."""
-  exits = outputs.confidence >= threshold
+  exits = answers.exits(outputs.confidence, threshold)
   prediction = answers_at(outputs, threshold)
   routed = outputs.selected_expert[~exits]
   load = np.bincount(routed, minlength=num_experts) / max(len(routed), 1)
@@ -225,7 +225,7 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
       **portion_top1(outputs, num_experts),
       "early_exit_rate": exit_rate,
       "threshold": float(threshold),
-      "mean_flops": float(delegator_flops + (1 - exit_rate) * expert_flops),
+      "mean_flops": float(answers.mean_flops(delegator_flops, expert_flops, exit_rate)),
       "delegator_flops": int(delegator_flops),
       "expert_flops": int(expert_flops),
       "expert_load": [float(x) for x in load],

@@ -2,6 +2,8 @@
 
 from typing import Any, Optional
 
+from coe_jax import run_dir
+
 
 def _percent(value: Optional[float]) -> str:
   return "-" if value is None else f"{100 * value:.1f}"
@@ -29,9 +31,8 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
   width = max(len(name) for name, _ in rows)
   lines = [f"  {name:<{width}}  {value}" for name, value in rows]
   lines += [
-      "", f"  results: {workdir}/results.json",
-      f"  plots:   {workdir}/accuracy_vs_flops.png, early_exit_curve.png, expert_load.png,",
-      "           routing_grid.png, class_by_expert.png, expert_portions.png",
-      f"  metrics: tensorboard --logdir={workdir}"
+      "", f"  results: {workdir}/{run_dir.RESULTS}",
+      f"  plots:   {workdir}/{', '.join(run_dir.PLOTS[:3])},",
+      f"           {', '.join(run_dir.PLOTS[3:])}", f"  metrics: tensorboard --logdir={workdir}"
   ]
   return "\n".join(["", "CoE results", *lines, ""])

@@ -1,4 +1,7 @@
-"""The delegator and expert networks, built from one `NetworkSpec`.
+"""The delegator and expert networks: a network kind's body, then the heads.
+
+`Backbone` is the body of the built-in kind, MBConv (`coe_jax.models.kinds`);
+`Expert` and `Delegator` build the body of their spec's kind and add the heads.
 
 Axis letters: B batch, H/W height and width (H'/W' after a strided layer),
 C channels, F pooled features, K classes, N experts (docs/method.md, section 2).
@@ -15,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coe_jax.models import kinds
 from coe_jax.models.conv import Conv
 from coe_jax.models.mbconv import Activation, BatchNorm, MBConv
 from coe_jax.models.spec import NetworkSpec
@@ -54,7 +58,8 @@ def _rematerialised(module: type[nn.Module], wanted: bool) -> type[nn.Module]:
 
 
 class Backbone(nn.Module):
-  """Stem, MBConv stages, 1x1 head convolution, global pooling, classifier."""
+  """Stem, MBConv stages, 1x1 head convolution, global pooling, classifier: the
+  "mbconv" kind's body."""
   spec: NetworkSpec
   dtype: Any = jnp.float32
   batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
@@ -106,7 +111,7 @@ class Backbone(nn.Module):
 
 class Expert(nn.Module):
   """One expert: a whole classifier. Returns class logits [B, K] in float32."""
-  spec: NetworkSpec
+  spec: Any  # A network kind's spec (`NetworkSpec.from_config`): its kind builds the body.
   num_classes: int
   dtype: Any = jnp.float32
   batch_norm_axis: Optional[str] = None  # Mesh axis BatchNorm reduces over (in shard_map).
@@ -126,12 +131,12 @@ class Expert(nn.Module):
     `example_index` [B]: the images' positions in the global batch, which
     draw their dropout masks (`example_dropout`).
     """
-    features = _rematerialised(Backbone, self.remat == "full")(self.spec,
-                                                               self.dtype,
-                                                               self.batch_norm_axis,
-                                                               self.remat,
-                                                               name="backbone")(images,
-                                                                                train)  # [B, F]
+    features = _rematerialised(kinds.of(self.spec).module,
+                               self.remat == "full")(spec=self.spec,
+                                                     dtype=self.dtype,
+                                                     batch_norm_axis=self.batch_norm_axis,
+                                                     remat=self.remat,
+                                                     name="backbone")(images, train)  # [B, F]
     classifier = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
     dropped = example_dropout(self, self.spec.dropout_rate, features, train,
                               example_index)  # [B, F]
@@ -147,7 +152,7 @@ class Delegator(nn.Module):
   Returns class logits [B, K] (the rough prediction that may exit early) and
   selection logits [B, N] (which expert should answer), both float32.
   """
-  spec: NetworkSpec
+  spec: Any  # A network kind's spec (`NetworkSpec.from_config`): its kind builds the body.
   num_classes: int
   num_experts: int
   dtype: Any = jnp.float32
@@ -159,11 +164,11 @@ class Delegator(nn.Module):
                train: bool = False,
                example_index: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """`example_index` [B]: as for `Expert`."""
-    features = _rematerialised(Backbone, self.remat == "full")(self.spec,
-                                                               self.dtype,
-                                                               remat=self.remat,
-                                                               name="backbone")(images,
-                                                                                train)  # [B, F]
+    features = _rematerialised(kinds.of(self.spec).module,
+                               self.remat == "full")(spec=self.spec,
+                                                     dtype=self.dtype,
+                                                     remat=self.remat,
+                                                     name="backbone")(images, train)  # [B, F]
     features = example_dropout(self, self.spec.dropout_rate, features, train,
                                example_index)  # [B, F]
     class_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(features)

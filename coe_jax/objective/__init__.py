@@ -12,20 +12,9 @@ delegator learns expert selection from LGM's labels and makes a rough
 prediction; VCM is named (v1) but not defined.
 
 This project's reading (docs/method.md, section 4): `L = L_E + lambda_sel * L_sel +
-lambda_D * L_D`, in three stages run in this order, each a fraction of
-`train.num_steps` (`train.stages`):
-- `warmup`: experts and delegator are plain classifiers. Every expert weighs
-  every sample by 1 (with `train.generalist_warmup`, expert 0 alone trains,
-  and the trainer copies it into every expert when `coadapt` starts). Unless
-  `loss.selection_in_warmup`, there is no selection loss and no
-  distillation: the selection logits are not read at all. With it, the
-  selection head learns LGM's labels (VCM-weighted) as in `coadapt`.
-- `coadapt`: WGM weights for `L_E`, LGM targets and VCM weights for `L_sel`,
-  and `L_D` with optional distillation towards the expert the delegator
-  selects (argmax of g).
-- `delegator`: the experts are frozen. No `L_E` and no gradient to the
-  expert logits; `L_sel` (still with LGM and VCM) and `L_D` train the
-  delegator.
+lambda_D * L_D` (`total_loss`), in stages run in order (`warmup`, `coadapt`,
+`delegator`), each a fraction of `train.num_steps`. What each stage trains is
+owned by `coe_jax.stages.Stage`; the functions here read its fields.
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -34,44 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from coe_jax.config_base import STAGES
-from coe_jax.errors import require
+from coe_jax import stages
 from coe_jax.objective import lgm, losses, vcm, wgm
-
-
-def stage_boundaries(config: ml_collections.ConfigDict) -> tuple[tuple[str, int, int], ...]:
-  """The non-empty stages as `(name, first_step, end_step)`, in training order.
-
-  Ends are the cumulative fractions of `train.num_steps`, rounded, and the
-  last stage with a positive fraction ends at `num_steps`, so the stages tile
-  `[0, num_steps)` exactly whatever the float rounding of the fractions.
-  """
-  num_steps = config.train.num_steps
-  fractions = [config.train.stages.get(name, 0.0) for name in STAGES]  # Sum to 1 (validated).
-  last = max(i for i, fraction in enumerate(fractions) if fraction > 0)
-  bounds, start, cumulative = [], 0, 0.0
-  for i, (name, fraction) in enumerate(zip(STAGES[:last + 1], fractions)):
-    cumulative += fraction
-    end = num_steps if i == last else min(round(cumulative * num_steps), num_steps)
-    if end > start:
-      bounds.append((name, start, end))
-      start = end
-  return tuple(bounds)
-
-
-def stage_at(config: ml_collections.ConfigDict, step: int) -> str:
-  """The stage that trains step `step` (0-based); the last stage from num_steps on."""
-  require(step >= 0, "step", step, "expected a non-negative step")
-  bounds = stage_boundaries(config)
-  for name, _, end in bounds:
-    if step < end:
-      return name
-  return bounds[-1][0]
-
-
-def trains_selection(config: ml_collections.ConfigDict, stage: str) -> bool:
-  """Whether `stage` trains the selection head on LGM's labels (and reads g)."""
-  return stage != "warmup" or config.loss.selection_in_warmup
+from coe_jax.stages import Stage
 
 
 def _solver_kwargs(config: ml_collections.ConfigDict,
@@ -106,7 +60,7 @@ class DelegatorTargets(NamedTuple):
 
 
 def expert_targets(
-    stage: str,
+    stage: Stage,
     config: ml_collections.ConfigDict,
     *,
     batch: int,
@@ -114,18 +68,17 @@ def expert_targets(
     selection_logits: Optional[jax.Array] = None,
     replicate: Callable[[jax.Array], jax.Array] = lambda x: x
 ) -> tuple[Optional[ExpertTargets], dict[str, jax.Array]]:
-  """The experts' loss weights of a stage: None in `delegator` (experts frozen).
+  """The experts' loss weights of a stage (`stage.expert_weights`): None when frozen.
 
-  `coadapt` solves WGM's balanced transport of `selection_logits` [B, N];
-  `warmup` weighs every pair by 1 (expert 0's alone with
-  `train.generalist_warmup`) and does not read them. The info holds WGM's
-  `portion` [B] and solver figures.
+  WGM solves the balanced transport of `selection_logits` [B, N]; the other
+  weightings do not read them. The info holds WGM's `portion` [B] and solver
+  figures.
   """
-  if stage == "delegator":
+  if stage.expert_weights == stages.FROZEN:
     return None, {}
-  if stage == "warmup":
+  if stage.expert_weights in (stages.ALL_SAMPLES, stages.GENERALIST):
     weights, info = jnp.ones((batch, num_experts), jnp.float32), {}  # [B, N]
-    if config.train.generalist_warmup:
+    if stage.expert_weights == stages.GENERALIST:
       weights = weights * (jnp.arange(num_experts) == 0)  # [B, N]: expert 0's column
   else:
     weights, portion, info = wgm.expert_loss_weights(
@@ -191,14 +144,15 @@ def delegator_side_loss(class_logits: jax.Array,
   """`lambda_sel L_sel + lambda_D L_D` of these samples, and the two terms.
 
   `share` is these samples' fraction of the whole batch (both terms are
-  means over it); `targets` is None in a `warmup` without selection
-  (`trains_selection`), which has no selection loss and no distillation.
+  means over it); `targets` is None in a stage that does not train the
+  selection (`Stage.trains_selection`): no selection loss, no distillation.
   """
   class_logits = class_logits.astype(jnp.float32)  # [B/M, K]
   if targets is None:
     delegator_loss = share * losses.delegator_loss(
         class_logits, labels, label_smoothing=config.loss.label_smoothing)
-    return config.loss.delegator_weight * delegator_loss, jnp.zeros(()), delegator_loss
+    zero = jnp.zeros((), jnp.float32)
+    return total_loss(zero, zero, delegator_loss, config), zero, delegator_loss
   selection_loss = share * losses.selection_loss(selection_logits.astype(jnp.float32),
                                                  targets.selection, targets.sample_weights)
   delegator_loss = share * losses.delegator_loss(
@@ -208,12 +162,18 @@ def delegator_side_loss(class_logits: jax.Array,
       distill_logits=targets.teacher,
       distill_weight=config.loss.distill_weight,
       distill_temperature=config.loss.distill_temperature)
-  total = (config.loss.selection_weight * selection_loss +
-           config.loss.delegator_weight * delegator_loss)
-  return total, selection_loss, delegator_loss
+  zero = jnp.zeros((), jnp.float32)
+  return total_loss(zero, selection_loss, delegator_loss, config), selection_loss, delegator_loss
 
 
-def batch_metrics(stage: str, scoring_logits: jax.Array, selection_logits: jax.Array,
+def total_loss(expert_loss: jax.Array, selection_loss: jax.Array, delegator_loss: jax.Array,
+               config: ml_collections.ConfigDict) -> jax.Array:
+  """`L = L_E + lambda_sel L_sel + lambda_D L_D`: the one place the terms are weighted."""
+  return (expert_loss + config.loss.selection_weight * selection_loss +
+          config.loss.delegator_weight * delegator_loss)
+
+
+def batch_metrics(stage: Stage, scoring_logits: jax.Array, selection_logits: jax.Array,
                   class_logits: jax.Array, labels: jax.Array, targets: Optional[DelegatorTargets],
                   lgm_info: dict[str,
                                  jax.Array], wgm_info: dict[str,
@@ -244,7 +204,7 @@ def batch_metrics(stage: str, scoring_logits: jax.Array, selection_logits: jax.A
   if lgm_info:
     metrics.update(lgm_sinkhorn_iterations=lgm_info["sinkhorn_iterations"],
                    lgm_sinkhorn_converged=lgm_info["sinkhorn_converged"])
-  if stage == "coadapt":
+  if stage.uses_wgm:
     own = jax.nn.one_hot(wgm_info["portion"], num_experts, dtype=jnp.float32).T  # [N, B]
     off_pairs = max(batch * (num_experts - 1), 1)
     metrics.update(load_gap=jnp.max(wgm_info["loads"]) - jnp.min(wgm_info["loads"]),
@@ -261,7 +221,7 @@ def coe_objective(
     expert_logits: jax.Array,
     labels: jax.Array,
     config: ml_collections.ConfigDict,
-    stage: str,
+    stage: str | Stage,
     rng: Optional[jax.Array] = None,
     *,
     scoring_logits: Optional[jax.Array] = None,
@@ -279,7 +239,7 @@ def coe_objective(
     expert_logits: every expert on every sample, z [N, B, K].
     labels: [B] int class labels.
     config: the run's config (read at trace time; `config_base.validate` it first).
-    stage: `warmup`, `coadapt` or `delegator` (static).
+    stage: a `Stage`, or its name (`warmup`, `coadapt` or `delegator`); static.
     rng: a key for the draws of `lgm.rule='random'` (needed by that rule only).
     scoring_logits: the experts' logits [N, B, K] that LGM, VCM, distillation
       and the accuracy metrics read; `expert_logits` when None. The trainer
@@ -307,7 +267,8 @@ def coe_objective(
     - `sinkhorn_iterations`, `sinkhorn_converged`: WGM's solver;
       `lgm_sinkhorn_iterations`, `lgm_sinkhorn_converged`: LGM's (`balanced`).
   """
-  require(stage in STAGES, "stage", stage, f"expected one of {', '.join(STAGES)}")
+  if isinstance(stage, str):
+    stage = Stage.named(stage, config)
   num_experts, batch = expert_logits.shape[:2]
   if scoring_logits is None:
     scoring_logits = expert_logits
@@ -321,15 +282,15 @@ def coe_objective(
                                      selection_logits=selection_logits,
                                      replicate=replicate)
   delegator, lgm_info = None, {}
-  if trains_selection(config, stage):
+  if stage.trains_selection:
     delegator, lgm_info = delegator_targets(scoring_logits, selection_logits, labels, config, rng,
                                             replicate)
-  total, selection_loss, delegator_loss = delegator_side_loss(class_logits, selection_logits,
-                                                              labels, delegator, config)
+  _, selection_loss, delegator_loss = delegator_side_loss(class_logits, selection_logits, labels,
+                                                          delegator, config)
   loss_of_experts = jnp.zeros((), jnp.float32)
   if experts is not None:
     loss_of_experts = expert_loss(expert_logits, labels, experts)
-    total = total + loss_of_experts
+  total = total_loss(loss_of_experts, selection_loss, delegator_loss, config)
   metrics = batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits, class_logits,
                           labels, delegator, lgm_info, wgm_info)
   metrics.update(loss=total,

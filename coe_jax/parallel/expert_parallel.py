@@ -18,12 +18,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from coe_jax.models import stacked
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import DELEGATOR, EXPERTS, Variables
-from coe_jax.parallel.mesh import ALL_DEVICES, DATA_AXIS, EXPERT_AXIS
+from coe_jax.parallel.mesh import ALL_DEVICES, DATA_AXIS, EXPERT_AXIS, constrain
 
 
 def run_experts(model: CoE, variables: Variables, images: jax.Array, *, shared_input: bool,
@@ -75,10 +75,7 @@ def train_delegator(model: CoE,
   if example_index is None:
     example_index = jnp.arange(images.shape[0])  # [B]
   if mesh is None or batch_norm_scope == "global":
-    every_device = NamedSharding(mesh, ALL_DEVICES) if mesh is not None else None
-    if every_device is not None:
-      images, example_index = jax.lax.with_sharding_constraint((images, example_index),
-                                                               every_device)
+    images, example_index = constrain((images, example_index), mesh, ALL_DEVICES)
     return model.delegator(variables, images, train=True, rng=rng, example_index=example_index)
   axes = (DATA_AXIS, EXPERT_AXIS)
   # Only the delegator's variables enter the shard_map, under their key, as

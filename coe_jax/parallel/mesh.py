@@ -23,6 +23,14 @@ EXPERT_AXIS = "expert"  # Mesh axis the stacked experts are split along.
 ALL_DEVICES = P((DATA_AXIS, EXPERT_AXIS))
 
 
+def constrain(x: Any, mesh: Optional[Mesh], spec: P) -> Any:
+  """Pins the sharding of `x` (an array or a tree of them) to `spec` on `mesh`; the
+  identity without a mesh, so one code path serves one device and a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """A `data` x `expert` mesh of `devices` (all of jax's by default), laid out
   by `mesh_utils.create_device_mesh`; `mesh.data = -1` takes all devices left over."""

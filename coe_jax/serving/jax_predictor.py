@@ -15,11 +15,11 @@ Images go through the evaluation preprocessing of the run's data set
 function compiles once per batch shape; the threshold is traced, so changing
 it does not recompile. Results are numpy arrays.
 
-The threshold tau: a sample exits early when the delegator's max class
-probability is >= tau. Any tau >= 0 is accepted: 0 makes every sample exit,
-and a tau above 1 (e.g. `float("inf")`) switches early exit off; calibration
-may store a tau just above 1 for "no sample exits". Negative, NaN or
-non-numeric values raise `CoEError`.
+The threshold tau: a sample exits early by `coe_jax.answers.exits` (the
+delegator's max class probability >= tau). Any tau >= 0 is accepted: 0 makes
+every sample exit, and a tau above 1 (e.g. `float("inf")`) switches early
+exit off; calibration may store a tau just above 1 for "no sample exits".
+Negative, NaN or non-numeric values raise `CoEError`.
 """
 
 from typing import Any, Optional, Sequence

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from coe_jax.answers import NO_EXPERT
+from coe_jax.answers import NO_EXPERT, exits
 from coe_jax.errors import CoEError, require
 from coe_jax.serving.predictor_base import PredictorBase
 
@@ -310,7 +310,7 @@ class LiteRTPredictor(PredictorBase):
     pixels = np.ascontiguousarray(pixels)
     heads = self._delegator(pixels)
     logits = heads["class_logits"]  # [B, K]; the early exits keep these rows.
-    early_exit = confidence(logits) >= tau  # [B]
+    early_exit = exits(confidence(logits), tau)  # [B]
     # argmax takes the lowest index on ties, like the JAX router's stable ranking.
     choice = np.argmax(heads["selection_logits"], axis=-1)  # [B]
     expert = np.where(early_exit, NO_EXPERT, choice).astype(np.int32)  # [B]

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from coe_jax import run_dir
+from coe_jax import config_base, run_dir
 from coe_jax.errors import CoEError, require
 
 # Config keys that fix the structure and shapes of the saved state: a checkpoint
@@ -56,7 +56,16 @@ def shape_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> di
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], directory: str) -> None:
-  """Fails in one line naming the first key where a checkpoint and the config differ."""
+  """Fails in one line naming the first key where a checkpoint and the config differ.
+
+  The saved networks are read in today's layout, as a run's config.json is
+  (`config_base.upgrade_network`): a checkpoint saved before a network key
+  existed (`kind`) matches a config that has the key's default.
+  """
+  saved = dict(saved)
+  for name in config_base.NETWORKS:
+    if isinstance(saved.get(name), dict):
+      saved[name] = config_base.upgrade_network(saved[name])
   for key in current:
     if saved.get(key) != current[key]:
       raise CoEError(f"{key}={current[key]!r}: the checkpoints in {directory} were written with "

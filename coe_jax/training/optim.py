@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import optax
 
-from coe_jax import config_base, objective
+from coe_jax import config_base
+from coe_jax.stages import StagePlan
 
 # The keys the optimizer reads.
 _KEYS = ("train.optimizer", "train.schedule", "train.num_steps", "train.learning_rate",
@@ -50,7 +51,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                                               decay_steps=train.num_steps,
                                               end_value=0.0)
   schedules, starts = [], []
-  for stage, start, end in objective.stage_boundaries(config):
+  for stage, start, end in StagePlan.from_config(config).boundaries():
     peak, warmup = stage_schedule(config, stage)
     length = end - start
     schedules.append(

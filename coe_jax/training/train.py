@@ -11,8 +11,9 @@ One loop, jitted with shardings on a `data` x `expert` mesh:
    `train.pwlu_realign_fraction`. Metrics go to TensorBoard, the console and
    `workdir/metrics.jsonl`; checkpoints are saved every
    `train.checkpoint_every_steps`, at the end, and on SIGTERM (preemption).
-3. Evaluate: calibrate the early-exit threshold, route the test split at it,
-   and write `workdir/results.json` plus PNG plots.
+3. Evaluate (`coe_jax.evaluation.run.evaluate`): calibrate the early-exit
+   threshold, route the test split at it, and write `workdir/results.json`
+   plus PNG plots.
 """
 
 import collections
@@ -33,12 +34,13 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from coe_jax import config_base, data, evaluation, flops, objective, routing, run_dir
+from coe_jax import config_base, data, flops, run_dir
 from coe_jax.errors import CoEError, require
-from coe_jax.evaluation import plots
+from coe_jax.evaluation import run as evaluation_run
 from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.parallel import mesh as mesh_lib
+from coe_jax.stages import StagePlan
 from coe_jax.training import checkpointing, optim, saved_run, train_step
 from coe_jax.training.train_step import TrainState, create_train_state, make_train_step
 
@@ -313,9 +315,10 @@ class TrainingProgress:
     config = trainer.config
     self._config, self._num_steps = config, config.train.num_steps
     self._batch_size, self._devices = config.train.batch_size, trainer.mesh.size
+    self._plan = StagePlan.from_config(config)
     self._stage_flops = {
-        stage: flops.train_step_flops(config, trainer.info.num_classes, stage)
-        for stage in objective.STAGES
+        span.stage.name: flops.train_step_flops(config, trainer.info.num_classes, span.stage.name)
+        for span in self._plan.spans
     }
     kind = trainer.mesh.devices.flat[0].device_kind
     self._peak = config.train.peak_flops_per_device or flops.peak_flops_per_device(
@@ -353,7 +356,7 @@ class TrainingProgress:
     self._excluded = 0.0
     steps = range(self._last_step, done)
     steps_per_sec = len(steps) / seconds
-    model_flops = sum(self._stage_flops[objective.stage_at(self._config, s)] for s in steps)
+    model_flops = sum(self._stage_flops[self._plan.at(s).name] for s in steps)
     self._last_step, self._last_time = done, now
     images_per_sec = steps_per_sec * self._batch_size
     rates = {
@@ -365,13 +368,13 @@ class TrainingProgress:
     if self._peak is not None:
       rates["mfu"] = model_flops / seconds / (self._devices * self._peak)
       mfu = f", mfu {rates['mfu']:.1%}"
-    stage = objective.stage_at(self._config, done - 1)
-    # Warm-up routes nothing: its routed accuracy would read 0.
-    routed = "" if stage == "warmup" else f", routed {means['routed_accuracy']:.1%}"
+    stage = self._plan.at(done - 1)
+    # A stage that trains no selection routes nothing: its routed accuracy would read 0.
+    routed = f", routed {means['routed_accuracy']:.1%}" if stage.trains_selection else ""
     left = (self._num_steps - done) / steps_per_sec
     logging.info(
         "step %d/%d (%s): loss %.4g%s, delegator %.1f%% | %.0f images/s%s | "
-        "about %dm%02ds left", done, self._num_steps, stage, means["loss"], routed,
+        "about %dm%02ds left", done, self._num_steps, stage.name, means["loss"], routed,
         100 * means["delegator_accuracy"], images_per_sec, mfu, left // 60, left % 60)
     return rates
 
@@ -462,9 +465,8 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
   realign_step = int(config.train.pwlu_realign_fraction * num_steps)
   # The first co-adaptation step, where a generalist warm-up ends (a resumed
   # run that starts there copies too: checkpoints hold the state before it).
-  generalist_step = (dict(
-      (name, start) for name, start, _ in objective.stage_boundaries(config))["coadapt"]
-                     if config.train.generalist_warmup else None)
+  plan = StagePlan.from_config(config)
+  generalist_step = plan.generalist_copy_step()
   rng = jax.random.key(config.seed + 1)
   # Batches go to the devices two steps ahead, while the current step computes.
   batches = prefetch(trainer.train_batches(start_step), trainer.global_batch, PREFETCH)
@@ -479,7 +481,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       if step == generalist_step:
         logging.info("step %d: every expert starts co-adaptation as a copy of the generalist", step)
         state = trainer.copy_generalist(state)
-      stage = objective.stage_at(config, step)
+      stage = plan.at(step).name
       if stage not in steps:
         logging.info("step %d: stage %s", step, stage)
         steps[stage] = trainer.compile_step(stage)
@@ -525,7 +527,7 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
       if config.train.eval_every_steps and done % config.train.eval_every_steps == 0 \
           and done < num_steps:
         with progress.excluded():
-          results = evaluate(trainer, state, write_files=False)
+          results = evaluation_run.evaluate(trainer, state, write_files=False)
         writer.write_scalars(done, {
             f"eval/{k}": v for k, v in results.items() if isinstance(v, float)
         })
@@ -535,79 +537,6 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
     writer.flush()
     checkpointer.close()
   return state
-
-
-def evaluate(trainer: Trainer,
-             state: TrainState,
-             *,
-             write_files: bool = True,
-             extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-  """Calibrates tau on the hold-out split, then evaluates on the test split.
-
-  The test split never chooses anything: tau (unless `eval.threshold` fixes
-  it) and the early-exit rate that sizes serving-mode buffers
-  (`expected_exit_rate`) both come from the hold-out. Writes `results.json`,
-  `early_exit_curve.json` and the plots unless `write_files` is False:
-  accuracy vs FLOPs, expert load, the early-exit curve, and the routing (test
-  images per expert, classes by expert).
-  """
-  config = trainer.config
-  variables = state.eval_variables()
-  f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
-  sizes = {"test": trainer.info.num_test, "holdout": trainer.info.num_holdout}
-
-  def outputs_of(split):
-    return evaluation.collect_outputs(trainer.model,
-                                      variables,
-                                      trainer.eval_batches(split),
-                                      expert_loop=config.expert_loop,
-                                      mesh=trainer.mesh,
-                                      progress=evaluation.Progress(f"evaluating {split}",
-                                                                   sizes[split]))
-
-  holdout = outputs_of("holdout") if sizes["holdout"] else None
-  if config.eval.threshold is not None:
-    threshold, how, source = config.eval.threshold, "fixed", "config"
-  else:
-    # config_base.validate refuses to calibrate without a hold-out.
-    threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d, f_e),
-                                          config.eval.target_mean_flops)
-    source = "holdout"
-  # Without a hold-out, serving-mode buffers are sized for every sample.
-  expected_exit_rate = (float(np.mean(
-      holdout.confidence >= threshold)) if holdout is not None else 0.0)
-  test = outputs_of("test")
-  test_curve = evaluation.sweep(test, f_d, f_e)
-  results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
-  results.update(threshold_rule=how, threshold_source=source, expected_exit_rate=expected_exit_rate)
-  routed, routes = evaluation.routed_figures(
-      trainer.model,
-      variables,
-      trainer.eval_batches("test"),
-      threshold,
-      routing.RoutingSpec.from_config(config, expected_exit_rate),
-      mesh=trainer.mesh,
-      examples_per_expert=plots.GRID_EXAMPLES if write_files else 0,
-      progress=evaluation.Progress("routing test", sizes["test"]))
-  if config.routing.mode == "exact":
-    evaluation.check_router_agrees(test, threshold, routes.prediction)
-  results.update(routed, **(extra or {}))
-  results["mean_flops"] = f_d + (1 - results["early_exit_rate"]) * f_e
-  if write_files and jax.process_index() == 0:
-    workdir = trainer.workdir
-    run_dir.write_json(os.path.join(workdir, run_dir.RESULTS), results)
-    plots.accuracy_vs_flops(test_curve, results, os.path.join(workdir, "accuracy_vs_flops.png"))
-    plots.expert_load(results, os.path.join(workdir, "expert_load.png"))
-    plots.expert_portions(results, os.path.join(workdir, "expert_portions.png"))
-    plots.early_exit_curve(test_curve, results, os.path.join(workdir, "early_exit_curve.png"))
-    # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
-    run_dir.write_json(os.path.join(workdir, run_dir.CURVE), {
-        k: v.tolist() for k, v in vars(test_curve).items()
-    })
-    class_names = trainer.info.class_names
-    plots.routing_grid(routes, class_names, os.path.join(workdir, "routing_grid.png"))
-    plots.class_by_expert(routes, class_names, os.path.join(workdir, "class_by_expert.png"))
-  return results
 
 
 def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str,
@@ -623,15 +552,21 @@ def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str,
   return environment_dir or os.path.join(workdir, run_dir.COMPILATION_CACHE)
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Points JAX's persistent compilation cache at `compilation_cache_dir`'s choice
+  (JAX's current setting as the environment's), or turns it off for ""."""
+  cache = compilation_cache_dir(config, workdir, jax.config.jax_compilation_cache_dir)
+  jax.config.update("jax_compilation_cache_dir", cache or None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[dict[str, Any]]:
   """Trains (or resumes) and evaluates; returns the results, or None if preempted."""
   _check_workdir(workdir)
-  cache = compilation_cache_dir(config, workdir, jax.config.jax_compilation_cache_dir)
-  jax.config.update("jax_compilation_cache_dir", cache or None)
+  use_compilation_cache(config, workdir)
   trainer = Trainer(config, workdir)
   log_setup(trainer)
   started = time.time()
   state = train(trainer)
   if state is None:
     return None
-  return evaluate(trainer, state, extra={"train_seconds": time.time() - started})
+  return evaluation_run.evaluate(trainer, state, extra={"train_seconds": time.time() - started})

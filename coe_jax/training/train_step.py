@@ -4,12 +4,15 @@ Axis letters: B batch, M micro-batches (`train.microbatches`), N experts, K clas
 H/W/C image height, width and channels (docs/method.md, section 2).
 
 One step runs the delegator and all N stacked experts on the batch, computes
-the CoE objective of the current stage (`coe_jax.objective`), and applies one
-optax update. A step whose loss or gradients are not finite leaves the state
-unchanged and says so in its metrics (`finite` = 0), so the trainer can stop
-on the last good state or skip the step.
+the gradients of the CoE objective of the current stage (`coe_jax.objective`;
+what the stage trains is its `coe_jax.stages.Stage`) over M micro-batches,
+M = 1 being the whole batch in one pass, and applies one optax update. A step
+whose loss or gradients are not finite leaves the state unchanged and says so
+in its metrics (`finite` = 0), so the trainer can stop on the last good state
+or skip the step.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -17,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from coe_jax import objective
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import DELEGATOR, EXPERTS, under_experts
 from coe_jax.parallel import expert_parallel
-from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS
+from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, constrain
+from coe_jax.stages import Stage
 from coe_jax.training import optim
 
 Batch = dict[str, jax.Array]
@@ -107,6 +111,217 @@ def copy_expert_zero(state: TrainState) -> TrainState:
       lambda path, x: jnp.broadcast_to(x[:1], x.shape) if under_experts(path) else x, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What one stage's step is built from, fixed at trace time."""
+  model: CoE
+  config: ml_collections.ConfigDict
+  stage: Stage
+  mesh: Optional[Mesh]
+
+  @property
+  def microbatches(self) -> int:
+    return self.config.train.microbatches
+
+  def replicate(self, x: jax.Array) -> jax.Array:
+    return constrain(x, self.mesh, REPLICATED)
+
+  def delegator(self, params: Any, batch_stats: Any, images: jax.Array, index: jax.Array,
+                rng: jax.Array):
+    """The delegator in training mode on one micro-batch: ((z_D, g), new statistics)."""
+    return expert_parallel.train_delegator(self.model, {
+        "params": params,
+        "batch_stats": batch_stats
+    },
+                                           images,
+                                           rng,
+                                           mesh=self.mesh,
+                                           batch_norm_scope=self.config.train.batch_norm_scope,
+                                           example_index=index)
+
+  def experts(self, params: Any, batch_stats: Any, images: jax.Array, index: jax.Array,
+              rng: jax.Array):
+    """Every expert in training mode on one micro-batch: (z, z without dropout, statistics)."""
+    return expert_parallel.train_experts(self.model, {
+        "params": params,
+        "batch_stats": batch_stats
+    },
+                                         images,
+                                         rng,
+                                         expert_loop=self.config.expert_loop,
+                                         mesh=self.mesh,
+                                         batch_norm_scope=self.config.train.batch_norm_scope,
+                                         example_index=index)
+
+  def frozen_experts(self, params: Any, batch_stats: Any, images: jax.Array) -> jax.Array:
+    """Every expert in inference mode on one micro-batch: z [N, B/M, K]."""
+    return expert_parallel.run_experts(self.model, {
+        "params": params,
+        "batch_stats": batch_stats
+    },
+                                       images,
+                                       shared_input=True,
+                                       expert_loop=self.config.expert_loop,
+                                       mesh=self.mesh)
+
+
+def _add(tree: Any, other: Any) -> Any:
+  return jax.tree.map(jnp.add, tree, other)
+
+
+def _mean_over_micro(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def expert_gradients(spec: StepSpec, state: TrainState, micro: tuple, weights: jax.Array,
+                     targets: objective.ExpertTargets, rng: jax.Array):
+  """`L_E`'s gradients accumulated over the micro-batches, its value, the scores
+  without dropout [M, N, B/M, K] and the experts' new statistics.
+
+  `micro` = (images, labels, index), each [M, B/M, ...]; `weights` [M, B/M, N].
+  """
+
+  def one(grads, xs):
+    images, labels, index, weights = xs
+
+    def loss_fn(params):
+      logits, scoring, stats = spec.experts(params, state.batch_stats, images, index,
+                                            rng)  # [N, B/M, K] x 2
+      return objective.expert_loss(logits, labels,
+                                   targets._replace(weights=weights)), (scoring, stats)
+
+    (loss, (scoring, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _add(grads, g), (loss, scoring, stats)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, (loss, scoring, stats) = jax.lax.scan(one, zeros, (*micro, weights))
+  return grads, jnp.sum(loss), scoring, _mean_over_micro(stats)
+
+
+def delegator_gradients(spec: StepSpec, state: TrainState, grads: Any, micro: tuple,
+                        targets: Optional[objective.DelegatorTargets], rng: jax.Array):
+  """`grads` plus the gradients of `lambda_sel L_sel + lambda_D L_D` accumulated over
+  the micro-batches; the two terms, z_D [M, B/M, K] and the delegator's new statistics."""
+  share = 1 / spec.microbatches
+
+  def one(grads, xs):
+    images, labels, index, targets = xs
+
+    def loss_fn(params):
+      (class_logits, selection_logits), stats = spec.delegator(params, state.batch_stats, images,
+                                                               index, rng)
+      total, selection_loss, delegator_loss = objective.delegator_side_loss(class_logits,
+                                                                            selection_logits,
+                                                                            labels,
+                                                                            targets,
+                                                                            spec.config,
+                                                                            share=share)
+      return total, (selection_loss, delegator_loss, class_logits, stats)
+
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _add(grads, g), aux
+
+  micro_targets = jax.tree.map(lambda x: split_micro(x, spec.microbatches), targets)
+  grads, (selection_loss, delegator_loss, class_logits,
+          stats) = jax.lax.scan(one, grads, (*micro, micro_targets))
+  return grads, jnp.sum(selection_loss), jnp.sum(delegator_loss), class_logits, _mean_over_micro(
+      stats)
+
+
+def objective_gradients(spec: StepSpec, state: TrainState, images: jax.Array, labels: jax.Array,
+                        rngs: tuple[jax.Array, jax.Array, jax.Array]):
+  """The gradients of the stage's objective over the whole batch, its metrics and
+  the new BatchNorm statistics, accumulated over M micro-batches (M = 1: one pass).
+
+  Every target of the objective is computed over the whole batch before any
+  gradient: WGM's transport from the delegator's selection logits (a forward
+  pass of the delegator, no gradient), then the experts' passes with
+  gradient, whose scores give LGM's and VCM's targets, then the delegator's
+  passes with gradient. The gradients separate this way because WGM's
+  weights and LGM's targets are constants of the loss. Only BatchNorm sees
+  the micro-batch: its statistics are each micro-batch's, and the running
+  averages are updated with their mean.
+  """
+  delegator_rng, experts_rng, selection_rng = rngs
+  stage, config, m = spec.stage, spec.config, spec.microbatches
+  batch, num_experts = labels.shape[0], spec.model.num_experts
+  images = constrain(split_micro(images, m), spec.mesh, MICRO_ALL)  # [M, B/M, H, W, C]
+  # The examples' positions in the whole batch draw their dropout masks, so
+  # the masks are those of the one-pass step, whatever M.
+  index = constrain(split_micro(jnp.arange(batch), m), spec.mesh, MICRO_ALL)  # [M, B/M]
+  micro = (images, split_micro(labels, m), index)
+
+  selection_logits = None  # [B, N]; read only where the selection trains.
+  if stage.trains_selection:
+    selection_logits = join_micro(
+        jax.lax.map(
+            lambda xs: spec.delegator(state.params, state.batch_stats, *xs, delegator_rng)[0][1],
+            (images, index)))
+  expert_targets, wgm_info = objective.expert_targets(stage,
+                                                      config,
+                                                      batch=batch,
+                                                      num_experts=num_experts,
+                                                      selection_logits=selection_logits,
+                                                      replicate=spec.replicate)
+  if stage.trains_experts:
+    weights = split_micro(expert_targets.weights, m)  # [M, B/M, N]
+    grads, expert_loss, scoring_logits, expert_stats = expert_gradients(
+        spec, state, micro, weights, expert_targets, experts_rng)
+  else:  # Frozen: zero gradients (the step then holds every expert variable).
+    scoring_logits = jax.lax.map(lambda x: spec.frozen_experts(state.params, state.batch_stats, x),
+                                 images)  # [M, N, B/M, K]
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    expert_loss, expert_stats = jnp.zeros(()), state.batch_stats[EXPERTS]
+  scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
+
+  delegator_targets, lgm_info = None, {}
+  if stage.trains_selection:
+    delegator_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits,
+                                                              labels, config, selection_rng,
+                                                              spec.replicate)
+  grads, selection_loss, delegator_loss, class_logits, delegator_stats = delegator_gradients(
+      spec, state, grads, micro, delegator_targets, delegator_rng)
+
+  metrics = objective.batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
+                                    join_micro(class_logits), labels, delegator_targets, lgm_info,
+                                    wgm_info)
+  metrics.update(loss=objective.total_loss(expert_loss, selection_loss, delegator_loss, config),
+                 expert_loss=expert_loss,
+                 selection_loss=selection_loss,
+                 delegator_loss=delegator_loss)
+  metrics = {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+  return grads, metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats}
+
+
+def apply_gradients(spec: StepSpec, optimizer: optax.GradientTransformation, state: TrainState,
+                    grads: Any, batch_stats: Any, loss: jax.Array) -> tuple[TrainState, Metrics]:
+  """One optax update (and EMA) from `grads`; frozen experts keep every variable.
+
+  A step whose loss or gradients are not finite keeps the old state (its
+  step still counts) and reports `finite` = 0.
+  """
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    w = ema_weight(spec.config.train.ema_decay, state.step + 1)
+    ema_params = jax.tree.map(lambda e, p: w * e + (1 - w) * p, ema_params, params)
+  if not spec.stage.trains_experts:
+    # Zero gradients still move weights (decay), momenta and averages: hold them.
+    params, opt_state, ema_params = _hold_experts((params, opt_state, ema_params),
+                                                  (state.params, state.opt_state, state.ema_params))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = TrainState(step=state.step + 1,
+                         params=params,
+                         batch_stats=batch_stats,
+                         opt_state=opt_state,
+                         ema_params=ema_params)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                      state.replace(step=state.step + 1))
+  return kept, {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
 def make_train_step(
     model: CoE,
     optimizer: optax.GradientTransformation,
@@ -116,9 +331,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """The (not yet jitted) step function of one stage: (state, batch, rng) -> (state, metrics).
 
-  In the `delegator` stage the experts are frozen: they run in inference mode,
-  and neither their parameters, their BatchNorm statistics, their optimizer
-  state nor their EMA change.
+  Where the stage does not train the experts (`delegator`), they run in
+  inference mode, and neither their parameters, their BatchNorm statistics,
+  their optimizer state nor their EMA change.
 
   Under `mesh` (`data` x `expert`), each device runs only its own experts on
   its share of the batch (`expert_parallel`); the delegator's work is split
@@ -126,219 +341,16 @@ def make_train_step(
   gathered [B, N] matrices, the same on every device, with no collectives in
   their loops. The step then trains as on one device, up to float order.
   """
-  freeze_experts = stage == "delegator"
-
-  def constrain(x: jax.Array, spec: PartitionSpec) -> jax.Array:
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-  ema_decay = config.train.ema_decay
-  expert_loop = config.expert_loop
+  spec = StepSpec(model, config, Stage.named(stage, config), mesh)
   schedule = optim.learning_rate_schedule(config)
-
-  microbatches = config.train.microbatches
-  batch_norm_scope = config.train.batch_norm_scope
-  replicate = lambda x: constrain(x, REPLICATED)
-
-  def one_pass(state: TrainState, images: jax.Array, labels: jax.Array, rngs: tuple):
-    """Gradients of the whole batch's objective in one forward and backward pass."""
-    delegator_rng, experts_rng, selection_rng = rngs
-
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-      (class_logits, selection_logits), delegator_stats = expert_parallel.train_delegator(
-          model, variables, images, delegator_rng, mesh=mesh,
-          batch_norm_scope=batch_norm_scope)  # [B, K], [B, N]
-      if freeze_experts:
-        expert_logits = jax.lax.stop_gradient(
-            expert_parallel.run_experts(model,
-                                        variables,
-                                        images,
-                                        shared_input=True,
-                                        expert_loop=expert_loop,
-                                        mesh=mesh))  # [N, B, K]
-        scoring_logits, expert_stats = expert_logits, state.batch_stats[EXPERTS]
-      else:
-        # Scored without dropout: LGM, VCM and distillation should not hinge
-        # on each expert's own dropout mask.
-        expert_logits, scoring_logits, expert_stats = expert_parallel.train_experts(
-            model,
-            variables,
-            images,
-            experts_rng,
-            expert_loop=expert_loop,
-            mesh=mesh,
-            batch_norm_scope=batch_norm_scope)  # [N, B, K], [N, B, K]
-      loss, metrics = objective.coe_objective(class_logits,
-                                              selection_logits,
-                                              expert_logits,
-                                              labels,
-                                              config,
-                                              stage,
-                                              selection_rng,
-                                              scoring_logits=scoring_logits,
-                                              replicate=replicate)
-      return loss, (metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats})
-
-    # Frozen experts get zero gradients (their logits are stop_gradient-ed).
-    return jax.grad(loss_fn, has_aux=True)(state.params)
-
-  def micro_batched(state: TrainState, images: jax.Array, labels: jax.Array, rngs: tuple):
-    """The same objective's gradients, accumulated over M micro-batches.
-
-    Every target of the objective is computed over the whole batch before any
-    gradient: WGM's transport from the delegator's selection logits (one
-    forward pass of the delegator, no gradient), then the experts' passes
-    with gradient, whose scores give LGM's and VCM's targets, then the
-    delegator's passes with gradient. The gradients separate this way
-    because WGM's weights and LGM's targets are constants of the loss. Only
-    BatchNorm sees the micro-batch: its statistics are each micro-batch's,
-    and the running averages are updated with their mean.
-    """
-    delegator_rng, experts_rng, selection_rng = rngs
-    batch, num_experts = labels.shape[0], model.num_experts
-    images = constrain(split_micro(images, microbatches), MICRO_ALL)  # [M, B/M, H, W, C]
-    whole_labels, labels = labels, split_micro(labels, microbatches)  # [B], [M, B/M]
-    # The examples' positions in the whole batch draw their dropout masks, so
-    # the masks are those of the one-pass step, whatever M.
-    index = constrain(split_micro(jnp.arange(batch), microbatches), MICRO_ALL)  # [M, B/M]
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-
-    def delegator_pass(params, images, index):
-      return expert_parallel.train_delegator(model, {
-          "params": params,
-          "batch_stats": state.batch_stats
-      },
-                                             images,
-                                             delegator_rng,
-                                             mesh=mesh,
-                                             batch_norm_scope=batch_norm_scope,
-                                             example_index=index)
-
-    selection_logits = None  # [B, N]; read only where the selection trains.
-    if objective.trains_selection(config, stage):
-      selection_logits = join_micro(
-          jax.lax.map(lambda xs: delegator_pass(state.params, *xs)[0][1], (images, index)))
-    expert_targets, wgm_info = objective.expert_targets(stage,
-                                                        config,
-                                                        batch=batch,
-                                                        num_experts=num_experts,
-                                                        selection_logits=selection_logits,
-                                                        replicate=replicate)
-
-    if freeze_experts:
-      scoring_logits = jax.lax.map(lambda x: expert_parallel.run_experts(model, {
-          "params": state.params,
-          "batch_stats": state.batch_stats
-      },
-                                                                         x,
-                                                                         shared_input=True,
-                                                                         expert_loop=expert_loop,
-                                                                         mesh=mesh),
-                                   images)  # [M, N, B/M, K]
-      grads, expert_loss, expert_stats = zeros, jnp.zeros(()), state.batch_stats[EXPERTS]
-    else:
-      weights = split_micro(expert_targets.weights, microbatches)  # [M, B/M, N]
-
-      def expert_step(grads, xs):
-        images, labels, index, weights = xs
-
-        def loss_fn(params):
-          logits, scoring, stats = expert_parallel.train_experts(
-              model, {
-                  "params": params,
-                  "batch_stats": state.batch_stats
-              },
-              images,
-              experts_rng,
-              expert_loop=expert_loop,
-              mesh=mesh,
-              batch_norm_scope=batch_norm_scope,
-              example_index=index)  # [N, B/M, K] x 2
-          targets = expert_targets._replace(weights=weights)
-          return objective.expert_loss(logits, labels, targets), (scoring, stats)
-
-        (loss, (scoring, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return jax.tree.map(jnp.add, grads, g), (loss, scoring, stats)
-
-      grads, (expert_loss, scoring_logits,
-              expert_stats) = jax.lax.scan(expert_step, zeros, (images, labels, index, weights))
-      expert_loss = jnp.sum(expert_loss)
-      expert_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), expert_stats)
-    scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
-
-    delegator_targets, lgm_info = None, {}
-    if objective.trains_selection(config, stage):
-      delegator_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits,
-                                                                whole_labels, config, selection_rng,
-                                                                replicate)
-
-    def delegator_step(grads, xs):
-      images, labels, index, targets = xs
-
-      def loss_fn(params):
-        (class_logits, selection_logits), stats = delegator_pass(params, images, index)
-        total, selection_loss, delegator_loss = objective.delegator_side_loss(class_logits,
-                                                                              selection_logits,
-                                                                              labels,
-                                                                              targets,
-                                                                              config,
-                                                                              share=1 /
-                                                                              microbatches)
-        return total, (selection_loss, delegator_loss, class_logits, stats)
-
-      (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      return jax.tree.map(jnp.add, grads, g), aux
-
-    micro_targets = jax.tree.map(lambda x: split_micro(x, microbatches), delegator_targets)
-    grads, (selection_loss, delegator_loss, class_logits,
-            delegator_stats) = jax.lax.scan(delegator_step, grads,
-                                            (images, labels, index, micro_targets))
-    selection_loss, delegator_loss = jnp.sum(selection_loss), jnp.sum(delegator_loss)
-    metrics = objective.batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
-                                      join_micro(class_logits), whole_labels, delegator_targets,
-                                      lgm_info, wgm_info)
-    total = (expert_loss + config.loss.selection_weight * selection_loss +
-             config.loss.delegator_weight * delegator_loss)
-    metrics.update(loss=total,
-                   expert_loss=expert_loss,
-                   selection_loss=selection_loss,
-                   delegator_loss=delegator_loss)
-    metrics = {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
-    delegator_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), delegator_stats)
-    return grads, (metrics, {DELEGATOR: delegator_stats, EXPERTS: expert_stats})
 
   def step_fn(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(rng, state.step)
     rngs = tuple(jax.random.split(rng, 3))  # delegator, experts, selection
-    images, labels = batch["image"], batch["label"]  # [B, H, W, C], [B]
-    pass_fn = one_pass if microbatches == 1 else micro_batched
-    grads, (metrics, batch_stats) = pass_fn(state, images, labels, rngs)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-      w = ema_weight(ema_decay, state.step + 1)
-      ema_params = jax.tree.map(lambda e, p: w * e + (1 - w) * p, ema_params, params)
-    if freeze_experts:
-      # Zero gradients still move weights (decay), momenta and averages: hold them.
-      params, opt_state, ema_params = _hold_experts(
-          (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params))
-
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    new_state = TrainState(step=state.step + 1,
-                           params=params,
-                           batch_stats=batch_stats,
-                           opt_state=opt_state,
-                           ema_params=ema_params)
-    # Keep the last good state when anything is not finite; the step still counts.
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                        state.replace(step=state.step + 1))
-    metrics = {
-        **metrics, "grad_norm": grad_norm,
-        "finite": finite.astype(jnp.float32),
-        "learning_rate": schedule(state.step)
-    }
-    return kept, metrics
+    grads, metrics, batch_stats = objective_gradients(spec, state, batch["image"], batch["label"],
+                                                      rngs)  # [B, H, W, C], [B]
+    state, update_metrics = apply_gradients(spec, optimizer, state, grads, batch_stats,
+                                            metrics["loss"])
+    return state, {**metrics, **update_metrics, "learning_rate": schedule(state.step - 1)}
 
   return step_fn

@@ -1,0 +1,114 @@
+"""A trained run's evaluation: calibrate tau, route the test split, write the run's results.
+
+    results = evaluation.run.evaluate(trainer, state)
+
+The trainer (`coe_jax.training.train.Trainer`) calls it at the end of a run
+(and every `train.eval_every_steps`, without files), as do the ablations. It
+reads what `RunToEvaluate` lists of the trainer, so that evaluation, a layer
+below training, imports none of it.
+"""
+
+import os
+from typing import Any, Iterable, Optional, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from coe_jax import answers, data, evaluation, routing, run_dir
+from coe_jax.evaluation import plots
+from coe_jax.models.coe import CoE
+
+
+class RunToEvaluate(Protocol):
+  """What `evaluate` reads of a run; `coe_jax.training.train.Trainer` has it all."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  info: data.DataInfo
+  model: CoE
+  mesh: Optional[jax.sharding.Mesh]
+  flops: dict[str, int]  # `coe_jax.flops.count`: delegator_flops, expert_flops
+
+  def eval_batches(self, split: str = "test") -> Iterable[dict[str, Any]]:
+    """Global arrays of one padded pass over `split` ("test" or "holdout")."""
+
+
+class EvaluatedState(Protocol):
+  """A train state (`coe_jax.training.train_step.TrainState`): what it evaluates with."""
+
+  def eval_variables(self) -> dict[str, Any]:
+    """The variables to evaluate with: EMA parameters where trained with them."""
+
+
+def evaluate(trainer: RunToEvaluate,
+             state: EvaluatedState,
+             *,
+             write_files: bool = True,
+             extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Calibrates tau on the hold-out split, then evaluates on the test split.
+
+  The test split never chooses anything: tau (unless `eval.threshold` fixes
+  it) and the early-exit rate that sizes serving-mode buffers
+  (`expected_exit_rate`) both come from the hold-out. Writes `results.json`,
+  `early_exit_curve.json` and the plots unless `write_files` is False:
+  accuracy vs FLOPs, expert load, the early-exit curve, and the routing (test
+  images per expert, classes by expert).
+  """
+  config = trainer.config
+  variables = state.eval_variables()
+  f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
+  sizes = {"test": trainer.info.num_test, "holdout": trainer.info.num_holdout}
+
+  def outputs_of(split):
+    return evaluation.collect_outputs(trainer.model,
+                                      variables,
+                                      trainer.eval_batches(split),
+                                      expert_loop=config.expert_loop,
+                                      mesh=trainer.mesh,
+                                      progress=evaluation.Progress(f"evaluating {split}",
+                                                                   sizes[split]))
+
+  holdout = outputs_of("holdout") if sizes["holdout"] else None
+  if config.eval.threshold is not None:
+    threshold, how, source = config.eval.threshold, "fixed", "config"
+  else:
+    # config_base.validate refuses to calibrate without a hold-out.
+    threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d, f_e),
+                                          config.eval.target_mean_flops)
+    source = "holdout"
+  # Without a hold-out, serving-mode buffers are sized for every sample.
+  expected_exit_rate = (float(np.mean(answers.exits(holdout.confidence, threshold)))
+                        if holdout is not None else 0.0)
+  test = outputs_of("test")
+  test_curve = evaluation.sweep(test, f_d, f_e)
+  results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
+  results.update(threshold_rule=how, threshold_source=source, expected_exit_rate=expected_exit_rate)
+  routed, routes = evaluation.routed_figures(
+      trainer.model,
+      variables,
+      trainer.eval_batches("test"),
+      threshold,
+      routing.RoutingSpec.from_config(config, expected_exit_rate),
+      mesh=trainer.mesh,
+      examples_per_expert=plots.GRID_EXAMPLES if write_files else 0,
+      progress=evaluation.Progress("routing test", sizes["test"]))
+  if config.routing.mode == "exact":
+    evaluation.check_router_agrees(test, threshold, routes.prediction)
+  results.update(routed, **(extra or {}))
+  results["mean_flops"] = answers.mean_flops(f_d, f_e, results["early_exit_rate"])
+  if write_files and jax.process_index() == 0:
+    workdir = trainer.workdir
+    run_dir.write_json(os.path.join(workdir, run_dir.RESULTS), results)
+    plots.accuracy_vs_flops(test_curve, results,
+                            os.path.join(workdir, run_dir.ACCURACY_VS_FLOPS_PLOT))
+    plots.expert_load(results, os.path.join(workdir, run_dir.EXPERT_LOAD_PLOT))
+    plots.expert_portions(results, os.path.join(workdir, run_dir.EXPERT_PORTIONS_PLOT))
+    plots.early_exit_curve(test_curve, results, os.path.join(workdir, run_dir.CURVE_PLOT))
+    # The curve's numbers too, for comparisons across runs (coe_jax.ablate).
+    run_dir.write_json(os.path.join(workdir, run_dir.CURVE), {
+        k: v.tolist() for k, v in vars(test_curve).items()
+    })
+    class_names = trainer.info.class_names
+    plots.routing_grid(routes, class_names, os.path.join(workdir, run_dir.ROUTING_GRID_PLOT))
+    plots.class_by_expert(routes, class_names, os.path.join(workdir, run_dir.CLASS_BY_EXPERT_PLOT))
+  return results
