@@ -6,7 +6,7 @@ CONFIG ?= configs/digits.py
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench constraints clean
+.PHONY: venv demo test test-all lint format bench constraints clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,15 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m coe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# --durations: the slowest tests, so a slow one shows in every CI log.
+# `make test`: the fast suite, for every change. `make test-all`: also the
+# end-to-end tests marked `slow`; CI runs it. --durations: the slowest tests,
+# so a slow one shows in every log.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PYTEST) -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PYTEST) tests
 
 # Settings in pyproject.toml. ruff: pyflakes, pycodestyle, sorted imports;
 # yapf: the layout, shown as a diff here and applied by `make format`.

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coe_jax import ablate, config_base, flops, objective, run_dir
+from coe_jax import ablate, answers, config_base, flops, objective, run_dir
 from coe_jax.config_base import base_config
 from coe_jax.config_loading import load_config
 from coe_jax.errors import CoEError
@@ -68,6 +68,7 @@ def _table_rows(markdown: str) -> dict[str, list[str]]:
   return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}  # Skip the header.
 
 
+@pytest.mark.slow
 def test_table_plot_and_progress(ablation):
   workdir, stdout = ablation
   with open(os.path.join(workdir, run_dir.ABLATION_TABLE)) as f:
@@ -89,6 +90,7 @@ def test_table_plot_and_progress(ablation):
                                                        "results.json")["expert_flops"]
 
 
+@pytest.mark.slow
 def test_rows_carry_each_runs_figures(ablation):
   workdir, _ = ablation
   with open(os.path.join(workdir, run_dir.ABLATION_TABLE)) as f:
@@ -136,11 +138,24 @@ def test_each_variant_switches_what_it_says():
   assert config.wgm.off_portion_weight == 0.2 and config.seed == 0  # The input is untouched.
 
 
+@pytest.mark.slow
 def test_the_runs_write_the_routing_figures(ablation):
   workdir, _ = ablation
-  for name in (run_dir.ROUTING_GRID_PLOT, run_dir.CLASS_BY_EXPERT_PLOT, run_dir.CURVE_PLOT,
-               run_dir.CURVE):
-    assert os.path.getsize(os.path.join(workdir, "coe", "seed0", name)) > 0
+  for name in (run_dir.ROUTING_GRID_PLOT, run_dir.CLASS_BY_EXPERT_PLOT, run_dir.CURVE_PLOT):
+    with open(os.path.join(workdir, "coe", "seed0", name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+  # The curve the plot draws is the run's own sweep: exits fall as tau rises,
+  # each point costs what its exit rate says, and its first point is every
+  # image exiting at the delegator's accuracy.
+  curve = _read(workdir, "coe", "seed0", run_dir.CURVE)
+  results = _read(workdir, "coe", "seed0", run_dir.RESULTS)
+  assert curve["thresholds"] == sorted(curve["thresholds"])
+  assert curve["exit_rate"] == sorted(curve["exit_rate"], reverse=True)
+  for rate, cost in zip(curve["exit_rate"], curve["mean_flops"]):
+    assert cost == pytest.approx(
+        answers.mean_flops(results["delegator_flops"], results["expert_flops"], rate))
+  assert curve["exit_rate"][0] == 1.0
+  assert curve["accuracy"][0] == pytest.approx(results["delegator_top1"])
 
 
 def test_the_sized_family_grows_in_width_alone_and_is_monotone_in_flops():
@@ -158,6 +173,7 @@ def test_the_sized_family_grows_in_width_alone_and_is_monotone_in_flops():
     assert network.stages == config.expert.stages
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_reused_not_retrained(ablation):
   workdir, _ = ablation
   variant_dir = os.path.join(workdir, "coe", "seed0")
@@ -166,6 +182,7 @@ def test_a_finished_run_is_reused_not_retrained(ablation):
                             variant_dir) == _read(variant_dir, run_dir.ABLATION_RUN)
 
 
+@pytest.mark.slow
 def test_a_workdir_of_another_config_is_refused(ablation):
   workdir, _ = ablation
   config = ablate.variant_config(_config_of(workdir, "coe"), "coe", seed=0)
@@ -177,20 +194,21 @@ def test_a_workdir_of_another_config_is_refused(ablation):
 def test_sized_variants_come_close_to_their_multiple_of_coes_flops():
   config = load_config(config_path("digits"))
   expert = flops.count(config)["expert_flops"]
-  for target in (0.3 * expert, 0.5 * expert, 1.0 * expert, 1.7 * expert):
-    for variant, factor in (("single", 1.0), ("single_2x", 2.0), ("condconv", 1.0)):
+  for variant, factor in (("single", 1.0), ("single_2x", 2.0), ("condconv", 1.0)):
+    # The bisection finds what trying every width finds (digits' narrow
+    # layers move in coarse steps, so "closest" is all a width can promise).
+    network = ablate._network_of(config, variant)
+    every = [
+        flops.network_macs(
+            NetworkSpec.from_config(flops.Sizing(w, 0, 1.0).apply(network), "expert"),
+            config.data.image_size, config.data.channels, 10)
+        for w in flops.WIDTH_MULTIPLIERS[::3] + (1.0,)
+    ]
+    for target in (0.3 * expert, 0.5 * expert, 1.0 * expert, 1.7 * expert):
       found = ablate.variant_sizing(config, variant, 10, target)
       assert found.target == factor * target
-      # The bisection finds what trying every width finds (digits' narrow
-      # layers move in coarse steps, so "closest" is all a width can promise).
-      network = ablate._network_of(config, variant)
-      every = [
-          flops.network_macs(
-              NetworkSpec.from_config(flops.Sizing(w, 0, 1.0).apply(network), "expert"),
-              config.data.image_size, config.data.channels, 10) for w in flops.WIDTH_MULTIPLIERS
-      ]
-      best = min(abs(math.log(m / (factor * target))) for m in every)
-      assert abs(math.log(found.flops / (factor * target))) == pytest.approx(best), variant
+      error = abs(math.log(found.flops / (factor * target)))
+      assert error <= min(abs(math.log(m / (factor * target))) for m in every) + 1e-9, variant
       assert found.flops == pytest.approx(factor * target, rel=0.4), (variant, target)
   same = ablate.variant_sizing(config, "single", 10, expert)
   assert (same.width_multiplier, same.flops) == (1.0, expert)

@@ -8,6 +8,9 @@ from benchmarks import inference, int8_conv, peak, train_step
 from coe_jax import flops
 from tests.tiny import tiny_config
 
+# End to end and minutes long: `make test-all` runs them, `make test` does not.
+pytestmark = pytest.mark.slow
+
 LITERT_VARIANTS = {
     "litert_coe_routed[batch=1]", "litert_coe_routed[batch=32]", "litert_int8_coe_routed[batch=1]",
     "litert_int8_coe_routed[batch=32]", "litert_expert", "litert_int8_expert",

@@ -52,6 +52,7 @@ def test_other_bad_values_fail_the_same_check(key, value):
     config_base.validate(config)
 
 
+@pytest.mark.slow
 def test_missing_data_path(tmp_path):
   missing = str(tmp_path / "nowhere")
   line = error_line(
@@ -64,6 +65,7 @@ def _folder_error(tmp_path, root) -> str:
       _main(tmp_path / "run", "--config.data.name=image_folder", f"--config.data.path={root}"))
 
 
+@pytest.mark.slow
 def test_image_folder_without_classes(tmp_path):
   root = tmp_path / "folder"
   (root / "train").mkdir(parents=True)
@@ -71,6 +73,7 @@ def test_image_folder_without_classes(tmp_path):
   assert "has no class folders" in _folder_error(tmp_path, root)
 
 
+@pytest.mark.slow
 def test_image_folder_with_an_empty_class(tmp_path):
   root = make_image_folder(tmp_path / "folder", per_class=1)
   empty = os.path.join(root, "train", "yak")
@@ -79,6 +82,7 @@ def test_image_folder_with_an_empty_class(tmp_path):
   assert empty in line and "has no .png/.jpg/.jpeg files" in line
 
 
+@pytest.mark.slow
 def test_image_folder_with_other_classes_in_test(tmp_path):
   root = make_image_folder(tmp_path / "folder", per_class=1)
   os.rename(os.path.join(root, "test", "dog"), os.path.join(root, "test", "wolf"))
@@ -86,6 +90,7 @@ def test_image_folder_with_other_classes_in_test(tmp_path):
   assert "only in train ['dog']" in line and "only in test ['wolf']" in line
 
 
+@pytest.mark.slow
 def test_corrupt_image_fails_naming_the_file(tmp_path):
   """The choice made for corrupt files: fail naming the first, never train on fewer."""
   root = make_image_folder(tmp_path / "folder", per_class=2)
@@ -96,6 +101,7 @@ def test_corrupt_image_fails_naming_the_file(tmp_path):
   assert broken in line and "1 of 7 image files cannot be read" in line
 
 
+@pytest.mark.slow
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("a regular file, so nothing can be created under it")
@@ -131,6 +137,7 @@ def test_predict_on_an_undecodable_file(tmp_path):
   assert f"image={bad!r}: cannot decode it as an image" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
 def test_export_to_a_directory_that_cannot_be_made(tmp_path, where):
   """The output is checked before the workdir is read, so any workdir will do."""

@@ -57,6 +57,7 @@ def test_a_run_and_its_weights_only_copy_give_the_runs_figures(coe_run, folder, 
   assert Predictor.load(str(copy)).threshold == results["threshold"]
 
 
+@pytest.mark.slow
 def test_a_single_network_run_reports_its_own_top1_and_cost(tmp_path, folder):
   workdir, results = _run(tmp_path, "single", folder, single=True)
   got = evaluate.evaluate_run(workdir, folder)

@@ -51,12 +51,12 @@ def one_device():
 @pytest.mark.parametrize(
     "data,expert,loop",
     [
-        (8, 1, "unroll"),
-        (2, 4, "unroll"),
+        pytest.param(8, 1, "unroll", marks=pytest.mark.slow),
+        pytest.param(2, 4, "unroll", marks=pytest.mark.slow),
         (2, 4, "scan"),
         # jax 0.10.2 miscompiles vmapped 1x1 convolutions whose kernels are sharded
         # on the vmapped axis; inside shard_map each device's kernels are its own.
-        (4, 2, "vmap"),
+        pytest.param(4, 2, "vmap", marks=pytest.mark.slow),
     ])
 def test_a_sharded_run_trains_as_one_device(one_device, data, expert, loop):
   losses, variables = _train(_config(data, expert, loop))
@@ -65,6 +65,7 @@ def test_a_sharded_run_trains_as_one_device(one_device, data, expert, loop):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_micro_batches_on_a_mesh_train_as_on_one_device():
   """Gradient accumulation under expert parallelism: shard_map inside the micro-batch loop."""
 
@@ -106,6 +107,7 @@ def _convolutions(config) -> int:
     return len(re.findall(r"stablehlo\.convolution", _lowered_step(config).as_text()))
 
 
+@pytest.mark.slow
 def test_per_replica_batch_norm_uses_each_devices_samples_with_fewer_all_reduces():
   """`train.batch_norm_scope=replica` on a data 2 x expert 2 mesh: the delegator's
   statistics are each device's quarter of the batch, the experts' each data shard's
@@ -154,7 +156,7 @@ def one_device_with_dropout():
   return _train(_with_dropout(_config(1, 1)))
 
 
-@pytest.mark.parametrize("data,expert", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("data,expert", [(2, 4), pytest.param(4, 2, marks=pytest.mark.slow)])
 def test_dropout_masks_do_not_depend_on_the_mesh(one_device_with_dropout, data, expert):
   """Masks come from the step and each example's position in the global batch: the
   same config trains alike on every mesh, and a run resumed on another mesh keeps its course."""

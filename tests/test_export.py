@@ -23,6 +23,9 @@ from coe_jax.training import train
 from tests.helpers import assert_same_answers, single_device_trainer, train_config
 from tests.tiny import tiny_config
 
+# End to end and minutes long: `make test-all` runs them, `make test` does not.
+pytestmark = pytest.mark.slow
+
 # Largest |int8 - float32| logit difference, relative to the float32 logits'
 # largest magnitude per sample. Measured here on this barely trained run
 # (logits of magnitude ~0.05): 0.05-0.10; each int8 layer adds roughly 1% of

@@ -16,6 +16,7 @@ from coe_jax.models.spec import NetworkSpec
 from tests.tiny import REPO, config_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_count_matches_xla_cost_analysis(fused):
   """On a plain network (no squeeze-excitation): XLA counts 2 FLOPs per multiply-add,

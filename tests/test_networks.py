@@ -268,6 +268,7 @@ def _saved_bytes(loss, params) -> int:
   return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["block", "full"])
 def test_remat_saves_less_and_computes_the_same_gradients(mode):
   config = tiny_config(num_experts=1)
@@ -282,6 +283,7 @@ def test_remat_saves_less_and_computes_the_same_gradients(mode):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_every_layer_in_bfloat16_and_keeps_float32_state():
   config = tiny_config(num_experts=1)
   config.train.compute_dtype = "bfloat16"

@@ -3,10 +3,14 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from coe_jax import run_dir
 from tests.tiny import REPO
+
+# End to end and minutes long: `make test-all` runs them, `make test` does not.
+pytestmark = pytest.mark.slow
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "coe_colab.ipynb")
 FIGURES = (run_dir.ACCURACY_VS_FLOPS_PLOT, run_dir.CURVE_PLOT, run_dir.EXPERT_LOAD_PLOT,

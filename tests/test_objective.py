@@ -1,5 +1,7 @@
 """The staged CoE objective: gradient routing, stages, loss terms, config checks."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,8 +231,13 @@ def test_bad_stages(stages, key):
     config_base.validate(config)
 
 
-def test_base_config_is_valid():
-  config_base.validate(base_config())
+def test_base_config_is_valid_and_a_saved_copy_loads_back_the_same():
+  config = base_config()
+  config_base.validate(config)
+  saved = json.loads(config.to_json())
+  assert config_base.upgrade(saved) == saved  # Nothing to fill in a current config.
+  del saved["train"]["schedule"]  # A run saved before the key existed.
+  assert config_base.upgrade(saved)["train"]["schedule"] == config.train.schedule
 
 
 def test_stage_schedule():

@@ -14,6 +14,7 @@ def _bytes(shape_tree) -> int:
   return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shape_tree))
 
 
+@pytest.mark.slow
 def test_a_plan_counts_one_devices_share_of_the_state():
   config = tiny_config(num_experts=4)
   config.train.ema_decay = 0.9
@@ -35,6 +36,7 @@ def test_a_plan_counts_one_devices_share_of_the_state():
   assert result["fits"] and not plan.plan(config, 2, 2, hbm_gib=1e-6)["fits"]
 
 
+@pytest.mark.slow
 def test_the_plan_compiles_the_accelerators_forms_and_evaluation():
   """The CPU's convolution forms (matrix products, taps) need more scratch than the
   accelerators' (the plan's own figure); evaluation's memory counts beside the state."""
@@ -52,6 +54,7 @@ def test_the_plan_compiles_the_accelerators_forms_and_evaluation():
   assert large["total_gib_per_device"] == large["eval_gib_per_device"]
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_gets_the_remat_or_micro_batches_that_fit():
   config = tiny_config(num_experts=4)
   config.train.batch_size = 64
@@ -70,6 +73,7 @@ def test_a_step_that_does_not_fit_gets_the_remat_or_micro_batches_that_fit():
   assert "fits with --config.train.remat=" in plan.format_plan(tight)
 
 
+@pytest.mark.slow
 def test_the_planner_runs_on_an_accelerator_host():
   """JAX_PLATFORMS names an accelerator this machine lacks, as on a TPU host: the
   planner still plans on fake CPU devices instead of starting (or failing on) the chips."""

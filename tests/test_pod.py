@@ -33,6 +33,9 @@ from tests.helpers import (
 )
 from tests.tiny import REPO
 
+# End to end and minutes long: `make test-all` runs them, `make test` does not.
+pytestmark = pytest.mark.slow
+
 NUM_PROCESSES = 2
 
 

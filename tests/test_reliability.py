@@ -295,6 +295,7 @@ def interrupted(cli):
   return workdir, legs
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143(interrupted):
   _, legs = interrupted
   sigterm = legs["sigterm"]
@@ -304,11 +305,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(interrupted):
   assert "stopped at step 3" in sigterm["stderr"]
 
 
+@pytest.mark.slow
 def test_the_rerun_resumes_from_the_sigterm_checkpoint(interrupted):
   _, legs = interrupted
   assert legs["kill_in_save"]["resumed_from"] == 3
 
 
+@pytest.mark.slow
 def test_a_save_killed_before_its_commit_is_never_resumed_from(interrupted):
   _, legs = interrupted
   killed = legs["kill_in_save"]
@@ -319,6 +322,7 @@ def test_a_save_killed_before_its_commit_is_never_resumed_from(interrupted):
   assert legs["kill_mid_training"]["resumed_from"] == 3
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reuses_the_programs_compiled_into_its_workdir(interrupted):
   _, legs = interrupted
   steps = {
@@ -332,6 +336,7 @@ def test_a_resumed_run_reuses_the_programs_compiled_into_its_workdir(interrupted
     assert "Persistent compilation cache hit for 'jit_step_fn'" in legs[name]["stderr"], name
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(interrupted):
   _, legs = interrupted
   killed = legs["kill_mid_training"]
@@ -340,6 +345,7 @@ def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(interrupted)
   assert legs["final"]["resumed_from"] == 4
 
 
+@pytest.mark.slow
 def test_the_interrupted_run_ends_like_an_uninterrupted_one(interrupted, reference):
   workdir, legs = interrupted
   assert legs["final"]["returncode"] == 0, legs["final"]["stderr"][-3000:]
@@ -352,6 +358,7 @@ def test_the_interrupted_run_ends_like_an_uninterrupted_one(interrupted, referen
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_past_an_unreadable_checkpoint_to_the_same_end(cli, reference):
   """The whole path: one line, the checkpoint set aside, its step trained and saved again."""
   workdir = shutil.copytree(reference, cli.root / "unreadable")
@@ -392,6 +399,7 @@ def _damage(step_dir, how: str) -> None:
     shutil.rmtree(arrays)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 def test_an_unreadable_latest_checkpoint_is_reported_in_one_line_and_skipped(
     trainer, reference, tmp_path, how, caplog, capfd):
@@ -421,6 +429,7 @@ def test_an_unreadable_latest_checkpoint_is_reported_in_one_line_and_skipped(
   assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_predictor_refuses_an_unreadable_newest_checkpoint(reference, tmp_path, capsys):
   """Training falls back to an older checkpoint; serving must not answer with an older
   model than the user thinks: one line, naming the saved steps, unless asked for one."""
@@ -443,6 +452,7 @@ def test_a_predictor_refuses_an_unreadable_newest_checkpoint(reference, tmp_path
     Predictor.load(str(workdir), step=5)
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_nothing(
     trainer, reference, tmp_path):
   workdir = shutil.copytree(reference, tmp_path / "run")
@@ -459,6 +469,7 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_moves_nothing(
   assert not (workdir / run_dir.UNREADABLE_CHECKPOINTS).exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_of_another_config_fail_naming_the_mismatch(cli, reference, tmp_path):
   workdir = shutil.copytree(reference, tmp_path / "run")
   config = load_config(str(cli.config))
@@ -471,6 +482,7 @@ def test_checkpoints_of_another_config_fail_naming_the_mismatch(cli, reference, 
   assert message.startswith("num_experts=3: the checkpoints in") and "num_experts=2" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, fragment", [
     ("train.optimizer", "sgd", "train.optimizer='sgd': the checkpoints in /ckpt were written "
      "with train.optimizer='adamw'"),

@@ -130,6 +130,7 @@ def test_predict_cli_on_the_run(digits_run, tmp_path):
   assert line.startswith(f"{path}:") and "p=" in line
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   """Stopped right before PWLU's realignment (step 3 of 6) and resumed: the same
   parameters, BatchNorm and PWLU statistics, and EMA as a run that never stopped."""
@@ -172,6 +173,7 @@ def test_coadaptation_steps_decrease_the_loss():
   assert all(m["load_gap"] <= 1 for m in history)
 
 
+@pytest.mark.slow
 def test_image_folder_end_to_end(tmp_path):
   root = make_image_folder(tmp_path / "folder", per_class=6)
   config = train_config(num_steps=2)
@@ -184,6 +186,7 @@ def test_image_folder_end_to_end(tmp_path):
   assert results["num_test_examples"] == 6 * len(IMAGE_FOLDER_CLASSES)
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_end_to_end(tmp_path):
   data_dir = str(tmp_path / "tfds")
   write_prepared_tfds(data_dir, "imagenet2012", IMAGENET_SIZES, imagenet_example)
@@ -256,6 +259,7 @@ def test_the_trainer_and_the_ablations_point_jax_at_that_cache():
     jax.config.update("jax_compilation_cache_dir", before)
 
 
+@pytest.mark.slow
 def test_a_three_stage_run_on_a_mesh_with_scanned_experts(tmp_path):
   """The accelerators' default loop (scan) through warm-up, co-adaptation, the
   delegator stage and evaluation on a data 2 x expert 2 mesh: no collective

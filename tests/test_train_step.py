@@ -82,6 +82,7 @@ def test_ema_is_the_debiased_average_of_the_parameters_so_far():
   np.testing.assert_allclose(train_step.ema_weight(0.8, np.int32(1)), 0.0)
 
 
+@pytest.mark.slow
 def test_each_stage_has_its_own_schedule_and_the_delegator_stage_reaches_its_peak(tmp_path):
   config = train_config(num_steps=8)
   config.train.stages.warmup, config.train.stages.coadapt = 0.5, 0.0
@@ -121,7 +122,9 @@ def test_micro_batches_split_and_join_back_to_the_batch():
                                 np.stack([x * 10, x * 100]))
 
 
-@pytest.mark.parametrize("stage,microbatches", [("coadapt", 1), ("coadapt", 4), ("delegator", 4)])
+@pytest.mark.parametrize("stage,microbatches",
+                         [("coadapt", 1), ("coadapt", 4),
+                          pytest.param("delegator", 4, marks=pytest.mark.slow)])
 def test_micro_batches_train_the_objective_of_the_whole_batch(stage, microbatches):
   """The step's update is that of the whole batch's `coe_objective`; with 4
   micro-batches WGM, LGM, VCM and the loss normalisers still see the whole batch."""
@@ -153,6 +156,7 @@ def test_micro_batches_train_the_objective_of_the_whole_batch(stage, microbatche
   assert sum(moved) > len(moved) // 2
 
 
+@pytest.mark.slow
 def test_a_generalist_warmup_trains_one_expert_and_copies_it_into_all(tmp_path):
   """Warm-up (2 steps) trains expert 0 alone; when co-adaptation starts, every expert's
   parameters, BatchNorm statistics, optimizer state and EMA are expert 0's, also in a
@@ -191,6 +195,7 @@ def test_a_generalist_warmup_trains_one_expert_and_copies_it_into_all(tmp_path):
   assert calls == [2]
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_another_runs_networks(tmp_path):
   """`train.init_from`: a one-network run's expert becomes every expert (a generalist),
   its delegator the delegator but for the selection head; a run of another
@@ -221,6 +226,7 @@ def test_a_run_starts_from_another_runs_networks(tmp_path):
     single_device_trainer(config, str(tmp_path / "other")).init_state()
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints_save_at_logging_steps(tmp_path, monkeypatch):
   """`train.checkpoint_every_secs`: with a clock that moves 10 s per reading, a
   1-second period saves at every logging step (2, 4), besides the end."""

@@ -33,6 +33,7 @@ def _one_device(workdir):
   return trainer, train.train(trainer)
 
 
+@pytest.mark.slow
 def test_expert_sharded_evaluation_equals_one_device(mesh_run):
   workdir, _ = mesh_run
   sharded = results_figures(workdir)
