@@ -16,8 +16,9 @@ and against the single-network family, same recipe and epochs:
 Measured on a 2-core AMD EPYC (AVX2), cifar10-dev (45,000 training JPEGs,
 5,000 test): 33 minutes for CoE (about 600-1,000 images/s), 14 for the 1x
 single network. Test top-1 75.54% and 74.36% (seeds 0, 1) at 1.75M and
-1.68M mean multiply-adds; the single network of CoE's mean cost 75.38%
-(seed 0). docs/results.md has the whole comparison.
+1.68M mean multiply-adds; the single network of CoE's mean cost (the
+expert at width 1.09) 74.56% and 74.10%. docs/results.md has the whole
+comparison.
 
 The recipe (docs/method.md, section 4): one warm-up and cosine over the
 whole run (`train.schedule=continuous`), as the single networks train;

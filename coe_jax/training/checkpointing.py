@@ -226,8 +226,8 @@ def _ignore_abandoned_reads() -> None:
   two channels, both after the restore may have returned, hence filters that
   stay: "RuntimeError: Event loop is closed" through `sys.unraisablehook`
   (about a hundred for one skipped checkpoint), and, when a failed read's task
-  is garbage-collected, asyncio's "Task exception was never retrieved" log
-  record. Other reports pass on.
+  is garbage-collected, asyncio's "Task (or Future) exception was never
+  retrieved" log record. Other reports pass on.
   """
   asyncio_logger = std_logging.getLogger("asyncio")
   if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_logger.filters):
@@ -249,8 +249,14 @@ class _AbandonedReadFilter(std_logging.Filter):
   """Drops asyncio's reports of orbax reads whose failure nobody awaited."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if not (record.exc_info and str(record.msg).startswith("Task exception was never retrieved")):
+    message = str(record.msg)
+    if not (record.exc_info and message.startswith(
+        ("Task exception was never retrieved", "Future exception was never retrieved"))):
       return True
+    # tensorstore's own read futures fail in C++: no orbax frame, but their
+    # errors carry the read's tensorstore spec.
+    if message.startswith("Future") and "tensorstore_spec" in str(record.exc_info[1]):
+      return False
     tb = record.exc_info[2]
     while tb is not None:
       if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("orbax."):
