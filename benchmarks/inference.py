@@ -81,7 +81,6 @@ import functools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -526,15 +525,12 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    if _BACKEND.value == "litert":
-      report = run_litert(load_config(_CONFIG.value), _THRESHOLD.value, _WORKDIR.value,
-                          _STEPS.value, _ROUNDS.value, _THREADS.value)
-    else:
-      report = run(load_config(_CONFIG.value), _BATCH_SIZE.value, _THRESHOLD.value, _WORKDIR.value,
-                   _STEPS.value, _ROUNDS.value)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  if _BACKEND.value == "litert":
+    report = run_litert(load_config(_CONFIG.value), _THRESHOLD.value, _WORKDIR.value, _STEPS.value,
+                        _ROUNDS.value, _THREADS.value)
+  else:
+    report = run(load_config(_CONFIG.value), _BATCH_SIZE.value, _THRESHOLD.value, _WORKDIR.value,
+                 _STEPS.value, _ROUNDS.value)
   report["config"] = _CONFIG.value
   with open(_JSON.value, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

@@ -38,7 +38,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import re
-import sys
 import tempfile
 import time
 from typing import Any
@@ -164,21 +163,16 @@ def transport_at_scale(batch: int = 4096, num_experts: int = 32) -> dict[str, An
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  meshes = [_mesh(m) for m in _MESHES.value.split(",")]
   try:
-    meshes = [_mesh(m) for m in _MESHES.value.split(",")]
     counts = [int(n) for n in _NUM_EXPERTS.value.split(",")]
-  except CoEError as e:  # A ValueError too: caught first.
-    sys.exit(f"error: {e}")
   except ValueError:
-    sys.exit(f"error: --num-experts={_NUM_EXPERTS.value!r}: expected integers, e.g. 4,8")
+    raise CoEError(f"--num-experts={_NUM_EXPERTS.value!r}: expected integers, e.g. 4,8") from None
   rows = []
   for n in counts:
     for data, expert in meshes:
-      try:
-        row = measure(_CONFIG.value, n, data, expert, _BATCH_SIZE.value, _EXPERT_LOOP.value,
-                      _STEPS.value)
-      except CoEError as e:
-        sys.exit(f"error: {e}")
+      row = measure(_CONFIG.value, n, data, expert, _BATCH_SIZE.value, _EXPERT_LOOP.value,
+                    _STEPS.value)
       rows.append(row)
       print(
           f"N={n} mesh {data}x{expert}: {row['gflops_per_device']:.3f} GFLOP/device, "

@@ -32,7 +32,6 @@ cost (gradients for activations and for weights).
 
 import json
 import platform
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -46,7 +45,6 @@ from absl import app, flags
 from benchmarks.peak import measured_peak
 from coe_jax import data, flops
 from coe_jax.config_loading import load_config, run_command
-from coe_jax.errors import CoEError
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
 from coe_jax.objective import lgm, vcm, wgm
@@ -206,19 +204,16 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = load_config(_CONFIG.value)
-    with tempfile.TemporaryDirectory() as data_dir:
-      input_config = None
-      if _INPUT.value == "fake_tfds":
-        input_config = fake_tfds_config(config, data_dir, examples=2 * _BATCH_SIZE.value)
-      report = {
-          "config": _CONFIG.value,
-          "input": _INPUT.value,
-          **run(config, _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value, input_config)
-      }
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  config = load_config(_CONFIG.value)
+  with tempfile.TemporaryDirectory() as data_dir:
+    input_config = None
+    if _INPUT.value == "fake_tfds":
+      input_config = fake_tfds_config(config, data_dir, examples=2 * _BATCH_SIZE.value)
+    report = {
+        "config": _CONFIG.value,
+        "input": _INPUT.value,
+        **run(config, _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value, input_config)
+    }
   print(json.dumps(report))
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:

@@ -36,7 +36,10 @@ Variants:
   mean of their probabilities, at N x expert FLOPs.
 
 CoE variants report top-1 at the tau the trainer calibrates (`eval.*` as
-configured), their mean FLOPs and early-exit rate. `WORKDIR/ablation.json`
+configured), their mean FLOPs and early-exit rate. Where the runs evaluate at 2/3 of
+their steps (`--config.train.eval_every_steps` a third of `num_steps`), the table adds
+each variant's top-1 gain over the last third of training (`last_third_gain`): the
+check that capacity, not training, limits the networks. `WORKDIR/ablation.json`
 holds every run's figures and the ratio; a run's `seconds` are those of the
 process that finished it, so a resumed run shows only its last leg.
 """
@@ -195,6 +198,27 @@ def ensemble_top1(trainer: train.Trainer, state: TrainState) -> float:
   return correct / total
 
 
+def last_third_gain(variant: str, workdir: str, top1: float, num_steps: int) -> Optional[float]:
+  """The top-1 a run gained over the last third of its training: `top1` (its final
+  figure) less the periodic evaluation nearest 2/3 of its steps.
+
+  The protocol's regime check: a network that still gains much there is limited
+  by its training, not its capacity (under a cosine schedule part of that gain
+  is the rate annealing). Needs `train.eval_every_steps` to evaluate within 0.02
+  of 2/3 of the steps (a third of them, e.g. 6333 of 19000); None otherwise, and
+  for the ensemble, which the periodic evaluation does not score.
+  """
+  if variant == "ensemble":
+    return None
+  # A network trained alone is its only expert: its answer is top-1 without the exit.
+  key = "eval/top1_no_early_exit" if flops_factor(variant) is not None else "eval/top1"
+  evaluations = [(line["step"], line[key]) for line in run_dir.read_metrics(workdir) if key in line]
+  near = [(abs(step / num_steps - 2 / 3), top1_then)
+          for step, top1_then in evaluations
+          if abs(step / num_steps - 2 / 3) <= 0.02]
+  return top1 - min(near)[1] if near else None
+
+
 def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) one variant's run and returns its row figures.
 
@@ -211,7 +235,11 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
                    "use a new --workdir")
   run_file = epath.Path(workdir) / run_dir.ABLATION_RUN
   if run_file.exists():
-    return run_dir.read_json(str(run_file))
+    row = run_dir.read_json(str(run_file))
+    if "last_third_gain" not in row:  # A run finished before ablate reported it.
+      row["last_third_gain"] = last_third_gain(variant, workdir, row["top1"],
+                                               config.train.num_steps)
+    return row
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   started = time.time()
   trainer = train.Trainer(config, workdir)
@@ -232,7 +260,9 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
                top1_no_early_exit=None)
   else:
     row = {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
-  row.update(expert_flops=results["expert_flops"], seconds=time.time() - started)
+  row.update(expert_flops=results["expert_flops"],
+             seconds=time.time() - started,
+             last_third_gain=last_third_gain(variant, workdir, row["top1"], config.train.num_steps))
   run_dir.write_json(str(run_file), row)
   return row
 
@@ -258,6 +288,14 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
       "| variant | what | top-1 (%) | per seed (%) | top-1, no early exit (%) | "
       "mean FLOPs (M) | early exits (%) |", "|---|---|---|---|---|---|---|"
   ]
+  regime = any(r.get("last_third_gain") is not None for row in rows for r in row["runs"])
+  if regime:
+    lines[-2] += " last third (pts) |"
+    lines[-1] += "---|"
+    lines.insert(
+        -2, "`last third`: top-1 gained over the last third of training (the "
+        "regime check; under 0.5 points where capacity, not training, limits).")
+    lines.insert(-2, "")
   for row in rows:
     runs = row["runs"]
     per_seed = ", ".join(f"{100 * r['top1']:.2f}" for r in runs)
@@ -267,7 +305,7 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
     mean_flops = _mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
     lines.append(f"| {row['name']} | {describe(row['name'])} | "
                  f"{_mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | "
-                 f"{mean_flops} | {exits} |")
+                 f"{mean_flops} | {exits} |" + (f" {_last_third(runs)} |" if regime else ""))
   if sizings:
     lines.append("")
   for variant, sizing in sizings.items():
@@ -284,6 +322,11 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
          "not reached within the family (CoE's top-1 lies outside its range)")
     ]
   return "\n".join(lines) + "\n"
+
+
+def _last_third(runs: Sequence[dict[str, Any]]) -> str:
+  gains = [r.get("last_third_gain") for r in runs]
+  return "—" if None in gains else _mean_sd(gains)
 
 
 def _is_family(variant: str) -> bool:

@@ -21,7 +21,6 @@ modules are built from, layer by layer:
 import dataclasses
 import json
 import math
-import sys
 from typing import Any, Optional
 
 import ml_collections
@@ -173,10 +172,7 @@ def peak_flops_per_device(device_kind: str, compute_dtype: str) -> Optional[floa
 
 def main(argv):
   del argv
-  try:
-    print(json.dumps(count(flag_config(_CONFIG))))
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  print(json.dumps(count(flag_config(_CONFIG))))
 
 
 if __name__ == "__main__":

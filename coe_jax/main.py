@@ -87,21 +87,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  try:  # Before the slow imports below.
-    config = flag_config(_CONFIG)
-    processes = distributed.resolve(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  # Bad flags fail here, before the slow imports below (`run_command` reports them).
+  config = flag_config(_CONFIG)
+  processes = distributed.resolve(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top
   distributed.initialize(processes)
   from coe_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from coe_jax.training import train  # pylint: disable=g-import-not-at-top
-  try:
-    check_platform(_PLATFORM.value)
-    results = train.train_and_evaluate(config, _WORKDIR.value)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  check_platform(_PLATFORM.value)
+  results = train.train_and_evaluate(config, _WORKDIR.value)
   if results is None:  # Stopped by SIGTERM, with a checkpoint.
     sys.exit(128 + signal.SIGTERM)
   if jax.process_index() == 0:

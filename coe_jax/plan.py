@@ -31,7 +31,6 @@ import copy
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any, Iterator, Optional
@@ -41,7 +40,7 @@ from ml_collections import config_flags
 
 from coe_jax.config_loading import flag_config, run_command
 from coe_jax.data import DataInfo
-from coe_jax.errors import CoEError, require
+from coe_jax.errors import require
 from coe_jax.models import stacked
 
 _CONFIG = config_flags.DEFINE_config_file("config",
@@ -333,18 +332,12 @@ def use_cpu_devices(count: int) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = flag_config(_CONFIG)
-    data, expert = parse_mesh(_MESH.value)
-    chip, hbm_gib = chip_memory(_CHIP.value, _HBM_GIB.value)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  config = flag_config(_CONFIG)
+  data, expert = parse_mesh(_MESH.value)
+  chip, hbm_gib = chip_memory(_CHIP.value, _HBM_GIB.value)
   # One fake CPU device per chip of the mesh, before jax starts its backend.
   use_cpu_devices(data * expert)
-  try:
-    result = plan(config, data, expert, hbm_gib, chip)
-  except CoEError as e:
-    sys.exit(f"error: {e}")
+  result = plan(config, data, expert, hbm_gib, chip)
   print(json.dumps(result))
   print(format_plan(result), flush=True)
   if _JSON.value:

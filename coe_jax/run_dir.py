@@ -82,3 +82,17 @@ def write_json(path: str, payload: Any) -> None:
 
 def read_json(path: str) -> Any:
   return json.loads(epath.Path(path).read_text())
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """A run's METRICS lines as dicts, in step order; a line cut short by a kill is skipped."""
+  path = epath.Path(workdir) / METRICS
+  if not path.exists():
+    return []
+  lines = []
+  for line in path.read_text().splitlines():
+    try:
+      lines.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return lines

@@ -26,10 +26,15 @@ from tests.tiny import REPO, config_path
 # LGM or VCM only switch config keys (checked below) and each compiles its own
 # training step, so the command runs the three whose figures differ in kind.
 VARIANTS = ("coe", "single", "ensemble")
-OVERRIDES = (f"--variants={','.join(VARIANTS)}", "--config.num_experts=2",
-             "--config.train.num_steps=4", "--config.train.warmup_steps=1",
-             "--config.train.batch_size=32", "--config.train.log_every_steps=2",
-             "--config.eval.threshold=1.0")
+OVERRIDES = (
+    f"--variants={','.join(VARIANTS)}",
+    "--config.num_experts=2",
+    "--config.train.num_steps=6",
+    "--config.train.warmup_steps=1",
+    "--config.train.batch_size=32",
+    "--config.train.log_every_steps=2",
+    "--config.train.eval_every_steps=4",  # At 2/3: the regime check.
+    "--config.eval.threshold=1.0")
 
 
 def _ablate(workdir: str) -> subprocess.CompletedProcess:
@@ -79,7 +84,7 @@ def test_table_plot_and_progress(ablation):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   for i, variant in enumerate(VARIANTS):
     assert f"[{i + 1}/3] {variant}, seed 0:" in stdout
-  assert "--config.train.num_steps=4" in table  # The command that made it.
+  assert "--config.train.num_steps=6" in table  # The command that made it.
   report = _read(workdir, run_dir.ABLATION)
   assert [row["name"] for row in report["rows"]] == list(VARIANTS)
   assert report["rows"][0]["runs"][0] == _read(workdir, "coe", "seed0", run_dir.ABLATION_RUN)
@@ -109,7 +114,46 @@ def test_rows_carry_each_runs_figures(ablation):
   assert run["single"]["top1"] == results["single"]["expert_top1"][0]
   assert run["single"]["mean_flops"] == pytest.approx(run["coe"]["mean_flops"], rel=0.15)
   assert rows["single"][6] == rows["ensemble"][6] == "—"
+  # The regime check: the final top-1 less the evaluation at 2/3 of the steps
+  # (step 4 of 6): CoE's answer, the single network's own (no exit).
+  then = {
+      v:
+          next(line
+               for line in run_dir.read_metrics(os.path.join(workdir, v, "seed0"))
+               if line["step"] == 4 and "eval/top1" in line) for v in ("coe", "single")
+  }
+  assert run["coe"]["last_third_gain"] == pytest.approx(run["coe"]["top1"] -
+                                                        then["coe"]["eval/top1"])
+  assert run["single"]["last_third_gain"] == pytest.approx(
+      run["single"]["top1"] - then["single"]["eval/top1_no_early_exit"])
+  assert run["ensemble"]["last_third_gain"] is None and rows["ensemble"][7] == "—"
+  assert rows["coe"][7] == f"{100 * run['coe']['last_third_gain']:.2f}"
   assert all(0 <= run[v]["top1"] <= 1 for v in VARIANTS)
+
+
+def test_the_regime_check_reads_the_evaluation_nearest_two_thirds(tmp_path):
+  lines = [{
+      "step": 100,
+      "loss": 2.0
+  }, {
+      "step": 300,
+      "eval/top1": 0.5
+  }, {
+      "step": 600,
+      "eval/top1": 0.6,
+      "eval/top1_no_early_exit": 0.62
+  }, {
+      "step": 900,
+      "eval/top1": 0.65
+  }]
+  (tmp_path / run_dir.METRICS).write_text("".join(json.dumps(line) + "\n" for line in lines) +
+                                          '{"step": 9')  # A line cut short by a kill.
+  assert ablate.last_third_gain("coe", str(tmp_path), 0.7, 900) == pytest.approx(0.1)
+  assert ablate.last_third_gain("single", str(tmp_path), 0.7, 900) == pytest.approx(0.08)
+  assert ablate.last_third_gain("ensemble", str(tmp_path), 0.7, 900) is None
+  # No evaluation within 0.02 of 2/3 of the steps (600 of 1000 is 0.6).
+  assert ablate.last_third_gain("coe", str(tmp_path), 0.7, 1000) is None
+  assert ablate.last_third_gain("coe", str(tmp_path / "missing"), 0.7, 900) is None
 
 
 def _config_of(workdir: str, variant: str) -> ml_collections.ConfigDict:
