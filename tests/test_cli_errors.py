@@ -174,3 +174,14 @@ def test_ablate_with_an_unknown_config_key(tmp_path):
                  "--config.train.num_step=5"))
   assert "--config.train.num_step: the config has no such key" in line
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("benchmarks.scale", ("--num-experts=4,a",), "--num-experts='4,a': expected integers"),
+    ("benchmarks.scale", ("--meshes=8",), "--meshes='8': expected DATAxEXPERT"),
+    ("benchmarks.train_step",
+     ("--config=no_such_config.py",), "config='no_such_config.py': no such file"),
+])
+def test_benchmarks_report_bad_flags_in_one_line(module, args, fragment):
+  """The benchmarks' errors reach `run_command`'s one line too."""
+  assert fragment in error_line(run_module(module, *args))
