@@ -219,6 +219,22 @@ def last_third_gain(variant: str, workdir: str, top1: float, num_steps: int) -> 
   return top1 - min(near)[1] if near else None
 
 
+def results_row(variant: str, results: dict[str, Any]) -> dict[str, Any]:
+  """One run's figures in the table, from its results.json (not for `ensemble`, whose
+  averaged answer is not in it).
+
+  A sized variant is the network alone, its own answer: the delegator it
+  trained beside (the objective's, with one expert) is no part of it. A CoE
+  variant answers at its calibrated tau.
+  """
+  if flops_factor(variant) is not None:
+    return dict(top1=results["expert_top1"][0],
+                mean_flops=results["expert_flops"],
+                early_exit_rate=None,
+                top1_no_early_exit=None)
+  return {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
+
+
 def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) one variant's run and returns its row figures.
 
@@ -248,18 +264,13 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
     raise CoEError(f"workdir={workdir!r}: training stopped early; run the same command again "
                    "to resume")
   results = evaluation_run.evaluate(trainer, state)
-  if flops_factor(variant) is not None:
-    row = dict(top1=results["expert_top1"][0],
-               mean_flops=results["expert_flops"],
-               early_exit_rate=None,
-               top1_no_early_exit=None)
-  elif variant == "ensemble":
+  if variant == "ensemble":
     row = dict(top1=ensemble_top1(trainer, state),
                mean_flops=config.num_experts * results["expert_flops"],
                early_exit_rate=None,
                top1_no_early_exit=None)
   else:
-    row = {k: results[k] for k in ("top1", "mean_flops", "early_exit_rate", "top1_no_early_exit")}
+    row = results_row(variant, results)
   row.update(expert_flops=results["expert_flops"],
              seconds=time.time() - started,
              last_third_gain=last_third_gain(variant, workdir, row["top1"], config.train.num_steps))
@@ -267,7 +278,8 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
   return row
 
 
-def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+def mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+  """A table cell: "mean ± sample sd" of the scaled values, the value alone for one."""
   values = [scale * v for v in values]
   mean = sum(values) / len(values)
   if len(values) == 1:
@@ -300,11 +312,11 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
     runs = row["runs"]
     per_seed = ", ".join(f"{100 * r['top1']:.2f}" for r in runs)
     coe = runs[0]["early_exit_rate"] is not None
-    no_exit = _mean_sd([r["top1_no_early_exit"] for r in runs]) if coe else "—"
-    exits = _mean_sd([r["early_exit_rate"] for r in runs], digits=1) if coe else "—"
-    mean_flops = _mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
+    no_exit = mean_sd([r["top1_no_early_exit"] for r in runs]) if coe else "—"
+    exits = mean_sd([r["early_exit_rate"] for r in runs], digits=1) if coe else "—"
+    mean_flops = mean_sd([r["mean_flops"] for r in runs], scale=1e-6, digits=3)
     lines.append(f"| {row['name']} | {describe(row['name'])} | "
-                 f"{_mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | "
+                 f"{mean_sd([r['top1'] for r in runs])} | {per_seed} | {no_exit} | "
                  f"{mean_flops} | {exits} |" + (f" {_last_third(runs)} |" if regime else ""))
   if sizings:
     lines.append("")
@@ -326,7 +338,7 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
 
 def _last_third(runs: Sequence[dict[str, Any]]) -> str:
   gains = [r.get("last_third_gain") for r in runs]
-  return "—" if None in gains else _mean_sd(gains)
+  return "—" if None in gains else mean_sd(gains)
 
 
 def _is_family(variant: str) -> bool:
