@@ -27,9 +27,13 @@ PROTOCOLS = {
         "num_steps": 9500,
         "eval_every_steps": 0
     },
+    "cifar10_120epochs": {
+        "num_steps": 38000,
+        "eval_every_steps": 12666
+    },
 }
 TABLES = [("README.md", "cifar10"), ("docs/results.md", "cifar10"),
-          ("docs/results.md", "cifar10_30epochs")]
+          ("docs/results.md", "cifar10_30epochs"), ("docs/results.md", "cifar10_120epochs")]
 
 
 def _table(doc: str, name: str) -> dict[str, dict[str, str]]:
