@@ -2,6 +2,7 @@
 
 Each table between `<!-- NAME-table -->` and `<!-- /NAME-table -->` reports
 the committed runs of `results/NAME/<variant>_seed<k>/`: every figure in it
+but `last third` (from evaluations during training, which are not committed)
 is recomputed here from their results.json, and every run's config.json is
 the one `coe_jax.ablate` would build today from configs/cifar10.py. A rerun
 that changes the weights, or a recipe change that is not rerun, fails here
@@ -50,8 +51,8 @@ def _table(doc: str, name: str) -> dict[str, dict[str, str]]:
   return {row[0].replace("*", "").split(" ")[0]: dict(zip(header, row)) for row in rows}
 
 
-def _runs(name: str) -> dict[str, list[tuple[dict, dict]]]:
-  """results/NAME's committed runs: (results.json, config.json) by variant, in seed order."""
+def _runs(name: str) -> dict[str, list[tuple[int, dict, dict]]]:
+  """results/NAME's committed runs: (seed, results.json, config.json) by variant, in seed order."""
   runs = {}
   for folder in sorted(glob.glob(os.path.join(REPO, "results", name, "*_seed*"))):
     variant, seed = re.fullmatch(r"(.+)_seed(\d+)", os.path.basename(folder)).groups()
@@ -60,7 +61,7 @@ def _runs(name: str) -> dict[str, list[tuple[dict, dict]]]:
     with open(os.path.join(folder, "config.json")) as f:
       config = json.load(f)
     runs.setdefault(variant, []).append((int(seed), results, config))
-  return {v: [(r, c) for _, r, c in sorted(seeds, key=lambda s: s[0])] for v, seeds in runs.items()}
+  return {v: sorted(seeds, key=lambda s: s[0]) for v, seeds in runs.items()}
 
 
 def _per_seed(values, fmt: str) -> str:
@@ -74,7 +75,7 @@ def test_each_table_reports_the_committed_runs(doc, name):
   table, runs = _table(doc, name), _runs(name)
   assert set(table) == set(runs), (doc, name, sorted(table), sorted(runs))
   for variant, seeds in runs.items():
-    rows = [ablate.results_row(variant, results) for results, _ in seeds]
+    rows = [ablate.results_row(variant, results) for _, results, _ in seeds]
     cells, top1 = table[variant], [r["top1"] for r in rows]
     where = f"{doc}, {name}, {variant}"
     assert cells["top-1 (%)"].replace("*", "") == ablate.mean_sd(top1), where
@@ -83,15 +84,15 @@ def test_each_table_reports_the_committed_runs(doc, name):
     exits = [r["early_exit_rate"] for r in rows]
     expected = "—" if exits[0] is None else ", ".join(f"{100 * e:.1f}" for e in exits)
     assert cells["early exits (%)"] == expected, where
-    config = seeds[0][1]
+    config = seeds[0][2]
     if ablate.flops_factor(variant) is None:
       assert cells["width x"] == (f"{config['num_experts']} experts of "
-                                  f"{seeds[0][0]['expert_flops'] / 1e6:.2f}M"), where
+                                  f"{seeds[0][1]['expert_flops'] / 1e6:.2f}M"), where
     else:
       assert cells["width x"] == f"{config['expert']['width_multiplier']:g}", where
     if "30 epochs (%)" in cells:  # The 60-epoch table's column from the 30-epoch runs.
       earlier = [
-          ablate.results_row(variant, r)["top1"] for r, _ in _runs("cifar10_30epochs")[variant]
+          ablate.results_row(variant, r)["top1"] for _, r, _ in _runs("cifar10_30epochs")[variant]
       ]
       assert cells["30 epochs (%)"] == f"{100 * sum(earlier) / len(earlier):.2f}", where
 
@@ -103,12 +104,12 @@ def test_each_committed_run_is_the_recipe_ablate_builds_from_configs_cifar10(nam
   recipe.data.name, recipe.data.path = "image_folder", "DATA"
   recipe.train.update(PROTOCOLS[name])
   runs = _runs(name)
-  coe_mean_flops = sum(r["mean_flops"] for r, _ in runs["coe"]) / len(runs["coe"])
+  coe_mean_flops = sum(r["mean_flops"] for _, r, _ in runs["coe"]) / len(runs["coe"])
   for variant, seeds in runs.items():
     sizing = None
     if ablate.flops_factor(variant) is not None:
       sizing = ablate.variant_sizing(recipe, variant, 10, coe_mean_flops)
-    for seed, (_, saved) in enumerate(seeds):
+    for seed, _, saved in seeds:
       expected = json.loads(ablate.variant_config(recipe, variant, seed, sizing).to_json())
       saved = config_base.upgrade(saved)
       saved["data"]["path"] = "DATA"  # Where the images were on the machine that trained.
