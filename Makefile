@@ -1,5 +1,7 @@
 # The two commands a user types on a fresh clone: `make demo` and `make test`.
-PYTHON ?= python3
+# The Python the venv is made from; by default the first recent enough one
+# (launch/python.sh, which has uv install one where the machine has none).
+PYTHON ?=
 VENV ?= .venv
 WORKDIR ?= runs/demo
 CONFIG ?= configs/digits.py
@@ -14,7 +16,7 @@ venv: $(STAMP)
 # keeps the checkout importable. constraints.txt pins every package to the
 # version the suite passed with.
 $(STAMP): setup.py pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
+	python="$$(launch/python.sh $(PYTHON))" && "$$python" -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,serve]' -c constraints.txt
 	touch $(STAMP)
@@ -46,15 +48,22 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.inference --config=$(CONFIG) --json=$(WORKDIR)/bench_inference.json
 
-# The newest versions setup.py allows, frozen into constraints.txt: run
-# `make test` on them before committing the file.
+# The newest versions setup.py allows, frozen into constraints.txt (and the GPU
+# extra's CUDA wheels into constraints-cuda.txt): run `make test` on them
+# before committing the files.
 constraints:
 	rm -rf .venv-latest
-	$(PYTHON) -m venv .venv-latest
+	python="$$(launch/python.sh $(PYTHON))" && "$$python" -m venv .venv-latest
 	.venv-latest/bin/pip install --quiet -e '.[test,serve]'
 	(head -2 constraints.txt; .venv-latest/bin/pip freeze --exclude-editable) > constraints.new
 	mv constraints.new constraints.txt
-	rm -rf .venv-latest
+	# The GPU extra's CUDA wheels at the new jax, resolved without downloading them.
+	.venv-latest/bin/pip install --dry-run --ignore-installed --quiet --report .cuda-report.json \
+	    "jax[cuda12]==$$(.venv-latest/bin/python -c 'import jax; print(jax.__version__)')" \
+	    -c constraints.txt
+	.venv-latest/bin/python launch/cuda_constraints.py .cuda-report.json constraints.txt \
+	    > constraints-cuda.txt
+	rm -rf .venv-latest .cuda-report.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,9 @@ setup(
     description="Collaboration of Experts (delegator + N experts with early exit) in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # jax and numpy at the pinned versions (constraints.txt) need 3.11;
+    # launch/python.sh gets one where a machine has only an older Python.
+    python_requires=">=3.11",
     # benchmarks/ runs from the checkout (`python -m benchmarks.NAME`); it is not installed.
     packages=find_packages(include=["coe_jax", "coe_jax.*"]),
     install_requires=[
@@ -20,7 +22,9 @@ setup(
         "tensorboard>=2.21.0",  # clu's metric writers import it.
         "ml-collections>=1.1.0",
         "tensorflow-datasets>=4.9.10",
-        "tensorflow-cpu>=2.21.0",
+        # TFDS data, TensorBoard summaries, LiteRT export. No wheel on aarch64
+        # (GH200/GB200 nodes): training runs without it there (docs/gpu.md).
+        "tensorflow-cpu>=2.21.0; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
         "ott-jax>=0.6.0",
         "scikit-learn>=1.9.1",
         "matplotlib>=3.11.2",
@@ -36,5 +40,7 @@ setup(
         # NVIDIA GPUs (launch/gpu.sh). jax pins its CUDA plugin to its own
         # version, so `-c constraints.txt` fixes both.
         "cuda": ["jax[cuda12]>=0.10.2"],
+        # Cloud TPU VMs (launch/tpu_pod.sh, through launch/install.sh).
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

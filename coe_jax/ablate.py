@@ -63,7 +63,7 @@ from ml_collections import config_flags
 
 from coe_jax import config_base, data, flops, run_dir
 from coe_jax.config_loading import flag_config, run_command
-from coe_jax.errors import CoEError
+from coe_jax.errors import CoEError, require
 from coe_jax.evaluation import plots
 from coe_jax.evaluation import run as evaluation_run
 from coe_jax.parallel import expert_parallel
@@ -349,12 +349,15 @@ def _mean(values: Sequence[float]) -> float:
   return sum(values) / len(values)
 
 
-def parse_variants(entries: Sequence[str], seeds: int) -> dict[str, int]:
+def parse_variants(entries: Sequence[str],
+                   seeds: int,
+                   reference_flops: Optional[float] = None) -> dict[str, int]:
   """`name` or `name:k` entries -> {variant: seeds}, in the order VARIANTS lists them.
 
   `name:k` runs k seeds of that variant, `name` `seeds` of them: e.g. two seeds
   of `coe` and `single` and one of the rest of the family. The sized variants
-  need full CoE's mean FLOPs, so `coe` runs with them (`seeds` of it unless given).
+  need full CoE's mean FLOPs, so `coe` runs with them (`seeds` of it unless given),
+  unless `reference_flops` gives the cost they are sized to.
   """
   if not isinstance(seeds, int) or seeds < 1:
     raise CoEError(f"seeds={seeds!r}: expected a positive integer")
@@ -371,7 +374,7 @@ def parse_variants(entries: Sequence[str], seeds: int) -> dict[str, int]:
       raise CoEError(f"variants={','.join(entries)!r}: expected some of {', '.join(VARIANTS)} "
                      "or single_<f>x, each with an optional :SEEDS") from None
     wanted[name] = int(count) if sep else seeds
-  if any(flops_factor(v) is not None for v in wanted):
+  if reference_flops is None and any(flops_factor(v) is not None for v in wanted):
     wanted.setdefault("coe", seeds)
   order = [v for v in VARIANTS if v in wanted] + [v for v in wanted if v not in VARIANTS]
   return {v: wanted[v] for v in order}
@@ -381,13 +384,19 @@ def run_ablation(config: ml_collections.ConfigDict,
                  workdir: str,
                  seeds: int,
                  variants: Sequence[str] = VARIANTS,
-                 command: str = "") -> str:
+                 command: str = "",
+                 reference_flops: Optional[float] = None) -> str:
   """Runs the variants over their seeds and writes the table, JSON and plot; returns the table.
 
   `variants` entries are names or `name:seeds` (`parse_variants`). The sized
-  variants are sized to the mean FLOPs of every `coe` seed run.
+  variants are sized to the mean FLOPs of every `coe` seed run, or to
+  `reference_flops` when given (a regime probe of the single networks alone,
+  before any CoE run).
   """
-  plan = parse_variants(list(variants), seeds)
+  if reference_flops is not None:
+    require(reference_flops > 0, "reference_flops", reference_flops,
+            "expected a positive number of multiply-adds")
+  plan = parse_variants(list(variants), seeds, reference_flops)
   jobs, done = sum(plan.values()), 0
   rows, sizings = [], {}
   num_classes = None
@@ -395,8 +404,8 @@ def run_ablation(config: ml_collections.ConfigDict,
     sizing = None
     if flops_factor(variant) is not None:
       num_classes = num_classes or data.get_info(config).num_classes
-      coe_mean_flops = _mean([r["mean_flops"] for r in rows[0]["runs"]])
-      sizing = sizings[variant] = variant_sizing(config, variant, num_classes, coe_mean_flops)
+      reference = reference_flops or _mean([r["mean_flops"] for r in rows[0]["runs"]])
+      sizing = sizings[variant] = variant_sizing(config, variant, num_classes, reference)
     runs = []
     for s in range(variant_seeds):
       done += 1
@@ -455,7 +464,8 @@ def main(argv):
   config = flag_config(_CONFIG)
   train.use_compilation_cache(config, _WORKDIR.value)
   command = " ".join(["python -m coe_jax.ablate", *sys.argv[1:]])
-  table = run_ablation(config, _WORKDIR.value, _SEEDS.value, _VARIANTS.value, command)
+  table = run_ablation(config, _WORKDIR.value, _SEEDS.value, _VARIANTS.value, command,
+                       _REFERENCE_FLOPS.value)
   print("\n" + table, flush=True)
   print(
       f"table: {_WORKDIR.value}/{run_dir.ABLATION_TABLE}\n"
@@ -474,5 +484,8 @@ if __name__ == "__main__":
   _VARIANTS = flags.DEFINE_list(
       "variants", list(VARIANTS), "Variants to run, each NAME or NAME:SEEDS (coe runs too when "
       "a sized variant does).")
+  _REFERENCE_FLOPS = flags.DEFINE_float(
+      "reference_flops", None, "Size the single_<f>x and condconv variants to f times this "
+      "many multiply-adds instead of the coe runs' mean (coe need not run).")
   flags.mark_flags_as_required(["config", "workdir"])
   run_command(main)

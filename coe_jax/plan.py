@@ -1,7 +1,14 @@
 r"""Plans a run before renting the chips: per-device FLOPs, memory and collectives.
 
+    python -m coe_jax.plan --config=configs/imagenet_coe_194m.py --accelerator=v4-64 \
+        [--json=FILE] [--config.train.remat=block ...]
     python -m coe_jax.plan --config=configs/imagenet_coe_194m.py --mesh=16x4 --chip=v4 \
-        [--hbm-gib=32] [--json=FILE] [--config.num_experts=32 ...]
+        [--hbm-gib=32] [--mem_fraction=0.9] [--json=FILE] [--config.num_experts=32 ...]
+
+`--accelerator` takes a Cloud TPU type as `launch/tpu_pod.sh` does (v4-64 is
+32 chips: v4 and v5p names count TensorCores, two a chip; v5e and v6e names
+count chips) and lays the config's mesh (`mesh.data`, `mesh.expert`) over its
+chips, as the run will; `--mesh` and `--chip` name them instead.
 
 Compiles the co-adaptation step and the evaluation programs for a data x
 expert mesh of fake CPU devices (one per chip of the mesh; no accelerator is
@@ -28,6 +35,7 @@ unknown chip) is reported in one line with exit status 1.
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -47,23 +55,44 @@ _CONFIG = config_flags.DEFINE_config_file("config",
                                           None,
                                           "Path to a config file.",
                                           lock_config=True)
+_ACCELERATOR = flags.DEFINE_string(
+    "accelerator", None, "A Cloud TPU type (v4-64, v5litepod-16, v5p-128, v6e-64): its chips "
+    "and the config's mesh over them, instead of --mesh and --chip.")
 _MESH = flags.DEFINE_string("mesh", None, "DATAxEXPERT, e.g. 16x4 for 64 chips.")
 _CHIP = flags.DEFINE_string("chip", None, "The chip: one of CHIPS (its memory); or --hbm-gib.")
 _HBM_GIB = flags.DEFINE_float("hbm-gib", None, "Memory of one chip, GiB (instead of --chip's).")
+_MEM_FRACTION = flags.DEFINE_float(
+    "mem_fraction", None, "The share of a chip's memory the run may use; on GPUs JAX takes "
+    "0.75 by default (launch/gpu.sh --mem-fraction sets XLA_CLIENT_MEM_FRACTION), on TPUs all.")
 _JSON = flags.DEFINE_string("json", "", "Also write the plan to this JSON file.")
-flags.mark_flags_as_required(["config", "mesh"])
+flags.mark_flags_as_required(["config"])
 
 GIB = 2**30
-# --chip -> (device kind, as jax names it, for flops.PEAK_FLOPS; memory of one chip, GiB).
+GB = 1e9
+# JAX's default XLA_CLIENT_MEM_FRACTION: the share of a GPU's memory it allocates.
+GPU_MEM_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  kind: str  # The device kind, as jax names it (flops.PEAK_FLOPS).
+  gib: float  # Memory of one chip, GiB (vendors give most in GB: 16 GB is 14.9 GiB).
+  platform: str  # "tpu" or "gpu".
+  cores_per_chip: int = 1  # TensorCores a Cloud TPU type's name counts for one chip.
+
+
+# --chip -> its facts.
 CHIPS = {
-    "v4": ("TPU v4", 32.0),
-    "v5e": ("TPU v5 lite", 16.0),
-    "v5p": ("TPU v5", 95.0),
-    "v6e": ("TPU v6 lite", 32.0),
-    "a100": ("A100", 80.0),  # The 80 GB part; --hbm-gib=40 for the other.
-    "h100": ("H100", 80.0),
-    "h200": ("H200", 141.0),
+    "v4": Chip("TPU v4", 32.0, "tpu", cores_per_chip=2),  # 32 GiB HBM2
+    "v5e": Chip("TPU v5 lite", 16 * GB / GIB, "tpu"),
+    "v5p": Chip("TPU v5", 95 * GB / GIB, "tpu", cores_per_chip=2),
+    "v6e": Chip("TPU v6 lite", 32 * GB / GIB, "tpu"),
+    "a100": Chip("A100", 81920 / 1024, "gpu"),  # The 80 GB part; --hbm-gib=40 for the other.
+    "h100": Chip("H100", 81559 / 1024, "gpu"),  # nvidia-smi's MiB of an SXM H100
+    "h200": Chip("H200", 143771 / 1024, "gpu"),
 }
+# Cloud TPU type prefixes (gcloud's --accelerator-type) -> --chip.
+_TPU_TYPES = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
 # What the planner tries, in order, when a step does not fit: less activation
 # memory for more compute (remat) or more, smaller passes (micro-batches).
 _REMEDIES = (("block", 1), ("none", 2), ("block", 2), ("none", 4), ("block", 4), ("full", 4),
@@ -78,16 +107,56 @@ def parse_mesh(text: str) -> tuple[int, int]:
   return int(data), int(expert)
 
 
-def chip_memory(chip: Optional[str], hbm_gib: Optional[float]) -> tuple[Optional[str], float]:
-  """(chip, GiB of one chip) from `--chip` and `--hbm-gib` (which wins); one is needed."""
+def accelerator_chips(accelerator: str) -> tuple[str, int]:
+  """(--chip, number of chips) of a Cloud TPU type: `v4-64` -> ("v4", 32)."""
+  prefix, _, count = (accelerator or "").rpartition("-")
+  require(
+      prefix in _TPU_TYPES and count.isdigit() and int(count) > 0, "--accelerator", accelerator,
+      f"expected a Cloud TPU type, one of {', '.join(_TPU_TYPES)} and a count "
+      "(e.g. v4-64, v5litepod-16)")
+  chip = _TPU_TYPES[prefix]
+  cores = CHIPS[chip].cores_per_chip
+  require(
+      int(count) % cores == 0, "--accelerator", accelerator,
+      f"{prefix} types count TensorCores, {cores} a chip: expected a multiple of {cores}")
+  return chip, int(count) // cores
+
+
+def config_mesh(config, chips: int) -> tuple[int, int]:
+  """(data, expert): the config's mesh over `chips` devices, as `mesh.make_mesh` lays it."""
+  expert = config.mesh.expert
+  require(
+      isinstance(expert, int) and expert >= 1 and chips % expert == 0, "mesh.expert", expert,
+      f"expected a positive divisor of the {chips} chips")
+  data = config.mesh.data if config.mesh.data != -1 else chips // expert
+  require(data * expert == chips, "mesh.data", config.mesh.data,
+          f"expected -1 or {chips // expert} ({chips} chips / mesh.expert)")
+  return data, expert
+
+
+def chip_memory(chip: Optional[str],
+                hbm_gib: Optional[float],
+                mem_fraction: Optional[float] = None) -> tuple[Optional[str], float]:
+  """(chip, GiB a run may use on one chip) from `--chip`, `--hbm-gib` (which wins) and
+  `--mem_fraction`; a chip or a size is needed.
+
+  On GPUs JAX allocates only `GPU_MEM_FRACTION` of the memory unless told
+  otherwise, so a plan between that share and the whole would say "fits" and
+  then run out.
+  """
   if chip is not None:
     require(chip in CHIPS, "--chip", chip, f"expected one of {', '.join(CHIPS)}")
   require(chip is not None or hbm_gib is not None, "--chip", chip,
           f"name the chip ({', '.join(CHIPS)}) or give --hbm-gib: their memories differ 9-fold")
+  if mem_fraction is not None:
+    require(0 < mem_fraction <= 1, "--mem_fraction", mem_fraction,
+            "expected a share of the memory in (0, 1]")
   if hbm_gib is not None:
     require(hbm_gib > 0, "--hbm-gib", hbm_gib, "expected a positive number of GiB")
-    return chip, float(hbm_gib)
-  return chip, CHIPS[chip][1]
+  gib = float(hbm_gib) if hbm_gib is not None else CHIPS[chip].gib
+  gpu = chip is not None and CHIPS[chip].platform == "gpu"
+  fraction = mem_fraction if mem_fraction is not None else (GPU_MEM_FRACTION if gpu else 1.0)
+  return chip, gib * fraction
 
 
 @contextlib.contextmanager
@@ -294,9 +363,9 @@ def format_plan(result: dict[str, Any]) -> str:
   lines.append(f"  {'train step in all':<24} {result['train_gib_per_device']:8.3f} GiB")
   lines.append(f"  {'evaluation in all':<24} {result['eval_gib_per_device']:8.3f} GiB "
                f"(the state and {result['eval_scratch_gib_per_device']:.3f} GiB of scratch)")
-  verdict = "fits" if result["fits"] else "does NOT fit"
+  verdict = "fits" if result["fits"] else "does NOT fit"  # hbm_gib: the usable share
   lines.append(f"  {'peak':<24} {result['total_gib_per_device']:8.3f} GiB: {verdict} in "
-               f"{result['hbm_gib']:g} GiB")
+               f"{result['hbm_gib']:.1f} GiB")
   lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in result["collectives"].items()))
   accelerator = result["gib_per_device"]["activations_and_scratch"]
   cpu = result["cpu_forms_scratch_gib_per_device"]
@@ -333,8 +402,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = flag_config(_CONFIG)
-  data, expert = parse_mesh(_MESH.value)
-  chip, hbm_gib = chip_memory(_CHIP.value, _HBM_GIB.value)
+  chip = _CHIP.value
+  if _ACCELERATOR.value is not None:
+    require(_MESH.value is None and chip is None, "--accelerator", _ACCELERATOR.value,
+            "names the chips and the mesh comes from the config: not with --mesh or --chip")
+    chip, chips = accelerator_chips(_ACCELERATOR.value)
+    data, expert = config_mesh(config, chips)
+  else:
+    require(_MESH.value is not None, "--mesh", _MESH.value,
+            "expected DATAxEXPERT, e.g. 16x4 (or --accelerator=TYPE)")
+    data, expert = parse_mesh(_MESH.value)
+  chip, hbm_gib = chip_memory(chip, _HBM_GIB.value, _MEM_FRACTION.value)
   # One fake CPU device per chip of the mesh, before jax starts its backend.
   use_cpu_devices(data * expert)
   result = plan(config, data, expert, hbm_gib, chip)

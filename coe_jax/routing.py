@@ -4,7 +4,8 @@ Axis letters (docs/method.md, section 2):
   B   batch: the caller's images.
   G   groups: the batch is cut into G equal groups (one per device's share of
       the batch) and every group is routed on its own.
-  Q   samples per group; B is padded up to G * Q and the padding masked.
+  Q   samples per group; B is padded up to G * Q and the padding masked, as are
+      the rows the caller marks invalid (`valid`: its own padding).
   N   experts.
   P   capacity: slots in each expert's buffer, per group.
   K   classes.
@@ -28,7 +29,9 @@ static shapes, per group:
      its own experts on its own buffers (`expert_parallel.run_experts`).
   5. `combine` gathers each sample's logits back into batch order. Empty slots
      are never read, and BatchNorm runs in inference mode, so each slot is
-     computed on its own: padding cannot change a real sample's answer.
+     computed on its own. Padding takes no slot either, so it cannot change a
+     real sample's answer: a full buffer would push real samples to their
+     next-best expert or to the delegator.
 
 Capacity P per group: Q in `exact` mode (no sample can overflow), and
 ceil(capacity_factor * Q * (1 - expected_exit_rate) / N) in `serving` mode.
@@ -228,14 +231,18 @@ def _check_mesh(mesh: Mesh, num_experts: int, num_groups: int) -> None:
           f"expected a multiple of the mesh's data axis ({mesh.shape[DATA_AXIS]})")
 
 
-def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array, *,
-           spec: RoutingSpec, num_groups: int, mesh: Optional[Mesh]) -> dict[str, Any]:
+def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.Array,
+           valid: Optional[jax.Array], *, spec: RoutingSpec, num_groups: int,
+           mesh: Optional[Mesh]) -> dict[str, Any]:
   """The traced body of `route_and_predict`."""
   require(
       isinstance(num_groups, int) and num_groups >= 1, "num_groups", num_groups,
       "expected a positive integer")
   require(images.ndim == 4, "images.shape", images.shape, "expected [B, H, W, C]")
   num_images, num_experts = images.shape[0], model.num_experts
+  valid = jnp.ones(num_images, bool) if valid is None else jnp.asarray(valid).astype(bool)
+  require(valid.shape == (num_images,), "valid.shape", valid.shape,
+          f"expected ({num_images},), one flag per image")
   if mesh is not None:
     _check_mesh(mesh, num_experts, num_groups)
   group_size = -(-num_images // num_groups)  # Q
@@ -244,10 +251,10 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   images = jnp.pad(images, [(0, padded - num_images)] + [(0, 0)] * 3)  # [G * Q, H, W, C]
   images = mesh_lib.constrain(images, mesh, PartitionSpec(DATA_AXIS))
   to_groups = lambda x: x.reshape(num_groups, group_size, *x.shape[1:])
+  valid = to_groups(jnp.pad(valid, (0, padded - num_images)))  # [G, Q], False on all padding
 
   class_logits, selection_logits = model.delegator(variables, images)  # [G * Q, K], [G * Q, N]
   class_logits, selection_logits = to_groups(class_logits), to_groups(selection_logits)
-  valid = to_groups(jnp.arange(padded) < num_images)  # [G, Q]
   early_exit = exit_mask(class_logits, threshold) & valid  # [G, Q]
   preferences = expert_preferences(selection_logits)  # [G, Q, N]
   # In exact mode everyone fits and the order does not matter.
@@ -273,7 +280,7 @@ def _route(model: CoE, variables: Variables, images: jax.Array, threshold: jax.A
   answered = expert != NO_EXPERT  # [G, Q]
   from_batch = lambda x: x.reshape(padded, *x.shape[2:])[:num_images]  # [G, Q, ...] -> [B, ...]
   metrics = dict(
-      exit_rate=jnp.sum(early_exit) / num_images,
+      exit_rate=jnp.sum(early_exit) / jnp.maximum(jnp.sum(valid), 1),
       expert_load=jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=(0, 1)),
       overflow_to_expert=jnp.sum(answered & (expert != preferences[..., 0])),
       overflow_to_delegator=jnp.sum(valid & ~early_exit & ~answered),
@@ -292,6 +299,7 @@ def route_and_predict(model: CoE,
                       images: jax.Array,
                       threshold: jax.Array | float,
                       *,
+                      valid: Optional[jax.Array] = None,
                       spec: RoutingSpec = RoutingSpec(),
                       num_groups: int = 1,
                       mesh: Optional[Mesh] = None) -> dict[str, Any]:
@@ -306,6 +314,11 @@ def route_and_predict(model: CoE,
       sharded on `EXPERT_AXIS`).
     images: [B, H, W, C], values 0-255 (under a mesh, sharded on `DATA_AXIS`).
     threshold: tau, a scalar.
+    valid: bool [B], False on rows that are only padding (an evaluation
+      batch's tail); None: every row is an image. Invalid rows take no slot,
+      count in no metric and get the delegator's logits with `early_exit`
+      False and `expert` -1, so their content cannot change another row's
+      answer.
     spec: the routing settings (mode, capacity, how the experts run).
     num_groups: G; each group routes its own samples. Under a mesh, a multiple
       of the `DATA_AXIS` size, so each device routes its own share.
@@ -320,7 +333,7 @@ def route_and_predict(model: CoE,
     expert: int32 [B], the expert that answered; -1 where the delegator did
       (an early exit, or in serving mode an overflow with no expert free).
     class_logits, selection_logits: the delegator's outputs, [B, K] and [B, N].
-    metrics: exit_rate (fraction of B), expert_load (int [N], samples each
+    metrics: exit_rate (fraction of the valid rows), expert_load (int [N], samples each
       expert answered), overflow_to_expert (samples answered by an expert other
       than their first choice), overflow_to_delegator (samples that should
       have gone to an expert but found every buffer full).
@@ -329,6 +342,7 @@ def route_and_predict(model: CoE,
                 variables,
                 images,
                 jnp.asarray(threshold, jnp.float32),
+                valid,
                 spec=spec,
                 num_groups=num_groups,
                 mesh=mesh)

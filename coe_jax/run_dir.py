@@ -39,6 +39,7 @@ etils.epath.
 """
 
 import json
+import os
 from typing import Any
 
 from etils import epath
@@ -65,6 +66,21 @@ CLASS_BY_EXPERT_PLOT = "class_by_expert.png"
 EXPERT_PORTIONS_PLOT = "expert_portions.png"
 PLOTS = (ACCURACY_VS_FLOPS_PLOT, CURVE_PLOT, EXPERT_LOAD_PLOT, ROUTING_GRID_PLOT,
          CLASS_BY_EXPERT_PLOT, EXPERT_PORTIONS_PLOT)
+
+
+def is_remote(path: str) -> bool:
+  """True for a path with a scheme (gs://bucket/...), which names no local file."""
+  return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a remote one (gs://...) as it is.
+
+  `os.path.abspath` or `epath.Path.resolve` would read gs://bucket/run as a
+  relative path and make it <cwd>/gs:/bucket/run: every host would then keep
+  its checkpoints on its own disk.
+  """
+  return str(path) if is_remote(path) else os.path.abspath(path)
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -2,8 +2,8 @@
 # Trains and evaluates CoE on NVIDIA GPUs: one node with all its GPUs in one
 # process, several nodes with one process each, or a SLURM job of several nodes.
 #
-#   launch/gpu.sh [--dry-run] [--no-install] --config=CONFIG --workdir=WORKDIR \
-#       [-- --config.key=value ...]
+#   launch/gpu.sh [--dry-run] [--no-install] [--mem-fraction=F] --config=CONFIG \
+#       --workdir=WORKDIR [-- --config.key=value ...]
 #   launch/gpu.sh ... --coordinator=HOST:PORT --num-processes=N --process-id=I
 #   launch/gpu.sh ... --slurm --nodes=N [--gpus-per-node=G] [--partition=P] \
 #       [--time=HH:MM:SS] [--port=8476]
@@ -19,15 +19,19 @@
 # of that node's GPUs, process 0 on the first node; this checkout and WORKDIR
 # must be on a file system that all nodes share.
 #
-# First installs the package with jax's CUDA 12 plugin, at the versions of
-# constraints.txt; --no-install skips that (e.g. on all nodes but one that
-# share this checkout). Rerunning the same command resumes from WORKDIR's
+# First installs the package with jax's CUDA 12 plugin into the checkout's
+# .venv (launch/install.sh: a Python >= 3.11, got with uv where the node has
+# none; the versions of constraints.txt and constraints-cuda.txt); --no-install
+# skips that (on all nodes but one that share this checkout: install once).
+# --mem-fraction=F lets JAX allocate F of each GPU's memory
+# (XLA_CLIENT_MEM_FRACTION; JAX's default is 0.75, and `coe_jax.plan` plans
+# against the same share: --mem_fraction). Rerunning the same command resumes from WORKDIR's
 # checkpoints. --dry-run prints the commands (for --slurm, those that write
 # the job script, with its text, and submit it) instead of running them.
 set -euo pipefail
 
 DRY_RUN=0 INSTALL=1 SLURM=0
-CONFIG="" WORKDIR=""
+CONFIG="" WORKDIR="" MEM_FRACTION=""
 # Each of the three from its flag, else from the environment; *_KEY names
 # where it came from, for the error messages.
 COORDINATOR="${COE_COORDINATOR_ADDRESS:-}" COORDINATOR_KEY=COE_COORDINATOR_ADDRESS
@@ -40,6 +44,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --no-install) INSTALL=0 ;;
+    --mem-fraction=*) MEM_FRACTION="${1#*=}" ;;
     --config=*) CONFIG="${1#*=}" ;;
     --workdir=*) WORKDIR="${1#*=}" ;;
     --coordinator=*)
@@ -71,6 +76,8 @@ at_least() {
 
 [[ -n "$CONFIG" ]] || die "missing --config (see the usage at the top of $0)"
 [[ -n "$WORKDIR" ]] || die "missing --workdir (see the usage at the top of $0)"
+[[ -z "$MEM_FRACTION" || "$MEM_FRACTION" =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]] ||
+    die "--mem-fraction=$MEM_FRACTION: expected a share of each GPU's memory in (0, 1], e.g. 0.9"
 if [[ $SLURM == 1 ]]; then
   [[ -z "$CLUSTER_FLAG" ]] || die "$CLUSTER_FLAG: not with --slurm, which takes the processes from SLURM"
   [[ -n "$NODES" ]] || die "--slurm needs --nodes=N"
@@ -101,8 +108,7 @@ else
 fi
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-INSTALL_VENV=(make -C "$REPO" venv)
-INSTALL_CUDA=("$REPO/.venv/bin/pip" install -q -e "$REPO[cuda]" -c "$REPO/constraints.txt")
+INSTALL_CUDA=(bash "$REPO/launch/install.sh" cuda)
 
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -118,13 +124,13 @@ if [[ $SLURM == 0 ]]; then
   # --platform=gpu: stop in one line rather than train on the CPU when jax finds no GPU.
   TRAIN=("$REPO/.venv/bin/python" -m coe_jax.main --platform=gpu --config="$CONFIG"
          --workdir="$WORKDIR")
+  if [[ -n "$MEM_FRACTION" ]]; then TRAIN=(env "XLA_CLIENT_MEM_FRACTION=$MEM_FRACTION" "${TRAIN[@]}"); fi
   if [[ -n "$COORDINATOR" ]]; then
     TRAIN+=(--coordinator_address="$COORDINATOR" --num_processes="$NUM_PROCESSES"
             --process_id="$PROCESS_ID")
   fi
   TRAIN+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
   if [[ $INSTALL == 1 ]]; then
-    run "${INSTALL_VENV[@]}"
     run "${INSTALL_CUDA[@]}"
   fi
   # exec: a signal to this process (a scheduler's SIGTERM) reaches main, which
@@ -152,7 +158,6 @@ set -euo pipefail
 "
 if [[ $INSTALL == 1 ]]; then
   SCRIPT+="# Once, on the first node: the nodes share the checkout.
-$(quote "${INSTALL_VENV[@]}")
 $(quote "${INSTALL_CUDA[@]}")
 "
 fi
@@ -164,7 +169,7 @@ FIRST_NODE=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | sed -n 1p)\"
 # process fails, the others stop instead of waiting for it.
 exec srun --kill-on-bad-exit=1 \\
     bash -c 'exec bash \"\$0\" --num-processes=\"\$SLURM_NTASKS\" --process-id=\"\$SLURM_PROCID\" \"\$@\"' \\
-    $(quote "$REPO/launch/gpu.sh" --no-install --config="$CONFIG" --workdir="$WORKDIR") \\
+    $(quote "$REPO/launch/gpu.sh" --no-install ${MEM_FRACTION:+--mem-fraction="$MEM_FRACTION"} --config="$CONFIG" --workdir="$WORKDIR") \\
     --coordinator=\"\$FIRST_NODE:$PORT\"${OVERRIDES[@]+ -- $(quote "${OVERRIDES[@]}")}"
 
 if [[ $DRY_RUN == 1 ]]; then

@@ -5,12 +5,23 @@
 #
 #   launch/tpu_pod.sh [--dry-run] --name=NAME --zone=ZONE --accelerator=v4-64 \
 #       --config=configs/imagenet_coe_194m.py --workdir=gs://BUCKET/runs/coe194 \
-#       --tfds-data-dir=gs://BUCKET/tensorflow_datasets [--version=tpu-ubuntu2204-base] \
+#       --tfds-data-dir=gs://BUCKET/tensorflow_datasets [--version=RUNTIME] \
 #       [--spot] [--queued] [--repo=https://...coe-jax.git] [--ref=main] \
 #       [-- --config.key=value ...]
 #   launch/tpu_pod.sh --status --name=NAME --zone=ZONE  # each worker: running/exited, last log lines
 #   launch/tpu_pod.sh --attach --name=NAME --zone=ZONE  # follow worker 0's log (Ctrl-C detaches)
 #   launch/tpu_pod.sh --stop --name=NAME --zone=ZONE    # checkpoint and stop
+#   launch/tpu_pod.sh --help
+#
+# The workers run the code of --repo (this checkout's origin by default) at
+# --ref (main by default), cloned on each worker: not this checkout. Push
+# your changes, or give --ref=BRANCH or a commit, before launching them.
+# --version is the TPU VM's runtime image, by default the one for the
+# accelerator's generation (v4: tpu-ubuntu2204-base, v5e: v2-alpha-tpuv5-lite,
+# v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e). Each worker installs with
+# launch/install.sh, which gets a Python >= 3.11 through uv where the image
+# has only 3.10. Plan the memory first: python -m coe_jax.plan
+# --config=CONFIG --accelerator=TYPE [the same --config.key=value ...].
 #
 # The workdir must be a gs:// path that every worker can write; each worker's
 # log is copied to WORKDIR/logs/ every minute. Rerunning the same command
@@ -23,7 +34,7 @@ set -euo pipefail
 
 DRY_RUN=0 ACTION=launch SPOT=0 QUEUED=0
 NAME="" ZONE="" ACCELERATOR="" CONFIG="" WORKDIR="" TFDS_DATA_DIR=""
-VERSION="tpu-ubuntu2204-base"
+VERSION=""
 REPO_URL="$(git -C "$(dirname "$0")/.." config --get remote.origin.url 2>/dev/null || true)"
 REF="main"
 OVERRIDES=()
@@ -31,6 +42,7 @@ POLL_SECONDS="${COE_POLL_SECONDS:-30}"  # between looks at a VM being created or
 RUN_DIR='~/coe-run'  # on each worker: the detached run's pid, exit status and log
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --dry-run) DRY_RUN=1 ;;
     --status) ACTION=status ;;
     --attach) ACTION=attach ;;
@@ -54,7 +66,7 @@ done
 
 REQUIRED=(NAME ZONE)
 if [[ $ACTION == launch ]]; then REQUIRED+=(ACCELERATOR CONFIG WORKDIR TFDS_DATA_DIR REPO_URL); fi
-for var in "${REQUIRED[@]}"; do
+for var in ${REQUIRED[@]+"${REQUIRED[@]}"}; do
   if [[ -z "${!var}" ]]; then
     echo "error: missing --$(echo "$var" | tr '[:upper:]_' '[:lower:]-' | sed 's/repo-url/repo/') (see the usage at the top of $0)" >&2
     exit 2
@@ -63,6 +75,16 @@ done
 if [[ $ACTION == launch && "$WORKDIR" != gs://* ]]; then
   echo "error: --workdir=$WORKDIR: expected a gs:// path that all workers can write" >&2
   exit 2
+fi
+if [[ $ACTION == launch && -z "$VERSION" ]]; then
+  case "$ACCELERATOR" in  # The runtime images Cloud TPU documents for each generation.
+    v2-*|v3-*|v4-*) VERSION=tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5p-*) VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) VERSION=v2-alpha-tpuv6e ;;
+    *) echo "error: --accelerator=$ACCELERATOR: no default runtime for it; expected v2-, v3-," \
+            "v4-, v5litepod-, v5p- or v6e-N, or give --version" >&2; exit 2 ;;
+  esac
 fi
 
 run() {
@@ -91,7 +113,7 @@ else
 fi
 vm_state() {  # The state in capitals, or ABSENT.
   local state
-  state="$("${RESOURCE[@]}" describe "$NAME" --zone="$ZONE" --format="value($STATE_FIELD)" \
+  state="$(${RESOURCE[@]+"${RESOURCE[@]}"} describe "$NAME" --zone="$ZONE" --format="value($STATE_FIELD)" \
     2>/dev/null)" || state=""
   echo "${state:-ABSENT}"
 }
@@ -99,18 +121,18 @@ create_vm() {
   local spot=()
   if [[ $SPOT == 1 ]]; then spot=(--spot); fi
   if [[ $QUEUED == 1 ]]; then
-    run "${RESOURCE[@]}" create "$NAME" --node-id="$NAME" --zone="$ZONE" \
-        --accelerator-type="$ACCELERATOR" --runtime-version="$VERSION" "${spot[@]}"
+    run ${RESOURCE[@]+"${RESOURCE[@]}"} create "$NAME" --node-id="$NAME" --zone="$ZONE" \
+        --accelerator-type="$ACCELERATOR" --runtime-version="$VERSION" ${spot[@]+"${spot[@]}"}
   else
-    run "${RESOURCE[@]}" create "$NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
-        --version="$VERSION" "${spot[@]}"
+    run ${RESOURCE[@]+"${RESOURCE[@]}"} create "$NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR" \
+        --version="$VERSION" ${spot[@]+"${spot[@]}"}
   fi
 }
 delete_vm() {
   if [[ $QUEUED == 1 ]]; then
-    run "${RESOURCE[@]}" delete "$NAME" --zone="$ZONE" --force --quiet
+    run ${RESOURCE[@]+"${RESOURCE[@]}"} delete "$NAME" --zone="$ZONE" --force --quiet
   else
-    run "${RESOURCE[@]}" delete "$NAME" --zone="$ZONE" --quiet
+    run ${RESOURCE[@]+"${RESOURCE[@]}"} delete "$NAME" --zone="$ZONE" --quiet
   fi
 }
 while true; do
@@ -129,19 +151,18 @@ while true; do
   if [[ $DRY_RUN == 1 ]]; then break; fi  # Nothing was changed, so nothing to wait for.
 done
 
-# 2. Install on every worker: the repository, the package, and jax for TPUs,
-#    at the versions the suite passed with (constraints.txt).
+# 2. Install on every worker: the repository at --ref, a Python the pins
+#    support, the package and jax for TPUs, at the versions the suite passed
+#    with (launch/install.sh, constraints.txt).
 INSTALL="set -e; if [ ! -d coe-jax ]; then git clone $REPO_URL coe-jax; fi; cd coe-jax; \
-git fetch -q origin $REF && git checkout -q FETCH_HEAD; \
-python3 -m venv .venv && .venv/bin/pip install -q -e . -c constraints.txt && \
-.venv/bin/pip install -q 'jax[tpu]' -c constraints.txt"
+git fetch -q origin $REF && git checkout -q FETCH_HEAD; launch/install.sh tpu"
 on_workers all "$INSTALL"
 
 # 3. Train on all workers at once, detached (launch/tpu_worker.sh);
 #    jax.distributed finds the other hosts.
 TRAIN=(env COE_DISTRIBUTED=1 "TFDS_DATA_DIR=$TFDS_DATA_DIR" .venv/bin/python -m coe_jax.main
        --platform=tpu "--config=$CONFIG" "--workdir=$WORKDIR" "--config.data.tfds_data_dir=$TFDS_DATA_DIR"
-       "${OVERRIDES[@]}")
+       ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 on_workers all "$WORKER_SCRIPT start $RUN_DIR $(printf '%q' "$WORKDIR") -- $(printf '%q ' "${TRAIN[@]}")"
 if [[ $DRY_RUN == 0 ]]; then
   echo "training in the background; follow it with: $0 --attach --name=$NAME --zone=$ZONE" \

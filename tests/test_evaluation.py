@@ -1,11 +1,21 @@
-"""The threshold sweep and calibration, against a brute-force reference."""
+"""The threshold sweep and calibration, against a brute-force reference; the check
+that the router agrees with the recorded outputs."""
+
+import json
+import logging
+import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import evaluation, routing, run_dir
+from coe_jax import data, evaluation, routing, run_dir
 from coe_jax.evaluation import report
+from coe_jax.evaluation import run as evaluation_run
+from coe_jax.models.coe import CoE
+from tests.helpers import random_images, random_variables
+from tests.tiny import tiny_config
 
 
 def _outputs(seed=0, m=200, n=4, k=5, ties=False):
@@ -131,3 +141,73 @@ def test_oracles_on_a_hand_made_split():
   assert figures["per_class_oracle_top1"] == 0.75
   # The router is right on images 1, 2 and 3, wrong on 0, where expert 0 was right.
   assert figures["chosen_wrong_given_some_right"] == 0.25
+
+
+def _router_one_step_off(outputs, tau, step):
+  """The router's answers had it computed every confidence `step` higher."""
+  exits = outputs.confidence + step >= tau
+  return np.where(exits, outputs.delegator_prediction, outputs.routed_prediction)
+
+
+def test_the_router_check_tolerates_a_step_of_the_compute_dtype():
+  """In bfloat16, confidences near 1 are 2**-8 apart: two computations of one network
+  may put an example a step either side of tau, and that is no disagreement."""
+  outputs = _outputs(seed=2)
+  tau = 0.9
+  below = np.flatnonzero(outputs.delegator_prediction != outputs.routed_prediction)[:5]
+  outputs.confidence[below] = tau - 0.003  # One bfloat16 step up reaches tau.
+  step = float(jnp.finfo(jnp.bfloat16).eps) / 2  # bfloat16's step in [0.5, 1): 2**-8.
+  routed = _router_one_step_off(outputs, tau, step)
+  assert np.sum(routed != evaluation.answers_at(outputs, tau)) == 5
+  assert evaluation.check_router_agrees(outputs, tau, routed, "bfloat16") == 0
+  # float32 computations agree to far less than a bfloat16 step: there they differ.
+  assert evaluation.check_router_agrees(outputs, tau, routed, "float32") == 5
+  # A different answer away from tau is counted whatever the dtype.
+  far = np.abs(outputs.confidence - tau) > 0.2
+  wrong = np.flatnonzero(far & (outputs.delegator_prediction != outputs.routed_prediction))[0]
+  routed[wrong] = outputs.delegator_prediction[wrong]  # An exit 0.2 or more below tau.
+  assert evaluation.check_router_agrees(outputs, tau, routed, "bfloat16") == 1
+
+
+class _Run:
+  """What `evaluation.run.evaluate` reads of a trainer: a tiny CoE, 20 test images and
+  no hold-out; each pass over the test split after the first gives other images, as a
+  nondeterministic input pipeline would, so the router cannot agree with the outputs."""
+
+  def __init__(self, workdir):
+    self.config = tiny_config(num_experts=2)
+    self.config.eval.threshold = 1.5  # Fixed: no hold-out to calibrate on. No exits.
+    self.workdir = str(workdir)
+    self.info = data.DataInfo(num_classes=10,
+                              class_names=[str(k) for k in range(10)],
+                              num_train=0,
+                              num_holdout=0,
+                              num_test=20)
+    self.model = CoE(self.config, num_classes=10)
+    self.mesh = None
+    self.flops = {"delegator_flops": 10, "expert_flops": 100}
+    self.passes = 0
+    variables = random_variables(self.model)
+    self.state = types.SimpleNamespace(eval_variables=lambda: variables)
+
+  def eval_batches(self, split="test"):
+    assert split == "test"
+    self.passes += 1
+    mask = np.arange(24) < 20
+    yield dict(image=np.asarray(random_images(self.passes, 24)),
+               label=np.arange(24) % 10,
+               mask=mask)
+
+
+def test_a_router_disagreement_is_reported_after_results_json_is_written(tmp_path, caplog):
+  run = _Run(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    results = evaluation_run.evaluate(run, run.state)
+  assert run.passes == 2
+  with open(os.path.join(tmp_path, run_dir.RESULTS)) as f:
+    written = json.load(f)
+  assert written["router_disagreements"] == results["router_disagreements"] > 0
+  assert written["num_test_examples"] == 20
+  warnings = [r.getMessage() for r in caplog.records if "disagree on" in r.getMessage()]
+  assert len(warnings) == 1
+  assert f"disagree on {written['router_disagreements']} of 20 " in warnings[0]

@@ -44,11 +44,16 @@ def _lines(result):
 
 
 def test_single_node_dry_run_installs_then_trains():
-  install_venv, install_cuda, train = _lines(_run("--dry-run", *BASE, "--", "--config.seed=3"))
-  assert install_venv == f"make -C {REPO} venv"
-  assert install_cuda.replace(
-      "\\", "") == (f"{REPO}/.venv/bin/pip install -q -e {REPO}[cuda] -c {REPO}/constraints.txt")
+  install, train = _lines(_run("--dry-run", *BASE, "--", "--config.seed=3"))
+  assert install == f"bash {REPO}/launch/install.sh cuda"
   assert train == f"{PYTHON} -m coe_jax.main --platform=gpu {' '.join(BASE)} --config.seed=3"
+
+
+def test_mem_fraction_reaches_jax_on_every_node():
+  install, train = _lines(_run("--dry-run", "--mem-fraction=0.9", *BASE))
+  assert train.startswith(f"env XLA_CLIENT_MEM_FRACTION=0.9 {PYTHON} -m coe_jax.main")
+  _, _, script = _slurm_dry_run("--nodes=2", "--mem-fraction=0.95", *BASE)
+  assert f"{REPO}/launch/gpu.sh --no-install --mem-fraction=0.95" in script
 
 
 @pytest.mark.parametrize("source", ["flags", "environment"])
@@ -89,8 +94,7 @@ def test_slurm_dry_run_writes_a_job_script_then_submits_it():
                  "--time=12:00:00", "--output=runs/x/slurm/%j.out"):
     assert f"#SBATCH {header}\n" in script, header
   # Installed once, by the job's shell, before the tasks start.
-  assert script.index(f"make -C {REPO} venv") < script.index(".venv/bin/pip install -q -e")
-  assert script.index(".venv/bin/pip install") < script.index("srun")
+  assert script.index(f"bash {REPO}/launch/install.sh cuda") < script.index("srun")
   assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
   srun = script[script.index("exec srun"):]
   # In single quotes: each task's shell expands its own index.
@@ -104,7 +108,7 @@ def test_slurm_dry_run_writes_a_job_script_then_submits_it():
 def test_slurm_defaults_and_no_install():
   _, _, script = _slurm_dry_run("--nodes=2", "--no-install", *BASE)
   assert "#SBATCH --nodes=2\n" in script and '--coordinator="$FIRST_NODE:8476"' in script
-  for absent in ("--gpus-per-node", "--partition", "--time", "pip install", "make -C"):
+  for absent in ("--gpus-per-node", "--partition", "--time", "install.sh", "--mem-fraction"):
     assert absent not in script, absent
 
 
@@ -170,6 +174,8 @@ def test_slurm_job_runs_main_once_per_node_with_its_index(tmp_path):
     (["--config=configs/digits.py", "--workdir=gs://b/run", "--slurm", "--nodes=2"
      ], {}, "--workdir=gs://b/run: with --slurm"),
     ([*BASE, "--nodes=2"], {}, "--nodes=2: only with --slurm"),
+    ([*BASE, "--mem-fraction=1.5"], {}, "--mem-fraction=1.5: expected a share"),
+    ([*BASE, "--mem-fraction=0"], {}, "--mem-fraction=0: expected a share"),
 ])
 def test_bad_arguments_fail_in_one_line(args, env, fragment):
   result = _run("--dry-run", *args, env=env)

@@ -1,13 +1,20 @@
 """The planner: one device's share of the step's FLOPs and memory, before renting a pod."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from coe_jax import flops, plan
+from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from tests.helpers import error_line, run_module
-from tests.tiny import config_path, tiny_config
+from tests.tiny import REPO, config_path, tiny_config
 
 
 def _bytes(shape_tree) -> int:
@@ -84,7 +91,7 @@ def test_the_planner_runs_on_an_accelerator_host():
                       "--config.train.batch_size=16",
                       JAX_PLATFORMS="tpu")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "fits in 16 GiB" in result.stdout
+  assert "fits in 14.9 GiB" in result.stdout  # 16 GB
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -95,7 +102,74 @@ def test_the_planner_runs_on_an_accelerator_host():
     (["--mesh=1x3", "--chip=v4"], "mesh.expert=3"),
     (["--mesh=2x2", "--chip=v4", "--config.train.microbatches=1024"], "train.microbatches=1024"),
     (["--mesh=2x2", "--chip=v4", "--config.train.remat=everything"], "train.remat='everything'"),
+    (["--accelerator=v4-63"], "--accelerator='v4-63': v4 types count TensorCores"),
+    (["--accelerator=v9-8"], "--accelerator='v9-8': expected a Cloud TPU type"),
+    (["--accelerator=v4-8", "--mesh=2x2"], "not with --mesh or --chip"),
+    (["--accelerator=v5litepod-8", "--config.mesh.expert=3"], "mesh.expert=3"),
+    (["--chip=v4"], "--mesh=None: expected DATAxEXPERT"),
+    (["--mesh=2x2", "--chip=h100", "--mem_fraction=1.5"], "--mem_fraction=1.5"),
 ])
 def test_bad_planner_arguments_fail_in_one_line(args, fragment):
   assert fragment in error_line(
       run_module("coe_jax.plan", f"--config={config_path('digits')}", *args))
+
+
+@pytest.mark.parametrize("accelerator, chip, chips", [("v4-16", "v4", 8), ("v4-64", "v4", 32),
+                                                      ("v5litepod-16", "v5e", 16),
+                                                      ("v5e-32", "v5e", 32), ("v5p-128", "v5p", 64),
+                                                      ("v6e-64", "v6e", 64)])
+def test_a_cloud_tpu_type_names_its_chips(accelerator, chip, chips):
+  """v4 and v5p names count TensorCores, two a chip; v5e and v6e names count chips."""
+  assert plan.accelerator_chips(accelerator) == (chip, chips)
+
+
+def test_the_config_mesh_is_laid_over_the_chips():
+  config = tiny_config(num_experts=4)
+  config.mesh.data, config.mesh.expert = -1, 2
+  assert plan.config_mesh(config, 32) == (16, 2)
+  config.mesh.data = 8
+  with pytest.raises(CoEError, match="mesh.data=8"):
+    plan.config_mesh(config, 32)
+
+
+def test_chip_memories_are_in_gib_and_gpus_plan_against_what_jax_allocates():
+  gib = {name: chip.gib for name, chip in plan.CHIPS.items()}
+  assert gib["v4"] == 32.0  # 32 GiB of HBM
+  assert abs(gib["v5e"] - 14.90) < 0.01 and abs(gib["v6e"] - 29.80) < 0.01  # 16 and 32 GB
+  assert abs(gib["v5p"] - 88.48) < 0.01  # 95 GB
+  # JAX takes 75% of a GPU unless XLA_CLIENT_MEM_FRACTION says otherwise.
+  assert plan.chip_memory("h100", None) == ("h100", gib["h100"] * 0.75)
+  assert plan.chip_memory("h100", None, 0.9) == ("h100", gib["h100"] * 0.9)
+  assert plan.chip_memory("v4", None) == ("v4", 32.0)
+  assert plan.chip_memory(None, 40.0) == (None, 40.0)
+
+
+def _readme_pod_command() -> list[str]:
+  """The words of the README's TPU-pod command (its table row)."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    row = next(line for line in f if line.startswith("| train on a TPU pod"))
+  return re.search(r"`(launch/tpu_pod\.sh [^`]+)`", row).group(1).split()
+
+
+@pytest.mark.slow
+def test_the_readme_pod_command_fits_its_slice():
+  """The planner on the README's exact command: its accelerator's chips, its config's
+  mesh over them, its overrides (about 7 minutes of compiling on 2 cores)."""
+  words = _readme_pod_command()
+  flags = dict(w[2:].split("=", 1) for w in words if w.startswith("--") and "=" in w)
+  overrides = words[words.index("--") + 1:] if "--" in words else []
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # As a user runs it.
+  result = subprocess.run([
+      sys.executable, "-m", "coe_jax.plan", f"--accelerator={flags['accelerator']}",
+      f"--config={flags['config']}", "--json=/dev/stdout", *overrides
+  ],
+                          cwd=REPO,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  planned = json.loads(result.stdout.splitlines()[0])
+  chip, chips = plan.accelerator_chips(flags["accelerator"])
+  assert planned["devices"] == chips and planned["chip"] == chip
+  assert planned["fits"], (planned["total_gib_per_device"], planned["hbm_gib"])

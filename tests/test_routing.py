@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from coe_jax import routing
+from coe_jax import evaluation, routing
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from tests.helpers import random_images, random_variables
@@ -262,16 +262,19 @@ def test_serving_overflow_with_early_exits(model_and_variables, per_sample):
 
 @pytest.mark.parametrize("mode,expert_loop", [("exact", "vmap"), ("serving", "unroll")])
 def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loop):
-  """Data 4 x expert 2: each device routes its group; experts run where their variables live."""
+  """Data 4 x expert 2: each device routes its group; experts run where their variables live.
+  The last group's last three rows are padding."""
   model, variables = model_and_variables
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
   images = random_images(3, 16)
+  valid = np.arange(16) < 13
   kwargs = dict(spec=routing.RoutingSpec(mode, capacity_factor=1.0, expert_loop=expert_loop),
                 num_groups=4)
   no_exit = routing.route_and_predict(model, variables, images, 1.5, **kwargs)
   threshold = float(np.median(routing.confidence(no_exit["class_logits"])))
-  single = routing.route_and_predict(model, variables, images, threshold, **kwargs)
+  single = routing.route_and_predict(model, variables, images, threshold, valid=valid, **kwargs)
   assert len(set(single["expert"].tolist()) - {-1}) >= 2
+  np.testing.assert_array_equal(single["expert"][13:], [routing.NO_EXPERT] * 3)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   by_expert = NamedSharding(mesh, PartitionSpec(routing.EXPERT_AXIS))
@@ -281,11 +284,12 @@ def test_mesh_routing_equals_single_device(model_and_variables, mode, expert_loo
           "experts": jax.device_put(tree["experts"], by_expert)
       } for collection, tree in variables.items()
   }
-  sharded_images = jax.device_put(images, NamedSharding(mesh, PartitionSpec(routing.DATA_AXIS)))
+  by_data = NamedSharding(mesh, PartitionSpec(routing.DATA_AXIS))
   sharded = routing.route_and_predict(model,
                                       sharded_variables,
-                                      sharded_images,
+                                      jax.device_put(images, by_data),
                                       threshold,
+                                      valid=jax.device_put(valid, by_data),
                                       mesh=mesh,
                                       **kwargs)
   assert len(sharded["logits"].sharding.device_set) == 8
@@ -301,3 +305,70 @@ def test_mesh_must_split_experts_and_groups(model_and_variables):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), (routing.DATA_AXIS, routing.EXPERT_AXIS))
   with pytest.raises(CoEError, match="num_groups=2: expected a multiple of the mesh's data axis"):
     routing.route_and_predict(model, variables, random_images(0, 8), 0.5, num_groups=2, mesh=mesh)
+
+
+def _padded(real, padding):
+  """`real` images followed by `padding`, with the validity mask that marks the padding."""
+  images = jnp.concatenate([real, padding])
+  return images, np.arange(len(images)) < len(real)
+
+
+def _adversarial_padding(model, variables, real, count):
+  """`count` copies of the least confident real image: served before every other real
+  image but that one, they all want its expert, then its next-best ones."""
+  return jnp.repeat(real[np.argmin(_confidence(model, variables, real))][None], count, axis=0)
+
+
+def test_padding_takes_no_slot_and_cannot_change_a_real_answer(model_and_variables):
+  """Serving mode, one group of 16: 12 real images and 4 padding rows, 2 slots per expert."""
+  model, variables = model_and_variables
+  real = random_images(4, 12)
+  spec = routing.RoutingSpec("serving", capacity_factor=0.5)  # P = ceil(0.5 * 16 / 4) = 2
+  route = lambda images, valid: routing.route_and_predict(
+      model, variables, images, 1.5, valid=valid, spec=spec)
+  zeros, valid = _padded(real, jnp.zeros((4, *real.shape[1:]), jnp.uint8))
+  adversarial, _ = _padded(real, _adversarial_padding(model, variables, real, 4))
+  quiet, crowded = route(zeros, valid), route(adversarial, valid)
+  for key in ("logits", "early_exit", "expert"):
+    np.testing.assert_array_equal(crowded[key][:12], quiet[key][:12], err_msg=key)
+  # Counted as real, the adversarial rows would take slots from real images.
+  unmasked = route(adversarial, None)
+  assert np.any(np.asarray(unmasked["expert"][:12]) != np.asarray(crowded["expert"][:12]))
+  np.testing.assert_array_equal(crowded["expert"][12:], [routing.NO_EXPERT] * 4)
+  assert not np.any(crowded["early_exit"][12:])
+  for key, value in quiet["metrics"].items():
+    np.testing.assert_array_equal(crowded["metrics"][key], value, err_msg=key)
+  metrics, expert = crowded["metrics"], np.asarray(crowded["expert"][:12])
+  np.testing.assert_array_equal(metrics["expert_load"],
+                                np.bincount(expert[expert >= 0], minlength=NUM_EXPERTS))
+  assert int(metrics["overflow_to_delegator"]) == np.sum(expert < 0) == 12 - 2 * NUM_EXPERTS
+
+
+def test_exit_rate_counts_valid_images_only(model_and_variables):
+  model, variables = model_and_variables
+  images = random_images(5, 8)
+  valid = np.arange(8) < 6
+  out = routing.route_and_predict(model, variables, images, 0.0, valid=valid)  # Every image exits.
+  assert float(out["metrics"]["exit_rate"]) == 1.0
+  np.testing.assert_array_equal(out["early_exit"], valid)
+  with pytest.raises(CoEError, match=r"^valid.shape=\(7,\): expected \(8,\)"):
+    routing.route_and_predict(model, variables, images, 0.0, valid=np.ones(7, bool))
+
+
+def test_evaluation_masks_its_padded_last_batch(model_and_variables):
+  """Serving-mode evaluation: the last batch's padding cannot change the figures."""
+  model, variables = model_and_variables
+  real = random_images(6, 12)
+  labels = np.arange(16) % NUM_CLASSES
+  spec = routing.RoutingSpec("serving", capacity_factor=0.5)
+
+  def evaluate(padding):
+    images, mask = _padded(real, padding)
+    batch = dict(image=images, label=labels, mask=mask)
+    return evaluation.routed_figures(model, variables, [batch], 1.5, spec)
+
+  zeros = evaluate(jnp.zeros((4, *real.shape[1:]), jnp.uint8))
+  crowded = evaluate(_adversarial_padding(model, variables, real, 4))
+  assert crowded[0] == zeros[0]
+  np.testing.assert_array_equal(crowded[1].prediction, zeros[1].prediction)
+  np.testing.assert_array_equal(crowded[1].class_by_expert, zeros[1].class_by_expert)

@@ -17,7 +17,7 @@ from coe_jax import flops, run_dir
 from coe_jax.errors import CoEError
 from coe_jax.evaluation import run as evaluation_run
 from coe_jax.serving.jax_predictor import Predictor
-from coe_jax.training import train
+from coe_jax.training import train, writers
 from tests.helpers import (
     IMAGE_FOLDER_CLASSES,
     IMAGENET_SIZES,
@@ -228,12 +228,12 @@ def test_metrics_file_drops_the_steps_a_resumed_run_trains_again(tmp_path):
   path = tmp_path / "metrics.jsonl"
   lines = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (2, 4, 6))
   path.write_text(lines + '{"step": 8, "lo')  # Killed while writing step 8.
-  train.JsonlWriter(str(path), start_step=4).write_scalars(6, {"loss": 0.5})
+  writers.JsonlWriter(str(path), start_step=4).write_scalars(6, {"loss": 0.5})
   logged = [json.loads(line) for line in path.read_text().splitlines()]
   assert logged == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}, {"step": 6, "loss": 0.5}]
   # Killed just before a line's newline: the line stays, and the next starts on its own.
   path.write_text(lines.rstrip("\n"))
-  train.JsonlWriter(str(path), start_step=6).write_scalars(8, {"loss": 0.1})
+  writers.JsonlWriter(str(path), start_step=6).write_scalars(8, {"loss": 0.1})
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 6, 8]
 
 

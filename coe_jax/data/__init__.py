@@ -38,6 +38,7 @@ import numpy as np
 from coe_jax.data import common, memory
 from coe_jax.data.common import DataInfo
 from coe_jax.data.images import preprocess_images
+from coe_jax.errors import CoEError
 
 if TYPE_CHECKING:
   import ml_collections
@@ -52,8 +53,14 @@ _IN_MEMORY = ("digits", "image_folder")  # Module names under coe_jax.data.
 
 def _source(name: str):
   """The module that implements data set `name`, imported on first use."""
-  module = name if name in _IN_MEMORY else "tfds_source"
-  return importlib.import_module(f"coe_jax.data.{module}")
+  if name in _IN_MEMORY:
+    return importlib.import_module(f"coe_jax.data.{name}")
+  try:
+    return importlib.import_module("coe_jax.data.tfds_source")
+  except ImportError as e:  # No TensorFlow wheel on aarch64 (GH200/GB200 nodes).
+    raise CoEError(f"data.name={name!r}: TFDS data sets are read through TensorFlow, which "
+                   f"cannot be imported here ({e}); use data.name=image_folder or digits, which "
+                   "need no TensorFlow") from None
 
 
 def eval_crop_fraction(config: ml_collections.ConfigDict) -> float:

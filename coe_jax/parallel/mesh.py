@@ -2,7 +2,10 @@
 
 Mesh axes: `data` (the batch is split along it) and `expert` (the stacked
 experts' leading axis is split along it when it is larger than one). Every
-other array is replicated. On a pod, the mesh spans all hosts' devices.
+other array is replicated. On a pod, the mesh spans all hosts' devices (in
+the torus's order on a TPU slice), and each process loads the examples of
+the data rows its devices sit in (`process_data_shard`, `global_batch`),
+however those rows are spread along the axis.
 """
 
 from typing import Any, Optional
@@ -55,9 +58,45 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
       f"expected a divisor of the per-device batch "
       f"({config.train.batch_size} / {data} data shards)")
   # Topology-aware on TPUs and GPUs (neighbouring chips share an expert group's
-  # all-reduces); the plain order elsewhere.
-  grid = mesh_utils.create_device_mesh((data, expert), devices=list(devices.flat))
-  return Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
+  # all-reduces); the plain order elsewhere. A torus whose axes cannot be
+  # grouped into the two sizes (32 x 2 on v4-128's 4x4x4) has one of its axes
+  # split rather than the mesh refused.
+  grid = mesh_utils.create_device_mesh((data, expert),
+                                       devices=list(devices.flat),
+                                       allow_split_physical_axes=True)
+  mesh = Mesh(grid, (DATA_AXIS, EXPERT_AXIS))
+  _row_groups(mesh)  # A layout no batch split can follow stops here, not at the first batch.
+  return mesh
+
+
+def _process_rows(mesh: Mesh) -> dict[int, tuple[int, ...]]:
+  """Every process's data rows: those its devices sit in, in increasing order."""
+  rows: dict[int, set[int]] = {}
+  for (row, _), device in np.ndenumerate(mesh.devices):
+    rows.setdefault(device.process_index, set()).add(row)
+  return {process: tuple(sorted(r)) for process, r in rows.items()}
+
+
+def _row_groups(mesh: Mesh) -> tuple[dict[int, tuple[int, ...]], list[tuple[int, ...]]]:
+  """(each process's rows, the distinct row sets ordered by their first row).
+
+  On a TPU slice the mesh follows the torus, so one host's chips can sit in
+  rows far apart ([0, 2, 4, 6] of 8 on v4-16); only the sets matter.
+  """
+  rows = _process_rows(mesh)
+  groups = sorted(set(rows.values()))
+  sizes = {len(g) for g in groups}
+  # Equal sizes that add up to the data axis: the distinct sets are disjoint,
+  # since together they cover every row.
+  require(
+      len(sizes) == 1 and len(groups) * len(groups[0]) == mesh.devices.shape[0], "mesh",
+      dict(mesh.shape), "expected each process's data rows to equal or be disjoint from every "
+      f"other's, as many on each; the processes hold rows {_shown(rows)}")
+  return rows, groups
+
+
+def _shown(rows: dict[int, tuple[int, ...]]) -> str:
+  return ", ".join(f"{p}: {list(r)}" for p, r in sorted(rows.items()))
 
 
 def process_data_shard(mesh: Mesh, process_index: Optional[int] = None) -> tuple[int, int]:
@@ -66,24 +105,54 @@ def process_data_shard(mesh: Mesh, process_index: Optional[int] = None) -> tuple
   A process loads the examples of the data-axis rows its devices sit in, the
   same examples as every other process in those rows: on a 1 x 4 mesh over
   two hosts of 2 devices, both load the whole batch (one row); on 2 x 2,
-  each loads its own half. The batch splits into `count` equal shares, and
-  this process's rows are share `index`.
+  each loads its own half. The batch splits into `count` equal shares, one
+  per distinct set of rows (ordered by their first row), and this process's
+  rows are share `index`; the rows need not be contiguous (`global_batch`
+  places them).
 
   Raises:
-    CoEError: when this process's rows are not one contiguous block of the
-      data axis (a device order that no batch split can follow).
+    CoEError: when this process holds no device of the mesh, or when two
+      processes' rows overlap without being the same (no batch split can
+      follow that layout).
   """
   process = jax.process_index() if process_index is None else process_index
-  grid = mesh.devices  # [D, E]
-  rows = [d for d in range(grid.shape[0]) if any(dev.process_index == process for dev in grid[d])]
-  data = grid.shape[0]
-  share = len(rows)
-  require(
-      share >= 1 and data % share == 0 and rows == list(range(rows[0], rows[0] + share)) and
-      rows[0] % share == 0, "mesh", dict(mesh.shape),
-      f"process {process} holds data rows {rows} of {data}; expected one aligned contiguous "
-      "block, the same size on every process")
-  return rows[0] // share, data // share
+  rows, groups = _row_groups(mesh)
+  require(process in rows, "process_index", process,
+          f"expected a process holding devices of the mesh ({sorted(rows)})")
+  return groups.index(rows[process]), len(groups)
+
+
+def process_shards(mesh: Mesh,
+                   local: np.ndarray,
+                   process_index: Optional[int] = None) -> list[tuple[Any, np.ndarray]]:
+  """(device, examples) for each of this process's devices, from its share `local`.
+
+  The share holds the examples of the process's data rows in increasing row
+  order, B/D a row: its j-th block of B/D goes to every device of its j-th
+  row, whichever rows those are.
+  """
+  process = jax.process_index() if process_index is None else process_index
+  process_data_shard(mesh, process)  # The layout and the process, checked.
+  rows = _process_rows(mesh)[process]
+  size = local.shape[0] // len(rows)
+  block = {row: j for j, row in enumerate(rows)}
+  return [(device, local[block[row] * size:(block[row] + 1) * size])
+          for (row, _), device in np.ndenumerate(mesh.devices)
+          if device.process_index == process]
+
+
+def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """This process's share of a batch -> the global array split over `data`.
+
+  Built device by device (`process_shards`), so that rows of one process that
+  are not contiguous along the data axis each get their own block; the global
+  batch is `process_data_shard`'s count of shares.
+  """
+  _, shares = process_data_shard(mesh)
+  pairs = process_shards(mesh, local)
+  arrays = jax.device_put([a for _, a in pairs], [d for d, _ in pairs])
+  return jax.make_array_from_single_device_arrays((local.shape[0] * shares, *local.shape[1:]),
+                                                  batch_sharding(mesh), arrays)
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:

@@ -294,6 +294,9 @@ def check_out_dir(out_dir: str) -> None:
   nearest existing ancestor, finds what permission bits do not (root ignores
   them; /proc, read-only mounts).
   """
+  # LiteRTPredictor, which checks the export here and serves it, reads local files only.
+  require(not run_dir.is_remote(out_dir), "out", out_dir,
+          "expected a local folder; copy the export to remote storage afterwards")
   existing = os.path.abspath(out_dir)
   while not os.path.lexists(existing):
     existing = os.path.dirname(existing)
@@ -516,7 +519,7 @@ def export_run(workdir: str,
                         crop_fraction=data.eval_crop_fraction(config),
                         model_flops=flops.count(config, meta["num_classes"]),
                         calibration=calibration,
-                        source={"workdir": os.path.abspath(workdir)})
+                        source={"workdir": run_dir.absolute(workdir)})
   log(f"wrote {out_dir}: delegator.tflite, {model.num_experts} experts, "
       f"{litert_predictor.MANIFEST} ({quantization})")
   top1 = {}

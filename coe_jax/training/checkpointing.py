@@ -8,7 +8,11 @@ checkpoint that cannot be read (truncated or missing files) is reported in one
 line and the previous one is used; a training run moves the unreadable one to
 `unreadable_checkpoints/`, so that it can save that step again, and deletes
 nothing. When no checkpoint can be read the run stops with an error rather
-than start afresh. Checkpoints are read through orbax only (no pickle).
+than start afresh. On several processes (a pod) all of them resume the same
+step and set the same checkpoints aside: process 0's listing names the steps
+to try, and a step counts as readable only where every process read it.
+Checkpoints are read through orbax only (no pickle). The workdir may be
+remote (gs://...): it is used as given, never resolved against the local disk.
 """
 
 import json
@@ -18,6 +22,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -76,7 +81,8 @@ class Checkpointer:
   """Periodic asynchronous saves and robust restores of one run's train state."""
 
   def __init__(self, workdir: str, *, keep: int, fingerprint: dict[str, Any]):
-    self.directory = str(epath.Path(workdir).resolve() / run_dir.CHECKPOINTS)
+    # Not `epath.Path.resolve`: it turns gs://bucket/run into <cwd>/gs:/bucket/run.
+    self.directory = str(epath.Path(run_dir.absolute(workdir)) / run_dir.CHECKPOINTS)
     self.fingerprint = fingerprint
     self.manager = ocp.CheckpointManager(self.directory,
                                          options=ocp.CheckpointManagerOptions(
@@ -84,6 +90,7 @@ class Checkpointer:
                                              create=True,
                                              enable_async_checkpointing=True),
                                          item_names=("state", "meta"))
+    self._handler = ocp.CompositeCheckpointHandler()
 
   def save(self, step: int, state: Any, *, force: bool = False) -> None:
     self.manager.save(step,
@@ -104,6 +111,7 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+    self._handler.close()
 
   def restore_latest(self,
                      abstract_state: Any,
@@ -112,7 +120,11 @@ class Checkpointer:
     """(step, state) of the newest readable checkpoint, or None if there is none.
 
     Newer checkpoints that cannot be read are skipped, each reported in one
-    line.
+    line. With several processes, every one restores the same step: process
+    0's listing names each step to try, and a step counts as readable only
+    if every process read it, so that no host resumes another step than the
+    rest (or starts afresh beside them) when their views of the storage
+    differ.
 
     Args:
       abstract_state: shapes, dtypes and shardings (from `jax.eval_shape` plus
@@ -125,23 +137,8 @@ class Checkpointer:
         there are checkpoints and none can be read.
     """
     _ignore_abandoned_reads()
-    unreadable = []  # (step, reason), newest first.
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        meta = self.manager.restore(step,
-                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike.
-        unreadable.append((step, _reason(e)))
-        continue
-      check_fingerprint(meta, self.fingerprint, self.directory)
-      try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-      except Exception as e:  # noqa: BLE001
-        unreadable.append((step, _reason(e)))
-        continue
-      break
-    else:
+    step, state, unreadable = self._newest_readable(abstract_state)
+    if step is None:
       if unreadable:
         newest, reason = unreadable[0]
         raise CoEError(f"checkpoints={self.directory!r}: none of the {len(unreadable)} "
@@ -153,7 +150,58 @@ class Checkpointer:
       where = f"moved to {moved[bad]}" if bad in moved else "left in place"
       logging.warning("checkpoint %s/%d cannot be read (%s); resuming from step %d instead; "
                       "%s", self.directory, bad, reason, step, where)
-    return step, restored["state"]
+    return step, state
+
+  def _newest_readable(self, abstract_state: Any) -> tuple[Optional[int], Any, list]:
+    """(step, state, [(unreadable step, reason)] newest first); (None, None, ...) for none.
+
+    The same step and list on every process.
+    """
+    listed = sorted(self.manager.all_steps(), reverse=True)
+    unreadable = []
+    while True:
+      below = unreadable[-1][0] if unreadable else float("inf")
+      step = _from_process_0(next((s for s in listed if s < below), _NONE))
+      if step == _NONE:
+        return None, None, unreadable
+      outcome, detail = self._read(step, abstract_state)
+      outcomes = _from_every_process(outcome)
+      if all(o == _READ for o in outcomes):
+        return step, detail, unreadable
+      if _MISMATCH in outcomes:
+        if outcome == _MISMATCH:
+          raise detail
+        raise CoEError(f"checkpoints={self.directory!r}: process {outcomes.index(_MISMATCH)} "
+                       f"found checkpoint {step} written with another config; use another "
+                       "workdir or the same config")
+      if outcome == _READ:
+        failed = [str(i) for i, o in enumerate(outcomes) if o != _READ]
+        detail = f"process {', '.join(failed)} cannot read it"
+      unreadable.append((step, detail))
+
+  def _read(self, step: int, abstract_state: Any) -> tuple[int, Any]:
+    """(_READ, state), (_UNREADABLE, reason) or (_MISMATCH, CoEError) for checkpoint `step`.
+
+    Through orbax's handler rather than the manager: the manager's restore
+    ends in a barrier that only the processes whose read succeeded reach, so
+    one process failing where another did not would leave them waiting on
+    each other.
+    """
+    where = epath.Path(self.manager.directory) / str(step)
+    try:
+      meta = self._handler.restore(where, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike.
+      return _UNREADABLE, _reason(e)
+    try:
+      check_fingerprint(meta, self.fingerprint, self.directory)
+    except CoEError as e:
+      return _MISMATCH, e
+    try:
+      restored = self._handler.restore(
+          where, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # noqa: BLE001
+      return _UNREADABLE, _reason(e)
+    return _READ, restored["state"]
 
   def restore_exactly(self, abstract_state: Any, step: Optional[int] = None) -> tuple[int, Any]:
     """(step, state) of checkpoint `step` (the newest when None), with no fall-back.
@@ -191,31 +239,55 @@ class Checkpointer:
     return wanted, restored["state"]
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
-    """Moves these checkpoints to `run_dir.UNREADABLE_CHECKPOINTS` on every host.
+    """Moves these checkpoints to `run_dir.UNREADABLE_CHECKPOINTS`; every process calls it
+    with the same steps (`restore_latest` agrees on them).
 
     Returns step -> new path.
     """
     if not steps:
       return {}
     target_dir = epath.Path(self.directory).parent / run_dir.UNREADABLE_CHECKPOINTS
-    moved = {}
-    for step in steps:
-      target = target_dir / str(step)
-      copies = 1
-      while target.exists():  # The same step can turn out unreadable twice.
-        copies += 1
-        target = target_dir / f"{step}.{copies}"
-      moved[step] = str(target)
-    if jax.process_count() > 1:  # Every host names the targets before any is moved.
-      multihost_utils.sync_global_devices("coe_jax: naming unreadable checkpoints")
+
+    def target(step: int, copy: int) -> epath.Path:
+      return target_dir / (str(step) if copy == 1 else f"{step}.{copy}")
+
+    copies = np.ones(len(steps), np.int32)
+    if jax.process_index() == 0:
+      for i, step in enumerate(steps):
+        while target(step, copies[i]).exists():  # The same step can turn out unreadable twice.
+          copies[i] += 1
+    # Process 0 alone moves them; the others report the names it chose.
+    copies = [int(c) for c in _from_process_0(copies)]
+    moved = {step: str(target(step, copy)) for step, copy in zip(steps, copies)}
     if jax.process_index() == 0:
       target_dir.mkdir(parents=True, exist_ok=True)
-      for step, target in moved.items():
-        (epath.Path(self.directory) / str(step)).rename(target)
-    if jax.process_count() > 1:
+      for step, path in moved.items():
+        (epath.Path(self.directory) / str(step)).rename(path)
+    if jax.process_count() > 1:  # No process lists or saves these steps before they moved.
       multihost_utils.sync_global_devices("coe_jax: unreadable checkpoints set aside")
     self.manager.reload()  # Forget the moved steps, so that they can be saved again.
     return moved
+
+
+# What a process found when it read a checkpoint, as `_read` returns it.
+_READ, _UNREADABLE, _MISMATCH = 0, 1, 2
+# No step to try: the step `_from_process_0` broadcasts when process 0 has none left.
+_NONE = -1
+
+
+def _from_process_0(value: Any) -> Any:
+  """Process 0's `value` (an int or an int array), on every process."""
+  if jax.process_count() == 1:
+    return value
+  result = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+  return int(result) if result.ndim == 0 else result
+
+
+def _from_every_process(value: int) -> list[int]:
+  """Every process's `value`, by process index."""
+  if jax.process_count() == 1:
+    return [value]
+  return [int(v) for v in multihost_utils.process_allgather(np.int32(value))]
 
 
 def _ignore_abandoned_reads() -> None:

@@ -30,7 +30,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -41,70 +40,10 @@ from coe_jax.models import pwlu
 from coe_jax.models.coe import CoE
 from coe_jax.parallel import mesh as mesh_lib
 from coe_jax.stages import StagePlan
-from coe_jax.training import checkpointing, optim, saved_run, train_step
+from coe_jax.training import checkpointing, optim, saved_run, train_step, writers
 from coe_jax.training.train_step import TrainState, create_train_state, make_train_step
 
 LOSS_TERMS = ("expert_loss", "selection_loss", "delegator_loss")
-
-
-def _logged_step(line: str) -> float:
-  """The step of a `metrics.jsonl` line; infinity for a line that is not one (cut short)."""
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return float("inf")
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends scalars to `metrics.jsonl`, one JSON object per step: easy to load anywhere.
-
-  Local workdirs only: object stores (gs://) cannot append; TensorBoard
-  summaries cover those.
-  """
-
-  def __init__(self, path: str, start_step: int = 0):
-    """Appends to `path`, first dropping its lines past `start_step`.
-
-    A run resumed from step S trains the steps after S again, and logs them
-    again: their old lines (and a line cut short by a kill) are dropped, so
-    the file holds each step once, as an uninterrupted run's does.
-    """
-    self._path = path
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        kept = [line.rstrip("\n") for line in f if _logged_step(line) <= start_step]
-      run_dir.write_text_atomically(path, "".join(line + "\n" for line in kept))
-
-  def write_scalars(self, step, scalars):
-    with open(self._path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
 
 
 class _Preemption:
@@ -204,14 +143,10 @@ class Trainer:
     """This process's share of a batch -> global arrays split over `data`.
 
     Processes in the same data rows hold the same share; the global batch is
-    `data_shards` shares.
+    `data_shards` shares. On a TPU slice a process's rows need not be
+    contiguous; `mesh.global_batch` gives each row its block of the share.
     """
-    return {
-        k:
-            jax.make_array_from_process_local_data(self.batch_sharding, v,
-                                                   (v.shape[0] * self.data_shards, *v.shape[1:]))
-        for k, v in batch.items()
-    }
+    return {k: mesh_lib.global_batch(self.mesh, v) for k, v in batch.items()}
 
   def init_state(self) -> TrainState:
     """The state of a new run: random, or with `train.init_from`'s networks."""
@@ -449,18 +384,10 @@ def train(trainer: Trainer, stop_at: Optional[int] = None) -> Optional[TrainStat
 
   # The console gets `progress`'s short line; every metric goes to TensorBoard
   # and metrics.jsonl, written by the chief alone.
-  writers = []
-  if is_chief:
-    writers.append(metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)))
-    if "://" not in workdir:
-      writers.append(JsonlWriter(os.path.join(workdir, run_dir.METRICS), start_step))
-  writer = metric_writers.MultiWriter(writers)
+  writer = writers.open_writers(workdir, start_step, chief=is_chief)
   hooks = []
   if config.train.profile_steps and is_chief:
-    hooks.append(
-        periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
-                                 logdir=workdir,
-                                 first_profile=min(10, num_steps)))
+    hooks.append(writers.profiler(workdir, config.train.profile_steps, min(10, num_steps)))
   steps = {}
   realign_step = int(config.train.pwlu_realign_fraction * num_steps)
   # The first co-adaptation step, where a generalist warm-up ends (a resumed
