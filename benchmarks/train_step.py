@@ -1,7 +1,20 @@
-r"""How much of a CoE train step WGM, LGM and VCM take.
+r"""What a CoE train step costs: its parts, and how it grows with N under each dispatch.
 
-    python -m benchmarks.train_step --config=configs/digits.py --batch-size=256 \
-        [--num-experts=4] [--json=FILE]
+    python -m benchmarks.train_step --config=configs/digits.py [--json=FILE] \
+        [--config.train.batch_size=256 --config.num_experts=4 ...]
+    python -m benchmarks.train_step --config=configs/cifar10.py \
+        --sweep_experts=4,8,16,32 --sweep_dispatches=all,routed [--json=FILE]
+
+With `--sweep_experts` (and `--sweep_dispatches`), the co-adaptation step of
+every (dispatch, N) is compiled and timed in one run instead: `images_per_s`,
+XLA's FLOPs per image (`xla_flops_per_image`, of the compiled program; the
+experts' loop unrolled, so XLA counts every expert) and the model's
+(`model_flops_per_image`, `coe_jax.flops.train_step_flops`), and each
+routed row's speed-up over the "all" row of its N. Routed rows score 1 / N of
+each batch (`lgm.score_fraction`), which keeps the step flat in N, and keep
+the config's `wgm.off_portion_samples` (alpha 0 when it has none).
+
+Otherwise, at the config as given (after its overrides):
 
 Measured in one run, after warm-up, on the default backend:
 - `train_step`: the whole jitted co-adaptation step (delegator + N experts
@@ -25,9 +38,8 @@ It prints one JSON line and a table; the figure of interest is
 `share = wgm_lgm_vcm / train_step` (goal: at most 5%). Both steps' rates are
 also given as a percentage of `peak`, this machine's float32 rate measured in
 the same run by a 2048x2048 numpy matmul (`benchmarks.peak`), with a step's
-multiply-adds estimated as 3 x batch x (F_D + N F_E): the forward pass of the
-delegator and every expert (`coe_jax.flops`) and a backward pass of twice its
-cost (gradients for activations and for weights).
+multiply-adds from `coe_jax.flops.train_step_flops` (forward and backward
+passes of the delegator and the experts the dispatch trains).
 """
 
 import json
@@ -41,10 +53,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from benchmarks.peak import measured_peak
-from coe_jax import data, flops
-from coe_jax.config_loading import load_config, run_command
+from coe_jax import config_base, data, flops
+from coe_jax.config_loading import flag_config, run_command
+from coe_jax.errors import require
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
 from coe_jax.objective import lgm, vcm, wgm
@@ -159,8 +173,7 @@ def run(config: ml_collections.ConfigDict,
   input_seconds = (time.perf_counter() - start) / repeats
 
   peak = measured_peak()  # Right after the timing, under the same load.
-  cost = flops.count(config, num_classes)
-  step_macs = 3 * batch_size * (cost["delegator_flops"] + num_experts * cost["expert_flops"])
+  step_macs = flops.train_step_flops(config, num_classes) / 2
   return {
       "batch_size": batch_size,
       "num_experts": num_experts,
@@ -181,6 +194,76 @@ def run(config: ml_collections.ConfigDict,
       },
       "peak": peak,
   }
+
+
+def sweep_config(config: ml_collections.ConfigDict, dispatch: str,
+                 num_experts: int) -> ml_collections.ConfigDict:
+  """`config` at N experts under `dispatch`; routed scores 1 / N of the batch."""
+  config = config.copy_and_resolve_references()
+  config.num_experts = num_experts
+  config.train.expert_dispatch = dispatch
+  config.expert_loop = "unroll"  # XLA's cost analysis then counts every expert.
+  if dispatch == "routed":
+    config.lgm.score_fraction = 1 / num_experts
+    if not config.wgm.off_portion_samples:
+      config.wgm.off_portion_weight = 0.0
+  return config
+
+
+def sweep(config: ml_collections.ConfigDict, experts: list[int], dispatches: list[str],
+          repeats: int) -> list[dict[str, Any]]:
+  """The co-adaptation step of each (dispatch, N), compiled and timed in one run."""
+  num_classes = config.data.num_classes or 10
+  batch_size = config.train.batch_size
+  rng = np.random.default_rng(0)
+  size, channels = config.data.image_size, config.data.channels
+  batch = {
+      "image": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, channels)), jnp.uint8),
+      "label": jnp.asarray(rng.integers(0, num_classes, batch_size), jnp.int32)
+  }
+  rows = []
+  for num_experts in experts:
+    for dispatch in dispatches:
+      point = sweep_config(config, dispatch, num_experts)
+      model = CoE(point, num_classes)
+      optimizer = optim.make_optimizer(point)
+      state = create_train_state(model, optimizer, point, jax.random.key(0))
+      step = jax.jit(make_train_step(model, optimizer, point, "coadapt"))
+      start = time.perf_counter()
+      compiled = step.lower(state, batch, jax.random.key(1)).compile()
+      compile_s = time.perf_counter() - start
+      seconds = _seconds_per_call(lambda: compiled(state, batch, jax.random.key(1)), repeats)
+      rows.append({
+          "dispatch": dispatch,
+          "num_experts": num_experts,
+          "batch_size": batch_size,
+          "images_per_s": batch_size / seconds,
+          "step_ms": 1e3 * seconds,
+          "compile_s": compile_s,
+          "xla_flops_per_image": compiled.cost_analysis()["flops"] / batch_size,
+          "model_flops_per_image": flops.train_step_flops(point, num_classes) / batch_size,
+      })
+  for row in rows:
+    all_row = next(
+        (r for r in rows if r["dispatch"] == "all" and r["num_experts"] == row["num_experts"]),
+        None)
+    row["speedup_over_all"] = (row["images_per_s"] /
+                               all_row["images_per_s"] if all_row is not None else None)
+  return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+  lines = [
+      f"{'dispatch':<10}{'N':>4}{'images/s':>10}{'x all':>7}{'XLA MFLOP/image':>17}"
+      f"{'model MFLOP/image':>19}{'compile s':>11}"
+  ]
+  for row in rows:
+    speedup = row["speedup_over_all"]
+    lines.append(f"{row['dispatch']:<10}{row['num_experts']:>4}{row['images_per_s']:>10.1f}"
+                 f"{'' if speedup is None else f'{speedup:.2f}':>7}"
+                 f"{row['xla_flops_per_image'] / 1e6:>17.2f}"
+                 f"{row['model_flops_per_image'] / 1e6:>19.2f}{row['compile_s']:>11.1f}")
+  return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -204,33 +287,60 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = load_config(_CONFIG.value)
-  with tempfile.TemporaryDirectory() as data_dir:
-    input_config = None
-    if _INPUT.value == "fake_tfds":
-      input_config = fake_tfds_config(config, data_dir, examples=2 * _BATCH_SIZE.value)
+  config = flag_config(_CONFIG)
+  if _SWEEP_EXPERTS.value:
+    experts = _integers("--sweep_experts", _SWEEP_EXPERTS.value)
+    dispatches = _SWEEP_DISPATCHES.value
+    require(dispatches and set(dispatches) <= set(config_base.EXPERT_DISPATCHES),
+            "--sweep_dispatches", ",".join(dispatches),
+            f"expected some of {', '.join(config_base.EXPERT_DISPATCHES)}")
+    rows = sweep(config, experts, dispatches, _REPEATS.value)
     report = {
-        "config": _CONFIG.value,
-        "input": _INPUT.value,
-        **run(config, _BATCH_SIZE.value, _NUM_EXPERTS.value, _REPEATS.value, input_config)
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "machine": platform.processor(),
+        "rows": rows
     }
+    table = format_sweep(rows)
+  else:
+    with tempfile.TemporaryDirectory() as data_dir:
+      input_config = None
+      if _INPUT.value == "fake_tfds":
+        input_config = fake_tfds_config(config, data_dir, examples=2 * config.train.batch_size)
+      report = {
+          "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+          "input": _INPUT.value,
+          **run(config, config.train.batch_size, config.num_experts, _REPEATS.value, input_config)
+      }
+    table = format_table(report)
   print(json.dumps(report))
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   print()
-  print(format_table(report))
+  print(table)
+
+
+def _integers(flag: str, values: list[str]) -> list[int]:
+  require(all(v.isdigit() and int(v) > 0 for v in values), flag, ",".join(values),
+          "expected positive integers, e.g. 4,8,16")
+  return [int(v) for v in values]
 
 
 if __name__ == "__main__":
   # Defined here, not at import, so that other benchmarks and the tests can import this module.
-  _CONFIG = flags.DEFINE_string("config", "configs/digits.py", "Config file.")
-  _BATCH_SIZE = flags.DEFINE_integer("batch-size", 256, "Images per step.")
-  _NUM_EXPERTS = flags.DEFINE_integer("num-experts", 4, "Experts N.")
+  _CONFIG = config_flags.DEFINE_config_file("config",
+                                            "configs/digits.py",
+                                            "Config file, then --config.KEY=VALUE overrides.",
+                                            lock_config=True)
   _REPEATS = flags.DEFINE_integer("repeats", 10,
                                   "Timed calls of each step; the median is reported.")
   _JSON = flags.DEFINE_string("json", "", "Also write the report to this JSON file.")
   _INPUT = flags.DEFINE_enum(
       "input", "config", ["config", "fake_tfds"],
       "Whose input pipeline to time: the config's, or TFDS on fake ImageNet.")
+  _SWEEP_EXPERTS = flags.DEFINE_list(
+      "sweep_experts", [], "Numbers of experts: time the step of each under each "
+      "--sweep_dispatches instead.")
+  _SWEEP_DISPATCHES = flags.DEFINE_list("sweep_dispatches", ["all", "routed"],
+                                        "Dispatches of the sweep: all, routed.")
   run_command(main)

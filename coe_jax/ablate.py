@@ -16,7 +16,8 @@ every file.
 
 Variants:
 - `coe`: the config as given.
-- `no_wgm`: `wgm.off_portion_weight=1`: every expert weighs every sample alike.
+- `no_wgm`: `wgm.off_portion_weight=1`: every expert weighs every sample alike
+  (under `train.expert_dispatch=all`: every expert trains on every image).
 - `no_lgm`: `lgm.rule=random`: the delegator's selection learns random labels.
 - `no_vcm`: `vcm.enabled=False`: every sample weighs 1 in the selection loss.
 - `single`: one network of the experts' architecture, its width (not its
@@ -122,6 +123,7 @@ def variant_config(config: ml_collections.ConfigDict,
   config.seed = seed
   if variant == "no_wgm":
     config.wgm.off_portion_weight = 1.0
+    config.train.expert_dispatch = "all"  # Every expert on every image, alike.
   elif variant == "no_lgm":
     config.lgm.rule = config_base.RANDOM_RULE
   elif variant == "no_vcm":
@@ -133,6 +135,7 @@ def variant_config(config: ml_collections.ConfigDict,
     # Plain classifiers: no generalist to copy, no selection to learn.
     config.train.generalist_warmup = False
     config.loss.selection_in_warmup = False
+    config.train.expert_dispatch = "all"  # Nothing to route.
     if variant != "ensemble":
       if sizing is None:
         raise CoEError(f"variant={variant!r}: needs the multipliers from full CoE's mean FLOPs")

@@ -34,6 +34,8 @@ STAGES = ("warmup", "coadapt", "delegator")  # Training stages, in the order the
 LGM_RULES = ("argmax", "balanced", "soft")
 RANDOM_RULE = "random"  # No LGM (ablations): not one of LGM_RULES, which score the experts.
 ROUTING_MODES = ("exact", "serving")
+# How a training step sends images to the experts (docs/method.md, section 4).
+EXPERT_DISPATCHES = ("all", "routed")
 AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
 SCHEDULES = ("per_stage", "continuous")
 
@@ -176,6 +178,10 @@ _SCHEMA: dict[str, Any] = dict(
         # all-reduce per layer) | replica (each device's own samples', as
         # MobileNet/EfficientNet TPU recipes do; the running averages agree).
         batch_norm_scope=Key("global", one_of(BATCH_NORM_SCOPES)),
+        # all: every expert trains on every image, weighted by WGM (N experts' cost
+        # an image); routed: each expert trains on its WGM portion only (about
+        # one expert's cost an image; wgm.off_portion_samples, lgm.score_fraction).
+        expert_dispatch=Key("all", one_of(EXPERT_DISPATCHES)),
         # Warm-up trains expert 0 alone, as one generalist; when co-adaptation
         # starts, every expert becomes a copy of it (weights, BatchNorm
         # statistics, optimizer state, EMA) and WGM's portions make them differ.
@@ -212,6 +218,14 @@ _SCHEMA: dict[str, Any] = dict(
     wgm=dict(
         # alpha: an expert's loss weight outside its portion.
         off_portion_weight=Key(0.2, real(lambda v: 0 <= v <= 1, "expected a weight in [0, 1]")),
+        # Routed dispatch: images an expert trains on from outside its portion
+        # each step, drawn uniformly and weighted so that the expected loss is
+        # alpha's (0 = its portion only, which needs alpha = 0).
+        off_portion_samples=Key(0, NON_NEGATIVE_INT),
+        # Routing groups: the batch splits into this many groups, each
+        # partitioned on its own (B / groups / num_experts images an expert).
+        # Routed dispatch on a mesh needs a multiple of the data axis.
+        groups=Key(1, POSITIVE_INT),
         sinkhorn_epsilon=Key(0.05, POSITIVE),
         sinkhorn_max_iterations=Key(200, POSITIVE_INT),
         sinkhorn_threshold=Key(1e-3, POSITIVE),
@@ -224,6 +238,14 @@ _SCHEMA: dict[str, Any] = dict(
                 f"expected one of {', '.join(LGM_RULES)} "
                 f"(or {RANDOM_RULE}: LGM off, for ablations)")),
         temperature=Key(1.0, POSITIVE),
+        # Routed dispatch: the share of each batch every expert scores (forward
+        # only) for LGM's and VCM's targets; 1 = every image, 1 / num_experts
+        # keeps the step's cost flat in num_experts. 1 / fraction must be a
+        # whole number.
+        score_fraction=Key(
+            1.0,
+            real(lambda v: 0 < v <= 1 and abs(1 / v - round(1 / v)) < 1e-6,
+                 "expected 1 / k for a whole number k >= 1 (1, 0.5, 0.25, ...)")),
     ),
     vcm=dict(enabled=Key(True, FLAG)),
     loss=dict(
@@ -457,11 +479,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "needs a warmup and a coadapt stage (train.stages)")
     require(not config.loss.selection_in_warmup, "loss.selection_in_warmup", True,
             "the generalist warm-up trains expert 0 alone, so there is no choice to learn yet")
+  _validate_dispatch(config)
   require(
       config.eval.threshold is not None or config.data.holdout_fraction > 0,
       "data.holdout_fraction", config.data.holdout_fraction,
       "tau is calibrated on a hold-out of the training split, never on the test split: "
       "hold some out, or fix tau with eval.threshold")
+
+
+def _validate_dispatch(config: ml_collections.ConfigDict) -> None:
+  """The rules joining the batch, the experts, WGM's groups and routed dispatch."""
+  batch, num_experts, groups = config.train.batch_size, config.num_experts, config.wgm.groups
+  drawn = config.wgm.off_portion_samples
+  require(batch % groups == 0, "wgm.groups", groups,
+          f"expected a divisor of train.batch_size={batch}")
+  stride = round(1 / config.lgm.score_fraction)
+  if config.train.expert_dispatch != "routed":
+    return
+  require((batch // groups) % num_experts == 0, "train.batch_size", batch,
+          f"routed dispatch gives each of the {num_experts} experts an equal share of each of the "
+          f"{groups} routing groups: expected a multiple of {groups * num_experts}")
+  require(
+      drawn > 0 or config.wgm.off_portion_weight == 0, "wgm.off_portion_weight",
+      config.wgm.off_portion_weight, "routed dispatch trains each expert on its portion only: "
+      "set wgm.off_portion_samples > 0 to draw images from outside it, or this weight to 0")
+  per_group = batch // groups
+  require(
+      drawn % groups == 0 and drawn // groups <= per_group - per_group // num_experts,
+      "wgm.off_portion_samples", drawn, f"expected a multiple of wgm.groups={groups}, at most "
+      f"{groups * (per_group - per_group // num_experts)} (the images outside a portion)")
+  require(batch % stride == 0, "lgm.score_fraction", config.lgm.score_fraction,
+          f"expected 1 / k for a k that divides train.batch_size={batch}")
+  require(stride == 1 or config.loss.distill_weight == 0, "loss.distill_weight",
+          config.loss.distill_weight, "distillation needs every image's selected expert: "
+          "lgm.score_fraction=1 with it")
 
 
 def validate_network(net: Mapping[str, Any], name: str) -> None:

@@ -31,7 +31,7 @@ from coe_jax.config_loading import flag_config, run_command
 from coe_jax.errors import CoEError
 from coe_jax.models import kinds
 from coe_jax.models.spec import NetworkSpec
-from coe_jax.stages import Stage
+from coe_jax.stages import GENERALIST, WGM, Stage, StagePlan
 
 
 def network_macs(spec: Any, image_size: int, in_channels: int, num_outputs: int) -> int:
@@ -71,14 +71,34 @@ def train_step_flops(config: ml_collections.ConfigDict,
 
   Training a network costs 3 forward passes (forward, and the two products of
   the backward pass). The delegator trains in every stage; frozen experts run
-  forward only (`Stage.expert_passes`). Recomputation (remat) and the
+  forward only (`Stage.expert_passes`). Under routed dispatch an image trains
+  one expert (the drawn images add m N / B), and the scored share of the
+  batch runs forward through every expert. Recomputation (remat) and the
   transport solvers are not model FLOPs.
   """
   macs = count(config, num_classes)
-  expert_passes = Stage.named(stage, config).expert_passes
-  per_image = (3 * macs["delegator_flops"] +
-               expert_passes * config.num_experts * macs["expert_flops"])
+  named = Stage.named(stage, config)
+  experts = config.num_experts
+  if config.train.expert_dispatch == "routed":
+    # Each image trains its own expert (and m drawn images each expert), or the
+    # generalist alone; every expert scores the scored share, forward only.
+    trained = {
+        WGM: 1 + config.wgm.off_portion_samples * experts / config.train.batch_size,
+        GENERALIST: 1
+    }.get(named.expert_weights, experts if named.trains_experts else 0)
+    scored = experts * config.lgm.score_fraction if named.trains_selection else 0
+    expert_passes = 3 * trained + scored
+  else:
+    expert_passes = named.expert_passes * experts
+  per_image = 3 * macs["delegator_flops"] + expert_passes * macs["expert_flops"]
   return 2 * per_image * config.train.batch_size
+
+
+def run_train_flops(config: ml_collections.ConfigDict, num_classes: int) -> float:
+  """Multiply-adds of a whole run's training: each stage's steps at its step's
+  model FLOPs (`train_step_flops`, halved: FLOPs count 2 a multiply-add)."""
+  return sum((span.end - span.start) * train_step_flops(config, num_classes, span.stage.name) / 2
+             for span in StagePlan.from_config(config).spans)
 
 
 # Width multipliers `scaled_to_flops` chooses from. A family sized by width

@@ -17,25 +17,26 @@ FLOPs here?), the single networks alone, sized to 1.7M multiply-adds:
         --seeds=1 --variants=single,single_2x,condconv --reference_flops=1.7e6 \
         --config.data.name=image_folder --config.data.path=DIR
 
-The recipe is CIFAR-10's (docs/method.md, section 4; configs/cifar10.py says
-why each setting). TFDS `cifar100` is the default data (prepared with
-`tfds build cifar100`).
+The recipe and the experts are CIFAR-10's, read from configs/cifar10.py
+(docs/method.md, section 4; that config says why each setting). TFDS
+`cifar100` is the default data (prepared with `tfds build cifar100`).
 """
+
+import os
 
 import ml_collections
 
 from coe_jax import config_base as common
+from coe_jax.config_loading import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = common.base_config()
-  c.num_experts = 4
+  # CIFAR-10's recipe and experts, read from its config so the two stay one recipe.
+  c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py"))
   c.data.name = "cifar100"
-  c.data.image_size = 32
   c.data.num_classes = 100
-  c.data.augment = "pad_crop_flip"
-  # A narrow delegator: its cost is paid by every image, and on 100 classes
-  # its job is mostly to route.
+  # A narrow delegator: every image pays for it, and on 100 classes its job
+  # is mostly to route.
   c.delegator = common.network(stem_features=8,
                                stem_stride=2,
                                head_features=48,
@@ -44,28 +45,4 @@ def get_config() -> ml_collections.ConfigDict:
                                    common.stage(12, 1, 3, 1, 2, se_ratio=0.0, fused=True),
                                    common.stage(24, 1, 3, 1, 2, se_ratio=0.0, fused=True)
                                ])
-  c.expert = common.network(stem_features=16,
-                            stem_stride=2,
-                            head_features=128,
-                            activation="relu",
-                            stages=[
-                                common.stage(24, 1, 3, 1, 2, se_ratio=0.0, fused=True),
-                                common.stage(48, 2, 3, 1, 2, se_ratio=0.0, fused=True),
-                                common.stage(64, 1, 3, 1, 1, se_ratio=0.0, fused=True)
-                            ])
-  c.train.batch_size = 128
-  c.train.num_steps = 19000  # 60 epochs of the 40,500 images left after the hold-out
-  c.train.eval_every_steps = 6333
-  c.train.stages.warmup = 0.2
-  c.train.stages.coadapt = 0.8
-  c.train.optimizer = "adamw"
-  c.train.learning_rate = 3e-3
-  c.train.schedule = "continuous"
-  c.train.warmup_steps = 300
-  c.train.weight_decay = 0.05
-  c.train.generalist_warmup = True
-  c.loss.label_smoothing = 0.0
-  c.train.checkpoint_every_steps = 500
-  c.train.log_every_steps = 100
-  c.eval.batch_size = 500
   return c

@@ -180,7 +180,12 @@ def test_ablate_with_an_unknown_config_key(tmp_path):
     ("benchmarks.scale", ("--num-experts=4,a",), "--num-experts='4,a': expected integers"),
     ("benchmarks.scale", ("--meshes=8",), "--meshes='8': expected DATAxEXPERT"),
     ("benchmarks.train_step",
-     ("--config=no_such_config.py",), "config='no_such_config.py': no such file"),
+     ("--config=no_such_config.py",), "config='no_such_config.py': cannot load it"),
+    ("benchmarks.train_step", ("--sweep_experts=4,a",), "--sweep_experts='4,a': expected positive"),
+    ("benchmarks.train_step", ("--sweep_experts=4", "--sweep_dispatches=some"),
+     "--sweep_dispatches='some': expected some of all, routed"),
+    ("benchmarks.train_step", ("--config.train.expert_dispatch=routed",),
+     "wgm.off_portion_weight=0.2: routed dispatch trains each expert on its portion only"),
 ])
 def test_benchmarks_report_bad_flags_in_one_line(module, args, fragment):
   """The benchmarks' errors reach `run_command`'s one line too."""

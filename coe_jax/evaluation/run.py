@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from coe_jax import answers, data, evaluation, routing, run_dir
+from coe_jax import answers, data, evaluation, flops, routing, run_dir
 from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
 
@@ -99,6 +99,7 @@ def evaluate(trainer: RunToEvaluate,
                    if config.routing.mode == "exact" else None)
   results.update(routed, router_disagreements=disagreements, **(extra or {}))
   results["mean_flops"] = answers.mean_flops(f_d, f_e, results["early_exit_rate"])
+  results["train_flops"] = flops.run_train_flops(config, trainer.info.num_classes)
   if write_files and jax.process_index() == 0:
     workdir = trainer.workdir
     run_dir.write_json(os.path.join(workdir, run_dir.RESULTS), results)

@@ -131,7 +131,8 @@ class CoE:
       net: the expert network to apply; `expert_net` when None (the trainer
         passes one whose BatchNorm reduces over a mesh axis).
       example_index: [B] the images' positions in the global batch, which draw
-        their dropout masks (train only; 0..B-1 when None).
+        their dropout masks (train only; 0..B-1 when None); [N', B] with
+        per-expert buffers, each buffer's own images' positions.
     """
     config_base.check_value("expert_loop", loop)
     loop = stacked.resolve_loop(loop, jax.default_backend())
@@ -139,27 +140,33 @@ class CoE:
     if rngs is None:
       rngs = jax.random.split(jax.random.key(0), jax.tree.leaves(experts)[0].shape[0])
 
-    def run_one(expert_variables, expert_images, expert_rng):
+    def run_one(expert_variables, expert_images, expert_rng, expert_index):
       if not train:
         return net.apply(expert_variables, expert_images)
       (logits, deterministic), updates = net.apply(expert_variables,
                                                    expert_images,
                                                    train=True,
                                                    with_deterministic=True,
-                                                   example_index=example_index,
+                                                   example_index=expert_index,
                                                    mutable=["batch_stats"],
                                                    rngs={"dropout": expert_rng})
       return logits, deterministic, updates["batch_stats"]
 
-    per_expert_images = None if shared_input else images  # scanned / vmapped over when given
-    pick = lambda x: images if shared_input else x
+    # Scanned / vmapped over when per expert; the same for every expert when shared.
+    per_expert_images = None if shared_input else images
+    per_expert_index = None if shared_input or example_index is None else example_index
+    pick = lambda x, shared: shared if shared_input or x is None else x
     if loop == "vmap":
-      return jax.vmap(lambda v, x, r: run_one(v, pick(x), r))(experts, per_expert_images, rngs)
+      return jax.vmap(lambda v, x, r, i: run_one(v, pick(x, images), r, pick(i, example_index)))(
+          experts, per_expert_images, rngs, per_expert_index)
     if loop == "scan":
-      return jax.lax.scan(lambda _, xs: (None, run_one(xs[0], pick(xs[1]), xs[2])), None,
-                          (experts, per_expert_images, rngs))[1]
+      return jax.lax.scan(
+          lambda _, xs:
+          (None, run_one(xs[0], pick(xs[1], images), xs[2], pick(xs[3], example_index))), None,
+          (experts, per_expert_images, rngs, per_expert_index))[1]
     outputs = [
-        run_one(stacked.expert(experts, j), images if shared_input else images[j], rngs[j])
+        run_one(stacked.expert(experts, j), images if shared_input else images[j], rngs[j],
+                example_index if per_expert_index is None else per_expert_index[j])
         for j in range(rngs.shape[0])
     ]
     # Stacked on a leading expert axis: logits [N', B, K] (and the rest, in train mode).

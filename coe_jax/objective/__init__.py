@@ -84,6 +84,7 @@ def expert_targets(
     weights, portion, info = wgm.expert_loss_weights(
         selection_logits.astype(jnp.float32),
         off_portion_weight=config.wgm.off_portion_weight,
+        groups=config.wgm.groups,
         **_solver_kwargs(config, replicate))  # [B, N], [B]
     info = {**info, "portion": portion}
   return ExpertTargets(weights, jnp.sum(weights, axis=0)), info  # [B, N], [N]
@@ -122,6 +123,25 @@ def delegator_targets(
     selected = jnp.argmax(selection_logits, axis=-1)  # [B]
     teacher = scoring_logits[selected, jnp.arange(labels.shape[0])]  # [B, K]
   return DelegatorTargets(targets, sample_weights, teacher), info
+
+
+def spread_targets(targets: DelegatorTargets, scored: jax.Array, batch: int) -> DelegatorTargets:
+  """The targets of the scored images [S] as targets of the whole batch [B].
+
+  Images that were not scored (`lgm.score_fraction` < 1) get no selection
+  loss (weight 0); the scored ones' weights are scaled by B / S, so that the
+  selection loss, a mean over the batch, is their mean. The identity when
+  every image was scored.
+  """
+  if scored.shape[0] == batch:
+    return targets
+  scale = batch / scored.shape[0]
+  num_experts = targets.selection.shape[1]
+  selection = jnp.zeros((batch, num_experts),
+                        targets.selection.dtype).at[scored].set(targets.selection)  # [B, N]
+  weights = jnp.zeros(
+      (batch,), targets.sample_weights.dtype).at[scored].set(scale * targets.sample_weights)  # [B]
+  return DelegatorTargets(selection, weights, None)  # No teacher: validated.
 
 
 def expert_loss(expert_logits: jax.Array, labels: jax.Array, targets: ExpertTargets) -> jax.Array:
@@ -173,15 +193,22 @@ def total_loss(expert_loss: jax.Array, selection_loss: jax.Array, delegator_loss
           config.loss.delegator_weight * delegator_loss)
 
 
-def batch_metrics(stage: Stage, scoring_logits: jax.Array, selection_logits: jax.Array,
-                  class_logits: jax.Array, labels: jax.Array, targets: Optional[DelegatorTargets],
-                  lgm_info: dict[str,
-                                 jax.Array], wgm_info: dict[str,
-                                                            jax.Array]) -> dict[str, jax.Array]:
-  """The whole batch's routing and accuracy metrics (`coe_objective` lists them)."""
-  num_experts, batch = scoring_logits.shape[:2]
-  expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, B]
-  expert_correct = expert_correct.astype(jnp.float32)  # [N, B]
+def batch_metrics(stage: Stage,
+                  scoring_logits: Optional[jax.Array],
+                  selection_logits: Optional[jax.Array],
+                  class_logits: jax.Array,
+                  labels: jax.Array,
+                  targets: Optional[DelegatorTargets],
+                  lgm_info: dict[str, jax.Array],
+                  wgm_info: dict[str, jax.Array],
+                  scored: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """The batch's routing and accuracy metrics (`coe_objective` lists them).
+
+  `class_logits` [B, K], `selection_logits` [B, N], `labels` [B] and WGM's
+  portion are the whole batch's; `scoring_logits` [N, S, K] and `targets`
+  are those of the scored images `scored` [S] (every image when None), over
+  which the experts' metrics are taken.
+  """
   zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
   metrics = dict(load_gap=zero,
                  selection_load_gap=zero,
@@ -196,7 +223,13 @@ def batch_metrics(stage: Stage, scoring_logits: jax.Array, selection_logits: jax
                  delegator_accuracy=jnp.mean(jnp.argmax(class_logits, axis=-1) == labels))
   if targets is None:  # No selection trained in this stage.
     return metrics
-  selected = jnp.argmax(selection_logits, axis=-1)  # [B]
+  if scored is not None:
+    labels, selection_logits = labels[scored], selection_logits[scored]  # [S], [S, N]
+    wgm_info = {**wgm_info, "portion": wgm_info["portion"][scored]} if wgm_info else wgm_info
+  num_experts, batch = scoring_logits.shape[:2]
+  expert_correct = (jnp.argmax(scoring_logits, axis=-1) == labels[None, :])  # [N, S]
+  expert_correct = expert_correct.astype(jnp.float32)  # [N, S]
+  selected = jnp.argmax(selection_logits, axis=-1)  # [S]
   selection_counts = jnp.bincount(selected, length=num_experts)  # [N]
   metrics.update(selection_load_gap=jnp.max(selection_counts) - jnp.min(selection_counts),
                  selection_agreement=jnp.mean(selected == jnp.argmax(targets.selection, axis=-1)),

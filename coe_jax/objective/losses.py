@@ -36,11 +36,29 @@ def weighted_expert_loss(expert_logits: jax.Array,
   Returns:
     Scalar loss. An expert whose weights are all zero contributes 0.
   """
-  per_sample = optax.softmax_cross_entropy_with_integer_labels(
-      expert_logits, jnp.broadcast_to(labels, expert_logits.shape[:2]))  # [N, B]
-  weights = jax.lax.stop_gradient(weights).T  # [N, B]
-  total = jnp.sum(weights, axis=1) if normaliser is None else normaliser  # [N]
-  total = jax.lax.stop_gradient(total)
+  weights = weights.T  # [N, B]
+  normaliser = jnp.sum(weights, axis=1) if normaliser is None else normaliser  # [N]
+  return buffered_expert_loss(expert_logits, jnp.broadcast_to(labels, weights.shape), weights,
+                              normaliser)
+
+
+def buffered_expert_loss(expert_logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                         normaliser: jax.Array) -> jax.Array:
+  """`L_E = sum_j sum_p w_jp CE(z_jp, y_jp) / Z_j` over each expert's own buffer.
+
+  Args:
+    expert_logits: [N, P], each expert's logits on its P images: the whole
+      batch, or its routed buffer (`coe_jax.objective.dispatch`).
+    labels: [N, P] int class labels of those images.
+    weights: [N, P] non-negative constants.
+    normaliser: [N], Z_j, constant.
+
+  Returns:
+    Scalar loss. An expert whose Z_j is 0 contributes 0.
+  """
+  per_sample = optax.softmax_cross_entropy_with_integer_labels(expert_logits, labels)  # [N, P]
+  weights = jax.lax.stop_gradient(weights)  # [N, P]
+  total = jax.lax.stop_gradient(normaliser)  # [N]
   per_expert = jnp.sum(weights * per_sample, axis=1) / jnp.where(total > 0, total, 1.0)  # [N]
   return jnp.sum(per_expert)
 

@@ -16,7 +16,7 @@ elsewhere, so that experts still see, less strongly, the samples they are not
 responsible for.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,11 @@ import jax.numpy as jnp
 from coe_jax.objective import transport
 
 
-def expert_loss_weights(selection_logits: jax.Array, *, off_portion_weight: float,
+def expert_loss_weights(selection_logits: jax.Array,
+                        *,
+                        off_portion_weight: float,
+                        groups: int = 1,
+                        replicate: Callable[[jax.Array], jax.Array] = lambda x: x,
                         **solver_kwargs: Any) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """Per-sample, per-expert loss weights from the delegator's selection.
 
@@ -33,16 +37,30 @@ def expert_loss_weights(selection_logits: jax.Array, *, off_portion_weight: floa
       flows from the outputs back to them.
     off_portion_weight: alpha, an expert's weight on samples outside its
       portion, in [0, 1].
+    groups: G; the batch splits into G consecutive groups of Q = B / G
+      samples, each partitioned on its own, so that every expert gets Q / N
+      samples of every group (routed dispatch's static buffers; a mesh's data
+      shard holds whole groups).
+    replicate: as for `transport.balanced_assignment`.
     **solver_kwargs: `epsilon`, `max_iterations` and `threshold` of
       `transport.balanced_assignment`.
 
   Returns:
     weights: [B, N], 1 where sample i is in expert j's portion, else alpha.
     assignment: [B] int32, the expert whose portion holds each sample.
-    info: the solver's info (Sinkhorn iterations and convergence, loads).
+    info: the solver's info over all groups (the most Sinkhorn iterations,
+      whether every group converged, the loads summed over the groups).
   """
+  batch, num_experts = selection_logits.shape
   log_selection = jax.nn.log_softmax(jax.lax.stop_gradient(selection_logits), axis=-1)  # [B, N]
-  assignment, info = transport.balanced_assignment(log_selection, **solver_kwargs)  # [B]
-  own = jax.nn.one_hot(assignment, selection_logits.shape[-1], dtype=jnp.bool_)  # [B, N]
+  log_selection = replicate(log_selection).reshape(groups, batch // groups, num_experts)
+  solve = lambda scores: transport.balanced_assignment(scores, **solver_kwargs)
+  assignment, info = jax.vmap(solve)(log_selection)  # [G, Q], info leaves [G, ...]
+  assignment = assignment.reshape(batch)  # [B]
+  info = dict(sinkhorn_iterations=jnp.max(info["sinkhorn_iterations"]),
+              sinkhorn_converged=jnp.all(info["sinkhorn_converged"]),
+              improving_cycles=jnp.sum(info["improving_cycles"]),
+              loads=jnp.sum(info["loads"], axis=0))  # [N]
+  own = jax.nn.one_hot(assignment, num_experts, dtype=jnp.bool_)  # [B, N]
   weights = jnp.where(own, 1.0, off_portion_weight).astype(log_selection.dtype)  # [B, N]
   return weights, assignment, info

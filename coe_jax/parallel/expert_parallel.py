@@ -153,3 +153,94 @@ def train_experts(model: CoE,
                                  PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS)),
                        out_specs=(split, split, PartitionSpec(EXPERT_AXIS)))(experts, images, rngs,
                                                                              example_index)
+
+
+def train_routed_experts(model: CoE,
+                         variables: Variables,
+                         images: jax.Array,
+                         slots: jax.Array,
+                         rng: jax.Array,
+                         *,
+                         expert_loop: str,
+                         mesh: Optional[Mesh],
+                         batch_norm_scope: str = "global"):
+  """Each expert in training mode on its own buffer of the batch (routed dispatch).
+
+  `images` [B, H, W, C] is the batch (under a mesh, split over the data axis),
+  `slots` [N, P] the batch indices of each expert's P images
+  (`coe_jax.objective.dispatch`), ordered so that a data shard's share of the
+  slots names only images of its own share of the batch. Returns (logits
+  [N, P, K], new batch_stats [N, ...]); each expert's BatchNorm statistics
+  are those of its own buffer (over the data axis with
+  `batch_norm_scope="global"`), the images it serves at test time. Dropout
+  masks come from each expert's key and the images' batch indices, as in
+  `train_experts`.
+
+  Under a mesh, device (d, e) gathers its experts' images from the share of
+  the batch it already holds (the expert axis replicates the data shard):
+  no image crosses devices, and the device computes only its N / E experts
+  on their P / D slots.
+  """
+  experts = stacked.part(variables, EXPERTS)
+  rngs = jax.random.split(rng, model.num_experts)  # [N] dropout keys
+
+  def run(experts, images, slots, rngs, net=None, offset=0):
+    logits, _, stats = model.run_stacked(experts,
+                                         images[slots - offset],
+                                         shared_input=False,
+                                         train=True,
+                                         rngs=rngs,
+                                         loop=expert_loop,
+                                         net=net,
+                                         example_index=slots)  # [N', P', K]
+    return logits, stats
+
+  if mesh is None:
+    return run(experts, images, slots, rngs)
+  split = PartitionSpec(EXPERT_AXIS, DATA_AXIS)
+  per_replica = batch_norm_scope == "replica"
+  net = model.expert_net.clone(batch_norm_axis=None if per_replica else DATA_AXIS)
+
+  def run_local(experts: Variables, images: jax.Array, slots: jax.Array, rngs: jax.Array):
+    # experts: leaves [N / E, ...]; images: [B / D, H, W, C]; slots: [N / E, P / D]
+    # (global batch indices, all within this data shard); rngs: [N / E].
+    offset = jax.lax.axis_index(DATA_AXIS) * images.shape[0]
+    logits, stats = run(experts, images, slots, rngs, net=net, offset=offset)
+    if per_replica:
+      stats = jax.lax.pmean(stats, DATA_AXIS)
+    return logits, stats
+
+  return jax.shard_map(run_local,
+                       mesh=mesh,
+                       in_specs=(PartitionSpec(EXPERT_AXIS), PartitionSpec(DATA_AXIS), split,
+                                 PartitionSpec(EXPERT_AXIS)),
+                       out_specs=(split, PartitionSpec(EXPERT_AXIS)))(experts, images, slots, rngs)
+
+
+def train_generalist(model: CoE,
+                     variables: Variables,
+                     images: jax.Array,
+                     rng: jax.Array,
+                     *,
+                     mesh: Optional[Mesh],
+                     example_index: Optional[jax.Array] = None):
+  """Expert 0 alone in training mode on the whole batch: (logits [1, B, K], stats [1, ...]).
+
+  The generalist warm-up under routed dispatch: the other N - 1 experts do
+  not run. Under a mesh expert 0's variables are gathered to every device
+  and the batch is split over all of them, so the whole mesh trains the one
+  network (BatchNorm over the whole batch, as the delegator's).
+  """
+  first = jax.tree.map(lambda x: x[:1], stacked.part(variables, EXPERTS))  # leaves [1, ...]
+  if example_index is None:
+    example_index = jnp.arange(images.shape[0])  # [B]
+  images, example_index = constrain((images, example_index), mesh, ALL_DEVICES)
+  rngs = jax.random.split(rng, model.num_experts)[:1]  # expert 0's key, as in train_experts
+  logits, _, stats = model.run_stacked(first,
+                                       images,
+                                       shared_input=True,
+                                       train=True,
+                                       rngs=rngs,
+                                       loop="unroll",
+                                       example_index=example_index)  # [1, B, K]
+  return logits, stats

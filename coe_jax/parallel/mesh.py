@@ -57,6 +57,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
       config.train.batch_size % (data * microbatches) == 0, "train.microbatches", microbatches,
       f"expected a divisor of the per-device batch "
       f"({config.train.batch_size} / {data} data shards)")
+  if config.train.expert_dispatch == "routed":
+    _check_routed(config, data)
   # Topology-aware on TPUs and GPUs (neighbouring chips share an expert group's
   # all-reduces); the plain order elsewhere. A torus whose axes cannot be
   # grouped into the two sizes (32 x 2 on v4-128's 4x4x4) has one of its axes
@@ -97,6 +99,26 @@ def _row_groups(mesh: Mesh) -> tuple[dict[int, tuple[int, ...]], list[tuple[int,
 
 def _shown(rows: dict[int, tuple[int, ...]]) -> str:
   return ", ".join(f"{p}: {list(r)}" for p, r in sorted(rows.items()))
+
+
+def _check_routed(config: ml_collections.ConfigDict, data: int) -> None:
+  """Routed buffers on a mesh: each data shard routes whole groups of its own images,
+  and its share of every buffer and of the scored images splits into the micro-batches."""
+  groups, microbatches = config.wgm.groups, config.train.microbatches
+  require(
+      groups % data == 0, "wgm.groups", groups,
+      f"routed dispatch on a mesh whose data axis is {data}: expected a multiple of {data} "
+      "(each data shard routes its own images)")
+  slots = config.train.batch_size // config.num_experts + config.wgm.off_portion_samples
+  require(
+      slots % (data * microbatches) == 0, "train.microbatches", microbatches,
+      f"expected a divisor of each data shard's share of an expert's {slots} routed images "
+      f"({slots} / {data})")
+  scored = round(config.train.batch_size * config.lgm.score_fraction)
+  require(
+      scored % (data * microbatches) == 0, "lgm.score_fraction", config.lgm.score_fraction,
+      f"its {scored} scored images a step must split over {data} data shards and "
+      f"{microbatches} micro-batches")
 
 
 def process_data_shard(mesh: Mesh, process_index: Optional[int] = None) -> tuple[int, int]:

@@ -3,10 +3,15 @@
 Axis letters: B batch, M micro-batches (`train.microbatches`), N experts, K classes,
 H/W/C image height, width and channels (docs/method.md, section 2).
 
-One step runs the delegator and all N stacked experts on the batch, computes
+One step runs the delegator and the stacked experts on the batch, computes
 the gradients of the CoE objective of the current stage (`coe_jax.objective`;
 what the stage trains is its `coe_jax.stages.Stage`) over M micro-batches,
-M = 1 being the whole batch in one pass, and applies one optax update. A step
+M = 1 being the whole batch in one pass, and applies one optax update. With
+`train.expert_dispatch=all` every expert trains on every image; with
+`routed` each expert trains on its own buffer of WGM's portion
+(`coe_jax.objective.dispatch`), the generalist warm-up runs expert 0 alone,
+and every expert scores a share of the batch for LGM and VCM, forward only
+(docs/method.md, section 4). A step
 whose loss or gradients are not finite leaves the state unchanged and says so
 in its metrics (`finite` = 0), so the trainer can stop on the last good state
 or skip the step.
@@ -22,9 +27,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from coe_jax import objective
+from coe_jax import objective, stages
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import DELEGATOR, EXPERTS, under_experts
+from coe_jax.objective import dispatch, losses
 from coe_jax.parallel import expert_parallel
 from coe_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, constrain
 from coe_jax.stages import Stage
@@ -35,6 +41,8 @@ Batch = dict[str, jax.Array]
 REPLICATED = PartitionSpec()
 # Micro-batches [M, B / M, ...], each split over every device.
 MICRO_ALL = PartitionSpec(None, (DATA_AXIS, EXPERT_AXIS))
+# Routed buffers' slots [M, N, P / M]: experts over the expert axis, slots over the data axis.
+MICRO_SLOTS = PartitionSpec(None, EXPERT_AXIS, DATA_AXIS)
 Metrics = dict[str, jax.Array]
 
 
@@ -123,6 +131,19 @@ class StepSpec:
   def microbatches(self) -> int:
     return self.config.train.microbatches
 
+  @property
+  def routed(self) -> bool:
+    """Whether each expert trains on its own images only: routed dispatch, in a stage
+    whose experts do not all train on every image (WGM's portions, the generalist)."""
+    return (self.config.train.expert_dispatch == "routed" and
+            self.stage.expert_weights in (stages.WGM, stages.GENERALIST))
+
+  @property
+  def scores_subset(self) -> bool:
+    """Whether LGM and VCM score a share of the batch (`lgm.score_fraction`) with a
+    forward pass of every expert, rather than read the experts' training pass."""
+    return self.config.train.expert_dispatch == "routed" and self.stage.trains_selection
+
   def replicate(self, x: jax.Array) -> jax.Array:
     return constrain(x, self.mesh, REPLICATED)
 
@@ -198,6 +219,92 @@ def expert_gradients(spec: StepSpec, state: TrainState, micro: tuple, weights: j
   return grads, jnp.sum(loss), scoring, _mean_over_micro(stats)
 
 
+def routed_expert_gradients(spec: StepSpec, state: TrainState, images: jax.Array, labels: jax.Array,
+                            plan: dispatch.Dispatch, rng: jax.Array):
+  """`L_E`'s gradients when each expert trains on its own buffer, accumulated over
+  the micro-batches; its value and the experts' new statistics.
+
+  `images` [B, H, W, C] and `labels` [B] are the whole batch; `plan` gives
+  each expert's P slots, which split into M strided micro-batches of P / M.
+  """
+  m = spec.microbatches
+  split = lambda x: constrain(split_micro(x.T, m).swapaxes(1, 2), spec.mesh, MICRO_SLOTS)
+  slots, weights = split(plan.slots), split(plan.weights)  # [M, N, P/M] each
+
+  def one(grads, xs):
+    slots, weights = xs  # [N, P/M]
+
+    def loss_fn(params):
+      logits, stats = expert_parallel.train_routed_experts(
+          spec.model, {
+              "params": params,
+              "batch_stats": state.batch_stats
+          },
+          images,
+          slots,
+          rng,
+          expert_loop=spec.config.expert_loop,
+          mesh=spec.mesh,
+          batch_norm_scope=spec.config.train.batch_norm_scope)  # [N, P/M, K]
+      return losses.buffered_expert_loss(logits, labels[slots], weights, plan.normaliser), stats
+
+    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _add(grads, g), (loss, stats)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, (loss, stats) = jax.lax.scan(one, zeros, (slots, weights))
+  return grads, jnp.sum(loss), _mean_over_micro(stats)
+
+
+def generalist_gradients(spec: StepSpec, state: TrainState, micro: tuple, rng: jax.Array):
+  """Expert 0's gradients alone (the generalist warm-up, routed): its loss is the
+  mean cross-entropy over the whole batch, accumulated over the micro-batches;
+  the other experts neither run nor change (their statistics are kept)."""
+  share = 1 / spec.microbatches
+
+  def one(grads, xs):
+    images, labels, index = xs
+
+    def loss_fn(params):
+      logits, stats = expert_parallel.train_generalist(spec.model, {
+          "params": params,
+          "batch_stats": state.batch_stats
+      },
+                                                       images,
+                                                       rng,
+                                                       mesh=spec.mesh,
+                                                       example_index=index)  # [1, B/M, K]
+      return share * losses.buffered_expert_loss(logits, labels[None], jnp.ones_like(
+          logits[..., 0]), jnp.full((1,), labels.shape[0], jnp.float32)), stats
+
+    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _add(grads, g), (loss, stats)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, (loss, stats) = jax.lax.scan(one, zeros, micro)
+  old = state.batch_stats[EXPERTS]
+  stats = jax.tree.map(lambda new, old: jnp.concatenate([new, old[1:]]), _mean_over_micro(stats),
+                       old)
+  return grads, jnp.sum(loss), stats
+
+
+def scoring_logits_of(spec: StepSpec, state: TrainState, images: jax.Array,
+                      index: jax.Array) -> jax.Array:
+  """Every expert's logits on `images` [S, H, W, C] (forward only, no dropout, no
+  gradient), in M micro-batches: [N, S, K]. In training mode (BatchNorm on these
+  images' statistics, then discarded) when the experts train, as the scores of
+  the "all" step come from its training pass; frozen experts run in inference mode."""
+  m = spec.microbatches
+  images = constrain(split_micro(images, m), spec.mesh, MICRO_ALL)  # [M, S/M, H, W, C]
+  index = constrain(split_micro(index, m), spec.mesh, MICRO_ALL)  # [M, S/M]
+  if spec.stage.trains_experts:
+    run = lambda xs: spec.experts(state.params, state.batch_stats, *xs, jax.random.key(0))[1]
+  else:
+    run = lambda xs: spec.frozen_experts(state.params, state.batch_stats, xs[0])
+  logits = jax.lax.map(run, (images, index))  # [M, N, S/M, K]
+  return jax.lax.stop_gradient(join_micro(logits, batch_axis=1))  # [N, S, K]
+
+
 def delegator_gradients(spec: StepSpec, state: TrainState, grads: Any, micro: tuple,
                         targets: Optional[objective.DelegatorTargets], rng: jax.Array):
   """`grads` plus the gradients of `lambda_sel L_sel + lambda_D L_D` accumulated over
@@ -245,10 +352,12 @@ def objective_gradients(spec: StepSpec, state: TrainState, images: jax.Array, la
   delegator_rng, experts_rng, selection_rng = rngs
   stage, config, m = spec.stage, spec.config, spec.microbatches
   batch, num_experts = labels.shape[0], spec.model.num_experts
+  whole = images  # [B, H, W, C]: routed buffers gather from it
   images = constrain(split_micro(images, m), spec.mesh, MICRO_ALL)  # [M, B/M, H, W, C]
   # The examples' positions in the whole batch draw their dropout masks, so
   # the masks are those of the one-pass step, whatever M.
-  index = constrain(split_micro(jnp.arange(batch), m), spec.mesh, MICRO_ALL)  # [M, B/M]
+  positions = jnp.arange(batch)  # [B]
+  index = constrain(split_micro(positions, m), spec.mesh, MICRO_ALL)  # [M, B/M]
   micro = (images, split_micro(labels, m), index)
 
   selection_logits = None  # [B, N]; read only where the selection trains.
@@ -263,28 +372,54 @@ def objective_gradients(spec: StepSpec, state: TrainState, images: jax.Array, la
                                                       num_experts=num_experts,
                                                       selection_logits=selection_logits,
                                                       replicate=spec.replicate)
-  if stage.trains_experts:
+  scoring_logits = None  # [N, S, K]: the experts' scores of the scored images
+  if spec.routed and stage.uses_wgm:
+    plan = dispatch.routed(wgm_info["portion"],
+                           num_experts,
+                           groups=config.wgm.groups,
+                           off_portion_weight=config.wgm.off_portion_weight,
+                           off_portion_samples=config.wgm.off_portion_samples,
+                           rng=jax.random.fold_in(experts_rng, 1))
+    grads, expert_loss, expert_stats = routed_expert_gradients(spec, state, whole, labels, plan,
+                                                               experts_rng)
+  elif spec.routed:  # The generalist alone.
+    grads, expert_loss, expert_stats = generalist_gradients(spec, state, micro, experts_rng)
+  elif stage.trains_experts:
     weights = split_micro(expert_targets.weights, m)  # [M, B/M, N]
     grads, expert_loss, scoring_logits, expert_stats = expert_gradients(
         spec, state, micro, weights, expert_targets, experts_rng)
+    scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
   else:  # Frozen: zero gradients (the step then holds every expert variable).
-    scoring_logits = jax.lax.map(lambda x: spec.frozen_experts(state.params, state.batch_stats, x),
-                                 images)  # [M, N, B/M, K]
     grads = jax.tree.map(jnp.zeros_like, state.params)
     expert_loss, expert_stats = jnp.zeros(()), state.batch_stats[EXPERTS]
-  scoring_logits = join_micro(scoring_logits, batch_axis=1)  # [N, B, K]
+  scored = positions  # [S]: the images LGM and VCM score
+  if spec.scores_subset:
+    scored = dispatch.scored_images(batch, config.lgm.score_fraction)
+    scoring_logits = scoring_logits_of(spec, state, whole[scored], scored)
+  elif scoring_logits is None and stage.trains_selection:  # Frozen experts score every image.
+    scoring_logits = jax.lax.stop_gradient(
+        join_micro(jax.lax.map(lambda x: spec.frozen_experts(state.params, state.batch_stats, x),
+                               images),
+                   batch_axis=1))  # [N, B, K]
 
-  delegator_targets, lgm_info = None, {}
+  delegator_targets, scored_targets, lgm_info = None, None, {}
   if stage.trains_selection:
-    delegator_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits,
-                                                              labels, config, selection_rng,
-                                                              spec.replicate)
+    scored_targets, lgm_info = objective.delegator_targets(scoring_logits, selection_logits[scored],
+                                                           labels[scored], config, selection_rng,
+                                                           spec.replicate)
+    delegator_targets = objective.spread_targets(scored_targets, scored, batch)
   grads, selection_loss, delegator_loss, class_logits, delegator_stats = delegator_gradients(
       spec, state, grads, micro, delegator_targets, delegator_rng)
 
-  metrics = objective.batch_metrics(stage, scoring_logits.astype(jnp.float32), selection_logits,
-                                    join_micro(class_logits), labels, delegator_targets, lgm_info,
-                                    wgm_info)
+  metrics = objective.batch_metrics(stage,
+                                    scoring_logits,
+                                    selection_logits,
+                                    join_micro(class_logits),
+                                    labels,
+                                    scored_targets,
+                                    lgm_info,
+                                    wgm_info,
+                                    scored=scored)
   metrics.update(loss=objective.total_loss(expert_loss, selection_loss, delegator_loss, config),
                  expert_loss=expert_loss,
                  selection_loss=selection_loss,
