@@ -201,7 +201,7 @@ class _Run:
 
 def test_a_router_disagreement_is_reported_after_results_json_is_written(tmp_path, caplog):
   run = _Run(tmp_path)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger="absl"):
     results = evaluation_run.evaluate(run, run.state)
   assert run.passes == 2
   with open(os.path.join(tmp_path, run_dir.RESULTS)) as f:

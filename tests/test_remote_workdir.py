@@ -162,7 +162,7 @@ def test_checkpoints_of_a_remote_workdir_stay_there_and_are_set_aside_there(
     os.remove(os.path.join(checkpoints, "2", "state", "d", name))
   checkpointer = checkpointing.Checkpointer(f"{BUCKET}/run", keep=3, fingerprint={"n": 1})
   try:
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="absl"):
       step, restored = checkpointer.restore_latest(abstract, set_aside_unreadable=True)
   finally:
     checkpointer.close()
