@@ -93,6 +93,44 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return env
 
 
+def run_processes(module: str, args_of_process: list[list[str]], timeout_s: float) -> list[str]:
+  """Runs `python -m module` as one jax.distributed process per entry of
+  `args_of_process`, joined through a local coordinator; their outputs, once all
+  exited with status 0. Processes still running after `timeout_s` (waiting on
+  each other) are killed and the test fails with the tail of each one's output."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  count = len(args_of_process)
+  workers = [
+      subprocess.Popen([sys.executable, "-m", module, *args],
+                       cwd=REPO,
+                       env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                          COE_NUM_PROCESSES=str(count),
+                                          COE_PROCESS_ID=str(i)),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT,
+                       text=True) for i, args in enumerate(args_of_process)
+  ]
+  deadline = time.monotonic() + timeout_s
+  try:
+    outputs = [
+        worker.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for worker in workers
+    ]
+  except subprocess.TimeoutExpired:
+    for worker in workers:
+      worker.kill()
+    said = "\n".join(
+        f"process {i}: ...{worker.communicate()[0][-1500:]}" for i, worker in enumerate(workers))
+    import pytest  # pylint: disable=g-import-not-at-top
+    pytest.fail(f"still running after {timeout_s} s, waiting on each other:\n{said}")
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  return outputs
+
+
 def run_module(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
   """`python -m module args...` from the repository root, its output captured; `env`
   adds to (or replaces) `subprocess_env`'s variables."""

@@ -10,9 +10,6 @@ every process read it, and all of them join the setting aside.
 """
 
 import shutil
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -20,9 +17,7 @@ import pytest
 
 from coe_jax import run_dir
 from coe_jax.training import checkpointing, train
-from tests.helpers import single_device_trainer, subprocess_env, train_config
-from tests.test_pod import _free_port
-from tests.tiny import REPO
+from tests.helpers import run_processes, single_device_trainer, train_config
 
 # Two processes that start jax and build a trainer each: about half a minute.
 pytestmark = pytest.mark.slow
@@ -57,31 +52,7 @@ def test_processes_that_disagree_on_the_newest_checkpoint_resume_the_same_step(r
   reference, step3_checksum = run
   workdirs = [shutil.copytree(reference, tmp_path / f"host{i}") for i in range(NUM_PROCESSES)]
   shutil.rmtree(workdirs[1] / run_dir.CHECKPOINTS / "6" / "state" / "d")  # Its arrays' data.
-  port = _free_port()
-  workers = [
-      subprocess.Popen([sys.executable, "-m", "tests.restore_worker",
-                        str(workdirs[i])],
-                       cwd=REPO,
-                       env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                          COE_NUM_PROCESSES=str(NUM_PROCESSES),
-                                          COE_PROCESS_ID=str(i)),
-                       stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT,
-                       text=True) for i in range(NUM_PROCESSES)
-  ]
-  deadline = time.monotonic() + TIMEOUT_S
-  try:
-    outputs = [
-        worker.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for worker in workers
-    ]
-  except subprocess.TimeoutExpired:
-    for worker in workers:
-      worker.kill()
-    said = "\n".join(
-        f"process {i}: ...{worker.communicate()[0][-1500:]}" for i, worker in enumerate(workers))
-    pytest.fail(f"still running after {TIMEOUT_S} s, waiting on each other:\n{said}")
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
+  outputs = run_processes("tests.restore_worker", [[str(w)] for w in workdirs], timeout_s=TIMEOUT_S)
   results = [line for output in outputs for line in output.splitlines() if ": step=" in line]
   assert results == [
       f"process {i}: step=3 checksum={step3_checksum!r}" for i in range(NUM_PROCESSES)

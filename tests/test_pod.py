@@ -14,9 +14,6 @@ scratch for the reference losses and parameters.
 """
 
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -28,10 +25,9 @@ from tests.helpers import (
     checkpoint_params,
     pod_config,
     results_figures,
-    subprocess_env,
+    run_processes,
     training_metrics,
 )
-from tests.tiny import REPO
 
 # End to end and minutes long: `make test-all` runs them, `make test` does not.
 pytestmark = pytest.mark.slow
@@ -39,32 +35,12 @@ pytestmark = pytest.mark.slow
 NUM_PROCESSES = 2
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("data,expert", [(2, 2), (1, 4)])
 def test_two_process_pod_run_equals_a_one_process_run(tmp_path, data, expert):
-  pod, port = tmp_path / "pod", _free_port()
-  workers = [
-      subprocess.Popen(
-          [sys.executable, "-m", "tests.pod_worker",
-           str(pod), str(data),
-           str(expert)],
-          cwd=REPO,
-          env=subprocess_env(COE_COORDINATOR_ADDRESS=f"localhost:{port}",
-                             COE_NUM_PROCESSES=str(NUM_PROCESSES),
-                             COE_PROCESS_ID=str(i)),
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True) for i in range(NUM_PROCESSES)
-  ]
-
-  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
+  pod = tmp_path / "pod"
+  outputs = run_processes("tests.pod_worker",
+                          [[str(pod), str(data), str(expert)]] * NUM_PROCESSES,
+                          timeout_s=600)
   # Each process says how much of every batch it loads.
   share = pod_config().train.batch_size // data  # Each data row is one process's or both's.
   for i, output in enumerate(outputs):
