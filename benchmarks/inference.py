@@ -13,12 +13,15 @@ reported):
   coe_routed            `coe_jax.routing.route_and_predict` in serving mode:
                         delegator, early exit, the rest dispatched into
                         per-expert buffers of static capacity C, combine.
-  dense_equal_flops     one plain network: the expert's architecture with its
-                        width (and, to fill the gaps that channel rounding
-                        leaves, depth) multiplier set so that its FLOPs match
-                        CoE's mean FLOPs per image.
+  dense_equal_flops     one plain network of the expert's architecture at CoE's
+                        mean FLOPs per image. Channels round to multiples of
+                        8, so widths move FLOPs in steps (0.29M, then 0.60M
+                        around the digits CoE's 0.42M): the rows
+                        dense_equal_flops[x<width>] time the widths next to
+                        the target (`flops.bracketing_widths`) and this row
+                        interpolates their images/s, linear in log-log.
   condconv_equal_flops  the same with CondConv (4 kernels) in the later half of
-                        the stages, scaled likewise.
+                        the stages.
   all_experts           the delegator and every expert on the whole batch, then
                         the early exit or the selected expert's answer is picked.
 
@@ -60,7 +63,8 @@ machine's measured float32 peak:
                                `int8.exit_rate`.
   litert_expert                expert 0 alone on the 32 images, float32 ...
   litert_int8_expert           ... and int8: the same work whatever the routing.
-  litert_dense_equal_flops     the dense_equal_flops network, exported, on the 32.
+  litert_dense_equal_flops     the dense_equal_flops networks, exported, on the 32
+                               (interpolated as above).
   jax_coe_routed[batch=1]      `coe_jax.routing.route_and_predict` (serving mode,
                                the config's expert loop) on one image at a time:
                                its static shapes give every expert a buffer of
@@ -79,6 +83,7 @@ builtin kernels.
 
 import functools
 import json
+import math
 import os
 import platform
 import tempfile
@@ -96,11 +101,12 @@ from coe_jax import answers, flops, routing
 from coe_jax.config_base import EXPERT_LOOPS
 from coe_jax.config_loading import load_config, run_command
 from coe_jax.errors import CoEError
-from coe_jax.models import mbconv, pwlu
+from coe_jax.models import mbconv, pwlu, stacked
 from coe_jax.models.coe import CoE
 from coe_jax.models.networks import Delegator, Expert
 from coe_jax.models.spec import NetworkSpec
-from coe_jax.serving import jax_predictor
+from coe_jax.models.stacked import EXPERTS
+from coe_jax.training import saved_run
 
 LITERT_BATCH = 32
 # Random images whose statistics random variables get (`_data_statistics`):
@@ -108,12 +114,27 @@ LITERT_BATCH = 32
 STATISTICS_IMAGES = 16
 
 
-def _sized(network: ml_collections.ConfigDict, target: float, image_size: int, channels: int,
-           num_classes: int) -> tuple[NetworkSpec, dict[str, float]]:
-  """`network` scaled to `target` FLOPs (`flops.scaled_to_flops`): its spec and multipliers."""
-  sizing = flops.scaled_to_flops(network, target, image_size, channels, num_classes)
-  spec = NetworkSpec.from_config(sizing.apply(network), "expert")
-  return spec, dict(width=sizing.width_multiplier, flops=sizing.flops)
+def _bracket(network: ml_collections.ConfigDict, target: float, image_size: int, channels: int,
+             num_classes: int) -> dict[str, tuple[NetworkSpec, flops.Sizing]]:
+  """`network` at the widths next to `target` FLOPs (`flops.bracketing_widths`),
+  by variant suffix ("[x0.55]"): one width, or the two whose speeds `_at_target`
+  interpolates."""
+  return {
+      f"[x{sizing.width_multiplier:.2f}]":
+          (NetworkSpec.from_config(sizing.apply(network), "expert"), sizing)
+      for sizing in flops.bracketing_widths(network, target, image_size, channels, num_classes)
+  }
+
+
+def _at_target(points: list[tuple[float, float]], target: float) -> float:
+  """Images/s at `target` FLOPs from (FLOPs, images/s) at one or two widths:
+  linear in log-log between two, as a cost that grows as a power of the FLOPs
+  would be; one point is taken as it is."""
+  (f0, s0), (f1, s1) = points[0], points[-1]
+  if f0 == f1:
+    return s0
+  t = math.log(target / f0) / math.log(f1 / f0)
+  return math.exp((1 - t) * math.log(s0) + t * math.log(s1))
 
 
 def _time_rounds(variants: dict[str, Callable[[], Any]], steps: int,
@@ -168,6 +189,46 @@ def _all_experts(model: CoE, loop: str) -> Callable[..., jax.Array]:
   return run
 
 
+# Parts of the routed call, timed alone beside it (`_parts`).
+PARTS = ("parts:delegator", "parts:experts_on_buffers", "parts:one_expert_unsplit")
+
+
+def _parts(model: CoE, variables: Any, images: jax.Array, capacity: int,
+           loop: str) -> dict[str, Callable[[], Any]]:
+  """The routed call's parts, each a jitted call of its own.
+
+  parts:delegator           the delegator on the batch.
+  parts:experts_on_buffers  every expert on its N x C buffer (the batch's
+                            images tiled to fill the slots).
+  parts:one_expert_unsplit  expert 0 on all N C slots at once: what the
+                            experts would cost if splitting the batch cost
+                            nothing.
+  What the call takes beyond the first two is the router's own work (exit,
+  assignment, gather, combine).
+  """
+  num_experts = model.num_experts
+  slots = jnp.resize(images, (num_experts * capacity, *images.shape[1:]))  # [N * C, H, W, C]
+  buffers = slots.reshape(num_experts, capacity, *images.shape[1:])  # [N, C, H, W, C]
+  first = jax.tree.map(lambda v: v[:1], stacked.part(variables, EXPERTS))
+  delegator = jax.jit(model.delegator)
+  experts = jax.jit(lambda v, x: model.experts(v, x, shared_input=False, loop=loop))
+  unsplit = jax.jit(lambda v, x: model.run_stacked(v, x, shared_input=False, loop=loop))
+  return {
+      "parts:delegator": lambda: delegator(variables, images),
+      "parts:experts_on_buffers": lambda: experts(variables, buffers),
+      "parts:one_expert_unsplit": lambda: unsplit(first, slots[None]),
+  }
+
+
+def _time_shares(parts: dict[str, float], routed: float) -> dict[str, float]:
+  """The parts' seconds as fractions of the routed call's."""
+  delegator, experts = parts["parts:delegator"], parts["parts:experts_on_buffers"]
+  return dict(delegator=delegator / routed,
+              experts_on_buffers=experts / routed,
+              router=1 - (delegator + experts) / routed,
+              one_expert_unsplit=parts["parts:one_expert_unsplit"] / routed)
+
+
 def _model_and_variables(config: ml_collections.ConfigDict,
                          workdir: Optional[str],
                          compute_dtype: Optional[str] = None):
@@ -177,7 +238,7 @@ def _model_and_variables(config: ml_collections.ConfigDict,
   """
   meta = None
   if workdir:
-    config, variables, meta = jax_predictor.load_for_inference(workdir)
+    config, variables, meta = saved_run.load_for_inference(workdir)
   elif not config.data.num_classes:
     raise CoEError("data.num_classes=None: set it in the config")
   if compute_dtype:
@@ -270,10 +331,13 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   }
   capacity = spec["auto"].capacity(batch_size, num_experts)
 
-  dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
-  condconv_spec, condconv_scale = _sized(flops.condconv_network(config.expert), mean_flops, size,
-                                         channels, num_classes)
-  dense_flops, condconv_flops = dense_scale["flops"], condconv_scale["flops"]
+  # Equal FLOPs to CoE's mean: each comparator at the widths next to it.
+  brackets = {
+      "dense_equal_flops":
+          _bracket(config.expert, mean_flops, size, channels, num_classes),
+      "condconv_equal_flops":
+          _bracket(flops.condconv_network(config.expert), mean_flops, size, channels, num_classes),
+  }
   variants = {}
   for loop in EXPERT_LOOPS:
     variants[f"coe_routed[{loop}]"] = functools.partial(routing.route_and_predict,
@@ -285,22 +349,31 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
   for loop in EXPERT_LOOPS:
     variants[f"all_experts[{loop}]"] = functools.partial(_all_experts(model, loop), variables,
                                                          images, threshold)
-  variants["dense_equal_flops"] = _plain_network(dense_spec, num_classes, images)
-  variants["condconv_equal_flops"] = _plain_network(condconv_spec, num_classes, images)
+  for name, bracket in brackets.items():
+    for suffix, (net_spec, _) in bracket.items():
+      variants[name + suffix] = _plain_network(net_spec, num_classes, images)
+  variants.update(_parts(model, variables, images, capacity, config.expert_loop))
   seconds = _time_rounds(variants, steps, rounds)
+  parts = {name: seconds.pop(name) for name in PARTS}
 
   flops_of = {  # (method's FLOPs per image, FLOPs the device executes per image)
       "coe_routed": (mean_flops, f_d + num_experts * capacity / batch_size * f_e),
       "all_experts": (f_d + num_experts * f_e,) * 2,
-      "dense_equal_flops": (dense_flops,) * 2,
-      "condconv_equal_flops": (condconv_flops,) * 2,
   }
+  for name, bracket in brackets.items():
+    flops_of.update({name + suffix: (sizing.flops,) * 2 for suffix, (_, sizing) in bracket.items()})
   results = {}
   for name, s in seconds.items():
-    method, executed = flops_of[name.split("[")[0]]
+    method, executed = flops_of.get(name, flops_of.get(name.split("[")[0]))
     results[name] = dict(images_per_s=batch_size / s,
                          flops_per_image=float(method),
                          executed_flops_per_image=float(executed))
+  for name, bracket in brackets.items():
+    points = [(sizing.flops, results[name + suffix]["images_per_s"])
+              for suffix, (_, sizing) in bracket.items()]
+    results[name] = dict(images_per_s=_at_target(points, mean_flops),
+                         flops_per_image=float(mean_flops),
+                         executed_flops_per_image=float(mean_flops))
   loop = config.expert_loop
   speed = lambda name: results[name]["images_per_s"]
   routed_speed = speed(f"coe_routed[{loop}]")
@@ -324,9 +397,12 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
       delegator_flops=f_d,
       expert_flops=f_e,
       expert_loop=loop,
+      # The widths each equal-FLOPs row interpolates between (log-log in FLOPs).
       multipliers={
-          "dense_equal_flops": dense_scale,
-          "condconv_equal_flops": condconv_scale
+          name: [
+              dict(width=sizing.width_multiplier, flops=sizing.flops)
+              for _, sizing in bracket.values()
+          ] for name, bracket in brackets.items()
       },
       results=results,
       ratios={
@@ -334,6 +410,8 @@ def run(config: ml_collections.ConfigDict, batch_size: int, threshold: Optional[
           "coe_routed / condconv_equal_flops": routed_speed / speed("condconv_equal_flops"),
           "coe_routed / all_experts": routed_speed / speed(f"all_experts[{loop}]"),
       },
+      # Where coe_routed's time goes (`_parts`), as fractions of its call.
+      time_shares=_time_shares(parts, seconds[f"coe_routed[{loop}]"]),
       expert_loop_speed={
           "coe_routed unroll / vmap": speed("coe_routed[unroll]") / speed("coe_routed[vmap]"),
           "all_experts unroll / vmap": speed("all_experts[unroll]") / speed("all_experts[vmap]"),
@@ -359,8 +437,7 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   cost = flops.count(config, num_classes)
   f_d, f_e = cost["delegator_flops"], cost["expert_flops"]
   mean_flops = answers.mean_flops(f_d, f_e, exit_rate)
-  dense_spec, dense_scale = _sized(config.expert, mean_flops, size, channels, num_classes)
-  dense_flops = dense_scale["flops"]
+  bracket = _bracket(config.expert, mean_flops, size, channels, num_classes)
   expected_exit_rate = min(exit_rate, 0.99)  # As in `run`.
   device_images = jnp.asarray(images)  # [32, S, S, C]
   jax_routed = functools.partial(routing.route_and_predict,
@@ -387,20 +464,23 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                         model_flops=cost,
                         calibration=calibration)
       predictors[quantization] = litert_predictor.LiteRTPredictor.load(out, num_threads=threads)
-    dense_net = Expert(dense_spec, num_classes)
-    dense_variables = jax.device_get(
-        _random_variables(dense_net.init, jax.random.key(1), images[:1]))
-    dense_path = os.path.join(serve_dir, "dense.tflite")
-    with open(dense_path, "wb") as f:
-      f.write(
-          export.convert(lambda x: {"logits": dense_net.apply(dense_variables, x)},
-                         model.image_shape))
-    dense = litert_predictor.Network(dense_path, {
-        "sha256": litert_predictor.sha256(dense_path),
-        "outputs": {
-            "logits": [1, num_classes]
-        }
-    }, model.image_shape, threads or litert_predictor.default_threads(dense_flops))
+    dense = {}  # By width suffix: the exported dense network.
+    for suffix, (dense_spec, sizing) in bracket.items():
+      dense_net = Expert(dense_spec, num_classes)
+      dense_variables = jax.device_get(
+          _random_variables(dense_net.init, jax.random.key(1), images[:1]))
+      dense_path = os.path.join(serve_dir, f"dense{suffix}.tflite")
+      with open(dense_path, "wb") as f:
+        f.write(
+            export.convert(lambda x, n=dense_net, v=dense_variables: {"logits": n.apply(v, x)},
+                           model.image_shape))
+      dense[suffix] = litert_predictor.Network(
+          dense_path, {
+              "sha256": litert_predictor.sha256(dense_path),
+              "outputs": {
+                  "logits": [1, num_classes]
+              }
+          }, model.image_shape, threads or litert_predictor.default_threads(sizing.flops))
   predictor, int8 = predictors["float32"], predictors["int8"]
   int8_threshold = threshold
   if median_threshold:
@@ -417,7 +497,8 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
     variants[f"{prefix}coe_routed{many}"] = lambda p=p, tau=tau: p.route(images, tau)
   variants["litert_expert"] = lambda: predictor.expert(0, images)
   variants["litert_int8_expert"] = lambda: int8.expert(0, images)
-  variants["litert_dense_equal_flops"] = lambda: dense(images)
+  for suffix, network in dense.items():
+    variants[f"litert_dense_equal_flops{suffix}"] = lambda network=network: network(images)
   variants[f"jax_coe_routed{one}"] = (
       lambda: [jax_routed(device_images[i:i + 1]) for i in range(len(images))])
   variants[f"jax_coe_routed{many}"] = lambda: jax_routed(device_images)
@@ -425,8 +506,8 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
   peak = measured_peak()  # Right after the timing, under the same load.
 
   def flops_per_image(name: str) -> float:
-    if name == "litert_dense_equal_flops":
-      return dense_flops
+    if name.startswith("litert_dense_equal_flops"):
+      return bracket[name.removeprefix("litert_dense_equal_flops")][1].flops
     if name.endswith("_expert"):
       return f_e
     rho = int8_exit_rate if name.startswith("litert_int8_") else exit_rate
@@ -440,6 +521,14 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
                          flops_per_image=float(per_image),
                          macs_per_s=images_per_s * per_image,
                          percent_of_peak=100 * images_per_s * per_image / peak["macs_per_s"])
+  points = [(sizing.flops, results[f"litert_dense_equal_flops{suffix}"]["images_per_s"])
+            for suffix, (_, sizing) in bracket.items()]
+  dense_speed = _at_target(points, mean_flops)
+  results["litert_dense_equal_flops"] = dict(images_per_s=dense_speed,
+                                             flops_per_image=float(mean_flops),
+                                             macs_per_s=dense_speed * mean_flops,
+                                             percent_of_peak=100 * dense_speed * mean_flops /
+                                             peak["macs_per_s"])
   speed = lambda name: results[name]["images_per_s"]
   return dict(
       benchmark="inference",
@@ -448,7 +537,9 @@ def run_litert(config: ml_collections.ConfigDict, threshold: Optional[float],
       peak=peak,
       threads={
           "coe (delegator, experts)": predictor.threads,
-          "dense": dense.threads
+          "dense": {
+              suffix: network.threads for suffix, network in dense.items()
+          }
       },
       delegates=predictor.delegates,
       undelegated=predictor.undelegated,
@@ -517,8 +608,15 @@ def format_table(report: dict[str, Any]) -> str:
   for name, r in report["results"].items():
     lines.append(f"{name:<24} {r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e6:>13.3f} "
                  f"{r['executed_flops_per_image'] / 1e6:>9.3f}")
-  lines += [f"{name}: width x{m['width']:.2f}" for name, m in report["multipliers"].items()]
+  lines += [
+      f"{name}: interpolated between " +
+      " and ".join(f"width x{m['width']:.2f} ({m['flops'] / 1e6:.3f}M)"
+                   for m in widths)
+      for name, widths in report["multipliers"].items()
+  ]
   lines += [f"{k}: {v:.2f}" for k, v in {**report["ratios"], **report["expert_loop_speed"]}.items()]
+  lines.append("coe_routed's time: " +
+               ", ".join(f"{k} {v:.0%}" for k, v in report["time_shares"].items()))
   return "\n".join(lines)
 
 

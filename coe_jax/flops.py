@@ -125,23 +125,30 @@ class Sizing:
     return scaled
 
 
-def scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
-                    channels: int, num_outputs: int) -> Sizing:
-  """The width multiplier of `network` whose FLOPs come closest to `target`, in ratio.
+def _sized(network: ml_collections.ConfigDict, width: float, target: float, image_size: int,
+           channels: int, num_outputs: int) -> Sizing:
+  """`network` at `width` with its FLOPs."""
+  sizing = Sizing(width, 0, float(target))
+  return dataclasses.replace(sizing,
+                             flops=network_macs(
+                                 NetworkSpec.from_config(sizing.apply(network), "network"),
+                                 image_size, channels, num_outputs))
 
-  The depth stays the network's own. FLOPs never fall as the width grows, so
-  a bisection finds the first width at or above `target` in a few counts; it
-  or the width before it is the closest. The unchanged width wins a tie.
+
+def bracketing_widths(network: ml_collections.ConfigDict, target: float, image_size: int,
+                      channels: int, num_outputs: int) -> tuple[Sizing, Sizing]:
+  """The widths of `network` next to `target` FLOPs: (the widest at or below it,
+  the narrowest at or above it); one Sizing twice where a width hits it exactly.
+
+  The depth stays the network's own. FLOPs never fall as the width grows, so a
+  bisection finds them in a few counts. Channels round to multiples of 8, so
+  the two can lie far apart on a small network (0.29M and 0.60M around the
+  digits CoE's 0.42M): `benchmarks.inference` times both and interpolates. At
+  the ends of `WIDTH_MULTIPLIERS` both are the end's width.
   """
   if not target > 0:
     raise CoEError(f"target FLOPs={target!r}: expected a positive number")
-
-  def sized(width: float) -> Sizing:
-    sizing = Sizing(width, 0, float(target))
-    macs = network_macs(NetworkSpec.from_config(sizing.apply(network), "network"), image_size,
-                        channels, num_outputs)
-    return dataclasses.replace(sizing, flops=macs)
-
+  sized = lambda width: _sized(network, width, target, image_size, channels, num_outputs)
   low, high = 0, len(WIDTH_MULTIPLIERS) - 1  # The first width reaching `target` is in [low, high].
   while low < high:
     middle = (low + high) // 2
@@ -149,8 +156,21 @@ def scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_siz
       high = middle
     else:
       low = middle + 1
-  candidates = [sized(WIDTH_MULTIPLIERS[i]) for i in {max(low - 1, 0), low}] + [sized(1.0)]
-  return min(candidates,
+  above = sized(WIDTH_MULTIPLIERS[low])
+  if above.flops <= target or low == 0:  # Exact, or beyond an end.
+    return above, above
+  return sized(WIDTH_MULTIPLIERS[low - 1]), above
+
+
+def scaled_to_flops(network: ml_collections.ConfigDict, target: float, image_size: int,
+                    channels: int, num_outputs: int) -> Sizing:
+  """The width multiplier of `network` whose FLOPs come closest to `target`, in ratio.
+
+  One of `bracketing_widths`, or the unchanged width, which wins a tie.
+  """
+  candidates = [*bracketing_widths(network, target, image_size, channels, num_outputs)]
+  unchanged = _sized(network, 1.0, target, image_size, channels, num_outputs)
+  return min(candidates + [unchanged],
              key=lambda s: (round(abs(math.log(s.flops / target)), 9), s.width_multiplier != 1.0))
 
 

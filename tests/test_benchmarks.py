@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks import inference, int8_conv, peak, train_step
 from coe_jax import flops
+from coe_jax.training import train
+from tests.helpers import single_device_trainer, train_config
 from tests.tiny import tiny_config
 
 # End to end and minutes long: `make test-all` runs them, `make test` does not.
@@ -53,8 +55,10 @@ def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   # PWLU: the benchmark moves it to phase II, and the export must take that.
   config = tiny_config(num_experts=2, activation="pwlu")
   report = inference.run_litert(config, threshold=None, workdir=None, steps=1, rounds=1, threads=1)
-  assert set(report["results"]) == LITERT_VARIANTS
-  assert report["delegates"] == ["xnnpack"] * 3 and report["threads"]["dense"] == 1
+  widths = {n for n in report["results"] if n.startswith("litert_dense_equal_flops[x")}
+  assert set(report["results"]) - widths == LITERT_VARIANTS and 1 <= len(widths) <= 2
+  assert report["delegates"] == ["xnnpack"] * 3
+  assert set(report["threads"]["dense"].values()) == {1}
   assert report["int8"]["delegates"] == ["xnnpack"] * 3
   assert report["undelegated"] == [["CAST"]] * 3
   # tau at the median confidence, each export's own.
@@ -81,6 +85,42 @@ def test_litert_benchmark_measures_float32_and_int8_against_the_measured_peak():
   table = inference.format_litert_table(report)
   assert all(name in table for name in LITERT_VARIANTS | INT8_RATIOS)
   assert report["peak"]["derivation"] in table
+
+
+def test_equal_flops_speed_is_interpolated_between_the_neighbouring_widths():
+  # A cost that grows as a power of the FLOPs is recovered exactly.
+  speed = lambda f: 3e9 * f**-0.8
+  points = [(2e5, speed(2e5)), (6e5, speed(6e5))]
+  assert inference._at_target(points, 4e5) == pytest.approx(speed(4e5))
+  assert inference._at_target(points, 2e5) == pytest.approx(speed(2e5))
+  assert inference._at_target(points[:1], 4e5) == speed(2e5)  # One width: its own speed.
+
+
+def test_inference_benchmark_reads_a_run_and_compares_at_equal_flops(tmp_path):
+  """The README's `--workdir` form: the run's variables and calibrated threshold;
+  the equal-FLOPs rows sit at CoE's mean FLOPs, between their two widths."""
+  config = train_config(num_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train(single_device_trainer(config, workdir))
+  report = inference.run(config, batch_size=8, threshold=None, workdir=workdir, steps=1, rounds=1)
+  assert report["threshold_source"] == f"calibrated ({workdir})"
+  mean_flops = report["results"]["coe_routed[auto]"]["flops_per_image"]
+  for name in ("dense_equal_flops", "condconv_equal_flops"):
+    result, widths = report["results"][name], report["multipliers"][name]
+    assert result["flops_per_image"] == mean_flops
+    assert widths[0]["flops"] <= mean_flops <= widths[-1]["flops"], widths
+    speeds = [report["results"][f"{name}[x{w['width']:.2f}]"]["images_per_s"] for w in widths]
+    assert min(speeds) <= result["images_per_s"] <= max(speeds)
+  assert report["ratios"]["coe_routed / dense_equal_flops"] == pytest.approx(
+      report["results"]["coe_routed[auto]"]["images_per_s"] /
+      report["results"]["dense_equal_flops"]["images_per_s"])
+  assert "dense_equal_flops: interpolated between width x" in inference.format_table(report)
+  # Where the routed call's time goes: its parts, timed alone, as shares of it.
+  shares = report["time_shares"]
+  assert set(shares) == {"delegator", "experts_on_buffers", "router", "one_expert_unsplit"}
+  assert shares["router"] == pytest.approx(1 - shares["delegator"] - shares["experts_on_buffers"])
+  assert all(shares[k] > 0 for k in ("delegator", "experts_on_buffers", "one_expert_unsplit"))
+  assert not any(name.startswith("parts:") for name in report["results"])
 
 
 def test_the_input_benchmark_reads_tfds_from_a_fake_imagenet(tmp_path):

@@ -1,6 +1,7 @@
 """The analytic FLOPs count, cross-checked against XLA, and the configs' budgets."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from coe_jax.config_loading import load_config
 from coe_jax.models import conv
 from coe_jax.models.networks import Expert
 from coe_jax.models.spec import NetworkSpec
-from tests.tiny import REPO, config_path
+from tests.tiny import REPO, config_path, tiny_config
 
 
 @pytest.mark.slow
@@ -119,3 +120,25 @@ def test_train_step_flops_count_three_passes_per_trained_network():
                                                ("cpu", "float32", None)])
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert flops.peak_flops_per_device(kind, dtype) == peak
+
+
+def test_bracketing_widths_are_the_neighbours_of_the_target():
+  network = tiny_config().expert
+  widths = flops.WIDTH_MULTIPLIERS
+  # A target between the FLOPs of two widths far apart.
+  low = flops.bracketing_widths(network, 1.0, 16, 3, 10)[0].flops  # The narrowest width's.
+  high = flops.bracketing_widths(network, 1e15, 16, 3, 10)[0].flops  # The widest's.
+  target = (low * high)**0.5
+  below, above = flops.bracketing_widths(network, target, 16, 3, 10)
+  assert below.flops < target < above.flops
+  assert widths.index(above.width_multiplier) == widths.index(below.width_multiplier) + 1
+  closest = flops.scaled_to_flops(network, target, 16, 3, 10)
+  assert closest in (below, above)
+  assert closest.flops == min((below.flops, above.flops), key=lambda f: abs(math.log(f / target)))
+  # A width that hits the target exactly is both neighbours.
+  exact = flops.bracketing_widths(network, above.flops, 16, 3, 10)
+  assert exact[0] == exact[1] and exact[0].flops == above.flops
+  # Beyond the ends: the end's width twice.
+  for target, end in ((1.0, widths[0]), (1e15, widths[-1])):
+    ends = flops.bracketing_widths(network, target, 16, 3, 10)
+    assert ends[0] == ends[1] and ends[0].width_multiplier == end
