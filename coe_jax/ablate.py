@@ -32,6 +32,12 @@ Variants:
   reach CoE's top-1 (interpolated in log FLOPs) over CoE's mean FLOPs.
 - `condconv`: the experts' architecture with CondConv (4 kernels) in its
   later half of stages, sized like `single` and trained alone.
+- `coe_oracle_groups` (the ceiling; image folders with a `coarse.json`): N
+  experts of `single`'s size, expert j trained only on the images of group j
+  (the superclasses of `coarse.json` in name order, cut into N equal runs:
+  `coe_jax.data.class_groups`) for the same epochs, each test image answered
+  by its true group's expert. Its `router_top1` is the delegator's network
+  trained alone to predict the group: how far a router is from the oracle.
 - `ensemble`: the N experts trained independently as plain classifiers
   (warm-up stage only: same batches, own initialisations); the answer is the
   mean of their probabilities, at N x expert FLOPs.
@@ -58,12 +64,14 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
 from coe_jax import config_base, data, flops, run_dir
 from coe_jax.config_loading import flag_config, run_command
+from coe_jax.data import class_groups
 from coe_jax.errors import CoEError, require
 from coe_jax.evaluation import plots
 from coe_jax.evaluation import run as evaluation_run
@@ -74,7 +82,9 @@ from coe_jax.training.train_step import TrainState
 # The single-network family besides `single` (1x): multiples of CoE's mean FLOPs.
 FAMILY = (0.5, 0.7, 1.4, 2.0)
 VARIANTS = ("coe", "no_wgm", "no_lgm", "no_vcm", "single", *(f"single_{f:g}x" for f in FAMILY),
-            "condconv", "ensemble")
+            "condconv", "coe_oracle_groups", "ensemble")
+# The ceiling: experts on fixed class groups, images sent to their true group.
+ORACLE = "coe_oracle_groups"
 DESCRIPTIONS = {
     "coe": "full CoE: WGM + LGM + VCM, early exit",
     "no_wgm": "without WGM: uniform expert weights (wgm.off_portion_weight=1)",
@@ -82,13 +92,15 @@ DESCRIPTIONS = {
     "no_vcm": "without VCM (vcm.enabled=False)",
     "single": "one network of CoE's mean FLOPs, trained alone",
     "condconv": "one CondConv network of CoE's mean FLOPs, trained alone",
+    ORACLE: "N experts of single's size, each on a fixed group of superclasses, "
+            "images sent to their true group (the ceiling)",
     "ensemble": "N independent experts, probabilities averaged",
 }
 
 
 def flops_factor(variant: str) -> Optional[float]:
   """The multiple of CoE's mean FLOPs a variant is sized to (`single_<f>x`: f); None if unsized."""
-  if variant in ("single", "condconv"):
+  if variant in ("single", "condconv", ORACLE):
     return 1.0
   if variant.startswith("single_") and variant.endswith("x"):
     try:
@@ -281,6 +293,126 @@ def run_variant(config: ml_collections.ConfigDict, variant: str, workdir: str) -
   return row
 
 
+def _steps_scaled(config: ml_collections.ConfigDict, fraction: float) -> None:
+  """Every step count of `config.train` times `fraction` (at least 1): the same
+  epochs and schedule on `fraction` of the images."""
+  for key in ("num_steps", "warmup_steps", "checkpoint_every_steps", "log_every_steps",
+              "eval_every_steps"):
+    if config.train[key]:
+      config.train[key] = max(1, round(config.train[key] * fraction))
+
+
+def _image_count(folder: str) -> int:
+  split = os.path.join(folder, "train")
+  return sum(len(os.listdir(os.path.join(split, c))) for c in os.listdir(split))
+
+
+def run_oracle_groups(config: ml_collections.ConfigDict, seed: int, sizing: flops.Sizing,
+                      workdir: str) -> dict[str, Any]:
+  """The ceiling (`coe_oracle_groups`): one expert per class group, each image answered
+  by its group's; returns its row, with `router_top1` and each group's `group_top1`.
+
+  Runs go in `workdir/group<j>` and `workdir/router`, over the folders
+  `coe_jax.data.class_groups` writes in `workdir/folders`; as with every
+  variant, the same command resumes or reuses them.
+  """
+  run_file = epath.Path(workdir) / run_dir.ABLATION_RUN
+  if run_file.exists():
+    return run_dir.read_json(str(run_file))
+  require(config.data.name == "image_folder", "data.name", config.data.name,
+          f"{ORACLE} groups an image folder's classes by its {class_groups.COARSE}")
+  started = time.time()
+  folders = class_groups.write_group_folders(config.data.path, config.num_experts,
+                                             os.path.join(workdir, "folders"))
+  total = _image_count(config.data.path)
+  groups, tested = [], []
+  for j in range(config.num_experts):
+    group = variant_config(config, "single", seed, sizing)
+    group.data.path, group.data.num_classes = folders[f"group{j}"], None
+    _steps_scaled(group, _image_count(folders[f"group{j}"]) / total)
+    group_dir = os.path.join(workdir, f"group{j}")
+    groups.append(run_variant(group, "single", group_dir))
+    tested.append(run_dir.read_json(os.path.join(group_dir, run_dir.RESULTS))["num_test_examples"])
+  router = variant_config(config, "single", seed, flops.Sizing(1.0, 0, 0.0))
+  router.expert = config.delegator.copy_and_resolve_references()
+  router.data.path, router.data.num_classes = folders["router"], None
+  routed = run_variant(router, "single", os.path.join(workdir, "router"))
+  row = dict(top1=sum(g["top1"] * n for g, n in zip(groups, tested)) / sum(tested),
+             mean_flops=_mean([g["mean_flops"] for g in groups]),
+             early_exit_rate=None,
+             top1_no_early_exit=None,
+             group_top1=[g["top1"] for g in groups],
+             router_top1=routed["top1"],
+             expert_flops=_mean([g["expert_flops"] for g in groups]),
+             seconds=time.time() - started,
+             last_third_gain=None)
+  run_dir.write_json(str(run_file), row)
+  return row
+
+
+# Resamples of the test images behind each paired interval.
+BOOTSTRAP_SAMPLES = 10_000
+# What CoE is compared with image by image (`paired_differences`).
+PAIRED_AGAINST = ("single", "condconv")
+
+
+def paired_bootstrap(a: np.ndarray,
+                     b: np.ndarray,
+                     samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> dict[str, float]:
+  """top-1(a) - top-1(b) on the same test images, with a 95% percentile interval.
+
+  `a`, `b`: bool [S, T], each of S paired runs (seed k against seed k) right
+  or wrong on each of the T images. The difference is the mean over the
+  pairs; each resample draws T images with replacement, the same images for
+  every pair, so the interval carries the test set's sampling error and the
+  pairs' agreement on the hard images.
+  """
+  per_image = (a.astype(np.float64) - b).mean(0)  # [T]
+  rng = np.random.default_rng(seed)
+  means = np.concatenate([  # In chunks: [1000, T] indices at a time.
+      per_image[rng.integers(0, len(per_image),
+                             (min(1000, samples - start), len(per_image)))].mean(1)
+      for start in range(0, samples, 1000)
+  ])
+  low, high = np.percentile(means, [2.5, 97.5])
+  return dict(difference=float(per_image.mean()), low=float(low), high=float(high))
+
+
+def _correct(workdir: str, variant: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+  """(labels, right or wrong) of a run's answers on each test image; None without them."""
+  path = os.path.join(workdir, run_dir.PREDICTIONS)
+  if not epath.Path(path).exists():
+    return None
+  p = run_dir.read_predictions(path)
+  # A sized variant is its network alone (`results_row`), CoE its answer at tau.
+  answer = p["experts"][0] if flops_factor(variant) is not None else p["coe"]
+  return p["labels"], answer == p["labels"]
+
+
+def paired_differences(workdir: str, seeds: dict[str, int]) -> dict[str, dict[str, Any]]:
+  """`coe` minus each of PAIRED_AGAINST, image by image: each seed pair and all
+  pairs pooled (`paired_bootstrap`), where both runs wrote their predictions
+  on the same test images."""
+  out = {}
+  for other in PAIRED_AGAINST:
+    pairs = []
+    for k in range(min(seeds.get("coe", 0), seeds.get(other, 0))):
+      mine = _correct(os.path.join(workdir, "coe", f"seed{k}"), "coe")
+      theirs = _correct(os.path.join(workdir, other, f"seed{k}"), other)
+      if mine is None or theirs is None or not np.array_equal(mine[0], theirs[0]):
+        continue
+      pairs.append((k, mine[1], theirs[1]))
+    if not pairs:
+      continue
+    figures = {f"seed{k}": paired_bootstrap(a[None], b[None]) for k, a, b in pairs}
+    if len(pairs) > 1:
+      figures["pooled"] = paired_bootstrap(np.stack([a for _, a, _ in pairs]),
+                                           np.stack([b for _, _, b in pairs]))
+    out[f"coe - {other}"] = figures
+  return out
+
+
 def mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
   """A table cell: "mean ± sample sd" of the scaled values, the value alone for one."""
   values = [scale * v for v in values]
@@ -291,8 +423,11 @@ def mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> s
   return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing],
-                 ratio: Optional[float], command: str) -> str:
+def format_table(rows: Sequence[dict[str, Any]],
+                 sizings: dict[str, flops.Sizing],
+                 ratio: Optional[float],
+                 command: str,
+                 paired: Optional[dict[str, dict[str, Any]]] = None) -> str:
   """The Markdown report: the command, the table, how the sized variants were sized and
   `flops_ratio_at_equal_accuracy`."""
   lines = [
@@ -329,6 +464,24 @@ def format_table(rows: Sequence[dict[str, Any]], sizings: dict[str, flops.Sizing
         f"network at width x{sizing.width_multiplier:g}: {sizing.flops / 1e6:.4f}M multiply-adds, "
         f"{100 * (sizing.flops / sizing.target - 1):+.1f}% from its target of "
         f"{sizing.target / 1e6:.4f}M.")
+  for row in rows:
+    if row["name"] == ORACLE:
+      runs = row["runs"]
+      per_group = zip(*(r["group_top1"] for r in runs))
+      lines += [
+          "", f"`{ORACLE}`: each group's expert on its group's test images "
+          f"{', '.join(mean_sd(g) for g in per_group)} %; the delegator's network "
+          f"predicts the group at {mean_sd([r['router_top1'] for r in runs])} %."
+      ]
+  for comparison, figures in (paired or {}).items():
+    cells = [
+        f"{which} {100 * f['difference']:+.2f} [{100 * f['low']:+.2f}, {100 * f['high']:+.2f}]"
+        for which, f in figures.items()
+    ]
+    lines += [
+        "", f"{comparison} (top-1 points, paired bootstrap 95% interval over the test "
+        f"images): {'; '.join(cells)}"
+    ]
   if any(_is_family(row["name"]) for row in rows):
     lines += [
         "", "`flops_ratio_at_equal_accuracy` (FLOPs the single-network family needs to "
@@ -345,7 +498,7 @@ def _last_third(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def _is_family(variant: str) -> bool:
-  return variant != "condconv" and flops_factor(variant) is not None
+  return variant not in ("condconv", ORACLE) and flops_factor(variant) is not None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -414,8 +567,11 @@ def run_ablation(config: ml_collections.ConfigDict,
       done += 1
       variant_dir = os.path.join(workdir, variant, f"seed{s}")
       print(f"[{done}/{jobs}] {variant}, seed {config.seed + s}: {variant_dir}", flush=True)
-      run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
-                        variant_dir)
+      if variant == ORACLE:
+        run = run_oracle_groups(config, config.seed + s, sizing, variant_dir)
+      else:
+        run = run_variant(variant_config(config, variant, config.seed + s, sizing), variant,
+                          variant_dir)
       exits = (f", early exits {100 * run['early_exit_rate']:.1f}%"
                if run["early_exit_rate"] is not None else "")
       print(
@@ -434,7 +590,9 @@ def run_ablation(config: ml_collections.ConfigDict,
   ratio = None
   if family and rows[0]["name"] == "coe":
     ratio = flops_ratio_at_equal_accuracy(family, summary[0]["top1"], summary[0]["mean_flops"])
-  table = format_table(rows, sizings, ratio, command)
+  seeds_of = {row["name"]: len(row["runs"]) for row in rows}
+  paired = paired_differences(workdir, seeds_of)
+  table = format_table(rows, sizings, ratio, command, paired)
   epath.Path(workdir, run_dir.ABLATION_TABLE).write_text(table)
   run_dir.write_json(
       os.path.join(workdir, run_dir.ABLATION), {
@@ -443,6 +601,7 @@ def run_ablation(config: ml_collections.ConfigDict,
               row["name"]: len(row["runs"]) for row in rows
           },
           "flops_ratio_at_equal_accuracy": ratio,
+          "paired": paired,
           "rows": rows,
           "sizings": {
               k: dataclasses.asdict(v) for k, v in sizings.items()

@@ -29,12 +29,6 @@ import numpy as np
 from coe_jax.errors import CoEError, require
 
 
-def is_single_network(config) -> bool:
-  """One expert trained as a plain classifier: the ablations' sized variants."""
-  stages = {name: fraction for name, fraction in config.train.stages.items() if fraction > 0}
-  return config.num_experts == 1 and set(stages) == {"warmup"}
-
-
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
   """Padded, masked batches of the whole split, as `data.eval_batches` gives them."""
   for start in range(0, len(labels), batch_size):
@@ -50,7 +44,7 @@ def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
 def evaluate_run(workdir: str, data_path: str, step: Optional[int] = None) -> dict[str, Any]:
   """The figures of the run in `workdir` on `data_path/test/` at its calibrated tau."""
   # pylint: disable=g-import-not-at-top
-  from coe_jax import evaluation, flops
+  from coe_jax import evaluation, flops, stages
   from coe_jax.data import image_folder
   from coe_jax.models.coe import CoE
   from coe_jax.training import saved_run
@@ -73,12 +67,8 @@ def evaluate_run(workdir: str, data_path: str, step: Optional[int] = None) -> di
                                        progress=evaluation.Progress("evaluating", len(labels)))
   costs = flops.count(config, num_classes)
   f_d, f_e = costs["delegator_flops"], costs["expert_flops"]
-  if is_single_network(config):
-    return {
-        "top1": float((outputs.expert_predictions[0] == outputs.labels).mean()),
-        "mean_flops": float(f_e),
-        "num_test_examples": int(len(labels)),
-    }
+  if stages.is_single_network(config):
+    return evaluation.single_network_figures(outputs, f_e)
   curve = evaluation.sweep(outputs, f_d, f_e)
   return evaluation.summary(outputs, curve, meta["threshold"], config.num_experts, f_d, f_e)
 

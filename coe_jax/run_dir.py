@@ -9,6 +9,8 @@
       compilation_cache/      COMPILATION_CACHE: compiled programs, found again on resume
       results.json            RESULTS: the final evaluation, with the calibrated tau
       early_exit_curve.json   CURVE: the test split's accuracy and FLOPs at every tau
+      test_predictions.npz    PREDICTIONS: each test image's label, CoE's answer at tau
+                              and every expert's (paired comparisons of runs)
       accuracy_vs_flops.png   ACCURACY_VS_FLOPS_PLOT: top-1 against mean FLOPs as tau sweeps
       early_exit_curve.png    CURVE_PLOT: top-1 and mean FLOPs against tau
       expert_load.png         EXPERT_LOAD_PLOT: the share of routed test images per expert
@@ -23,7 +25,8 @@ enough to commit, load wherever a workdir does (predictor, exporter,
 evaluation, `train.init_from`):
 
     DIR/
-      config.json, run.json, results.json, early_exit_curve.json   as above
+      config.json, run.json, results.json, early_exit_curve.json,
+      test_predictions.npz    as above
       variables.msgpack       WEIGHTS: the evaluated parameters and BatchNorm
                               statistics (EMA where trained with it), no optimizer
 
@@ -38,10 +41,12 @@ file, never half a new one. Paths may be local or remote (gs://...), through
 etils.epath.
 """
 
+import io
 import json
 import os
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 CONFIG = "config.json"
@@ -52,6 +57,7 @@ UNREADABLE_CHECKPOINTS = "unreadable_checkpoints"
 COMPILATION_CACHE = "compilation_cache"
 RESULTS = "results.json"
 CURVE = "early_exit_curve.json"
+PREDICTIONS = "test_predictions.npz"
 SERVING = "serving"
 ABLATION = "ablation.json"
 ABLATION_RUN = "ablation_run.json"
@@ -85,10 +91,27 @@ def absolute(path: str) -> str:
 
 def write_text_atomically(path: str, text: str) -> None:
   """Writes a file atomically: a reader sees the old file or the new one, never half."""
+  write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: str, payload: bytes) -> None:
+  """`write_text_atomically` for bytes."""
   target = epath.Path(path)
   tmp = target.parent / f"{target.name}.tmp"
-  tmp.write_text(text)
+  tmp.write_bytes(payload)
   tmp.replace(target)
+
+
+def write_predictions(path: str, **arrays: np.ndarray) -> None:
+  """Writes PREDICTIONS (named integer arrays, npz) atomically."""
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  write_bytes_atomically(path, buffer.getvalue())
+
+
+def read_predictions(path: str) -> dict[str, np.ndarray]:
+  with epath.Path(path).open("rb") as f:
+    return dict(np.load(io.BytesIO(f.read())))
 
 
 def write_json(path: str, payload: Any) -> None:

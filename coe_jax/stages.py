@@ -125,3 +125,10 @@ class StagePlan:
   def boundaries(self) -> tuple[tuple[str, int, int], ...]:
     """`(name, start, end)` of each scheduled stage."""
     return tuple((span.stage.name, span.start, span.end) for span in self.spans)
+
+
+def is_single_network(config: ml_collections.ConfigDict) -> bool:
+  """One expert trained as a plain classifier (the ablations' sized variants): it
+  answers alone, and the delegator trained beside it is no part of it."""
+  stages = {name: fraction for name, fraction in config.train.stages.items() if fraction > 0}
+  return config.num_experts == 1 and set(stages) == {"warmup"}

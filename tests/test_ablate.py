@@ -93,6 +93,12 @@ def test_table_plot_and_progress(ablation):
   assert "not reached within the family" in table
   assert report["sizings"]["single"]["flops"] == _read(workdir, "single", "seed0",
                                                        "results.json")["expert_flops"]
+  # CoE against the single network image by image, from the runs' predictions.
+  paired = report["paired"]["coe - single"]["seed0"]
+  rows = {row["name"]: row["runs"][0] for row in report["rows"]}
+  assert paired["difference"] == pytest.approx(rows["coe"]["top1"] - rows["single"]["top1"])
+  assert paired["low"] <= paired["difference"] <= paired["high"]
+  assert "coe - single (top-1 points, paired bootstrap 95% interval" in table
 
 
 @pytest.mark.slow
@@ -129,6 +135,55 @@ def test_rows_carry_each_runs_figures(ablation):
   assert run["ensemble"]["last_third_gain"] is None and rows["ensemble"][7] == "—"
   assert rows["coe"][7] == f"{100 * run['coe']['last_third_gain']:.2f}"
   assert all(0 <= run[v]["top1"] <= 1 for v in VARIANTS)
+
+
+def test_paired_bootstrap_interval():
+  rng = np.random.default_rng(0)
+  a = rng.random((1, 4000)) < 0.6
+  b = rng.random((1, 4000)) < 0.5
+  same = ablate.paired_bootstrap(a, a)
+  assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+  assert ablate.paired_bootstrap(np.ones((1, 50), bool), np.zeros((1, 50), bool)) == {
+      "difference": 1.0,
+      "low": 1.0,
+      "high": 1.0
+  }
+  got = ablate.paired_bootstrap(a, b)
+  diff = a[0].astype(float) - b[0]
+  assert got["difference"] == pytest.approx(diff.mean())
+  # The percentile interval of a mean of 4000 draws: about the normal one.
+  half = 1.96 * diff.std() / math.sqrt(diff.size)
+  assert got["low"] == pytest.approx(diff.mean() - half, abs=0.15 * half)
+  assert got["high"] == pytest.approx(diff.mean() + half, abs=0.15 * half)
+  # Pooled over two seed pairs: the mean difference, a narrower interval.
+  c, d = rng.random((1, 4000)) < 0.6, rng.random((1, 4000)) < 0.5
+  pooled = ablate.paired_bootstrap(np.concatenate([a, c]), np.concatenate([b, d]))
+  assert pooled["difference"] == pytest.approx(
+      (diff.mean() + (c[0].astype(float) - d[0]).mean()) / 2)
+  assert pooled["high"] - pooled["low"] < got["high"] - got["low"]
+
+
+def test_paired_differences_pair_seeds_on_the_same_images(tmp_path):
+  labels = np.arange(6) % 3
+  answers = {  # variant -> per seed: right on the first n images.
+      "coe": (5, 4),
+      "single": (3, 4)
+  }
+  for variant, rights in answers.items():
+    for k, n in enumerate(rights):
+      run = tmp_path / variant / f"seed{k}"
+      run.mkdir(parents=True)
+      wrong = np.where(np.arange(6) < n, labels, (labels + 1) % 3)
+      run_dir.write_predictions(str(run / run_dir.PREDICTIONS),
+                                labels=labels,
+                                coe=wrong,
+                                experts=np.stack([wrong, labels]))
+  got = ablate.paired_differences(str(tmp_path), {"coe": 2, "single": 2, "condconv": 1})
+  assert set(got) == {"coe - single"}  # No condconv predictions: no comparison.
+  figures = got["coe - single"]
+  assert figures["seed0"]["difference"] == pytest.approx(2 / 6)  # CoE's answer vs expert 0's.
+  assert figures["seed1"]["difference"] == 0
+  assert figures["pooled"]["difference"] == pytest.approx(1 / 6)
 
 
 def test_the_regime_check_reads_the_evaluation_nearest_two_thirds(tmp_path):

@@ -61,9 +61,17 @@ def test_a_run_and_its_weights_only_copy_give_the_runs_figures(coe_run, folder, 
 def test_a_single_network_run_reports_its_own_top1_and_cost(tmp_path, folder):
   workdir, results = _run(tmp_path, "single", folder, single=True)
   got = evaluate.evaluate_run(workdir, folder)
-  assert set(got) == {"top1", "mean_flops", "num_test_examples"}
-  assert got["top1"] == pytest.approx(results["expert_top1"][0])
-  assert got["mean_flops"] == results["expert_flops"]
+  own = {
+      "top1", "top1_no_early_exit", "expert_top1", "mean_flops", "expert_flops", "num_test_examples"
+  }
+  assert set(got) == own
+  # The run's results.json: the same figures and the training's, nothing of the
+  # delegator trained beside it (no tau, exits or routing).
+  assert set(results) == own | {"train_flops"}
+  for key in own:
+    assert got[key] == pytest.approx(results[key]), key
+  assert results["top1"] == results["expert_top1"][0] and results["mean_flops"] == results[
+      "expert_flops"]
 
 
 def test_bad_paths_and_other_classes_fail_in_one_line(coe_run, folder, tmp_path, capsys):

@@ -81,6 +81,11 @@ def test_the_report_names_the_results_file_and_every_plot():
   assert f"results: /w/{run_dir.RESULTS}\n" in text
   assert f"plots:   /w/{run_dir.ACCURACY_VS_FLOPS_PLOT}," in text
   assert all(name in text for name in run_dir.PLOTS)
+  # A single network's report: its own figures, no plots it did not draw.
+  single = report.format_results(evaluation.single_network_figures(outputs, 100.0), "/w")
+  top1 = (outputs.expert_predictions[0] == outputs.labels).mean()
+  assert "Single network results" in single and f"{100 * top1:.2f}%" in single
+  assert "plots:" not in single and f"results: /w/{run_dir.RESULTS}" in single
 
 
 def test_portion_top1_compares_each_expert_with_the_others_on_its_portion():
@@ -141,6 +146,19 @@ def test_oracles_on_a_hand_made_split():
   assert figures["per_class_oracle_top1"] == 0.75
   # The router is right on images 1, 2 and 3, wrong on 0, where expert 0 was right.
   assert figures["chosen_wrong_given_some_right"] == 0.25
+  assert figures["per_class_oracle_chosen_on"] == "test"
+  # Chosen on a hold-out where expert 1 is the better on class 0 and class 1
+  # is missing (it goes to expert 1, the better on the whole hold-out): class 0
+  # to expert 1 gets 0 right on the test images, class 1 to expert 1 gets 1.
+  holdout = evaluation.EvalOutputs(labels=np.array([0, 0]),
+                                   confidence=np.zeros(2),
+                                   delegator_prediction=np.zeros(2, int),
+                                   selected_expert=np.zeros(2, int),
+                                   expert_predictions=np.array([[1, 1], [0, 0]]))
+  chosen = evaluation.oracle_figures(outputs, holdout)
+  assert chosen["per_class_oracle_top1"] == 0.25
+  assert chosen["per_class_oracle_chosen_on"] == "holdout"
+  assert chosen["oracle_top1"] == figures["oracle_top1"]
 
 
 def _router_one_step_off(outputs, tau, step):

@@ -223,9 +223,15 @@ def check_router_agrees(outputs: EvalOutputs,
   return int(np.sum((answers_at(outputs, threshold) != routed) & ~near))
 
 
-def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: int,
-            delegator_flops: float, expert_flops: float) -> dict[str, Any]:
-  """The figures of `results.json` at `threshold`, from the recorded outputs."""
+def summary(outputs: EvalOutputs,
+            curve: Sweep,
+            threshold: float,
+            num_experts: int,
+            delegator_flops: float,
+            expert_flops: float,
+            holdout: Optional[EvalOutputs] = None) -> dict[str, Any]:
+  """The figures of `results.json` at `threshold`, from the recorded outputs
+  (`holdout`'s, where given, choose the per-class oracle's experts)."""
   exits = answers.exits(outputs.confidence, threshold)
   prediction = answers_at(outputs, threshold)
   routed = outputs.selected_expert[~exits]
@@ -236,7 +242,7 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
       "top1_no_early_exit": float((outputs.routed_prediction == outputs.labels).mean()),
       "delegator_top1": float((outputs.delegator_prediction == outputs.labels).mean()),
       "expert_top1": [float(x) for x in (outputs.expert_predictions == outputs.labels).mean(1)],
-      **oracle_figures(outputs),
+      **oracle_figures(outputs, holdout),
       **portion_top1(outputs, num_experts),
       "early_exit_rate": exit_rate,
       "threshold": float(threshold),
@@ -248,26 +254,51 @@ def summary(outputs: EvalOutputs, curve: Sweep, threshold: float, num_experts: i
   }
 
 
-def oracle_figures(outputs: EvalOutputs) -> dict[str, Optional[float]]:
+def single_network_figures(outputs: EvalOutputs, expert_flops: float) -> dict[str, Any]:
+  """The figures of `results.json` for a single network (`stages.is_single_network`):
+  its own answers and cost; no tau, exits or routing (its one "expert" answers
+  every image)."""
+  top1 = float((outputs.expert_predictions[0] == outputs.labels).mean())
+  return {
+      "top1": top1,
+      "top1_no_early_exit": top1,
+      "expert_top1": [top1],
+      "mean_flops": float(expert_flops),
+      "expert_flops": int(expert_flops),
+      "num_test_examples": int(len(outputs.labels)),
+  }
+
+
+def oracle_figures(outputs: EvalOutputs, chooser: Optional[EvalOutputs] = None) -> dict[str, Any]:
   """How far routing is from what the experts allow (no early exit):
 
   - `oracle_top1`: some expert is right. No router reaches it: it may pick a
     different expert for two images it cannot tell apart.
-  - `per_class_oracle_top1`: each class sent to the expert best on that
-    class; a router that knew the class would reach it.
+  - `per_class_oracle_top1`: each class sent to one expert, the best on that
+    class in `chooser` (the hold-out; a class it lacks goes to the expert best
+    on all of it), scored on `outputs`; a router that knew the class could
+    reach it. Without `chooser` the experts are chosen on `outputs` itself,
+    an upper bound: `per_class_oracle_chosen_on` says which ("holdout" or
+    "test").
   - `chosen_wrong_given_some_right`: P(the selected expert is wrong | some
     expert is right), the share of reachable answers the router misses.
   """
   correct = outputs.expert_predictions == outputs.labels  # [N, T]
   some_right = correct.any(0)  # [T]
   chosen_right = outputs.routed_prediction == outputs.labels  # [T]
-  best_per_class = 0
+  chosen_on = chooser if chooser is not None else outputs
+  chooser_correct = chosen_on.expert_predictions == chosen_on.labels  # [N, T']
+  overall = int(np.argmax(chooser_correct.sum(1)))
+  hits = 0
   for k in np.unique(outputs.labels):
-    best_per_class += int(correct[:, outputs.labels == k].sum(1).max())
+    of_k = chosen_on.labels == k
+    expert = int(np.argmax(chooser_correct[:, of_k].sum(1))) if of_k.any() else overall
+    hits += int(correct[expert, outputs.labels == k].sum())
   missed = (some_right & ~chosen_right).sum() / some_right.sum() if some_right.any() else None
   return {
       "oracle_top1": float(some_right.mean()),
-      "per_class_oracle_top1": best_per_class / len(outputs.labels),
+      "per_class_oracle_top1": hits / len(outputs.labels),
+      "per_class_oracle_chosen_on": "holdout" if chooser is not None else "test",
       "chosen_wrong_given_some_right": None if missed is None else float(missed),
   }
 

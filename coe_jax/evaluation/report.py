@@ -10,6 +10,8 @@ def _percent(value: Optional[float]) -> str:
 
 
 def format_results(results: dict[str, Any], workdir: str) -> str:
+  if "threshold" not in results:  # A single network (`evaluation.single_network_figures`).
+    return _format_single_network(results, workdir)
   experts = ", ".join(f"{100 * a:.1f}" for a in results["expert_top1"])
   portions = ", ".join(f"{_percent(own)} / {_percent(others)}" for own, others in zip(
       results["expert_top1_own_portion"], results["other_experts_top1_on_portion"]))
@@ -36,3 +38,17 @@ def format_results(results: dict[str, Any], workdir: str) -> str:
       f"           {', '.join(run_dir.PLOTS[3:])}", f"  metrics: tensorboard --logdir={workdir}"
   ]
   return "\n".join(["", "CoE results", *lines, ""])
+
+
+def _format_single_network(results: dict[str, Any], workdir: str) -> str:
+  rows = [
+      ("top-1", f"{100 * results['top1']:.2f}%"),
+      ("FLOPs (multiply-adds)", f"{results['mean_flops'] / 1e6:.3f}M"),
+      ("test examples", str(results["num_test_examples"])),
+  ]
+  width = max(len(name) for name, _ in rows)
+  lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+  lines += [
+      "", f"  results: {workdir}/{run_dir.RESULTS}", f"  metrics: tensorboard --logdir={workdir}"
+  ]
+  return "\n".join(["", "Single network results", *lines, ""])

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from coe_jax import answers, data, evaluation, flops, routing, run_dir
+from coe_jax import answers, data, evaluation, flops, routing, run_dir, stages
 from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
 
@@ -69,6 +69,8 @@ def evaluate(trainer: RunToEvaluate,
                                       progress=evaluation.Progress(f"evaluating {split}",
                                                                    sizes[split]))
 
+  if stages.is_single_network(config):
+    return _single_network(trainer, outputs_of("test"), write_files, extra)
   holdout = outputs_of("holdout") if sizes["holdout"] else None
   if config.eval.threshold is not None:
     threshold, how, source = config.eval.threshold, "fixed", "config"
@@ -82,7 +84,7 @@ def evaluate(trainer: RunToEvaluate,
                         if holdout is not None else 0.0)
   test = outputs_of("test")
   test_curve = evaluation.sweep(test, f_d, f_e)
-  results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e)
+  results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e, holdout)
   results.update(threshold_rule=how, threshold_source=source, expected_exit_rate=expected_exit_rate)
   routed, routes = evaluation.routed_figures(
       trainer.model,
@@ -112,6 +114,7 @@ def evaluate(trainer: RunToEvaluate,
     run_dir.write_json(os.path.join(workdir, run_dir.CURVE), {
         k: v.tolist() for k, v in vars(test_curve).items()
     })
+    _write_predictions(workdir, test, evaluation.answers_at(test, threshold))
     class_names = trainer.info.class_names
     plots.routing_grid(routes, class_names, os.path.join(workdir, run_dir.ROUTING_GRID_PLOT))
     plots.class_by_expert(routes, class_names, os.path.join(workdir, run_dir.CLASS_BY_EXPERT_PLOT))
@@ -126,4 +129,25 @@ def evaluate(trainer: RunToEvaluate,
         "at tau=%s (router_disagreements in %s): the figures computed from the recorded "
         "outputs are suspect, please report it", disagreements, results["num_test_examples"],
         threshold, run_dir.RESULTS)
+  return results
+
+
+def _write_predictions(workdir: str, test: evaluation.EvalOutputs, answers: np.ndarray) -> None:
+  """Each test image's answers, for paired comparisons of runs (`coe_jax.ablate`)."""
+  run_dir.write_predictions(os.path.join(workdir, run_dir.PREDICTIONS),
+                            labels=test.labels,
+                            coe=answers,
+                            experts=test.expert_predictions)
+
+
+def _single_network(trainer: RunToEvaluate, test: evaluation.EvalOutputs, write_files: bool,
+                    extra: Optional[dict[str, Any]]) -> dict[str, Any]:
+  """`evaluate` for a single network: its own figures (no tau to calibrate, no
+  routing), the training's cost, and its answers as CoE's in PREDICTIONS."""
+  results = evaluation.single_network_figures(test, trainer.flops["expert_flops"])
+  results.update(train_flops=flops.run_train_flops(trainer.config, trainer.info.num_classes),
+                 **(extra or {}))
+  if write_files and jax.process_index() == 0:
+    run_dir.write_json(os.path.join(trainer.workdir, run_dir.RESULTS), results)
+    _write_predictions(trainer.workdir, test, test.expert_predictions[0])
   return results

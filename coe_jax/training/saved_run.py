@@ -36,8 +36,9 @@ def load_for_inference(
 
   `meta` has `class_names`, `num_classes`, `threshold` (the calibrated tau
   from results.json; before the run has been evaluated, `eval.threshold` or,
-  if unset, infinity: no early exit) and `expected_exit_rate` (the hold-out's
-  exit rate at that tau, which sizes serving-mode expert buffers; 0 before).
+  if unset, infinity: no early exit; a single network's is infinity too) and
+  `expected_exit_rate` (the hold-out's exit rate at that tau, which sizes
+  serving-mode expert buffers; 0 before).
   """
   config_path = os.path.join(workdir, run_dir.CONFIG)
   if not epath.Path(config_path).is_file():
@@ -74,7 +75,9 @@ def load_for_inference(
   results_path = os.path.join(workdir, run_dir.RESULTS)
   if epath.Path(results_path).is_file():
     results = run_dir.read_json(results_path)
-    threshold, exit_rate = results["threshold"], results["expected_exit_rate"]
+    # A single network's results have no tau: it answers every image itself.
+    threshold = results.get("threshold", float("inf"))
+    exit_rate = results.get("expected_exit_rate", 0.0)
   else:
     threshold = config.eval.threshold if config.eval.threshold is not None else float("inf")
     exit_rate = 0.0
@@ -113,15 +116,12 @@ def save_weights(workdir: str, out_dir: str, step: Optional[int] = None) -> str:
   _, variables, _ = load_for_inference(workdir, step)
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  for name in (run_dir.CONFIG, run_dir.RUN, run_dir.RESULTS, run_dir.CURVE):
+  for name in (run_dir.CONFIG, run_dir.RUN, run_dir.RESULTS, run_dir.CURVE, run_dir.PREDICTIONS):
     source = epath.Path(workdir, name)
     if source.is_file():
-      run_dir.write_text_atomically(str(out / name), source.read_text())
+      run_dir.write_bytes_atomically(str(out / name), source.read_bytes())
   path = str(out / run_dir.WEIGHTS)
-  data_bytes = flax.serialization.to_bytes(jax.device_get(variables))
-  tmp = epath.Path(path + ".tmp")
-  tmp.write_bytes(data_bytes)
-  tmp.replace(path)
+  run_dir.write_bytes_atomically(path, flax.serialization.to_bytes(jax.device_get(variables)))
   return path
 
 
