@@ -17,6 +17,15 @@ FLOPs here?), the single networks alone, sized to 1.7M multiply-adds:
         --seeds=1 --variants=single,single_2x,condconv --reference_flops=1.7e6 \
         --config.data.name=image_folder --config.data.path=DIR
 
+The ceiling (issue 33): 4 experts of the single network's size, each trained
+on a fixed group of 5 superclasses (`coarse.json`), each test image answered
+by its group's expert, and the delegator's network predicting the group; the
+same command with it added (the finished runs are reused, the table has them all):
+
+    python -m coe_jax.ablate --config=configs/cifar100.py --workdir=runs/cifar100_probe \
+        --seeds=1 --variants=single,single_2x,condconv,coe_oracle_groups \
+        --reference_flops=1.7e6 --config.data.name=image_folder --config.data.path=DIR
+
 The recipe and the experts are CIFAR-10's, read from configs/cifar10.py
 (docs/method.md, section 4; that config says why each setting). TFDS
 `cifar100` is the default data (prepared with `tfds build cifar100`).

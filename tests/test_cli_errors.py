@@ -184,7 +184,7 @@ def test_ablate_with_an_unknown_config_key(tmp_path):
     ("benchmarks.train_step", ("--sweep_experts=4,a",), "--sweep_experts='4,a': expected positive"),
     ("benchmarks.train_step", ("--sweep_experts=4", "--sweep_dispatches=some"),
      "--sweep_dispatches='some': expected some of all, routed"),
-    ("benchmarks.train_step", ("--config.train.expert_dispatch=routed",),
+    ("benchmarks.train_step", ("--config.wgm.off_portion_samples=0",),
      "wgm.off_portion_weight=0.2: routed dispatch trains each expert on its portion only"),
 ])
 def test_benchmarks_report_bad_flags_in_one_line(module, args, fragment):

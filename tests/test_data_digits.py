@@ -89,6 +89,28 @@ def test_holdout_is_fixed_whatever_the_seed():
   _assert_same(*passes)
 
 
+def test_train_subset_is_a_fixed_unaugmented_draw_of_the_images_trained_on(monkeypatch):
+  config = _config()
+  splits = digits.load(config)
+  passes = [list(data.eval_batches(_config(seed=seed), split="train_subset")) for seed in (0, 5)]
+  _assert_same(*passes)  # The same images whatever the run's seed.
+  images = np.concatenate([b["image"][b["mask"]] for b in passes[0]])
+  labels = np.concatenate([b["label"][b["mask"]] for b in passes[0]])
+  assert len(labels) == 1293  # Fewer training images than the subset's size: all of them.
+  assert _examples(images, labels) == _examples(splits.train_images, splits.train_labels)
+  # Larger training splits give TRAIN_SUBSET_SIZE distinct images, as they are.
+  monkeypatch.setattr(data.common, "TRAIN_SUBSET_SIZE", 500)
+  subset = memory.train_subset_indices(1293)
+  assert len(np.unique(subset)) == 500 and np.all(np.diff(subset) > 0)
+  batches = list(data.eval_batches(config, split="train_subset"))
+  np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in batches]),
+                                splits.train_images[subset])
+  # TFDS data sets have no such split: one line, before any data is read.
+  config.data.name = "cifar10"
+  with pytest.raises(CoEError, match=r"split='train_subset': only the in-memory data sets"):
+    data.eval_batches(config, split="train_subset")
+
+
 def test_fraction_zero_holds_out_nothing():
   config = _config(holdout_fraction=0)
   info = data.get_info(config)

@@ -67,7 +67,7 @@ def test_a_single_network_run_reports_its_own_top1_and_cost(tmp_path, folder):
   assert set(got) == own
   # The run's results.json: the same figures and the training's, nothing of the
   # delegator trained beside it (no tau, exits or routing).
-  assert set(results) == own | {"train_flops"}
+  assert set(results) == own | {"train_flops", "train_subset_top1"}
   for key in own:
     assert got[key] == pytest.approx(results[key]), key
   assert results["top1"] == results["expert_top1"][0] and results["mean_flops"] == results[

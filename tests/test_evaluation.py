@@ -195,6 +195,7 @@ class _Run:
   def __init__(self, workdir):
     self.config = tiny_config(num_experts=2)
     self.config.eval.threshold = 1.5  # Fixed: no hold-out to calibrate on. No exits.
+    self.config.data.name = "cifar10"  # A TFDS name: no train_subset split either.
     self.workdir = str(workdir)
     self.info = data.DataInfo(num_classes=10,
                               class_names=[str(k) for k in range(10)],

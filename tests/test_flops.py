@@ -100,6 +100,8 @@ def test_cli_names_a_bad_key():
 def test_train_step_flops_count_three_passes_per_trained_network():
   config = load_config(config_path("digits"))
   config.train.batch_size = 8
+  # Every expert on every image (the routed step's count: tests/test_routed.py).
+  config.train.expert_dispatch, config.train.generalist_warmup = "all", False
   macs = flops.count(config, 10)
   delegator, expert, n = macs["delegator_flops"], macs["expert_flops"], config.num_experts
   assert flops.train_step_flops(config, 10, "coadapt") == 2 * 8 * 3 * (delegator + n * expert)

@@ -20,6 +20,14 @@ def tiny_config(num_experts: int = 3,
                 condconv_kernels: int = 0) -> ml_collections.ConfigDict:
   """A digits config with 2-3 block networks, 16 px images and few steps."""
   c = load_config(config_path("digits"))
+  # The base config's training (every expert on every image, unrolled): the
+  # tests that route say so (tests/test_routed.py).
+  defaults = config_base.base_config()
+  c.expert_loop = defaults.expert_loop
+  c.train.expert_dispatch = defaults.train.expert_dispatch
+  c.train.generalist_warmup = defaults.train.generalist_warmup
+  c.wgm.off_portion_samples = defaults.wgm.off_portion_samples
+  c.lgm.score_fraction = defaults.lgm.score_fraction
   c.num_experts = num_experts
   c.data.image_size = image_size
   c.delegator = config_base.network(

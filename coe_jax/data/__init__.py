@@ -44,8 +44,8 @@ if TYPE_CHECKING:
   import ml_collections
 
 __all__ = [
-    "DataInfo", "eval_batches", "eval_crop_fraction", "get_info", "preprocess_images",
-    "train_batches"
+    "DataInfo", "eval_batches", "eval_crop_fraction", "get_info", "has_train_subset",
+    "preprocess_images", "train_batches"
 ]
 
 _IN_MEMORY = ("digits", "image_folder")  # Module names under coe_jax.data.
@@ -61,6 +61,11 @@ def _source(name: str):
     raise CoEError(f"data.name={name!r}: TFDS data sets are read through TensorFlow, which "
                    f"cannot be imported here ({e}); use data.name=image_folder or digits, which "
                    "need no TensorFlow") from None
+
+
+def has_train_subset(config: ml_collections.ConfigDict) -> bool:
+  """Whether `eval_batches` can pass over the `train_subset` split (in-memory data sets)."""
+  return config.data.name in _IN_MEMORY
 
 
 def eval_crop_fraction(config: ml_collections.ConfigDict) -> float:
@@ -130,6 +135,9 @@ def eval_batches(config: ml_collections.ConfigDict,
     CoEError: on a bad split, data config or batch size, or missing data.
   """
   common.check_eval_split(split)
+  if split == "train_subset" and not has_train_subset(config):
+    raise CoEError(f"split='train_subset': only the in-memory data sets {_IN_MEMORY} have it, "
+                   f"not data.name={config.data.name!r}")
   if config.data.name in _IN_MEMORY:
     return memory.eval_batches(
         _source(config.data.name).load(config), config, process_index, process_count, split)

@@ -24,9 +24,13 @@ TFDS_CROP_FRACTION = 0.875
 # `auto` is translate for the in-memory sources, inception_crop for TFDS.
 IN_MEMORY_AUGMENTATIONS = ("translate", "pad_crop_flip")
 TFDS_AUGMENTATIONS = ("inception_crop", "pad_crop_flip")
-# What `eval_batches` can pass over: the evaluation split, or the examples held
-# out of the training split to calibrate tau.
-EVAL_SPLITS = ("test", "holdout")
+# What `eval_batches` can pass over: the evaluation split, the examples held
+# out of the training split to calibrate tau, or (in-memory sources) a fixed
+# subset of the images trained on, unaugmented: top-1 there beside the test
+# split's shows how far a network fits its training data (the regime check).
+EVAL_SPLITS = ("test", "holdout", "train_subset")
+# Images in the `train_subset` split (all of them when the training split is smaller).
+TRAIN_SUBSET_SIZE = 5000
 
 
 @dataclasses.dataclass(frozen=True)

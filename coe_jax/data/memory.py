@@ -191,7 +191,8 @@ def _train_stream(splits: Splits, seed: int, global_batch: int, own_rows: slice,
 
 def eval_batches(splits: Splits, config: ml_collections.ConfigDict, process_index: int,
                  process_count: int, split: str) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the test split or the hold-out in order; padded rows have `mask` False.
+  """One pass over the test split, the hold-out or the train subset in order; padded
+  rows have `mask` False.
 
   Global batch i is the split's examples [i*B, (i+1)*B) and process p takes
   rows [p*b, (p+1)*b) of it, so every process yields the same number of
@@ -206,9 +207,19 @@ def eval_batches(splits: Splits, config: ml_collections.ConfigDict, process_inde
   batch = common.local_batch_size("eval.batch_size", global_batch, process_index, process_count)
   if split == "holdout":
     images, labels = splits.holdout_images, splits.holdout_labels
+  elif split == "train_subset":
+    subset = train_subset_indices(len(splits.train_labels))
+    images, labels = splits.train_images[subset], splits.train_labels[subset]
   else:
     images, labels = splits.test_images, splits.test_labels
   return _eval_pass(images, labels, global_batch, process_index * batch, batch)
+
+
+def train_subset_indices(num_train: int) -> np.ndarray:
+  """The `train_subset` split: `common.TRAIN_SUBSET_SIZE` of the training
+  examples, a fixed draw (the same for every run of a data set), in order."""
+  size = min(common.TRAIN_SUBSET_SIZE, num_train)
+  return np.sort(np.random.default_rng(0).choice(num_train, size, replace=False))
 
 
 def _eval_pass(images: np.ndarray, labels: np.ndarray, global_batch: int, first_row: int,

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from coe_jax import answers, data, evaluation, flops, routing, run_dir, stages
+from coe_jax.data.common import TRAIN_SUBSET_SIZE
 from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
 
@@ -31,7 +32,7 @@ class RunToEvaluate(Protocol):
   flops: dict[str, int]  # `coe_jax.flops.count`: delegator_flops, expert_flops
 
   def eval_batches(self, split: str = "test") -> Iterable[dict[str, Any]]:
-    """Global arrays of one padded pass over `split` ("test" or "holdout")."""
+    """Global arrays of one padded pass over `split` (`data.common.EVAL_SPLITS`)."""
 
 
 class EvaluatedState(Protocol):
@@ -58,7 +59,11 @@ def evaluate(trainer: RunToEvaluate,
   config = trainer.config
   variables = state.eval_variables()
   f_d, f_e = trainer.flops["delegator_flops"], trainer.flops["expert_flops"]
-  sizes = {"test": trainer.info.num_test, "holdout": trainer.info.num_holdout}
+  sizes = {
+      "test": trainer.info.num_test,
+      "holdout": trainer.info.num_holdout,
+      "train_subset": min(TRAIN_SUBSET_SIZE, trainer.info.num_train)
+  }
 
   def outputs_of(split):
     return evaluation.collect_outputs(trainer.model,
@@ -69,8 +74,11 @@ def evaluate(trainer: RunToEvaluate,
                                       progress=evaluation.Progress(f"evaluating {split}",
                                                                    sizes[split]))
 
+  # Top-1 on images trained on (unaugmented) beside the test split's: the
+  # regime check, where the data set has the split.
+  subset = outputs_of("train_subset") if data.has_train_subset(config) else None
   if stages.is_single_network(config):
-    return _single_network(trainer, outputs_of("test"), write_files, extra)
+    return _single_network(trainer, outputs_of("test"), subset, write_files, extra)
   holdout = outputs_of("holdout") if sizes["holdout"] else None
   if config.eval.threshold is not None:
     threshold, how, source = config.eval.threshold, "fixed", "config"
@@ -86,6 +94,9 @@ def evaluate(trainer: RunToEvaluate,
   test_curve = evaluation.sweep(test, f_d, f_e)
   results = evaluation.summary(test, test_curve, threshold, config.num_experts, f_d, f_e, holdout)
   results.update(threshold_rule=how, threshold_source=source, expected_exit_rate=expected_exit_rate)
+  if subset is not None:
+    results["train_subset_top1"] = float(
+        np.mean(evaluation.answers_at(subset, threshold) == subset.labels))
   routed, routes = evaluation.routed_figures(
       trainer.model,
       variables,
@@ -140,11 +151,14 @@ def _write_predictions(workdir: str, test: evaluation.EvalOutputs, answers: np.n
                             experts=test.expert_predictions)
 
 
-def _single_network(trainer: RunToEvaluate, test: evaluation.EvalOutputs, write_files: bool,
+def _single_network(trainer: RunToEvaluate, test: evaluation.EvalOutputs,
+                    subset: Optional[evaluation.EvalOutputs], write_files: bool,
                     extra: Optional[dict[str, Any]]) -> dict[str, Any]:
   """`evaluate` for a single network: its own figures (no tau to calibrate, no
   routing), the training's cost, and its answers as CoE's in PREDICTIONS."""
   results = evaluation.single_network_figures(test, trainer.flops["expert_flops"])
+  if subset is not None:
+    results["train_subset_top1"] = float(np.mean(subset.expert_predictions[0] == subset.labels))
   results.update(train_flops=flops.run_train_flops(trainer.config, trainer.info.num_classes),
                  **(extra or {}))
   if write_files and jax.process_index() == 0:
