@@ -1,10 +1,10 @@
-"""The CIFAR-10 tables in README.md and docs/results.md agree with results/ and configs/.
+"""The CIFAR tables in README.md and docs/results.md agree with results/ and configs/.
 
 Each table between `<!-- NAME-table -->` and `<!-- /NAME-table -->` reports
 the committed runs of `results/NAME/<variant>_seed<k>/`: every figure in it
 but `last third` (from evaluations during training, which are not committed)
 is recomputed here from their results.json, and every run's config.json is
-the one `coe_jax.ablate` would build today from configs/cifar10.py. A rerun
+the one `coe_jax.ablate` would build today from its protocol's config. A rerun
 that changes the weights, or a recipe change that is not rerun, fails here
 until the README, the config and the results agree again.
 """
@@ -21,20 +21,24 @@ from coe_jax import ablate, config_base
 from coe_jax.config_loading import load_config
 from tests.tiny import REPO, config_path
 
-# The protocol each committed folder was run with: configs/cifar10.py and these overrides.
+# The protocol each committed folder was run with: a config, these `train` overrides, and
+# what the sized variants were sized to (None: the committed CoE seeds' mean FLOPs; else
+# `coe_jax.ablate --reference_flops`).
 PROTOCOLS = {
-    "cifar10": {},
-    "cifar10_30epochs": {
+    "cifar10": ("cifar10", {}, None),
+    "cifar10_30epochs": ("cifar10", {
         "num_steps": 9500,
         "eval_every_steps": 0
-    },
-    "cifar10_120epochs": {
+    }, None),
+    "cifar10_120epochs": ("cifar10", {
         "num_steps": 38000,
         "eval_every_steps": 12666
-    },
+    }, None),
+    "cifar100_probe": ("cifar100", {}, 1.7e6),
 }
 TABLES = [("README.md", "cifar10"), ("docs/results.md", "cifar10"),
-          ("docs/results.md", "cifar10_30epochs"), ("docs/results.md", "cifar10_120epochs")]
+          ("docs/results.md", "cifar10_30epochs"), ("docs/results.md", "cifar10_120epochs"),
+          ("docs/results.md", "cifar100_probe")]
 
 
 def _table(doc: str, name: str) -> dict[str, dict[str, str]]:
@@ -90,6 +94,9 @@ def test_each_table_reports_the_committed_runs(doc, name):
                                   f"{seeds[0][1]['expert_flops'] / 1e6:.2f}M"), where
     else:
       assert cells["width x"] == f"{config['expert']['width_multiplier']:g}", where
+    if "train subset (%)" in cells:  # Top-1 on the fixed subset of the training images.
+      assert cells["train subset (%)"] == _per_seed(
+          [100 * r["train_subset_top1"] for _, r, _ in seeds], ".2f"), where
     if "30 epochs (%)" in cells:  # The 60-epoch table's column from the 30-epoch runs.
       earlier = [
           ablate.results_row(variant, r)["top1"] for _, r, _ in _runs("cifar10_30epochs")[variant]
@@ -98,17 +105,20 @@ def test_each_table_reports_the_committed_runs(doc, name):
 
 
 @pytest.mark.parametrize("name", PROTOCOLS)
-def test_each_committed_run_is_the_recipe_ablate_builds_from_configs_cifar10(name):
-  """Sized variants are sized, as ablate does, to the mean FLOPs of the committed CoE seeds."""
-  recipe = load_config(config_path("cifar10"))
+def test_each_committed_run_is_the_recipe_ablate_builds_from_its_config(name):
+  """Sized variants are sized, as ablate does, to the mean FLOPs of the committed CoE
+  seeds, or to the protocol's reference FLOPs."""
+  config_name, overrides, reference_flops = PROTOCOLS[name]
+  recipe = load_config(config_path(config_name))
   recipe.data.name, recipe.data.path = "image_folder", "DATA"
-  recipe.train.update(PROTOCOLS[name])
+  recipe.train.update(overrides)
   runs = _runs(name)
-  coe_mean_flops = sum(r["mean_flops"] for _, r, _ in runs["coe"]) / len(runs["coe"])
+  if reference_flops is None:
+    reference_flops = sum(r["mean_flops"] for _, r, _ in runs["coe"]) / len(runs["coe"])
   for variant, seeds in runs.items():
     sizing = None
     if ablate.flops_factor(variant) is not None:
-      sizing = ablate.variant_sizing(recipe, variant, 10, coe_mean_flops)
+      sizing = ablate.variant_sizing(recipe, variant, recipe.data.num_classes, reference_flops)
     for seed, _, saved in seeds:
       expected = json.loads(ablate.variant_config(recipe, variant, seed, sizing).to_json())
       saved = config_base.upgrade(saved)
