@@ -34,6 +34,9 @@ STAGES = ("warmup", "coadapt", "delegator")  # Training stages, in the order the
 LGM_RULES = ("argmax", "balanced", "soft")
 RANDOM_RULE = "random"  # No LGM (ablations): not one of LGM_RULES, which score the experts.
 ROUTING_MODES = ("exact", "serving")
+# How tau is calibrated on the hold-out without a FLOPs target: the most
+# accurate tau, or the cheapest within `eval.within_points` of the most accurate.
+THRESHOLD_RULES = ("max_accuracy", "within")
 # How a training step sends images to the experts (docs/method.md, section 4).
 EXPERT_DISPATCHES = ("all", "routed")
 AUGMENTATIONS = ("auto", "translate", "inception_crop", "pad_crop_flip")
@@ -271,6 +274,12 @@ _SCHEMA: dict[str, Any] = dict(
         # Calibrate tau to this mean budget of multiply-adds per image.
         target_mean_flops=Key(
             None, optional(POSITIVE, "expected None or a positive number of multiply-adds"), float),
+        # Without a target: max_accuracy | within (THRESHOLD_RULES). The hold-out's
+        # accuracy is a noisy estimate; "within" takes the cheaper tau that it
+        # cannot tell apart from the best (issue 33; our reading of the paper's
+        # accuracy-FLOPs trade-off).
+        threshold_rule=Key("max_accuracy", one_of(THRESHOLD_RULES)),
+        within_points=Key(0.1, real(lambda v: v >= 0, "expected top-1 points >= 0")),
         batch_size=Key(256, POSITIVE_INT),
     ),
     routing=dict(
@@ -485,6 +494,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "data.holdout_fraction", config.data.holdout_fraction,
       "tau is calibrated on a hold-out of the training split, never on the test split: "
       "hold some out, or fix tau with eval.threshold")
+  require(config.eval.target_mean_flops is None or config.eval.threshold_rule == "max_accuracy",
+          "eval.threshold_rule", config.eval.threshold_rule,
+          "eval.target_mean_flops chooses tau by its budget: leave the rule at max_accuracy")
 
 
 def _validate_dispatch(config: ml_collections.ConfigDict) -> None:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax import data, evaluation, routing, run_dir
+from coe_jax import config_base, data, evaluation, routing, run_dir
+from coe_jax.errors import CoEError
 from coe_jax.evaluation import report
 from coe_jax.evaluation import run as evaluation_run
 from coe_jax.models.coe import CoE
@@ -50,6 +51,13 @@ def test_sweep_matches_brute_force_at_every_point(ties):
   assert len(curve.thresholds) == len(np.unique(outputs.confidence)) + 1
 
 
+def test_a_rule_beside_a_flops_target_is_refused():
+  config = tiny_config()
+  config.eval.target_mean_flops, config.eval.threshold_rule = 1e5, "within"
+  with pytest.raises(CoEError, match=r"eval.threshold_rule='within': eval.target_mean_flops"):
+    config_base.validate(config)
+
+
 def test_calibrate_maximises_accuracy_then_prefers_cheaper():
   curve = evaluation.Sweep(thresholds=np.array([0.2, 0.5, 0.8, 1.1]),
                            accuracy=np.array([0.7, 0.9, 0.9, 0.85]),
@@ -59,6 +67,13 @@ def test_calibrate_maximises_accuracy_then_prefers_cheaper():
   assert evaluation.calibrate(curve, 45.0) == (0.2, "target_mean_flops")
   assert evaluation.calibrate(curve, 100.0) == (0.5, "target_mean_flops")
   assert evaluation.calibrate(curve, 5.0) == (0.2, "cheapest")
+  # "within": the cheapest tau within so many top-1 points of the best.
+  assert evaluation.calibrate(curve, None, "within", 0.0) == (0.5, "within")
+  assert evaluation.calibrate(curve, None, "within", 5.0) == (0.5, "within")
+  curve.accuracy[0] = 0.895  # 0.5 points below the best.
+  assert evaluation.calibrate(curve, None, "within", 0.4) == (0.5, "within")
+  assert evaluation.calibrate(curve, None, "within", 0.5) == (0.2, "within")
+  assert evaluation.calibrate(curve, None, "max_accuracy", 0.5) == (0.5, "max_accuracy")
 
 
 def test_summary_figures():

@@ -65,6 +65,21 @@ def test_tau_is_calibrated_on_the_holdout_never_the_test_split(mesh_run, monkeyp
   for key in ("threshold", "expected_exit_rate", "threshold_rule"):
     assert got[key] == results[key], key
   assert got["delegator_top1"] != results["delegator_top1"]
+  # Every rule's tau comes from the hold-out too; only its test figures move.
+  for rule, figures in got["threshold_rules"].items():
+    assert figures["threshold"] == results["threshold_rules"][rule]["threshold"], rule
+
+
+def test_every_threshold_rule_is_reported_beside_the_runs_own(mesh_run):
+  _, results = mesh_run
+  rules = results["threshold_rules"]
+  assert set(rules) == {"max_accuracy", "within"}
+  own = rules[results["threshold_rule"]]
+  assert own["threshold"] == results["threshold"]
+  for key in ("top1", "early_exit_rate", "mean_flops"):
+    assert own[key] == pytest.approx(results[key]), key
+  # The cheapest tau within 0.1 points of the best hold-out accuracy costs no more.
+  assert rules["within"]["mean_flops"] <= rules["max_accuracy"]["mean_flops"]
 
 
 def test_expected_exit_rate_is_the_holdout_rate_at_tau(mesh_run):

@@ -173,12 +173,16 @@ def sweep(outputs: EvalOutputs, delegator_flops: float, expert_flops: float) -> 
                mean_flops[ascending])
 
 
-def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, str]:
+def calibrate(curve: Sweep,
+              target_mean_flops: Optional[float],
+              rule: str = "max_accuracy",
+              within_points: float = 0.1) -> tuple[float, str]:
   """(tau, how it was chosen).
 
   With a FLOPs target: the most accurate tau whose mean FLOPs meet it (the
-  cheapest tau if none does). Without: the most accurate tau, ties going to
-  the cheaper one.
+  cheapest tau if none does). Without, by `rule`: "max_accuracy", the most
+  accurate tau, ties going to the cheaper one; "within", the cheapest tau
+  whose accuracy is within `within_points` top-1 points of the most accurate.
   """
   if target_mean_flops is not None:
     feasible = curve.mean_flops <= target_mean_flops
@@ -188,9 +192,21 @@ def calibrate(curve: Sweep, target_mean_flops: Optional[float]) -> tuple[float, 
       return float(curve.thresholds[np.argmin(curve.mean_flops)]), "cheapest"
     index = np.flatnonzero(feasible)[np.argmax(np.where(feasible, curve.accuracy, -1)[feasible])]
     return float(curve.thresholds[index]), "target_mean_flops"
-  best = np.flatnonzero(curve.accuracy == curve.accuracy.max())
+  # A tolerance of float rounding, so that 0 points keeps exactly the best taus.
+  margin = within_points / 100 if rule == "within" else 0.0
+  best = np.flatnonzero(curve.accuracy >= curve.accuracy.max() - margin - 1e-12)
   index = best[np.argmin(curve.mean_flops[best])]
-  return float(curve.thresholds[index]), "max_accuracy"
+  return float(curve.thresholds[index]), rule
+
+
+def figures_at(outputs: EvalOutputs, threshold: float, delegator_flops: float,
+               expert_flops: float) -> dict[str, float]:
+  """tau, top-1, the early-exit rate and mean FLOPs on `outputs` at `threshold`."""
+  exit_rate = float(np.mean(answers.exits(outputs.confidence, threshold)))
+  return dict(threshold=float(threshold),
+              top1=float(np.mean(answers_at(outputs, threshold) == outputs.labels)),
+              early_exit_rate=exit_rate,
+              mean_flops=float(answers.mean_flops(delegator_flops, expert_flops, exit_rate)))
 
 
 def answers_at(outputs: EvalOutputs, threshold: float) -> np.ndarray:

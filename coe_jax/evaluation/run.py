@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from coe_jax import answers, data, evaluation, flops, routing, run_dir, stages
+from coe_jax import answers, config_base, data, evaluation, flops, routing, run_dir, stages
 from coe_jax.data.common import TRAIN_SUBSET_SIZE
 from coe_jax.evaluation import plots
 from coe_jax.models.coe import CoE
@@ -84,8 +84,9 @@ def evaluate(trainer: RunToEvaluate,
     threshold, how, source = config.eval.threshold, "fixed", "config"
   else:
     # config_base.validate refuses to calibrate without a hold-out.
-    threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d, f_e),
-                                          config.eval.target_mean_flops)
+    threshold, how = evaluation.calibrate(evaluation.sweep(holdout, f_d,
+                                                           f_e), config.eval.target_mean_flops,
+                                          config.eval.threshold_rule, config.eval.within_points)
     source = "holdout"
   # Without a hold-out, serving-mode buffers are sized for every sample.
   expected_exit_rate = (float(np.mean(answers.exits(holdout.confidence, threshold)))
@@ -97,6 +98,17 @@ def evaluate(trainer: RunToEvaluate,
   if subset is not None:
     results["train_subset_top1"] = float(
         np.mean(evaluation.answers_at(subset, threshold) == subset.labels))
+  if source == "holdout" and config.eval.target_mean_flops is None:
+    # Every rule's tau (chosen on the hold-out) and what it gives on the test
+    # split, whichever rule the run used.
+    holdout_curve = evaluation.sweep(holdout, f_d, f_e)
+    results["threshold_rules"] = {
+        rule:
+            evaluation.figures_at(
+                test,
+                evaluation.calibrate(holdout_curve, None, rule, config.eval.within_points)[0], f_d,
+                f_e) for rule in config_base.THRESHOLD_RULES
+    }
   routed, routes = evaluation.routed_figures(
       trainer.model,
       variables,
