@@ -62,6 +62,7 @@ from coe_jax.errors import require
 from coe_jax.models import conv
 from coe_jax.models.coe import CoE
 from coe_jax.objective import lgm, vcm, wgm
+from coe_jax.parallel import mesh
 from coe_jax.training import optim
 from coe_jax.training.train_step import create_train_state, make_train_step
 
@@ -116,6 +117,7 @@ def run(config: ml_collections.ConfigDict,
   config = config.copy_and_resolve_references()
   config.num_experts = num_experts
   config.train.batch_size = batch_size
+  config = mesh.with_routing_groups(config, jax.devices()[:1])  # One device, no mesh.
   num_classes = config.data.num_classes or 10
   model = CoE(config, num_classes)
   optimizer = optim.make_optimizer(config)
@@ -213,6 +215,7 @@ def sweep_config(config: ml_collections.ConfigDict, dispatch: str,
 def sweep(config: ml_collections.ConfigDict, experts: list[int], dispatches: list[str],
           repeats: int) -> list[dict[str, Any]]:
   """The co-adaptation step of each (dispatch, N), compiled and timed in one run."""
+  config = mesh.with_routing_groups(config, jax.devices()[:1])  # One device, no mesh.
   num_classes = config.data.num_classes or 10
   batch_size = config.train.batch_size
   rng = np.random.default_rng(0)

@@ -227,8 +227,13 @@ _SCHEMA: dict[str, Any] = dict(
         off_portion_samples=Key(0, NON_NEGATIVE_INT),
         # Routing groups: the batch splits into this many groups, each
         # partitioned on its own (B / groups / num_experts images an expert).
-        # Routed dispatch on a mesh needs a multiple of the data axis.
-        groups=Key(1, POSITIVE_INT),
+        # Routed dispatch on a mesh needs a multiple of the data axis; -1 is
+        # one group per data shard (1 on one device), resolved with the mesh
+        # (`mesh.with_routing_groups`), so one config routes on any mesh.
+        groups=Key(
+            1,
+            Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
+                 "expected -1 (one per data shard) or a positive integer")),
         sinkhorn_epsilon=Key(0.05, POSITIVE),
         sinkhorn_max_iterations=Key(200, POSITIVE_INT),
         sinkhorn_threshold=Key(1e-3, POSITIVE),
@@ -503,9 +508,17 @@ def _validate_dispatch(config: ml_collections.ConfigDict) -> None:
   """The rules joining the batch, the experts, WGM's groups and routed dispatch."""
   batch, num_experts, groups = config.train.batch_size, config.num_experts, config.wgm.groups
   drawn = config.wgm.off_portion_samples
+  stride = round(1 / config.lgm.score_fraction)
+  if config.train.expert_dispatch == "routed":
+    require(batch % stride == 0, "lgm.score_fraction", config.lgm.score_fraction,
+            f"expected 1 / k for a k that divides train.batch_size={batch}")
+    require(stride == 1 or config.loss.distill_weight == 0, "loss.distill_weight",
+            config.loss.distill_weight, "distillation needs every image's selected expert: "
+            "lgm.score_fraction=1 with it")
+  if groups == -1:  # Checked below once the mesh gives the number (`mesh.with_routing_groups`).
+    return
   require(batch % groups == 0, "wgm.groups", groups,
           f"expected a divisor of train.batch_size={batch}")
-  stride = round(1 / config.lgm.score_fraction)
   if config.train.expert_dispatch != "routed":
     return
   require((batch // groups) % num_experts == 0, "train.batch_size", batch,
@@ -520,11 +533,6 @@ def _validate_dispatch(config: ml_collections.ConfigDict) -> None:
       drawn % groups == 0 and drawn // groups <= per_group - per_group // num_experts,
       "wgm.off_portion_samples", drawn, f"expected a multiple of wgm.groups={groups}, at most "
       f"{groups * (per_group - per_group // num_experts)} (the images outside a portion)")
-  require(batch % stride == 0, "lgm.score_fraction", config.lgm.score_fraction,
-          f"expected 1 / k for a k that divides train.batch_size={batch}")
-  require(stride == 1 or config.loss.distill_weight == 0, "loss.distill_weight",
-          config.loss.distill_weight, "distillation needs every image's selected expert: "
-          "lgm.score_fraction=1 with it")
 
 
 def validate_network(net: Mapping[str, Any], name: str) -> None:

@@ -4,11 +4,12 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec
 
+from coe_jax import config_base
 from coe_jax.errors import CoEError
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import under_experts
 from coe_jax.parallel import mesh as mesh_lib
-from coe_jax.training import optim, train_step
+from coe_jax.training import optim, train, train_step
 from tests.tiny import tiny_config
 
 
@@ -76,3 +77,35 @@ def test_a_mesh_that_does_not_fit_names_the_key(key, value, fragment):
   (config[section] if section else config)[name] = value
   with pytest.raises(CoEError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
     mesh_lib.make_mesh(config, jax.devices()[:8])
+
+
+def test_one_routing_group_per_data_shard_resolves_with_the_mesh():
+  """`wgm.groups=-1` (the digits config's): 1 group on one device, D on a mesh of D data
+  shards; a positive number stays as it is; a resolved number that cannot route is
+  refused in one line naming it."""
+  config = tiny_config(num_experts=4)
+  config.train.expert_dispatch, config.wgm.off_portion_weight = "routed", 0.0
+  config.wgm.groups = -1
+  config_base.validate(config)  # Checked once resolved, not before.
+  config.mesh.data, config.mesh.expert = -1, 2
+  assert mesh_lib.with_routing_groups(config, jax.devices()[:2]).wgm.groups == 1
+  assert mesh_lib.with_routing_groups(config, jax.devices()[:8]).wgm.groups == 4
+  assert config.wgm.groups == -1  # The input is untouched.
+  mesh = mesh_lib.make_mesh(mesh_lib.with_routing_groups(config,
+                                                         jax.devices()[:8]),
+                            jax.devices()[:8])
+  assert mesh.shape == {"data": 4, "expert": 2}
+  # The trainer steps with the resolved number and keeps the config as given (config.json).
+  trainer = train.Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+  assert trainer.config.wgm.groups == 4 and trainer.given_config.wgm.groups == -1
+  config.wgm.groups = 2
+  assert mesh_lib.with_routing_groups(config, jax.devices()[:8]) is config
+  config.wgm.groups, config.wgm.off_portion_samples, config.wgm.off_portion_weight = -1, 6, 0.2
+  with pytest.raises(CoEError,
+                     match=r"wgm.off_portion_samples=6: expected a multiple of "
+                     r"wgm.groups=4, at most 24"):
+    mesh_lib.with_routing_groups(config, jax.devices()[:8])
+  for bad in (0, -2):
+    config.wgm.groups = bad
+    with pytest.raises(CoEError, match=rf"wgm.groups={bad}: expected -1 \(one per data shard\)"):
+      config_base.validate(config)

@@ -84,12 +84,15 @@ def test_a_step_that_does_not_fit_gets_the_remat_or_micro_batches_that_fit():
 def test_the_planner_runs_on_an_accelerator_host():
   """JAX_PLATFORMS names an accelerator this machine lacks, as on a TPU host: the
   planner still plans on fake CPU devices instead of starting (or failing on) the chips."""
-  result = run_module("coe_jax.plan",
-                      f"--config={config_path('digits')}",
-                      "--mesh=2x2",
-                      "--chip=v5e",
-                      "--config.train.batch_size=16",
-                      JAX_PLATFORMS="tpu")
+  result = run_module(
+      "coe_jax.plan",
+      f"--config={config_path('digits')}",
+      "--mesh=2x2",
+      "--chip=v5e",
+      # Each of the 2 data shards' routing groups holds 16 images: room
+      # for digits' 16 drawn images, 6 + 6 outside the portions of 4.
+      "--config.train.batch_size=32",
+      JAX_PLATFORMS="tpu")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "fits in 14.9 GiB" in result.stdout  # 16 GB
 

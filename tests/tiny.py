@@ -27,6 +27,7 @@ def tiny_config(num_experts: int = 3,
   c.train.expert_dispatch = defaults.train.expert_dispatch
   c.train.generalist_warmup = defaults.train.generalist_warmup
   c.wgm.off_portion_samples = defaults.wgm.off_portion_samples
+  c.wgm.groups = defaults.wgm.groups
   c.lgm.score_fraction = defaults.lgm.score_fraction
   c.num_experts = num_experts
   c.data.image_size = image_size

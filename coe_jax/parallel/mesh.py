@@ -8,6 +8,7 @@ the data rows its devices sit in (`process_data_shard`, `global_batch`),
 however those rows are spread along the axis.
 """
 
+import copy
 from typing import Any, Optional
 
 import jax
@@ -17,6 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from coe_jax import config_base
 from coe_jax.errors import require
 from coe_jax.models.stacked import under_experts
 
@@ -34,11 +36,8 @@ def constrain(x: Any, mesh: Optional[Mesh], spec: P) -> Any:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A `data` x `expert` mesh of `devices` (all of jax's by default), laid out
-  by `mesh_utils.create_device_mesh`; `mesh.data = -1` takes all devices left over."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  num_devices = devices.size
+def _axes(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, expert): the mesh's axes over `num_devices`, checked."""
   expert = config.mesh.expert
   require(
       isinstance(expert, int) and expert >= 1 and num_devices % expert == 0, "mesh.expert", expert,
@@ -48,6 +47,29 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   data = config.mesh.data if config.mesh.data != -1 else num_devices // expert
   require(data >= 1 and data * expert == num_devices, "mesh.data", config.mesh.data,
           f"expected -1 or {num_devices // expert} (devices / mesh.expert)")
+  return data, expert
+
+
+def with_routing_groups(config: ml_collections.ConfigDict,
+                        devices=None) -> ml_collections.ConfigDict:
+  """`config` with `wgm.groups=-1` resolved to the data axis of its mesh over
+  `devices` (all of jax's by default), validated; `config` itself otherwise."""
+  if config.wgm.groups != -1:
+    return config
+  num_devices = np.asarray(devices).size if devices is not None else jax.device_count()
+  data, _ = _axes(config, num_devices)
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    resolved.wgm.groups = data
+  config_base.validate(resolved)
+  return resolved
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """A `data` x `expert` mesh of `devices` (all of jax's by default), laid out
+  by `mesh_utils.create_device_mesh`; `mesh.data = -1` takes all devices left over."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  data, expert = _axes(config, devices.size)
   # Evaluation pads its batches instead (`eval_batch_size`).
   size = config.train.batch_size
   require(size % data == 0, "train.batch_size", size,

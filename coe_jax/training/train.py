@@ -94,6 +94,10 @@ class Trainer:
                info: Optional[data.DataInfo] = None):
     """`info` stands in for the data set's (the planner compiles steps with no data at hand)."""
     config_base.validate(config)
+    # The config as given is the run's (config.json): a rerun of the same
+    # command matches it, and it resolves again on whatever mesh runs it.
+    self.given_config = config
+    config = mesh_lib.with_routing_groups(config, devices)
     self.config = config
     self.workdir = workdir
     self.info = info if info is not None else data.get_info(config)
@@ -213,7 +217,7 @@ def log_setup(trainer: Trainer) -> None:
 
 
 def _write_run_files(trainer: Trainer) -> None:
-  config, workdir = trainer.config, trainer.workdir
+  config, workdir = trainer.given_config, trainer.workdir
   run_dir.write_json(os.path.join(workdir, run_dir.CONFIG), json.loads(config.to_json()))
   run_dir.write_json(
       os.path.join(workdir, run_dir.RUN), {

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from coe_jax import objective, stages
+from coe_jax.errors import require
 from coe_jax.models.coe import CoE
 from coe_jax.models.stacked import DELEGATOR, EXPERTS, under_experts
 from coe_jax.objective import dispatch, losses
@@ -476,6 +477,10 @@ def make_train_step(
   gathered [B, N] matrices, the same on every device, with no collectives in
   their loops. The step then trains as on one device, up to float order.
   """
+  require(
+      config.wgm.groups != -1, "wgm.groups", -1,
+      "one group per data shard is resolved with the mesh: pass the config through "
+      "coe_jax.parallel.mesh.with_routing_groups(config, devices) first (the Trainer does)")
   spec = StepSpec(model, config, Stage.named(stage, config), mesh)
   schedule = optim.learning_rate_schedule(config)
 
