@@ -62,9 +62,10 @@ def test_two_process_pod_run_equals_a_one_process_run(tmp_path, data, expert):
   config.eval.threshold = pod_results["threshold"]
   trainer = train.Trainer(config, str(copy), devices=jax.devices()[:4])
   here = evaluation_run.evaluate(trainer, train.train(trainer), write_files=False)
-  assert set(here) == set(pod_results)
+  # Calibrated there, fixed here: only a calibrated tau has every rule's (threshold_rules).
+  assert set(here) == set(pod_results) - {"threshold_rules"}
   for key, value in pod_results.items():
-    if key not in ("threshold_rule", "threshold_source"):  # Calibrated there, fixed here.
+    if key not in ("threshold_rule", "threshold_source", "threshold_rules"):
       assert here[key] == value, key
 
   # Training: the same run in this process on 4 devices. The logged losses
